@@ -1,0 +1,367 @@
+"""Recurrent cells as pure functions: the plain RNN, the GRU and the LSTM.
+
+A cell is a factory returning a :class:`Cell`, a NamedTuple of pure functions::
+
+    cell = cells.lstm(hidden_size=32)
+    params = cell.init(key, input_size)       # dict of float32 arrays
+    carry = cell.initial_carry()              # zeros for one sequence
+    carry, y = cell.step(params, carry, x)    # x: <float32>[input_size]
+
+``step`` is written for one example and uses carry-first order, so
+``functools.partial(cell.step, params)`` is a ``jax.lax.scan`` body as it is, and
+``jax.vmap`` adds a batch axis.
+
+Notation follows the seed (Dive into Deep Learning, "modern" RNNs): ``x`` is X_t,
+``h`` is H_{t-1}, sigma the logistic sigmoid, ``*`` the elementwise product.
+Weights are applied from the right (row-vector convention, ``x @ W``). Gated cells
+keep the weights of all their gates in one array with an explicit gate axis, in the
+order of ``cell.gates``: ``W_x: <float32>[I, G, H]``, ``W_h: <float32>[H, G, H]``,
+``b: <float32>[G, H]``, so ``W_x[:, k]`` is the seed's W_x<gate k> and one matmul
+computes every gate. The split of a step into the input projection
+``x @ W_x + b`` (``cell.project``, which also works on a whole ``[T, I]`` sequence)
+and the recurrent part (``cell.step_projected``) lets networks hoist the input
+projection out of the time loop.
+
+Initialisation (configurable through each factory's arguments): input weights
+``W_x`` LeCun-normal per gate (variance 1/I), recurrent weights ``W_h`` orthogonal
+per gate (Saxe et al. 2014), biases zero, and the LSTM forget-gate bias
+``forget_bias`` (default 1.0, Gers et al. 2000; Jozefowicz et al. 2015).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Array]
+Initializer = Callable[..., Array]
+
+ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+class LSTMCarry(NamedTuple):
+    """State of an LSTM: ``h`` goes to the output, ``c`` stays inside the cell."""
+
+    h: Array  # <float32>[H] hidden state H_t
+    c: Array  # <float32>[H] memory cell C_t
+
+
+class Cell(NamedTuple):
+    """A recurrent cell: pure functions plus the facts networks need.
+
+    Attributes:
+      name: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+      hidden_size: H.
+      gates: names of the blocks along the gate axis of ``W_x``, ``W_h``, ``b``
+        (``()`` for the plain RNN, whose weights have no gate axis).
+      options: the factory's keyword options (``activation``, ``reset_after``, ...).
+      init: ``(key, input_size) -> params``.
+      initial_carry: ``() -> carry``, zeros for one sequence.
+      step: ``(params, carry, x <float32>[I]) -> (carry, y <float32>[H])``.
+      project: ``(params, xs <float32>[..., I]) -> <float32>[..., G, H]``, the input
+        projection ``xs @ W_x + b`` (``[..., H]`` for the plain RNN).
+      step_projected: ``(params, carry, xp) -> (carry, y)`` where ``xp`` is one row of
+        ``project``'s output; ``step(p, c, x) == step_projected(p, c, project(p, x))``.
+    """
+
+    name: str
+    hidden_size: int
+    gates: tuple[str, ...]
+    options: dict[str, Any]
+    init: Callable[[Array, int], Params]
+    initial_carry: Callable[[], Any]
+    step: Callable[[Params, Any, Array], tuple[Any, Array]]
+    project: Callable[[Params, Array], Array]
+    step_projected: Callable[[Params, Any, Array], tuple[Any, Array]]
+
+    def input_size(self, params: Params) -> int:
+        """The input size ``params`` were initialised for."""
+        return params["W_x"].shape[0]
+
+
+# ---------------------------------------------------------------------------
+# Validation and initialisation helpers.
+
+
+def _check_hidden_size(hidden_size: Any) -> int:
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+        raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
+    return hidden_size
+
+
+def _check_input_size(input_size: Any) -> int:
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
+    return input_size
+
+
+def _check_x(params: Params, x: Array, name: str = "x") -> None:
+    """Raises at trace time when ``x``'s last axis is not the params' input size."""
+    expected = params["W_x"].shape[0]
+    shape = jnp.shape(x)
+    if len(shape) == 0 or shape[-1] != expected:
+        raise ValueError(
+            f"{name}: expected last dimension {expected} (the input_size the params "
+            f"were initialised with), got shape {tuple(shape)}"
+        )
+
+
+def _gate_stack(init: Initializer, key: Array, rows: int, gates: int, hidden: int) -> Array:
+    """``<float32>[rows, gates, hidden]``, each gate's block drawn on its own."""
+    keys = jax.random.split(key, gates)
+    return jnp.stack([init(k, (rows, hidden), jnp.float32) for k in keys], axis=1)
+
+
+def _gated_init(
+    gates: tuple[str, ...],
+    hidden_size: int,
+    input_init: Initializer,
+    recurrent_init: Initializer,
+    bias_init: Initializer,
+) -> Callable[[Array, int], Params]:
+    def init(key: Array, input_size: int) -> Params:
+        _check_input_size(input_size)
+        kx, kh, kb = jax.random.split(key, 3)
+        g = len(gates)
+        return {
+            "W_x": _gate_stack(input_init, kx, input_size, g, hidden_size),
+            "W_h": _gate_stack(recurrent_init, kh, hidden_size, g, hidden_size),
+            "b": bias_init(kb, (g, hidden_size), jnp.float32),
+        }
+
+    return init
+
+
+def _matmul_gates(v: Array, w: Array) -> Array:
+    """``v <[..., K]> @ w <[K, G, H]> -> <[..., G, H]>`` as one matmul."""
+    k, g, h = w.shape
+    out = v @ w.reshape(k, g * h)
+    return out.reshape(*out.shape[:-1], g, h)
+
+
+def _project_gated(params: Params, xs: Array) -> Array:
+    _check_x(params, xs)
+    return _matmul_gates(xs, params["W_x"]) + params["b"]
+
+
+_DEFAULT_INPUT_INIT = jax.nn.initializers.lecun_normal()
+_DEFAULT_RECURRENT_INIT = jax.nn.initializers.orthogonal()
+_DEFAULT_BIAS_INIT = jax.nn.initializers.zeros
+
+
+# ---------------------------------------------------------------------------
+# Plain RNN.
+
+
+def rnn(
+    hidden_size: int,
+    activation: str = "tanh",
+    *,
+    input_init: Initializer = _DEFAULT_INPUT_INIT,
+    recurrent_init: Initializer = _DEFAULT_RECURRENT_INIT,
+    bias_init: Initializer = _DEFAULT_BIAS_INIT,
+) -> Cell:
+    r"""The plain (Elman) RNN cell.
+
+    .. math:: H_t = \phi(X_t W_{xh} + H_{t-1} W_{hh} + b_h)
+
+    Params: ``W_x <float32>[I, H]`` (W_xh), ``W_h <float32>[H, H]`` (W_hh),
+    ``b <float32>[H]`` (b_h). Carry and output: ``<float32>[H]``.
+
+    Args:
+      hidden_size: H > 0.
+      activation: phi, ``"tanh"`` or ``"relu"`` (PyTorch's ``nonlinearity``).
+      input_init, recurrent_init, bias_init: ``jax.nn.initializers``-style functions
+        ``(key, shape, dtype) -> array``.
+    """
+    _check_hidden_size(hidden_size)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    phi = ACTIVATIONS[activation]
+
+    def init(key: Array, input_size: int) -> Params:
+        _check_input_size(input_size)
+        kx, kh, kb = jax.random.split(key, 3)
+        return {
+            "W_x": input_init(kx, (input_size, hidden_size), jnp.float32),
+            "W_h": recurrent_init(kh, (hidden_size, hidden_size), jnp.float32),
+            "b": bias_init(kb, (hidden_size,), jnp.float32),
+        }
+
+    def project(params: Params, xs: Array) -> Array:
+        _check_x(params, xs)
+        return xs @ params["W_x"] + params["b"]
+
+    def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
+        h = phi(xp + h @ params["W_h"])
+        return h, h
+
+    def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        return step_projected(params, h, project(params, x))
+
+    return Cell(
+        name="rnn",
+        hidden_size=hidden_size,
+        gates=(),
+        options={"activation": activation},
+        init=init,
+        initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
+        step=step,
+        project=project,
+        step_projected=step_projected,
+    )
+
+
+# ---------------------------------------------------------------------------
+# GRU.
+
+GRU_GATES = ("r", "z", "h")
+
+
+def gru(
+    hidden_size: int,
+    reset_after: bool = False,
+    *,
+    input_init: Initializer = _DEFAULT_INPUT_INIT,
+    recurrent_init: Initializer = _DEFAULT_RECURRENT_INIT,
+    bias_init: Initializer = _DEFAULT_BIAS_INIT,
+) -> Cell:
+    r"""The gated recurrent unit (Cho et al. 2014).
+
+    With ``reset_after=False`` (the default, the seed's equations; Keras
+    ``reset_after=False``)::
+
+        R_t  = sigma(X_t W_xr + H_{t-1} W_hr + b_r)            reset gate
+        Z_t  = sigma(X_t W_xz + H_{t-1} W_hz + b_z)            update gate
+        H~_t = tanh(X_t W_xh + (R_t * H_{t-1}) W_hh + b_h)     candidate state
+        H_t  = Z_t * H_{t-1} + (1 - Z_t) * H~_t
+
+    With ``reset_after=True`` (PyTorch, cuDNN, flax.linen) the reset gate acts after
+    the recurrent matmul, which has a bias of its own, ``b_hn``::
+
+        H~_t = tanh(X_t W_xh + b_h + R_t * (H_{t-1} W_hh + b_hn))
+
+    Params: ``W_x <float32>[I, 3, H]``, ``W_h <float32>[H, 3, H]``,
+    ``b <float32>[3, H]`` with gate axis ``(r, z, h)`` (``h`` is the candidate), and
+    for ``reset_after=True`` also ``b_hn <float32>[H]``. Carry, output: ``<float32>[H]``.
+    """
+    _check_hidden_size(hidden_size)
+    if not isinstance(reset_after, bool):
+        raise ValueError(f"reset_after: expected a bool, got {reset_after!r}")
+    gated_init = _gated_init(GRU_GATES, hidden_size, input_init, recurrent_init, bias_init)
+
+    def init(key: Array, input_size: int) -> Params:
+        params = gated_init(key, input_size)
+        if reset_after:
+            params["b_hn"] = bias_init(jax.random.fold_in(key, 3), (hidden_size,), jnp.float32)
+        return params
+
+    def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
+        w_h = params["W_h"]
+        if reset_after:
+            hp = _matmul_gates(h, w_h)  # all three recurrent products at once
+            r = jax.nn.sigmoid(xp[0] + hp[0])
+            z = jax.nn.sigmoid(xp[1] + hp[1])
+            h_tilde = jnp.tanh(xp[2] + r * (hp[2] + params["b_hn"]))
+        else:
+            rz = jax.nn.sigmoid(xp[:2] + _matmul_gates(h, w_h[:, :2]))
+            r, z = rz[0], rz[1]
+            h_tilde = jnp.tanh(xp[2] + (r * h) @ w_h[:, 2])
+        h = z * h + (1.0 - z) * h_tilde
+        return h, h
+
+    def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        return step_projected(params, h, _project_gated(params, x))
+
+    return Cell(
+        name="gru",
+        hidden_size=hidden_size,
+        gates=GRU_GATES,
+        options={"reset_after": reset_after},
+        init=init,
+        initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
+        step=step,
+        project=_project_gated,
+        step_projected=step_projected,
+    )
+
+
+# ---------------------------------------------------------------------------
+# LSTM.
+
+LSTM_GATES = ("i", "f", "o", "c")
+
+
+def lstm(
+    hidden_size: int,
+    forget_bias: float = 1.0,
+    *,
+    input_init: Initializer = _DEFAULT_INPUT_INIT,
+    recurrent_init: Initializer = _DEFAULT_RECURRENT_INIT,
+    bias_init: Initializer = _DEFAULT_BIAS_INIT,
+) -> Cell:
+    r"""Long short-term memory (Hochreiter & Schmidhuber 1997, with forget gate)::
+
+        I_t  = sigma(X_t W_xi + H_{t-1} W_hi + b_i)     input gate
+        F_t  = sigma(X_t W_xf + H_{t-1} W_hf + b_f)     forget gate
+        O_t  = sigma(X_t W_xo + H_{t-1} W_ho + b_o)     output gate
+        C~_t = tanh(X_t W_xc + H_{t-1} W_hc + b_c)      input node
+        C_t  = F_t * C_{t-1} + I_t * C~_t               memory cell
+        H_t  = O_t * tanh(C_t)
+
+    Params: ``W_x <float32>[I, 4, H]``, ``W_h <float32>[H, 4, H]``,
+    ``b <float32>[4, H]`` with gate axis ``(i, f, o, c)``. Carry:
+    ``LSTMCarry(h <float32>[H], c <float32>[H])``; output: ``h`` only (the memory
+    cell stays internal). Same function as PyTorch's ``nn.LSTM`` and flax.linen's
+    ``LSTMCell``.
+
+    Args:
+      forget_bias: initial value of ``b_f`` (added to ``bias_init``'s draw).
+    """
+    _check_hidden_size(hidden_size)
+    if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool):
+        raise ValueError(f"forget_bias: expected a number, got {forget_bias!r}")
+    gated_init = _gated_init(LSTM_GATES, hidden_size, input_init, recurrent_init, bias_init)
+
+    def init(key: Array, input_size: int) -> Params:
+        params = gated_init(key, input_size)
+        params["b"] = params["b"].at[1].add(float(forget_bias))
+        return params
+
+    def step_projected(params: Params, carry: LSTMCarry, xp: Array) -> tuple[LSTMCarry, Array]:
+        pre = xp + _matmul_gates(carry.h, params["W_h"])
+        i, f, o = (jax.nn.sigmoid(pre[k]) for k in range(3))
+        c = f * carry.c + i * jnp.tanh(pre[3])
+        h = o * jnp.tanh(c)
+        return LSTMCarry(h, c), h
+
+    def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
+        return step_projected(params, carry, _project_gated(params, x))
+
+    return Cell(
+        name="lstm",
+        hidden_size=hidden_size,
+        gates=LSTM_GATES,
+        options={"forget_bias": float(forget_bias)},
+        init=init,
+        initial_carry=lambda: LSTMCarry(
+            jnp.zeros((hidden_size,), jnp.float32), jnp.zeros((hidden_size,), jnp.float32)
+        ),
+        step=step,
+        project=_project_gated,
+        step_projected=step_projected,
+    )
+
+
+CELLS = {"rnn": rnn, "gru": gru, "lstm": lstm}
+
+
+def make(name: str, hidden_size: int, **options: Any) -> Cell:
+    """A cell by name (``"rnn"``, ``"gru"``, ``"lstm"``), for launchers and configs."""
+    if name not in CELLS:
+        raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {name!r}")
+    return CELLS[name](hidden_size, **options)

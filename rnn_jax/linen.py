@@ -1,0 +1,78 @@
+"""A thin flax.linen wrapper, so rnn_jax networks drop into a Flax model.
+
+::
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, xs, lengths):
+            ys, _ = rnn_jax.linen.RNN("gru", 64, num_layers=2)(xs, lengths)
+            return nn.Dense(10)(ys)
+
+The network's params live in the Flax variable tree under ``params/<name>/network``
+with the same structure as ``networks.network(...).init`` returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from rnn_jax import cells, networks
+
+
+class RNN(nn.Module):
+    """Runs ``networks.network(cells.make(cell, hidden_size, **cell_options), ...)``.
+
+    Attributes:
+      cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+      hidden_size: H.
+      num_layers, bidirectional, dropout, unroll, remat, hoist_input: as in
+        :func:`rnn_jax.networks.network`.
+      cell_options: extra keyword options of the cell factory as ``(name, value)``
+        pairs, e.g. ``(("reset_after", True),)``.
+
+    Call with ``xs <float32>[B, T, I]`` (or one sequence ``[T, I]``), optional
+    ``lengths <int32>[B]`` and initial carry; returns ``(ys, final)`` as
+    ``Network.apply_batch``. Dropout is active when ``deterministic=False`` and
+    draws from the ``"dropout"`` PRNG stream.
+    """
+
+    cell: str = "lstm"
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0
+    unroll: int = 1
+    remat: bool = False
+    hoist_input: bool | None = None
+    cell_options: tuple[tuple[str, Any], ...] = ()
+
+    def network(self) -> networks.Network:
+        """The :class:`rnn_jax.networks.Network` this module runs."""
+        return networks.network(
+            cells.make(self.cell, self.hidden_size, **dict(self.cell_options)),
+            self.num_layers,
+            self.bidirectional,
+            dropout=self.dropout,
+            unroll=self.unroll,
+            remat=self.remat,
+            hoist_input=self.hoist_input,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        xs: jax.Array,
+        lengths: jax.Array | None = None,
+        initial_carry: Any = None,
+        *,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, tuple]:
+        net = self.network()
+        params = self.param("network", lambda key: net.init(key, xs.shape[-1]))
+        key = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
+        if xs.ndim == 2:
+            return net.apply(params, xs, lengths, initial_carry, dropout_key=key)
+        return net.apply_batch(params, xs, lengths, initial_carry, dropout_key=key)

@@ -1,0 +1,328 @@
+"""Networks composed from cells: scan over time, deep stacks, bidirectional layers.
+
+``network(cell, num_layers, bidirectional)`` returns a :class:`Network`, a NamedTuple
+of pure functions. Its ``apply`` runs *one* sequence; ``jax.vmap`` (or
+``apply_batch``) adds the batch axis::
+
+    net = networks.network(cells.gru(32), num_layers=2, bidirectional=True)
+    params = net.init(key, input_size)
+    ys, final = net.apply(params, xs, length)      # xs: <float32>[T, I]
+    ys, final = net.apply_batch(params, xs_batch, lengths)   # <float32>[B, T, I]
+
+Deep networks (seed section 3): layer l reads layer l-1's outputs,
+H_t^(l) = cell(H_t^(l-1), H_{t-1}^(l)) with H_t^(0) = X_t. Bidirectional layers
+(seed section 4) run a forward cell over X_1..X_L and a backward cell over
+X_L..X_1 and concatenate, H_t = [H->_t, H<-_t]; layer k > 0 then reads 2H features.
+
+How it computes:
+
+* one ``jax.lax.scan`` per layer, never a Python loop over time;
+* both directions of a bidirectional layer in the same scan: their parameters are
+  stacked along a direction axis and the step is ``vmap``-ed over it; the backward
+  direction reads the valid part of the sequence reversed (``xs[L-1-t]`` for
+  ``t < L``) and its outputs are put back in time order;
+* variable length: at steps ``t >= length`` the carry is frozen (``jnp.where``) and
+  the output is exactly zero, so padding has no effect on anything;
+* optionally, the input projection ``X W_x + b`` of all steps is one matmul
+  outside the scan (``hoist_input``), leaving only ``H W_h`` inside.
+
+Parameters: ``{"layer_0": p, "layer_1": p, ...}`` with ``p`` the cell's params, or
+``{"forward": p, "backward": p}`` per layer when bidirectional.
+
+Final carry (``final``): a tuple with one entry per layer, each the cell's carry
+(e.g. ``LSTMCarry(h, c)``) or, when bidirectional, ``BiCarry(forward, backward)``.
+The forward carry is the one after the last valid step; the backward carry is the
+one after reading X_1, i.e. its last step. With ``length == 0`` both are the
+initial carry. ``apply`` accepts an initial carry in the same structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnn_jax.cells import Cell
+
+Array = jax.Array
+
+
+class BiCarry(NamedTuple):
+    """Carries of the two directions of a bidirectional layer."""
+
+    forward: Any
+    backward: Any
+
+
+class Network(NamedTuple):
+    """A (deep, optionally bidirectional) recurrent network built from one cell.
+
+    Attributes:
+      cell, num_layers, bidirectional, dropout, unroll, remat, hoist_input: the
+        options given to :func:`network`.
+      output_size: features of ``ys``: H, or 2H when bidirectional.
+      init: ``(key, input_size) -> params``.
+      initial_carry: ``() -> final``-structured zeros for one sequence.
+      apply: ``(params, xs <float32>[T, I], length=None, initial_carry=None, *,
+        dropout_key=None) -> (ys <float32>[T, output_size], final)``.
+      apply_batch: the same over a batch: ``xs <float32>[B, T, I]``,
+        ``lengths <int32>[B]``, initial carry with a leading batch axis; one dropout
+        key is split per example.
+    """
+
+    cell: Cell
+    num_layers: int
+    bidirectional: bool
+    dropout: float
+    unroll: int
+    remat: bool
+    hoist_input: bool
+    output_size: int
+    init: Callable[..., Any]
+    initial_carry: Callable[[], tuple]
+    apply: Callable[..., tuple[Array, tuple]]
+    apply_batch: Callable[..., tuple[Array, tuple]]
+
+
+# Measured on a 2-core CPU (see BUILD.md): computing X W_x + b inside the scan
+# is at least as fast there; accelerators favour the hoisted matmul.
+def _default_hoist_input() -> bool:
+    return jax.default_backend() != "cpu"
+
+
+def _check_options(cell, num_layers, dropout, unroll) -> None:
+    if not isinstance(cell, Cell):
+        raise ValueError(f"cell: expected a cells.Cell (e.g. cells.lstm(32)), got {cell!r}")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll: expected an int >= 1, got {unroll!r}")
+
+
+def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> None:
+    if not hasattr(length, "dtype"):
+        length = np.asarray(length)
+    if tuple(jnp.shape(length)) != shape or not jnp.issubdtype(length.dtype, jnp.integer):
+        raise ValueError(
+            f"{name}: expected an integer array of shape {shape}, got "
+            f"{length.dtype}{list(jnp.shape(length))}"
+        )
+
+
+def _check_carry(carry: Any, expected: Any, name: str) -> None:
+    got = jax.tree_util.tree_structure(carry)
+    want = jax.tree_util.tree_structure(expected)
+    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(carry)]
+    want_shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(expected)]
+    if got != want or shapes != want_shapes:
+        raise ValueError(
+            f"{name}: expected the structure of net.initial_carry() "
+            f"({want} with shapes {want_shapes}), got {got} with shapes {shapes}"
+        )
+
+
+def _stack(trees: list[Any]) -> Any:
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _unstack(tree: Any, n: int) -> list[Any]:
+    return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def reverse_valid(xs: Array, length: Array | None) -> Array:
+    """Reverses the first ``length`` steps of ``xs <[T, ...]>``, keeping padding in place.
+
+    The map ``t -> L-1-t`` for ``t < L``, ``t -> t`` otherwise, is its own inverse, so
+    the same call puts a reversed sequence's outputs back in time order.
+    """
+    t = jnp.arange(xs.shape[0])
+    idx = t[::-1] if length is None else jnp.where(t < length, length - 1 - t, t)
+    return xs[idx]
+
+
+def _scan_layer(cell, params, carry, xs, length, *, hoist_input, unroll, remat):
+    """Runs ``D`` directions of one layer in one scan.
+
+    ``params``, ``carry``: leaves with a leading direction axis D; ``xs``:
+    ``<float32>[D, T, I]``, already in each direction's reading order. Returns
+    ``(ys <float32>[D, T, H], carry)``.
+    """
+    num_steps = xs.shape[1]
+    if hoist_input:
+        inputs = jax.vmap(cell.project)(params, xs)  # [D, T, G, H]: one matmul per direction
+        step = cell.step_projected
+    else:
+        inputs = xs
+        step = cell.step
+    step = jax.vmap(step)  # over directions
+
+    def body(carry, inp):
+        x_t, t = inp
+        new_carry, y = step(params, carry, x_t)
+        if length is not None:
+            valid = t < length
+            new_carry = jax.tree_util.tree_map(
+                lambda n, o: jnp.where(valid, n, o), new_carry, carry
+            )
+            y = jnp.where(valid, y, jnp.zeros_like(y))
+        return new_carry, y
+
+    if remat:
+        body = jax.checkpoint(body)
+    carry, ys = jax.lax.scan(
+        body, carry, (jnp.swapaxes(inputs, 0, 1), jnp.arange(num_steps)), unroll=unroll
+    )
+    return jnp.swapaxes(ys, 0, 1), carry
+
+
+def _dropout(key: Array, rate: float, ys: Array) -> Array:
+    keep = jax.random.bernoulli(key, 1.0 - rate, ys.shape)
+    return jnp.where(keep, ys / (1.0 - rate), jnp.zeros_like(ys))
+
+
+def network(
+    cell: Cell,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    *,
+    dropout: float = 0.0,
+    unroll: int = 1,
+    remat: bool = False,
+    hoist_input: bool | None = None,
+) -> Network:
+    """Builds a deep, optionally bidirectional network from ``cell``.
+
+    Args:
+      cell: a :class:`rnn_jax.cells.Cell`; every layer and direction uses it.
+      num_layers: depth L >= 1.
+      bidirectional: run a backward direction in every layer and concatenate.
+      dropout: rate in [0, 1) of the dropout applied to every layer's outputs but the
+        last (as PyTorch's ``nn.LSTM(dropout=...)``); active only when ``apply`` gets
+        a ``dropout_key``.
+      unroll: passed to ``jax.lax.scan``.
+      remat: gradient checkpointing of the step (``jax.checkpoint``): the backward
+        pass recomputes each step's gates from the saved carries.
+      hoist_input: compute ``X W_x + b`` for all steps before the scan. ``None``
+        picks the measured default of the backend (off on CPU, on elsewhere).
+    """
+    _check_options(cell, num_layers, dropout, unroll)
+    if not isinstance(bidirectional, bool):
+        raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")
+    hoist = _default_hoist_input() if hoist_input is None else bool(hoist_input)
+    num_dirs = 2 if bidirectional else 1
+    output_size = num_dirs * cell.hidden_size
+
+    def init(key: Array, input_size: int) -> dict[str, Any]:
+        params = {}
+        for layer in range(num_layers):
+            size = input_size if layer == 0 else output_size
+            k = jax.random.fold_in(key, layer)
+            if bidirectional:
+                kf, kb = jax.random.split(k)
+                params[f"layer_{layer}"] = {
+                    "forward": cell.init(kf, size),
+                    "backward": cell.init(kb, size),
+                }
+            else:
+                params[f"layer_{layer}"] = cell.init(k, size)
+        return params
+
+    def zero_carry() -> tuple:
+        c = cell.initial_carry
+        return tuple(BiCarry(c(), c()) if bidirectional else c() for _ in range(num_layers))
+
+    def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
+        _check_params(params)
+        if jnp.ndim(xs) != 2:
+            raise ValueError(
+                f"xs: expected one sequence <float32>[T, input_size], got shape "
+                f"{tuple(jnp.shape(xs))}; use net.apply_batch or jax.vmap for batches"
+            )
+        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
+        expected_in = cell.input_size(layer0)
+        if xs.shape[1] != expected_in:
+            raise ValueError(
+                f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
+            )
+        if length is not None:
+            _check_length(length, "length", ())
+            length = jnp.clip(length, 0, xs.shape[0])
+        if initial_carry is None:
+            initial_carry = zero_carry()
+        else:
+            _check_carry(initial_carry, zero_carry(), "initial_carry")
+
+        finals = []
+        ys = xs
+        for layer in range(num_layers):
+            p = params[f"layer_{layer}"]
+            if bidirectional:
+                p = _stack([p["forward"], p["backward"]])
+                carry = _stack([initial_carry[layer].forward, initial_carry[layer].backward])
+                inputs = jnp.stack([ys, reverse_valid(ys, length)])
+            else:
+                p = _stack([p])
+                carry = _stack([initial_carry[layer]])
+                inputs = ys[None]
+            outs, carry = _scan_layer(
+                cell, p, carry, inputs, length, hoist_input=hoist, unroll=unroll, remat=remat
+            )
+            if bidirectional:
+                ys = jnp.concatenate([outs[0], reverse_valid(outs[1], length)], axis=-1)
+                finals.append(BiCarry(*_unstack(carry, 2)))
+            else:
+                ys = outs[0]
+                finals.append(_unstack(carry, 1)[0])
+            if dropout_key is not None and dropout > 0 and layer < num_layers - 1:
+                ys = _dropout(jax.random.fold_in(dropout_key, layer), dropout, ys)
+        return ys, tuple(finals)
+
+    def apply_batch(params, xs, lengths=None, initial_carry=None, *, dropout_key=None):
+        if jnp.ndim(xs) != 3:
+            raise ValueError(
+                f"xs: expected a batch <float32>[B, T, input_size], got shape "
+                f"{tuple(jnp.shape(xs))}"
+            )
+        batch = xs.shape[0]
+        if lengths is not None:
+            _check_length(lengths, "lengths", (batch,))
+        keys = None if dropout_key is None else jax.random.split(dropout_key, batch)
+        in_axes = (
+            None,
+            0,
+            None if lengths is None else 0,
+            None if initial_carry is None else 0,
+        )
+
+        def one(p, x, n, c, k):
+            return apply(p, x, n, c, dropout_key=k)
+
+        return jax.vmap(one, in_axes=(*in_axes, None if keys is None else 0))(
+            params, xs, lengths, initial_carry, keys
+        )
+
+    def _check_params(params) -> None:
+        want = {f"layer_{i}" for i in range(num_layers)}
+        if not isinstance(params, dict) or set(params) != want:
+            got = sorted(params) if isinstance(params, dict) else type(params).__name__
+            raise ValueError(f"params: expected keys {sorted(want)} from net.init, got {got}")
+
+    return Network(
+        cell=cell,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        dropout=float(dropout),
+        unroll=unroll,
+        remat=remat,
+        hoist_input=hoist,
+        output_size=output_size,
+        init=init,
+        initial_carry=zero_carry,
+        apply=apply,
+        apply_batch=apply_batch,
+    )

@@ -1,0 +1,301 @@
+"""Networks against references that share none of their machinery.
+
+The reference (``loop_network``) runs every layer and direction with a Python loop
+over the valid steps, calling ``cell.step`` directly; no scan, no masking, no
+reversal trick, no vmap.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from rnn_jax import BiCarry, cells, networks
+
+I, H, T = 3, 4, 6
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+CELLS = {
+    "rnn": lambda: cells.rnn(H),
+    "rnn_relu": lambda: cells.rnn(H, "relu"),
+    "gru": lambda: cells.gru(H),
+    "gru_after": lambda: cells.gru(H, reset_after=True),
+    "lstm": lambda: cells.lstm(H),
+}
+GRID = list(itertools.product(CELLS, [1, 2], [False, True]))
+GRID_IDS = [f"{c}-L{n}-{'bi' if b else 'uni'}" for c, n, b in GRID]
+
+
+def make(cell_name, num_layers, bidirectional, **kw):
+    net = networks.network(CELLS[cell_name](), num_layers, bidirectional, **kw)
+    params = net.init(jax.random.key(0), I)
+    # non-zero biases, so bias handling is exercised too
+    params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(1), v.shape), params)
+    return net, params
+
+
+def random_xs(seed, shape=(T, I)):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def random_carry(net, seed):
+    leaves, tree = jax.tree.flatten(net.initial_carry())
+    rng = np.random.default_rng(seed)
+    return tree.unflatten([jnp.asarray(rng.normal(size=v.shape), jnp.float32) for v in leaves])
+
+
+def loop_network(net, params, xs, length=None, initial_carry=None):
+    """Python-loop reference: each direction reads only its valid steps."""
+    cell = net.cell
+    step = jax.jit(cell.step)  # one compiled step, driven by the Python loop below
+    xs = np.asarray(xs)
+    n = xs.shape[0] if length is None else int(length)
+    carry0 = net.initial_carry() if initial_carry is None else initial_carry
+    finals, layer_in = [], xs
+    for layer in range(net.num_layers):
+        p = params[f"layer_{layer}"]
+        dirs = [("forward", range(n)), ("backward", reversed(range(n)))]
+        if not net.bidirectional:
+            dirs = dirs[:1]
+        outs, carries = [], []
+        for name, order in dirs:
+            pd = p[name] if net.bidirectional else p
+            c = getattr(carry0[layer], name) if net.bidirectional else carry0[layer]
+            ys = np.zeros((xs.shape[0], cell.hidden_size), np.float32)
+            for t in order:
+                c, y = step(pd, c, jnp.asarray(layer_in[t]))
+                ys[t] = y
+            outs.append(ys)
+            carries.append(c)
+        layer_in = np.concatenate(outs, axis=-1)
+        finals.append(BiCarry(*carries) if net.bidirectional else carries[0])
+    return layer_in, tuple(finals)
+
+
+def assert_trees_close(a, b, **tol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **(tol or TOL)), a, b)
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_scan_equals_python_loop(cell_name, num_layers, bidirectional):
+    net, params = make(cell_name, num_layers, bidirectional)
+    xs = random_xs(2)
+    carry = random_carry(net, 3)
+    ys, final = net.apply(params, xs, initial_carry=carry)
+    want_ys, want_final = loop_network(net, params, xs, initial_carry=carry)
+    assert ys.shape == (T, net.output_size)
+    np.testing.assert_allclose(ys, want_ys, **TOL)
+    assert_trees_close(final, want_final)
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("length", [0, 1, 4, T])
+def test_padded_equals_trimmed_and_loop(cell_name, num_layers, bidirectional, length):
+    net, params = make(cell_name, num_layers, bidirectional)
+    xs = random_xs(4)
+    garbage = jnp.full((T, I), 1e3).at[:length].set(xs[:length])  # huge values past length
+    carry = random_carry(net, 5)
+    ys, final = jax.jit(net.apply)(params, garbage, length, carry)
+    want_ys, want_final = loop_network(net, params, xs, length, carry)
+    np.testing.assert_allclose(ys, want_ys, **TOL)
+    np.testing.assert_array_equal(ys[length:], 0.0)  # exactly zero
+    assert_trees_close(final, want_final)
+    if length == 0:  # the initial carry, untouched
+        assert_trees_close(final, carry, rtol=0, atol=0)
+    else:  # the same as running the trimmed sequence without a length
+        ys_trim, final_trim = net.apply(params, xs[:length], None, carry)
+        np.testing.assert_allclose(ys[:length], ys_trim, **TOL)
+        assert_trees_close(final, final_trim)
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+def test_bidirectional_one_scan_equals_two_separate_scans(cell_name):
+    bi, params = make(cell_name, 1, True)
+    uni = networks.network(bi.cell, 1, False)
+    xs, length = random_xs(6), 4
+    ys, final = bi.apply(params, xs, length)
+    f_ys, f_final = uni.apply({"layer_0": params["layer_0"]["forward"]}, xs, length)
+    rev = jnp.concatenate([xs[:length][::-1], xs[length:]])  # valid part reversed
+    b_ys, b_final = uni.apply({"layer_0": params["layer_0"]["backward"]}, rev, length)
+    b_ys = jnp.concatenate([b_ys[:length][::-1], b_ys[length:]])
+    np.testing.assert_allclose(ys, jnp.concatenate([f_ys, b_ys], axis=-1), **TOL)
+    assert_trees_close(final[0].forward, f_final[0])
+    assert_trees_close(final[0].backward, b_final[0])
+
+
+def test_reverse_valid():
+    xs = jnp.arange(6)
+    np.testing.assert_array_equal(networks.reverse_valid(xs, 4), [3, 2, 1, 0, 4, 5])
+    np.testing.assert_array_equal(networks.reverse_valid(xs, 0), xs)
+    np.testing.assert_array_equal(networks.reverse_valid(xs, None), xs[::-1])
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_vmap_equals_per_example_loop_and_jit_equals_eager(cell_name, num_layers, bidirectional):
+    net, params = make(cell_name, num_layers, bidirectional)
+    xs = random_xs(7, (3, T, I))
+    lengths = jnp.array([T, 2, 0], jnp.int32)
+    ys, final = jax.jit(net.apply_batch)(params, xs, lengths)
+    vys, vfinal = jax.vmap(net.apply, in_axes=(None, 0, 0))(params, xs, lengths)
+    np.testing.assert_allclose(ys, vys, **TOL)
+    for b in range(3):
+        eys, efinal = net.apply(params, xs[b], lengths[b])  # eager, one example
+        np.testing.assert_allclose(ys[b], eys, **TOL)
+        assert_trees_close(jax.tree.map(lambda v, b=b: v[b], final), efinal)
+        assert_trees_close(jax.tree.map(lambda v, b=b: v[b], vfinal), efinal)
+
+
+OPTIONS = [dict(remat=True), dict(unroll=3), dict(hoist_input=True), dict(remat=True, unroll=2)]
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_options_leave_outputs_and_gradients_unchanged(cell_name, num_layers, bidirectional):
+    """remat, unroll and input hoisting against the plain path (hoist_input=False)."""
+    ref_net, params = make(cell_name, num_layers, bidirectional, hoist_input=False)
+    xs = random_xs(8, (2, T, I))
+    lengths = jnp.array([T, 3], jnp.int32)
+
+    def value_and_grad(n):
+        def f(p):
+            ys, final = n.apply_batch(p, xs, lengths)
+            return jnp.sum(ys**2) + sum(jnp.sum(v) for v in jax.tree.leaves(final))
+
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    l_ref, g_ref = value_and_grad(ref_net)
+    for option in OPTIONS:
+        net = networks.network(
+            ref_net.cell, num_layers, bidirectional, **{"hoist_input": False, **option}
+        )
+        l, g = value_and_grad(net)
+        np.testing.assert_allclose(l, l_ref, rtol=1e-5, err_msg=str(option))
+        assert_trees_close(g, g_ref)
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_check_grads(cell_name, bidirectional):
+    """Reverse-mode gradients against finite differences, in float64."""
+    with jax.enable_x64(True):
+        net, params = make(cell_name, 2, bidirectional)
+        params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+        carry = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), random_carry(net, 9))
+        xs = jnp.asarray(np.random.default_rng(10).normal(size=(4, I)))
+
+        def f(p, x, c):
+            ys, final = net.apply(p, x, 3, c)
+            return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(v**2) for v in jax.tree.leaves(final))
+
+        check_grads(jax.jit(f), (params, xs, carry), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_dropout_between_layers():
+    net, params = make("gru", 3, False, dropout=0.5)
+    xs = random_xs(11, (8, T, I))
+    lengths = jnp.full((8,), 4, jnp.int32)
+    plain, _ = net.apply_batch(params, xs, lengths)
+    nodrop, _ = networks.network(net.cell, 3).apply_batch(params, xs, lengths)
+    np.testing.assert_allclose(plain, nodrop, **TOL)  # no key: off (eval)
+    key = jax.random.key(12)
+    a, _ = net.apply_batch(params, xs, lengths, dropout_key=key)
+    b, _ = net.apply_batch(params, xs, lengths, dropout_key=key)
+    c, _ = net.apply_batch(params, xs, lengths, dropout_key=jax.random.key(13))
+    np.testing.assert_array_equal(a, b)  # deterministic given the key
+    assert np.abs(np.asarray(a - c)).max() > 1e-3
+    assert np.abs(np.asarray(a - plain)).max() > 1e-3
+    np.testing.assert_array_equal(a[:, 4:], 0.0)  # padding stays exactly zero
+    # examples of a batch draw different masks
+    same_x = jnp.broadcast_to(xs[:1], xs.shape)
+    d, _ = net.apply_batch(params, same_x, lengths, dropout_key=key)
+    assert np.abs(np.asarray(d[0] - d[1])).max() > 1e-3
+
+
+def test_dropout_is_inverted_with_the_right_rate():
+    ys = jnp.ones((200, 50))
+    out = networks._dropout(jax.random.key(0), 0.3, ys)
+    kept = np.asarray(out != 0)
+    assert abs(kept.mean() - 0.7) < 0.02
+    np.testing.assert_allclose(np.asarray(out)[kept], 1 / 0.7, rtol=1e-6)
+
+
+def test_no_recompilation_for_a_new_batch_of_the_same_shape():
+    net, params = make("lstm", 2, True)
+    traces = []
+
+    @jax.jit
+    def f(p, x, n):
+        traces.append(1)
+        return net.apply_batch(p, x, n)[0].sum()
+
+    for seed in range(3):
+        f(params, random_xs(seed, (2, T, I)), jnp.array([seed + 1, T], jnp.int32))
+    assert len(traces) == 1
+
+
+def test_final_structure_is_named():
+    net, params = make("lstm", 2, True)
+    _, final = net.apply(params, random_xs(0))
+    assert len(final) == 2
+    assert isinstance(final[1], BiCarry)
+    assert isinstance(final[1].backward, cells.LSTMCarry)
+    assert final[1].forward.c.shape == (H,)
+    assert jax.tree.structure(final) == jax.tree.structure(net.initial_carry())
+
+
+# --- bad input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_layers=0), r"num_layers: expected an int >= 1, got 0"),
+        (dict(num_layers=1.5), r"num_layers: expected an int >= 1, got 1.5"),
+        (dict(dropout=1.0), r"dropout: expected a number in \[0, 1\), got 1.0"),
+        (dict(dropout=-0.1), r"dropout: expected a number in \[0, 1\), got -0.1"),
+        (dict(unroll=0), r"unroll: expected an int >= 1, got 0"),
+        (dict(bidirectional="yes"), r"bidirectional: expected a bool, got 'yes'"),
+    ],
+)
+def test_bad_network_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        networks.network(cells.gru(H), **kwargs)
+
+
+def test_bad_cell():
+    with pytest.raises(ValueError, match=r"cell: expected a cells.Cell"):
+        networks.network("lstm")
+
+
+def test_bad_apply_inputs_raise_at_trace_time():
+    net, params = make("lstm", 2, True)
+    apply, batch = jax.jit(net.apply), jax.jit(net.apply_batch)
+    with pytest.raises(
+        ValueError, match=rf"xs: expected input_size {I} \(from params\), got shape \(6, 5\)"
+    ):
+        apply(params, jnp.zeros((T, 5)))
+    with pytest.raises(ValueError, match=r"xs: expected one sequence .*got shape \(2, 6, 3\)"):
+        apply(params, jnp.zeros((2, T, I)))
+    with pytest.raises(ValueError, match=r"xs: expected a batch .*got shape \(6, 3\)"):
+        batch(params, jnp.zeros((T, I)))
+    with pytest.raises(
+        ValueError, match=r"length: expected an integer array of shape \(\), got float32"
+    ):
+        apply(params, jnp.zeros((T, I)), jnp.float32(3))
+    with pytest.raises(
+        ValueError, match=r"lengths: expected an integer array of shape \(2,\), got int32\[3\]"
+    ):
+        batch(params, jnp.zeros((2, T, I)), jnp.array([1, 2, 3]))
+    with pytest.raises(
+        ValueError, match=r"lengths: expected an integer array of shape \(2,\), got float32\[2\]"
+    ):
+        batch(params, jnp.zeros((2, T, I)), jnp.array([1.0, 2.0]))
+    with pytest.raises(
+        ValueError, match=r"initial_carry: expected the structure of net.initial_carry"
+    ):
+        apply(params, jnp.zeros((T, I)), None, (jnp.zeros(H),))
+    with pytest.raises(ValueError, match=r"params: expected keys \['layer_0', 'layer_1'\]"):
+        apply({"layer_0": params["layer_0"]}, jnp.zeros((T, I)))
