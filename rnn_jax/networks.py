@@ -180,7 +180,7 @@ def _scan_layer(cell, params, carry, xs, length, *, hoist_input, unroll, remat):
     return jnp.swapaxes(ys, 0, 1), carry
 
 
-def _dropout(key: Array, rate: float, ys: Array) -> Array:
+def apply_dropout(key: Array, rate: float, ys: Array) -> Array:
     keep = jax.random.bernoulli(key, 1.0 - rate, ys.shape)
     return jnp.where(keep, ys / (1.0 - rate), jnp.zeros_like(ys))
 
@@ -279,7 +279,7 @@ def network(
                 ys = outs[0]
                 finals.append(_unstack(carry, 1)[0])
             if dropout_key is not None and dropout > 0 and layer < num_layers - 1:
-                ys = _dropout(jax.random.fold_in(dropout_key, layer), dropout, ys)
+                ys = apply_dropout(jax.random.fold_in(dropout_key, layer), dropout, ys)
         return ys, tuple(finals)
 
     def apply_batch(params, xs, lengths=None, initial_carry=None, *, dropout_key=None):

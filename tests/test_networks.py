@@ -216,7 +216,7 @@ def test_dropout_between_layers():
 
 def test_dropout_is_inverted_with_the_right_rate():
     ys = jnp.ones((200, 50))
-    out = networks._dropout(jax.random.key(0), 0.3, ys)
+    out = networks.apply_dropout(jax.random.key(0), 0.3, ys)
     kept = np.asarray(out != 0)
     assert abs(kept.mean() - 0.7) < 0.02
     np.testing.assert_allclose(np.asarray(out)[kept], 1 / 0.7, rtol=1e-6)

@@ -1,0 +1,1 @@
+"""absl-flag launchers: train, generate (and later sweep, benchmark)."""

@@ -1,0 +1,124 @@
+r"""Trains a language model on the bundled Time Machine text (or any UTF-8 file).
+
+    python -m experiments.train                       # LSTM, a few minutes on a CPU
+    python -m experiments.train --flagfile=experiments/configs/gru.flags
+    python -m experiments.train --cell=gru --hidden_size=256 --workdir=runs/gru
+
+Rerunning a command with the same --workdir resumes from its latest checkpoint.
+SIGTERM / Ctrl-C save the current step and exit (143 / 130). Bad flags: one line on
+stderr and exit code 2, before anything is compiled or written.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from rnn_jax.config import TrainConfig
+
+_D = TrainConfig()
+FLAGS = flags.FLAGS
+
+# data
+flags.DEFINE_string(
+    "data", _D.data, "UTF-8 text file to train on; empty: the bundled Time Machine."
+)
+flags.DEFINE_enum(
+    "tokens",
+    _D.tokens,
+    ["char", "raw_char", "word"],
+    "char: the book's lower-case letters and space; raw_char: every character; word: words.",
+)
+flags.DEFINE_integer("min_freq", _D.min_freq, "Tokens rarer than this become <unk>.")
+flags.DEFINE_integer("num_steps", _D.num_steps, "Time steps T per training window.")
+flags.DEFINE_integer("num_train", _D.num_train, "Training windows (book: 10,000).")
+flags.DEFINE_integer("num_val", _D.num_val, "Validation windows (book: 5,000).")
+flags.DEFINE_enum(
+    "partition",
+    _D.partition,
+    ["windows", "sequential"],
+    "windows: shuffled overlapping windows; sequential: consecutive batches "
+    "continue each other and the state carries over (truncated BPTT).",
+)
+# model
+flags.DEFINE_enum("cell", _D.cell, ["rnn", "gru", "lstm"], "Recurrent cell of every layer.")
+flags.DEFINE_integer("hidden_size", _D.hidden_size, "Hidden units H per layer and direction.")
+flags.DEFINE_integer("num_layers", _D.num_layers, "Stacked recurrent layers.")
+flags.DEFINE_bool("bidirectional", _D.bidirectional, "Add a backward direction to every layer.")
+flags.DEFINE_bool(
+    "reset_after",
+    _D.reset_after,
+    "GRU only: reset gate after the recurrent matmul (PyTorch/cuDNN form).",
+)
+flags.DEFINE_enum("activation", _D.activation, ["tanh", "relu"], "Plain RNN nonlinearity.")
+flags.DEFINE_integer(
+    "embed_dim", _D.embed_dim, "0: one-hot input (the book); >0: learned embedding size."
+)
+flags.DEFINE_float(
+    "dropout", _D.dropout, "Dropout rate between layers and before the output layer."
+)
+flags.DEFINE_integer("unroll", _D.unroll, "lax.scan unroll factor.")
+flags.DEFINE_bool("remat", _D.remat, "Gradient checkpointing of the recurrent step.")
+# optimisation
+flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam", "adamw"], "Optimizer (the book: sgd).")
+flags.DEFINE_float("lr", _D.lr, "Peak learning rate.")
+flags.DEFINE_enum(
+    "schedule",
+    _D.schedule,
+    ["constant", "cosine", "linear"],
+    "Learning-rate schedule after --warmup_steps of linear warm-up.",
+)
+flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up steps (cosine, linear).")
+flags.DEFINE_float("momentum", _D.momentum, "SGD momentum (0 = plain SGD).")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "AdamW weight decay.")
+flags.DEFINE_float("grad_clip", _D.grad_clip, "Clip gradients to this global norm; 0 = off.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Windows per batch.")
+flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training windows.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, shuffling and dropout.")
+# bookkeeping
+flags.DEFINE_string("workdir", _D.workdir, "Run directory: flags, metrics, checkpoints, plot.")
+flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N steps; 0 = once per epoch.")
+flags.DEFINE_integer(
+    "checkpoint_every", _D.checkpoint_every, "Checkpoint every N steps; 0 = at the end only."
+)
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "Checkpoints kept (the newest N).")
+flags.DEFINE_float("log_every_s", _D.log_every_s, "Progress line at least this often (seconds).")
+flags.DEFINE_string("sample_prefix", _D.sample_prefix, "Prefix of the sample generated at the end.")
+flags.DEFINE_integer("sample_chars", _D.sample_chars, "Tokens generated at the end.")
+
+
+def config_from_flags() -> TrainConfig:
+    return TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    from rnn_jax import train
+    from rnn_jax.config import ConfigError
+
+    try:  # run() validates every flag before it compiles or writes anything
+        result = train.run(config_from_flags(), echo=lambda s: print(s, flush=True))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except train.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result.exit_code)
+
+
+def parse_flags(argv):
+    """absl's parser, but a bad flag exits with code 2 and one line, like any bad input."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

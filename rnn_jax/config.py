@@ -1,0 +1,194 @@
+"""The configuration of a training run, and its validation.
+
+``TrainConfig`` is a plain frozen dataclass: ``experiments/train.py`` fills it from
+absl flags (one flag per field, same name), tests and sweeps build it directly.
+:func:`validate` checks every field and reads the data before anything is compiled
+or written, raising :class:`ConfigError` that names the offending field (flag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rnn_jax import cells, data, models, text
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+
+# Fields that define the model's function or the data it learns from: a resumed run
+# must agree with the run directory on all of them.
+RESUME_KEYS = (
+    "data",
+    "tokens",
+    "min_freq",
+    "num_steps",
+    "num_train",
+    "num_val",
+    "partition",
+    "cell",
+    "hidden_size",
+    "num_layers",
+    "bidirectional",
+    "reset_after",
+    "activation",
+    "embed_dim",
+    "optimizer",
+    "batch_size",
+    "seed",
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``flag`` names the field / command-line flag."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a language-model run (defaults: a quick LSTM on the book).
+
+    Data: ``data`` ('' = the bundled Time Machine), ``tokens`` (char, raw_char,
+    word), ``min_freq``, ``num_steps`` (T), ``num_train`` / ``num_val`` (windows),
+    ``partition`` (windows, sequential).
+    Model: see :class:`rnn_jax.models.ModelConfig`.
+    Optimisation: ``optimizer``, ``lr``, ``schedule`` (constant, cosine, linear),
+    ``warmup_steps``, ``momentum`` (sgd), ``weight_decay`` (adamw), ``grad_clip``
+    (global norm; 0 = off), ``batch_size``, ``epochs``, ``seed``.
+    Bookkeeping: ``workdir``, ``eval_every`` / ``checkpoint_every`` (steps; 0 = once
+    per epoch / only at the end), ``keep_checkpoints``, ``log_every_s``,
+    ``sample_prefix``, ``sample_chars``.
+    """
+
+    data: str = ""
+    tokens: str = "char"
+    min_freq: int = 0
+    num_steps: int = 32
+    num_train: int = 10_000
+    num_val: int = 5_000
+    partition: str = "windows"
+    cell: str = "lstm"
+    hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    reset_after: bool = False
+    activation: str = "tanh"
+    embed_dim: int = 0
+    dropout: float = 0.0
+    unroll: int = 1
+    remat: bool = False
+    optimizer: str = "adam"
+    lr: float = 0.01
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    momentum: float = 0.0
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    batch_size: int = 256
+    epochs: int = 20
+    seed: int = 0
+    workdir: str = "runs/default"
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 3
+    log_every_s: float = 10.0
+    sample_prefix: str = "time traveller "
+    sample_chars: int = 100
+
+
+def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
+    return models.ModelConfig(
+        vocab_size=vocab_size,
+        cell=config.cell,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        bidirectional=config.bidirectional,
+        reset_after=config.reset_after,
+        activation=config.activation,
+        embed_dim=config.embed_dim,
+        dropout=config.dropout,
+        unroll=config.unroll,
+        remat=config.remat,
+    )
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"flag: saved -> current"`` for each resume-defining field that differs."""
+    return [
+        f"{k}: {saved.get(k)!r} -> {current[k]!r}"
+        for k in RESUME_KEYS
+        if k in saved and saved[k] != current[k]
+    ]
+
+
+def _positive(config: TrainConfig, *names: str, minimum: float = 1) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or value < minimum:
+            raise ConfigError(name, f"expected >= {minimum}, got {value!r}")
+
+
+def _choice(config: TrainConfig, name: str, allowed) -> None:
+    value = getattr(config, name)
+    if value not in allowed:
+        raise ConfigError(name, f"expected one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
+    """Checks ``config`` and loads its corpus; returns ``(ids <int32>[N], vocab)``.
+
+    Raises:
+      ConfigError: naming the first offending field. Nothing is written.
+    """
+    _choice(config, "cell", tuple(cells.CELLS))
+    _choice(config, "activation", tuple(cells.ACTIVATIONS))
+    _choice(config, "tokens", text.MODES)
+    _choice(config, "partition", data.PARTITIONS)
+    _choice(config, "optimizer", OPTIMIZERS)
+    _choice(config, "schedule", SCHEDULES)
+    _positive(config, "hidden_size", "num_layers", "num_steps", "num_train", "num_val")
+    _positive(config, "batch_size", "epochs", "keep_checkpoints", "unroll", "sample_chars")
+    _positive(config, "min_freq", "embed_dim", "eval_every", "checkpoint_every", minimum=0)
+    _positive(config, "warmup_steps", "seed", "grad_clip", "weight_decay", minimum=0)
+    _positive(config, "momentum", "log_every_s", minimum=0)
+    if not config.lr > 0:
+        raise ConfigError("lr", f"expected a learning rate > 0, got {config.lr!r}")
+    if not 0 <= config.dropout < 1:
+        raise ConfigError("dropout", f"expected a rate in [0, 1), got {config.dropout!r}")
+    if not config.workdir:
+        raise ConfigError("workdir", "expected a directory path, got ''")
+    workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError("workdir", f"{workdir} exists and is not a directory")
+    for parent in workdir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError("workdir", f"{parent} is a file, so {workdir} cannot be created")
+    try:
+        ids, vocab = text.load_corpus(config.data or None, config.tokens, config.min_freq)
+    except ValueError as e:
+        raise ConfigError("data", str(e)) from None
+    needed = config.num_steps + 1
+    if len(ids) < needed:
+        raise ConfigError(
+            "num_steps",
+            f"the text has {len(ids)} tokens, shorter than one window of num_steps + 1 = {needed}",
+        )
+    available = len(ids) - config.num_steps
+    if config.num_train + config.num_val > available:
+        raise ConfigError(
+            "num_train",
+            f"num_train + num_val = {config.num_train + config.num_val} windows requested, "
+            f"but the text has only {available} windows of {needed} tokens",
+        )
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    try:
+        data.steps_per_epoch(windows, config.batch_size, config.partition)
+    except ValueError as e:
+        raise ConfigError("batch_size", str(e)) from None
+    return ids, vocab

@@ -1,0 +1,138 @@
+"""Language models: token ids -> input features -> recurrent network -> logits.
+
+::
+
+    X_t = onehot(token_t)            (the book)   or   E[token_t]   (embedding)
+    H_t = network(X_1..X_t)          any cell, depth and direction
+    O_t = H_t W_hq + b_q             <float32>[V] logits of the next token
+
+Params: ``{"embed": <float32>[V, E]`` (only with an embedding),
+``"network": ...`` (``networks.network``'s params), ``"output": {"W_hq":
+<float32>[H_out, V], "b_q": <float32>[V]}}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rnn_jax import cells, networks
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What defines a language model's function and its parameter shapes.
+
+    Attributes:
+      vocab_size: V.
+      cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
+      hidden_size: H of every layer and direction.
+      num_layers: depth.
+      bidirectional: backward direction in every layer (a poor next-token model).
+      reset_after: GRU form (``False``: the seed's equations).
+      activation: plain RNN nonlinearity.
+      embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
+      dropout: between layers (and on the last layer's output), training only.
+      unroll, remat, hoist_input: passed to :func:`rnn_jax.networks.network`.
+    """
+
+    vocab_size: int
+    cell: str = "lstm"
+    hidden_size: int = 256
+    num_layers: int = 1
+    bidirectional: bool = False
+    reset_after: bool = False
+    activation: str = "tanh"
+    embed_dim: int = 0
+    dropout: float = 0.0
+    unroll: int = 1
+    remat: bool = False
+    hoist_input: bool | None = None
+
+    def make_cell(self) -> cells.Cell:
+        options = {"gru": {"reset_after": self.reset_after}, "rnn": {"activation": self.activation}}
+        return cells.make(self.cell, self.hidden_size, **options.get(self.cell, {}))
+
+
+class Model(NamedTuple):
+    """A language model as pure functions.
+
+    Attributes:
+      config: its :class:`ModelConfig`.
+      network: the recurrent :class:`rnn_jax.networks.Network`.
+      init: ``(key) -> params``.
+      initial_carry: ``(batch_size) -> carry`` zeros with a leading batch axis.
+      apply: ``(params, ids <int32>[B, T], carry=None, *, dropout_key=None) ->
+        (logits <float32>[B, T, V], final carry)``.
+    """
+
+    config: ModelConfig
+    network: networks.Network
+    init: Callable[[Array], dict[str, Any]]
+    initial_carry: Callable[[int], Any]
+    apply: Callable[..., tuple[Array, Any]]
+
+
+def language_model(config: ModelConfig) -> Model:
+    """Builds the model of ``config``; raises ValueError on bad options."""
+    if config.vocab_size < 1:
+        raise ValueError(f"vocab_size: expected >= 1, got {config.vocab_size}")
+    if config.embed_dim < 0:
+        raise ValueError(f"embed_dim: expected >= 0 (0 = one-hot), got {config.embed_dim}")
+    net = networks.network(
+        config.make_cell(),
+        config.num_layers,
+        config.bidirectional,
+        dropout=config.dropout,
+        unroll=config.unroll,
+        remat=config.remat,
+        hoist_input=config.hoist_input,
+    )
+    v, e = config.vocab_size, config.embed_dim
+
+    def init(key: Array) -> dict[str, Any]:
+        k_embed, k_net, k_out = jax.random.split(key, 3)
+        params = {
+            "network": net.init(k_net, e or v),
+            "output": {
+                "W_hq": jax.nn.initializers.lecun_normal()(k_out, (net.output_size, v)),
+                "b_q": jnp.zeros((v,), jnp.float32),
+            },
+        }
+        if e:
+            params["embed"] = jax.random.normal(k_embed, (v, e), jnp.float32)
+        return params
+
+    def initial_carry(batch_size: int) -> Any:
+        return jax.tree.map(
+            lambda c: jnp.broadcast_to(c, (batch_size, *c.shape)), net.initial_carry()
+        )
+
+    def apply(params, ids, carry=None, *, dropout_key=None):
+        if jnp.ndim(ids) != 2 or not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
+            raise ValueError(
+                f"ids: expected <int>[B, T], got {jnp.asarray(ids).dtype}{jnp.shape(ids)}"
+            )
+        xs = params["embed"][ids] if e else jax.nn.one_hot(ids, v, dtype=jnp.float32)
+        k_net = k_out = None
+        if dropout_key is not None:
+            k_net, k_out = jax.random.split(dropout_key)
+        ys, final = net.apply_batch(params["network"], xs, None, carry, dropout_key=k_net)
+        if k_out is not None and config.dropout > 0:
+            ys = networks.apply_dropout(k_out, config.dropout, ys)
+        logits = ys @ params["output"]["W_hq"] + params["output"]["b_q"]
+        return logits, final
+
+    return Model(config, net, init, initial_carry, apply)
+
+
+def token_losses(logits: Array, targets: Array) -> Array:
+    """Cross-entropy ``-log softmax(logits)[target]``: ``<float32>[B, T]``."""
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]

@@ -1,0 +1,424 @@
+"""Training a character (or word) language model: state, pure steps, the host loop.
+
+Data flows one way: text -> ids (``text``) -> batches (``data``) -> logits
+(``models``) -> loss -> gradients -> optax update -> metrics and checkpoints.
+
+* ``train_step(state, batch) -> (state, metrics)`` and
+  ``eval_step(params, batch) -> (loss_sum, count)`` are pure and jit-compiled once;
+  per-step randomness (dropout) is ``fold_in(key(seed), step)``.
+* The training state ``{"params", "opt_state", "step", "carry"}`` is the only thing
+  checkpointed; with the data a pure function of ``(seed, epoch, step)`` a resumed run
+  ends with parameters bitwise equal to an uninterrupted one (on CPU).
+* Loss: mean per-token cross-entropy over real (``weight`` 1) rows; perplexity is
+  ``exp`` of it. Sequential partitioning carries the final state into the next batch
+  with the gradient stopped (truncated BPTT) and resets it at every epoch start.
+
+:func:`run` is the whole job: validate, set up or resume the run directory, train,
+evaluate, checkpoint, plot and sample. Launch it with ``python -m experiments.train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rnn_jax import data, models, text
+from rnn_jax.config import TrainConfig, model_config, resume_conflicts, validate
+
+log = logging.getLogger("rnn_jax")
+
+EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss; nothing after it was saved."""
+
+
+# --- optimiser and steps ------------------------------------------------------------
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` (if ``grad_clip > 0``) then sgd / adam / adamw on a schedule."""
+    if config.schedule == "constant":
+        lr = config.lr
+    elif config.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, config.lr, config.warmup_steps, max(total_steps, config.warmup_steps + 1)
+        )
+    else:  # "linear": warm up, then decay linearly to zero
+        lr = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)),
+                optax.linear_schedule(config.lr, 0.0, max(total_steps - config.warmup_steps, 1)),
+            ],
+            [config.warmup_steps],
+        )
+    if config.optimizer == "sgd":
+        opt = optax.sgd(lr, momentum=config.momentum or None)
+    elif config.optimizer == "adam":
+        opt = optax.adam(lr)
+    else:
+        opt = optax.adamw(lr, weight_decay=config.weight_decay)
+    if config.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+    return opt
+
+
+def make_steps(
+    model: models.Model, tx: optax.GradientTransformation, config: TrainConfig, steps_per_epoch: int
+) -> tuple[Callable, Callable]:
+    """The jit-compiled ``train_step`` and ``eval_step`` for ``model``."""
+    sequential = config.partition == "sequential"
+    base_key = jax.random.key(config.seed)
+    use_dropout = config.dropout > 0
+
+    def loss_fn(params, batch, carry, key):
+        logits, final = model.apply(params, batch.x, carry, dropout_key=key)
+        w = batch.weight[:, None]
+        loss_sum = jnp.sum(models.token_losses(logits, batch.y) * w)
+        count = jnp.sum(w) * batch.x.shape[1]
+        return loss_sum / count, (final, loss_sum, count)
+
+    @jax.jit
+    def train_step(state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(base_key, step) if use_dropout else None
+        carry = None
+        if sequential:  # fresh state at the start of every epoch
+            fresh = step % steps_per_epoch == 0
+            carry = jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), c), state["carry"])
+        grads, (final, loss_sum, count) = jax.grad(loss_fn, has_aux=True)(
+            state["params"], batch, carry, key
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": step + 1,
+            "carry": jax.lax.stop_gradient(final) if sequential else state["carry"],
+        }
+        metrics = {
+            "loss_sum": loss_sum,
+            "count": count,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+        }
+        return new_state, metrics
+
+    @jax.jit
+    def eval_step(params, batch):
+        _, (_, loss_sum, count) = loss_fn(params, batch, None, None)
+        return loss_sum, count
+
+    return train_step, eval_step
+
+
+def init_state(model: models.Model, tx: optax.GradientTransformation, config: TrainConfig):
+    params = model.init(jax.random.key(config.seed))
+    carry = model.initial_carry(config.batch_size) if config.partition == "sequential" else ()
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "carry": carry,
+    }
+
+
+def evaluate(eval_step, params, windows: data.Windows, batch_size: int, split: str) -> float:
+    """Perplexity ``exp(mean per-token cross-entropy)`` over a split's windows."""
+    total = count = 0.0
+    for batch in data.eval_batches(windows, batch_size, split):
+        s, n = eval_step(params, batch)
+        total, count = total + float(s), count + float(n)
+    return perplexity(total / count)
+
+
+def perplexity(mean_loss: float) -> float:
+    """``exp(mean per-token cross-entropy)``; ``inf`` past float range."""
+    return math.exp(mean_loss) if mean_loss < 700 else math.inf
+
+
+# --- the host loop ------------------------------------------------------------------
+
+
+def is_due(step: int, every: int, total: int) -> bool:
+    """Periodic work (eval, checkpoint) fires every ``every`` steps and on the last one."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+class _SignalCatcher:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in EXIT_SIGNAL:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class Result:
+    """What :func:`run` returns: how it ended and the final numbers."""
+
+    status: str  # "completed", "interrupted", "diverged"
+    step: int
+    train_ppl: float | None = None
+    val_ppl: float | None = None
+    sample: str | None = None
+    exit_code: int = 0
+    params: Any = None
+
+
+def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
+    """Trains (or resumes) the run of ``config`` in ``config.workdir``.
+
+    Raises:
+      ConfigError: bad configuration, before anything is compiled or written.
+      NonFiniteLoss: the loss became NaN or infinite; the last good checkpoint stays.
+    """
+    from rnn_jax import checkpoint, generate  # orbax is imported only when training
+
+    ids, vocab = validate(config)
+    workdir = Path(config.workdir)
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    total = steps_per_epoch * config.epochs
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = make_optimizer(config, total)
+
+    _prepare_workdir(workdir, config, vocab)
+    train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
+    state = init_state(model, tx, config)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+    start = 0
+    if restored is not None:
+        start, state, _ = restored
+        echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
+    metrics_path = workdir / "metrics.jsonl"
+    history = _load_history(metrics_path, upto=start)
+
+    tokens_per_step = config.batch_size * config.num_steps
+    echo(
+        f"{config.cell} H={config.hidden_size} L={config.num_layers}"
+        f"{' bidirectional' if config.bidirectional else ''}, vocab {len(vocab)}, "
+        f"{_count(state['params']):,} params; {steps_per_epoch} steps/epoch x "
+        f"{config.epochs} epochs = {total} steps"
+    )
+    pending: list[tuple[int, dict]] = []  # device metrics not yet read
+    window = {"loss_sum": 0.0, "count": 0.0, "grad_norm": 0.0, "steps": 0}
+    t_start = time.perf_counter()
+    t_last, step_last, last_log = t_start, start, t_start
+    wall_offset = history[-1]["wall_s"] if history else 0.0
+    status, exit_code, step = "completed", 0, start
+    last_saved = start if restored is not None else None
+
+    def flush():
+        for s, m in pending:
+            loss_sum = float(m["loss_sum"])
+            bad = [k for k in ("loss_sum", "grad_norm", "param_norm") if not math.isfinite(m[k])]
+            if bad:
+                what = {"loss_sum": "loss", "grad_norm": "gradients"}.get(bad[0], "parameters")
+                raise NonFiniteLoss(
+                    f"non-finite {what} at step {s} (epoch {s // steps_per_epoch + 1}); "
+                    f"stopped, last good checkpoint: step {last_saved}. Lower --lr or "
+                    f"set --grad_clip"
+                )
+            window["loss_sum"] += loss_sum
+            window["count"] += float(m["count"])
+            window["grad_norm"] += float(m["grad_norm"])
+            window["steps"] += 1
+        pending.clear()
+
+    def save(s):
+        nonlocal last_saved
+        flush()
+        if last_saved != s:
+            ckpt.save(s, state, {"step": s, "epoch": s // steps_per_epoch})
+            last_saved = s
+
+    try:
+        with _SignalCatcher() as signals:
+            for step in range(start, total):
+                epoch, i = divmod(step, steps_per_epoch)
+                batch = data.train_batch(
+                    windows, config.batch_size, config.seed, epoch, i, config.partition
+                )
+                state, m = train_step(state, batch)
+                pending.append((step + 1, m))
+                done = step + 1
+                now = time.perf_counter()
+                if is_due(done, config.eval_every or steps_per_epoch, total):
+                    flush()
+                    rate = (done - step_last) * tokens_per_step / (now - t_last)
+                    record = {
+                        "step": done,
+                        "epoch": round(done / steps_per_epoch, 4),
+                        "train_ppl": perplexity(window["loss_sum"] / window["count"]),
+                        "val_ppl": evaluate(
+                            eval_step, state["params"], windows, config.batch_size, "val"
+                        ),
+                        "grad_norm": window["grad_norm"] / window["steps"],
+                        "tokens_per_s": rate,
+                        "wall_s": wall_offset + time.perf_counter() - t_start,
+                    }
+                    history.append(record)
+                    _append_jsonl(metrics_path, record)
+                    eta = (total - done) * (now - t_last) / max(done - step_last, 1)
+                    echo(
+                        f"step {done}/{total} epoch {record['epoch']:.2f}: "
+                        f"train ppl {record['train_ppl']:.3f}, val ppl {record['val_ppl']:.3f}, "
+                        f"{rate:,.0f} tok/s, ETA {_hms(eta)}"
+                    )
+                    window = dict.fromkeys(window, 0.0)
+                    t_last, step_last, last_log = time.perf_counter(), done, time.perf_counter()
+                elif now - last_log > config.log_every_s:
+                    flush()
+                    echo(
+                        f"step {done}/{total} epoch {done / steps_per_epoch:.2f}: "
+                        f"train loss {window['loss_sum'] / window['count']:.4f}"
+                    )
+                    last_log = now
+                if is_due(done, config.checkpoint_every, total):
+                    save(done)
+                if signals.received is not None:
+                    save(done)
+                    name = signal.Signals(signals.received).name
+                    echo(f"{name} received: saved step {done}; rerun the same command to resume")
+                    status, exit_code = "interrupted", EXIT_SIGNAL[signals.received]
+                    break
+    finally:
+        ckpt.close()
+    params = state["params"]
+    _plot(history, workdir / "curves.png", echo)
+    if status == "interrupted":
+        return Result(status, int(state["step"]), exit_code=exit_code, params=params)
+    final = history[-1] if history else {}
+    sample = generate.generate_text(model, params, vocab, config.sample_prefix, config.sample_chars)
+    echo(
+        f"done: train ppl {final.get('train_ppl', float('nan')):.3f}, "
+        f"val ppl {final.get('val_ppl', float('nan')):.3f}"
+    )
+    echo(f"sample: {sample!r}")
+    summary = {"status": status, "step": total, **final, "sample": sample}
+    _write_json_atomic(workdir / "result.json", summary)
+    return Result(status, total, final.get("train_ppl"), final.get("val_ppl"), sample, 0, params)
+
+
+# --- run directory -------------------------------------------------------------------
+
+
+def _prepare_workdir(workdir: Path, config: TrainConfig, vocab: text.Vocab) -> None:
+    """Creates the run directory, or checks that a resumed run matches it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        conflicts = resume_conflicts(saved, dataclasses.asdict(config))
+        if conflicts:
+            from rnn_jax.config import ConfigError
+
+            raise ConfigError(
+                "workdir",
+                f"{workdir} holds a run with different model/data flags "
+                f"({'; '.join(conflicts)}); use another --workdir or the original flags",
+            )
+    _write_json_atomic(config_path, dataclasses.asdict(config))
+    vocab_path = workdir / "vocab.json"
+    if not vocab_path.exists():
+        _write_atomic(vocab_path, vocab.to_json())
+
+
+def _write_atomic(path: Path, content: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(content)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _load_history(path: Path, upto: int) -> list[dict]:
+    """Metrics already logged up to step ``upto``; later lines (after the checkpoint
+    a resumed run restarts from) are dropped so the file never holds a step twice."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if record.get("step", 0) <= upto:
+            records.append(record)
+    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _plot(history: list[dict], path: Path, echo: Callable[[str], None]) -> None:
+    if not history:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        echo("matplotlib is not installed (pip install 'rnn_jax[plot]'): no curves.png")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["train_ppl"] for r in history], label="train")
+    ax.plot(epochs, [r["val_ppl"] for r in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _count(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

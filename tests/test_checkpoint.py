@@ -1,0 +1,339 @@
+"""Tests for rnn_jax.checkpoint: round trips, retention, integrity fallbacks."""
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rnn_jax import checkpoint
+from rnn_jax.checkpoint import MANIFEST_SUFFIX, Checkpointer, CorruptCheckpointError
+
+LOGGER = "rnn_jax.checkpoint"
+
+
+def make_state(seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = {
+        "w_x": jax.random.normal(k1, (5, 12), jnp.float32),
+        "w_h": jax.random.normal(k2, (4, 12), jnp.float32),
+        "b": jax.random.normal(k3, (12,), jnp.float32),
+    }
+    opt_state = optax.adam(1e-3).init(params)
+    # Make the moments non-trivial so the round trip compares real data.
+    opt_state = jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x + 3, opt_state)
+    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(seed + 7, jnp.int32)}
+
+
+def abstract(state):
+    return jax.eval_shape(lambda: state)
+
+
+def assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+def save_steps(ckpt, steps):
+    states = {}
+    for s in steps:
+        states[s] = make_state(s)
+        assert ckpt.save(s, states[s], {"epoch": s, "step_in_epoch": 2 * s, "seed": 42})
+    return states
+
+
+def data_files(step_dir):
+    out = []
+    for dirpath, _, names in os.walk(step_dir):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if os.path.getsize(p) > 0:
+                out.append(p)
+    return sorted(out)
+
+
+def flip_byte(path, offset=None):
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        i = len(data) // 2 if offset is None else offset
+        data[i] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+
+
+def test_round_trip_and_meta(tmp_path):
+    state = make_state(3)
+    meta = {"epoch": 4, "step_in_epoch": 17, "data_seed": 1234, "note": "x"}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.save(100, state, meta)
+        assert ckpt.all_steps() == [100]
+        assert ckpt.latest_step() == 100
+        assert ckpt.verify(100)
+    # A fresh manager (as after a restart) restores onto an abstract target.
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        step, restored, rmeta = ckpt.restore_latest(abstract(state))
+    assert step == 100
+    assert rmeta == meta
+    assert_bitwise_equal(restored, state)
+    # The optax NamedTuples survive with their types.
+    assert type(restored["opt_state"][0]) is type(state["opt_state"][0])
+    assert isinstance(restored["params"]["w_x"], jax.Array)
+    # Restoring does not touch the files the manifest describes.
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.verify(100)
+
+
+def test_restore_with_explicit_sharding(tmp_path):
+    state = make_state(1)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract(state)
+    )
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {})
+        step, restored, meta = ckpt.restore_latest(target)
+    assert step == 1 and meta == {}
+    assert_bitwise_equal(restored, state)
+    assert all(x.sharding == sharding for x in jax.tree.leaves(restored))
+
+
+def test_empty_directory_returns_none(tmp_path):
+    with Checkpointer(tmp_path / "none") as ckpt:
+        assert ckpt.all_steps() == []
+        assert ckpt.latest_step() is None
+        assert ckpt.restore_latest(abstract(make_state())) is None
+    assert os.path.isdir(tmp_path / "none")
+
+
+def test_max_to_keep_removes_old_steps_and_manifests(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        save_steps(ckpt, [1, 2, 3, 4])
+        assert ckpt.all_steps() == [3, 4]
+    names = sorted(os.listdir(tmp_path))
+    assert sorted(n for n in names if n.endswith(MANIFEST_SUFFIX)) == [
+        "3" + MANIFEST_SUFFIX,
+        "4" + MANIFEST_SUFFIX,
+    ]
+    assert not any(n in ("1", "2") for n in names)
+
+
+def test_flipped_byte_falls_back_to_previous_step(tmp_path, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [10, 20])
+        # Flip one byte in the largest array-data chunk of the newest step.
+        files = [f for f in data_files(os.path.join(tmp_path, "20")) if "/d/" in f]
+        flip_byte(max(files, key=os.path.getsize))
+        assert not ckpt.verify(20)
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            step, restored, meta = ckpt.restore_latest(abstract(states[10]))
+    assert step == 10 and meta["epoch"] == 10
+    assert_bitwise_equal(restored, states[10])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("20" in r.getMessage() and "SHA-256 mismatch" in r.getMessage() for r in warnings)
+
+
+def test_missing_manifest_falls_back(tmp_path, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [1, 2])
+    os.remove(os.path.join(tmp_path, "2" + MANIFEST_SUFFIX))
+    with Checkpointer(tmp_path) as ckpt, caplog.at_level(logging.WARNING, logger=LOGGER):
+        step, restored, _ = ckpt.restore_latest(abstract(states[1]))
+        with pytest.raises(CorruptCheckpointError, match="no integrity manifest"):
+            ckpt.restore(2, abstract(states[2]))
+    assert step == 1
+    assert_bitwise_equal(restored, states[1])
+    assert any("step 2" in r.getMessage() and "manifest" in r.getMessage() for r in caplog.records)
+
+
+def test_tampered_manifest_and_extra_file_fall_back(tmp_path, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [1, 2, 3])
+        # Step 3: a file added after the manifest was written.
+        with open(os.path.join(tmp_path, "3", "state", "stray"), "w") as f:
+            f.write("x")
+        # Step 2: manifest garbage.
+        with open(os.path.join(tmp_path, "2" + MANIFEST_SUFFIX), "w") as f:
+            f.write("{not json")
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            step, restored, _ = ckpt.restore_latest(abstract(states[1]))
+    assert step == 1
+    assert_bitwise_equal(restored, states[1])
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("step 3" in m and "not in the manifest" in m for m in msgs)
+    assert any("step 2" in m and "unreadable" in m for m in msgs)
+
+
+def test_all_corrupt_returns_none(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [1])
+        os.remove(ckpt.manifest_path(1))
+        assert ckpt.restore_latest(abstract(states[1])) is None
+
+
+def test_orbax_restore_error_falls_back(tmp_path, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [1, 2])
+        # Damage step 2 consistently with its manifest (as if it had been written
+        # broken): integrity passes, orbax's restore raises.
+        os.remove(os.path.join(tmp_path, "2", "state", "_METADATA"))
+        checkpoint._atomic_write_json(
+            ckpt.manifest_path(2),
+            {
+                "version": 1,
+                "step": 2,
+                "algorithm": "sha256",
+                "files": checkpoint._digest_tree(ckpt.step_dir(2)),
+            },
+        )
+        assert ckpt.verify(2)
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            step, restored, _ = ckpt.restore_latest(abstract(states[1]))
+    assert step == 1
+    assert_bitwise_equal(restored, states[1])
+    assert any(
+        "step 2" in r.getMessage() and "restore failed" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_wrong_target_structure_raises_instead_of_none(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        save_steps(ckpt, [1])
+        wrong = {"something": jax.ShapeDtypeStruct((3,), jnp.float32)}
+        with pytest.raises(RuntimeError, match="could be restored"):
+            ckpt.restore_latest(wrong)
+
+
+@pytest.mark.parametrize("suffix", [".orbax-checkpoint-tmp", ".orbax-checkpoint-tmp-1712345678"])
+def test_half_written_temp_dir_is_ignored(tmp_path, suffix):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [5])
+    # What a process killed mid-save leaves: an unfinalized, partial step directory.
+    tmp = tmp_path / ("9" + suffix)
+    (tmp / "state.orbax-checkpoint-tmp").mkdir(parents=True)
+    (tmp / "state.orbax-checkpoint-tmp" / "_METADATA").write_text("{trunc")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [5]
+        assert ckpt.latest_step() == 5
+        step, restored, _ = ckpt.restore_latest(abstract(states[5]))
+        assert step == 5
+        assert_bitwise_equal(restored, states[5])
+        # Saving the step whose temp dir was left behind works too.
+        state9 = make_state(9)
+        assert ckpt.save(9, state9, {"epoch": 9})
+        assert ckpt.all_steps() == [5, 9]
+        step, restored, meta = ckpt.restore_latest(abstract(state9))
+    assert step == 9 and meta == {"epoch": 9}
+    assert_bitwise_equal(restored, state9)
+
+
+def test_save_same_step_twice(tmp_path):
+    s1, s2 = make_state(1), make_state(2)
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(3, s1, {"v": 1})
+        # e.g. the final save right after a periodic save of the same step
+        assert ckpt.save(3, s2, {"v": 2}) is False
+        assert ckpt.all_steps() == [3]
+        step, restored, meta = ckpt.restore_latest(abstract(s1))
+        assert step == 3 and meta == {"v": 1}
+        assert_bitwise_equal(restored, s1)
+        # force overwrites
+        assert ckpt.save(3, s2, {"v": 2}, force=True)
+        step, restored, meta = ckpt.restore_latest(abstract(s2))
+        assert step == 3 and meta == {"v": 2}
+        assert_bitwise_equal(restored, s2)
+        assert ckpt.verify(3)
+
+
+def test_unusable_existing_step_is_rewritten(tmp_path):
+    s1, s2 = make_state(1), make_state(2)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, s1, {"v": 1})
+        os.remove(ckpt.manifest_path(3))  # killed before the manifest was written
+        assert ckpt.save(3, s2, {"v": 2})
+        step, restored, meta = ckpt.restore_latest(abstract(s2))
+    assert step == 3 and meta == {"v": 2}
+    assert_bitwise_equal(restored, s2)
+
+
+def test_save_older_step_after_fallback(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=5) as ckpt:
+        states = save_steps(ckpt, [10, 20])
+        os.remove(ckpt.manifest_path(20))
+        step, _, _ = ckpt.restore_latest(abstract(states[10]))
+        assert step == 10
+        # Training resumes from 10 and saves 15 although a (broken) 20 exists.
+        s15 = make_state(15)
+        assert ckpt.save(15, s15, {})
+        step, restored, _ = ckpt.restore_latest(abstract(s15))
+    assert step == 15
+    assert_bitwise_equal(restored, s15)
+
+
+def test_manifest_layout_and_orphan_cleanup(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        save_steps(ckpt, [7])
+        with open(ckpt.manifest_path(7)) as f:
+            manifest = json.load(f)
+    assert manifest["step"] == 7 and manifest["algorithm"] == "sha256"
+    rels = list(manifest["files"])
+    assert rels == sorted(rels) and any(r.startswith("state/") for r in rels)
+    assert any(r.startswith("meta/") for r in rels)
+    # No temp files left next to the manifest.
+    assert sorted(os.listdir(tmp_path)) == ["7", "7" + MANIFEST_SUFFIX]
+    # An orphaned manifest (step deleted behind our back) is removed on open.
+    (tmp_path / ("99" + MANIFEST_SUFFIX)).write_text("{}")
+    Checkpointer(tmp_path).close()
+    assert not (tmp_path / ("99" + MANIFEST_SUFFIX)).exists()
+
+
+_RESHARD_SCRIPT = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rnn_jax.checkpoint import Checkpointer
+
+assert jax.device_count() == 2, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("x",))
+target = {
+    "w": jax.ShapeDtypeStruct((4, 6), jnp.float32, sharding=NamedSharding(mesh, P("x"))),
+    "n": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
+}
+with Checkpointer(sys.argv[1]) as ckpt:
+    step, state, meta = ckpt.restore_latest(target)
+assert step == 5 and meta == {"epoch": 1}
+assert state["w"].sharding == target["w"].sharding
+assert len(state["w"].addressable_shards) == 2
+np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(24, dtype=np.float32).reshape(4, 6))
+assert int(state["n"]) == 11
+print("OK")
+"""
+
+
+def test_restore_onto_more_devices(tmp_path):
+    import subprocess
+    import sys
+
+    state = {"w": jnp.arange(24, dtype=jnp.float32).reshape(4, 6), "n": jnp.asarray(11, jnp.int32)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, state, {"epoch": 1})
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _RESHARD_SCRIPT, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("OK")

@@ -1,0 +1,335 @@
+"""Training end to end at tiny sizes: steps, resumption, signals, corruption, bad input."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rnn_jax import checkpoint, data, generate, models, text, train
+from rnn_jax.config import ConfigError, TrainConfig, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    hidden_size=16,
+    batch_size=16,
+    num_steps=8,
+    num_train=128,
+    num_val=64,
+    epochs=2,
+    lr=0.01,
+    log_every_s=1e9,
+)
+
+
+def tiny(tmp_path, **kw):
+    return TrainConfig(**{**TINY, "workdir": str(tmp_path / "run"), **kw})
+
+
+def quiet(_):
+    pass
+
+
+def restore_params(config):
+    """The newest checkpoint's training state of ``config``'s run."""
+    ids, vocab = text.load_corpus(config.data or None, config.tokens, config.min_freq)
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    spe = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, spe * config.epochs)
+    abstract = jax.eval_shape(lambda: train.init_state(model, tx, config))
+    with checkpoint.Checkpointer(Path(config.workdir) / "checkpoints") as ckpt:
+        return ckpt.restore_latest(abstract)
+
+
+def assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- the pure steps ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cell="lstm"),
+        dict(cell="gru", num_layers=2, dropout=0.2, embed_dim=8),
+        dict(cell="rnn", bidirectional=True, optimizer="sgd", lr=1.0),
+        dict(cell="gru", partition="sequential", optimizer="adamw"),
+    ],
+)
+def test_one_step_changes_every_parameter_and_lowers_the_loss(tmp_path, kw):
+    config = tiny(tmp_path, **kw)
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    spe = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, 100)
+    train_step, eval_step = train.make_steps(model, tx, config, spe)
+    state = train.init_state(model, tx, config)
+    batch = data.train_batch(windows, config.batch_size, 0, 0, 0, config.partition)
+    before = eval_step(state["params"], batch)
+    new_state, metrics = train_step(state, batch)
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state["params"], new_state["params"])
+    assert all(jax.tree.leaves(changed)), changed
+    after = eval_step(new_state["params"], batch)
+    assert after[0] < before[0]
+    assert int(new_state["step"]) == 1
+    assert float(metrics["count"]) == config.batch_size * config.num_steps
+    if not kw.get("dropout"):  # the step's loss is the loss of the params it started from
+        np.testing.assert_allclose(metrics["loss_sum"], before[0], rtol=1e-6)
+
+
+def test_weighted_loss_ignores_padding_rows(tmp_path):
+    config = tiny(tmp_path, num_train=20)  # 20 windows, batch 16: the second batch has 12 pads
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, 10)
+    _, eval_step = train.make_steps(model, tx, config, 2)
+    params = model.init(jax.random.key(0))
+    batch = data.train_batch(windows, 16, 0, 0, 1)
+    assert batch.weight.sum() == 4
+    loss_sum, count = eval_step(params, batch)
+    real = batch.weight > 0
+    logits, _ = model.apply(params, batch.x[real])
+    want = models.token_losses(logits, batch.y[real]).sum()
+    np.testing.assert_allclose(loss_sum, want, rtol=1e-6)
+    assert float(count) == 4 * config.num_steps
+
+
+def test_short_run_lowers_validation_perplexity(tmp_path):
+    config = tiny(tmp_path, epochs=4, num_train=512)
+    train.run(config, echo=quiet)
+    records = [json.loads(line) for line in (Path(config.workdir) / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [32, 64, 96, 128]
+    for key in ("step", "epoch", "train_ppl", "val_ppl", "tokens_per_s", "wall_s"):
+        assert key in records[0]
+    assert records[-1]["val_ppl"] < records[0]["val_ppl"] < 28
+    assert (Path(config.workdir) / "curves.png").stat().st_size > 1000
+    assert json.loads((Path(config.workdir) / "config.json").read_text())["hidden_size"] == 16
+
+
+def test_resume_in_process_is_bitwise_equal(tmp_path):
+    full = train.run(tiny(tmp_path / "a", epochs=4), echo=quiet)
+    part = tiny(tmp_path / "b", epochs=2, checkpoint_every=5)
+    train.run(part, echo=quiet)
+    resumed = train.run(dataclasses.replace(part, epochs=4), echo=quiet)  # more epochs
+    assert resumed.step == full.step == 32
+    assert_bitwise_equal(full.params, resumed.params)
+
+
+def test_resume_refuses_changed_model_flags(tmp_path):
+    config = tiny(tmp_path, epochs=1)
+    train.run(config, echo=quiet)
+    with pytest.raises(
+        ConfigError, match=r"--workdir: .*hidden_size: 16 -> 32.*cell: 'lstm' -> 'gru'|cell"
+    ):
+        train.run(dataclasses.replace(config, hidden_size=32, cell="gru"), echo=quiet)
+
+
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
+    config = tiny(tmp_path, epochs=2, checkpoint_every=4)  # checkpoints at 4, 8, 12, 16
+    train.run(config, echo=quiet)
+    ckpt_dir = Path(config.workdir) / "checkpoints"
+    victim = max(
+        (p for p in (ckpt_dir / "16").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    lines = []
+    result = train.run(config, echo=lines.append)
+    assert "resumed from step 12" in lines[0]
+    assert "16" in caplog.text
+    assert result.step == 16
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    def poisoned_optimizer(config, total_steps):  # updates turn NaN from the 6th step on
+        def update(grads, count, params=None):
+            scale = jnp.where(count >= 5, jnp.nan, -0.01)
+            return jax.tree.map(lambda g: scale * g, grads), count + 1
+
+        return optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
+
+    monkeypatch.setattr(train, "make_optimizer", poisoned_optimizer)
+    config = tiny(tmp_path, checkpoint_every=1, epochs=3)
+    with pytest.raises(
+        train.NonFiniteLoss, match=r"non-finite parameters at step 6 .*checkpoint: step 5"
+    ):
+        train.run(config, echo=quiet)
+    step, state, _ = restore_params(config)
+    assert step == 5
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state["params"]))
+
+
+def test_is_due():
+    assert [s for s in range(1, 11) if train.is_due(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if train.is_due(s, 0, 10)] == [10]
+
+
+# --- generation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(cell="gru", num_layers=2), dict(cell="lstm", bidirectional=True)]
+)
+def test_greedy_generation_equals_a_python_loop_and_is_deterministic(kw):
+    config = models.ModelConfig(vocab_size=28, hidden_size=16, **kw)
+    model = models.language_model(config)
+    params = model.init(jax.random.key(1))
+    prefix = jnp.array([3, 5, 7], jnp.int32)
+    out = np.asarray(generate.generate_ids(model, params, prefix, 6))
+    seq = list(np.asarray(prefix))
+    for _ in range(6):  # rerun the whole model on the text so far, take the argmax
+        logits, _ = model.apply(params, jnp.asarray(seq, jnp.int32)[None])
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    np.testing.assert_array_equal(out, seq[3:])
+    np.testing.assert_array_equal(out, generate.generate_ids(model, params, prefix, 6))
+
+
+def test_sampling_uses_the_key_and_text_round_trips():
+    model = models.language_model(models.ModelConfig(vocab_size=28, hidden_size=8))
+    params = model.init(jax.random.key(0))
+    _, vocab = text.load_corpus()
+    a = generate.generate_text(model, params, vocab, "Time Traveller", 40, temperature=1.0, seed=1)
+    b = generate.generate_text(model, params, vocab, "Time Traveller", 40, temperature=1.0, seed=2)
+    assert a.startswith("time traveller") and a != b
+    prefix = jnp.asarray(vocab.to_ids(text.tokenize("time traveller")), jnp.int32)
+    ids = generate.generate_ids(model, params, prefix, 40, 1.0, jax.random.key(1))
+    assert ids.shape == (40,) and a == vocab.join(list("time traveller") + vocab.to_tokens(ids))
+
+
+# --- the launchers, as users run them --------------------------------------------------
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items() if k != "log_every_s"]
+
+
+def launch(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    flags = [*TINY_FLAGS, "--epochs=40", "--checkpoint_every=10", "--sample_chars=5"]
+    ref = launch(*flags, f"--workdir={tmp_path / 'ref'}")
+    victim = launch(*flags, f"--workdir={tmp_path / 'run'}")
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts.exists() and any(p.name.endswith(".sha256.json") for p in ckpts.iterdir())):
+        assert time.time() < deadline and victim.poll() is None, victim.communicate()
+        time.sleep(0.05)
+    victim.kill()  # SIGKILL: no chance to save
+    victim.wait()
+    rerun = launch(*flags, f"--workdir={tmp_path / 'run'}")
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert "resumed from step" in out
+    assert ref.wait(timeout=300) == 0
+    config = TrainConfig(**{**TINY, "epochs": 40})
+    a = restore_params(dataclasses.replace(config, workdir=str(tmp_path / "ref")))
+    b = restore_params(dataclasses.replace(config, workdir=str(tmp_path / "run")))
+    assert a[0] == b[0] == 320
+    assert_bitwise_equal(a[1], b[1])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_exits(tmp_path):
+    proc = launch(*TINY_FLAGS, "--epochs=1000", "--log_every_s=0", f"--workdir={tmp_path}")
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "SIGTERM received: saved step" in out
+    saved = int(out.split("saved step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / f"{saved}.sha256.json").exists()
+
+
+def _snapshot(path: Path) -> dict:
+    return {
+        str(p.relative_to(path)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    (d / "empty.txt").write_text("")
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (d / "short.txt").write_text("tiny")
+    (d / "medium.txt").write_text("the time machine " * 100)
+    (d / "a_file").write_text("not a directory")
+    return d
+
+
+BAD = [
+    (["--data={d}/missing.txt"], "--data: .*not found"),
+    (["--data={d}"], "--data: .*directory"),
+    (["--data={d}/empty.txt"], "--data: .*empty"),
+    (["--data={d}/latin1.txt"], "--data: .*UTF-8"),
+    (["--data={d}/short.txt"], "--num_steps: the text has 4 tokens, shorter than one window"),
+    (
+        ["--data={d}/medium.txt", "--num_train=5000"],
+        "--num_train: .* windows requested, but the text has only",
+    ),
+    (["--cell=transformer"], "cell"),
+    (["--hidden_size=0"], "--hidden_size: expected >= 1, got 0"),
+    (["--lr=-1"], "--lr: expected a learning rate > 0"),
+    (["--batch_size=0"], "--batch_size: expected >= 1"),
+    (["--workdir={d}/a_file"], "--workdir: .*a_file exists and is not a directory"),
+    (["--dropout=1.5"], "--dropout: expected a rate in"),
+    (
+        ["--partition=sequential", "--batch_size=1024"],
+        "--batch_size: the sequential partition has 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "args,match", BAD, ids=[a[0].split("=")[0] + str(i) for i, (a, _) in enumerate(BAD)]
+)
+def test_bad_input_exits_2_with_one_line_and_leaves_the_workdir_intact(
+    tmp_path, text_files, args, match
+):
+    import re
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"precious": true}\n')
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _snapshot(workdir)
+    args = [a.format(d=text_files) for a in args]
+    flags = [*TINY_FLAGS, f"--workdir={workdir}", *args]
+    proc = launch(*flags)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(match, lines[0]), lines[0]
+    assert _snapshot(workdir) == before
