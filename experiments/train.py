@@ -15,6 +15,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from experiments.common import parse_flags_or_exit_2
 from rnn_jax.config import TrainConfig
 
 _D = TrainConfig()
@@ -111,14 +112,5 @@ def main(argv):
     sys.exit(result.exit_code)
 
 
-def parse_flags(argv):
-    """absl's parser, but a bad flag exits with code 2 and one line, like any bad input."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_flags_or_exit_2)

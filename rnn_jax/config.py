@@ -74,7 +74,7 @@ class TrainConfig:
     num_val: int = 5_000
     partition: str = "windows"
     cell: str = "lstm"
-    hidden_size: int = 128
+    hidden_size: int = 32
     num_layers: int = 1
     bidirectional: bool = False
     reset_after: bool = False
@@ -85,7 +85,7 @@ class TrainConfig:
     remat: bool = False
     optimizer: str = "adam"
     lr: float = 0.01
-    schedule: str = "constant"
+    schedule: str = "cosine"
     warmup_steps: int = 0
     momentum: float = 0.0
     weight_decay: float = 1e-4

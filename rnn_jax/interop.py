@@ -35,9 +35,11 @@ _TORCH_BLOCK = {"lstm": [0, 1, 3, 2], "gru": [0, 1, 2], "rnn": [0]}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A float32 copy: the result never shares memory with the caller's tensor."""
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
-    return np.asarray(value, dtype=np.float32)
+        # .float() first: numpy has no bfloat16, so .numpy() would refuse one.
+        value = value.detach().cpu().float().numpy()
+    return np.array(value, dtype=np.float32)
 
 
 def _suffixes(net: Network) -> list[tuple[str, str | None]]:
@@ -191,5 +193,6 @@ def to_torch(params: Any, net: Network) -> dict[str, np.ndarray]:
                 ("bias_ih", b_ih),
                 ("bias_hh", b_hh),
             ]:
-                out[f"{base}_l{layer}{sfx}"] = np.ascontiguousarray(value, np.float32)
+                # a fresh, writable array: never a view of the caller's params
+                out[f"{base}_l{layer}{sfx}"] = np.array(value, np.float32, order="C")
     return out

@@ -1,0 +1,84 @@
+r"""Reproduces the book's five character language models and tabulates them.
+
+    python -m experiments.book_table                     # 5 flagfiles x 3 seeds
+    python -m experiments.book_table --configs=gru,lstm --seeds=1
+
+Each run is ``python -m experiments.train --flagfile=experiments/configs/NAME.flags
+--seed=S --workdir=RUNS/NAME_seedS`` in its own process (rerunning resumes or skips
+finished runs). Prints a markdown table of final training and validation perplexity
+(mean ± std over seeds) and seed 0's greedy sample, and writes it to --output.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments.common import parse_flags_or_exit_2
+
+CONFIGS = ["rnn", "gru", "lstm", "deep_gru", "bi_gru"]
+HERE = Path(__file__).resolve().parent
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", CONFIGS, "Flagfiles of experiments/configs to run.")
+flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0 .. seeds-1).")
+flags.DEFINE_string("runs", "runs/book", "Directory of the run directories.")
+flags.DEFINE_string("output", "runs/book/table.md", "Markdown table written here.")
+
+
+def run_one(name: str, seed: int) -> dict:
+    workdir = Path(FLAGS.runs) / f"{name}_seed{seed}"
+    result = workdir / "result.json"
+    if not result.exists():
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--flagfile={HERE / 'configs' / f'{name}.flags'}",
+            f"--seed={seed}",
+            f"--workdir={workdir}",
+            "--log_every_s=60",
+        ]
+        print("$", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True)
+    return json.loads(result.read_text())
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(FLAGS.configs) - set(CONFIGS))
+    if unknown:
+        print(f"error: --configs: unknown {unknown}; expected some of {CONFIGS}", file=sys.stderr)
+        sys.exit(2)
+    if FLAGS.seeds < 1:
+        print(f"error: --seeds: expected >= 1, got {FLAGS.seeds}", file=sys.stderr)
+        sys.exit(2)
+    rows = [
+        "| flagfile | train ppl | val ppl | wall s (seed 0) | greedy sample, seed 0 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in FLAGS.configs:
+        results = [run_one(name, s) for s in range(FLAGS.seeds)]
+        sample = results[0]["sample"].replace("|", "\\|")
+        rows.append(
+            f"| {name} | {mean_std([r['train_ppl'] for r in results])} "
+            f"| {mean_std([r['val_ppl'] for r in results])} "
+            f"| {results[0]['wall_s']:.0f} | `{sample}` |"
+        )
+    table = "\n".join(rows) + "\n"
+    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(FLAGS.output).write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags_or_exit_2)

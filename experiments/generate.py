@@ -1,0 +1,67 @@
+r"""Generates text from the latest checkpoint of a training run.
+
+    python -m experiments.generate --workdir=runs/default --prefix="time traveller " \
+        --num_chars=100 --temperature=0
+
+Temperature 0 is greedy decoding (the book); > 0 samples from softmax(logits / T).
+Generation is one compiled scan (see rnn_jax.generate).
+"""
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from experiments.common import parse_flags_or_exit_2
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.", required=True)
+flags.DEFINE_string("prefix", "time traveller ", "Text to continue (preprocessed like the corpus).")
+flags.DEFINE_integer("num_chars", 100, "Tokens to generate (characters for char models).")
+flags.DEFINE_float("temperature", 0.0, "0: greedy; > 0: sample from softmax(logits / temperature).")
+flags.DEFINE_integer("seed", 0, "Sampling seed (temperature > 0).")
+flags.DEFINE_integer("num_samples", 1, "Samples to draw, each with seed + i.")
+
+
+def fail(flag: str, message: str) -> None:
+    print(f"error: --{flag}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail("argv", f"unexpected arguments {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    if FLAGS.num_chars < 1:
+        fail("num_chars", f"expected >= 1, got {FLAGS.num_chars}")
+    if FLAGS.temperature < 0:
+        fail("temperature", f"expected >= 0, got {FLAGS.temperature}")
+    if FLAGS.num_samples < 1:
+        fail("num_samples", f"expected >= 1, got {FLAGS.num_samples}")
+    from rnn_jax import runs
+
+    try:
+        run = runs.load(Path(FLAGS.workdir))
+    except ValueError as e:
+        fail("workdir", str(e))
+    from rnn_jax import generate
+
+    for i in range(FLAGS.num_samples):
+        try:
+            sample = generate.generate_text(
+                run.model,
+                run.params,
+                run.vocab,
+                FLAGS.prefix,
+                FLAGS.num_chars,
+                FLAGS.temperature,
+                FLAGS.seed + i,
+            )
+        except ValueError as e:
+            fail("prefix", str(e))
+        print(sample)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags_or_exit_2)

@@ -1,0 +1,62 @@
+"""Reading a run directory written by :func:`rnn_jax.train.run`.
+
+Layout: ``config.json`` (resolved flags), ``vocab.json``, ``metrics.jsonl``,
+``checkpoints/`` (see :mod:`rnn_jax.checkpoint`), ``curves.png``, ``result.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+from rnn_jax import checkpoint, models, text
+from rnn_jax.config import TrainConfig, model_config
+
+
+class Run(NamedTuple):
+    """A trained run: its config, vocabulary, model and the newest checkpoint's state."""
+
+    config: TrainConfig
+    vocab: text.Vocab
+    model: models.Model
+    step: int
+    state: dict[str, Any]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.state["params"]
+
+
+def load_config(workdir: Path) -> TrainConfig:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{workdir} is not a run directory (no config.json)")
+    saved = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def load(workdir: Path) -> Run:
+    """The newest verified checkpoint of ``workdir``.
+
+    Raises:
+      ValueError: not a run directory, or no usable checkpoint in it.
+    """
+    from rnn_jax import train  # the optimiser defines the checkpoint's structure
+
+    workdir = Path(workdir)
+    config = load_config(workdir)
+    vocab = text.Vocab.from_json((workdir / "vocab.json").read_text())
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, 1)  # the schedule's length does not shape the state
+    abstract = jax.eval_shape(lambda: train.init_state(model, tx, config))
+    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+        restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        raise ValueError(f"{workdir / 'checkpoints'} holds no usable checkpoint")
+    step, state, _ = restored
+    return Run(config, vocab, model, step, state)

@@ -1,0 +1,299 @@
+"""PyTorch weight conversion (rnn_jax.interop) against PyTorch itself.
+
+Every cell PyTorch has (LSTM, the reset-after GRU, the tanh and relu RNN) at depth 1
+and 2, one and two directions: PyTorch's module, converted with ``from_torch``, must
+compute the same outputs and final states as rnn_jax on a batch of variable-length
+sequences (PyTorch reads them packed), and ``to_torch`` must go the other way.
+
+The largest absolute differences seen are printed at the end of the module (run
+with ``-s``). Measured on CPU (float32, I=3, H=5, T=6): at most about 3e-7 over every
+configuration, output, final h and final c.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnn_jax import LSTMCarry, cells, interop, networks
+
+torch = pytest.importorskip("torch")
+tnn = torch.nn
+
+torch.set_num_threads(1)
+
+I, H, T = 3, 5, 6
+LENGTHS = [T, 1, 3, T - 2]  # PyTorch refuses length 0 in a packed sequence
+B = len(LENGTHS)
+TOL = dict(rtol=1e-5, atol=1e-5)
+GARBAGE = 1e3  # what our padding holds; it must have no effect
+
+CELLS = {
+    "lstm": lambda: cells.lstm(H),
+    "gru": lambda: cells.gru(H, reset_after=True),
+    "rnn_tanh": lambda: cells.rnn(H, "tanh"),
+    "rnn_relu": lambda: cells.rnn(H, "relu"),
+}
+GRID = list(itertools.product(CELLS, [1, 2], [False, True]))
+GRID_IDS = [f"{c}-L{n}-{'bi' if b else 'uni'}" for c, n, b in GRID]
+
+# Largest absolute difference against PyTorch, per test id (printed at the end).
+MAX_DIFFS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_max_diffs():
+    yield
+    if MAX_DIFFS:
+        print("\nmax |rnn_jax - PyTorch| (outputs, final h and c):")
+        for name, diff in MAX_DIFFS.items():
+            print(f"  {name:40s} {diff:.3g}")
+        print(f"  {'overall':40s} {max(MAX_DIFFS.values()):.3g}")
+
+
+@functools.cache
+def network(cell_name, num_layers, bidirectional):
+    """The network and one compiled ``apply_batch``, shared by every test of a config."""
+    net = networks.network(CELLS[cell_name](), num_layers, bidirectional)
+    return net, jax.jit(net.apply_batch)
+
+
+def torch_module(cell_name, num_layers, bidirectional, seed=0):
+    torch.manual_seed(seed)
+    kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=True)
+    if cell_name == "lstm":
+        module = tnn.LSTM(I, H, **kw)
+    elif cell_name == "gru":
+        module = tnn.GRU(I, H, **kw)
+    else:
+        module = tnn.RNN(I, H, nonlinearity=cell_name.removeprefix("rnn_"), **kw)
+    with torch.no_grad():  # larger, distinct biases: bias handling must count
+        for name, value in module.named_parameters():
+            if name.startswith("bias"):
+                value.normal_(0.0, 0.5)
+    return module.eval()
+
+
+def run_torch(module, xs, lengths, initial=None):
+    """PyTorch on a packed batch: ``(ys <[B, T, D*H]>, h_n, c_n or None)``."""
+    packed = tnn.utils.rnn.pack_padded_sequence(
+        torch.from_numpy(np.asarray(xs)),
+        torch.tensor(lengths, dtype=torch.int64),
+        batch_first=True,
+        enforce_sorted=False,
+    )
+    if initial is not None:
+        h0, c0 = (None if v is None else torch.from_numpy(v) for v in initial)
+        initial = h0 if c0 is None else (h0, c0)
+    with torch.no_grad():
+        out, state = module(packed, initial)
+    ys, out_lengths = tnn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+    assert out_lengths.tolist() == list(lengths)
+    h_n, c_n = state if isinstance(state, tuple) else (state, None)
+    return ys.numpy(), h_n.numpy(), None if c_n is None else c_n.numpy()
+
+
+def torch_layout(final, net):
+    """Our per-layer carry as PyTorch's ``(h, c)`` ``<[L*D, B, H]>`` (c None if no LSTM).
+
+    PyTorch orders the first axis layer-major, direction-minor: ``l * D + d``.
+    """
+    hs, cs = [], []
+    for layer in final:
+        for carry in (layer.forward, layer.backward) if net.bidirectional else (layer,):
+            if isinstance(carry, LSTMCarry):
+                hs.append(carry.h)
+                cs.append(carry.c)
+            else:
+                hs.append(carry)
+    return np.stack(hs), (np.stack(cs) if cs else None)
+
+
+def from_torch_layout(h, c, net):
+    """Inverse of :func:`torch_layout`: PyTorch's h0/c0 as our ``initial_carry``."""
+    leaves = []
+    for k in range(h.shape[0]):
+        leaves += [h[k], c[k]] if c is not None else [h[k]]
+    tree = jax.tree.structure(net.initial_carry())
+    return tree.unflatten([jnp.asarray(v) for v in leaves])
+
+
+def random_batch(seed):
+    xs = np.random.default_rng(seed).normal(size=(B, T, I)).astype(np.float32)
+    valid = np.arange(T)[None, :, None] < np.array(LENGTHS)[:, None, None]
+    xs = np.where(valid, xs, 0.0).astype(np.float32)  # PyTorch never reads the padding
+    garbage = np.where(valid, xs, GARBAGE).astype(np.float32)
+    return xs, garbage
+
+
+def compare(name, net, got, want):
+    """Asserts ``(ys, final)`` equals PyTorch's ``(ys, h_n, c_n)``; records the max diff."""
+    ys, final = got
+    want_ys, want_h, want_c = want
+    h, c = torch_layout(final, net)
+    ys = np.asarray(ys)
+    assert ys.shape == want_ys.shape == (B, T, net.output_size)
+    for b, n in enumerate(LENGTHS):
+        np.testing.assert_array_equal(ys[b, n:], 0.0)  # exactly zero past the length
+    np.testing.assert_allclose(ys, want_ys, **TOL)
+    np.testing.assert_allclose(h, want_h, **TOL)
+    diffs = [np.abs(ys - want_ys).max(), np.abs(h - want_h).max()]
+    assert (c is None) == (want_c is None)
+    if c is not None:
+        np.testing.assert_allclose(c, want_c, **TOL)
+        diffs.append(np.abs(c - want_c).max())
+    MAX_DIFFS[name] = max(MAX_DIFFS.get(name, 0.0), float(max(diffs)))
+
+
+def state_dict_as(module, kind):
+    """The module's weights as tensors, numpy arrays or a mix of both."""
+    sd = module.state_dict()
+    if kind == "tensor":
+        return sd
+    if kind == "numpy":
+        return {k: v.numpy() for k, v in sd.items()}
+    return {k: v.numpy() if k.startswith("bias") else v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_from_torch_matches_pytorch_on_packed_batch(cell_name, num_layers, bidirectional):
+    net, apply_batch = network(cell_name, num_layers, bidirectional)
+    module = torch_module(cell_name, num_layers, bidirectional)
+    kind = ["tensor", "numpy", "mixed"][GRID.index((cell_name, num_layers, bidirectional)) % 3]
+    params = interop.from_torch(state_dict_as(module, kind), net)
+    xs, garbage = random_batch(1)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+
+    got = apply_batch(params, garbage, lengths)
+    compare(f"packed/{cell_name}-L{num_layers}-{bidirectional}", net, got, run_torch(module, xs, LENGTHS))
+    # The garbage in the padding changes nothing at all.
+    clean = apply_batch(params, xs, lengths)
+    jax.tree.map(np.testing.assert_array_equal, got, clean)
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_from_torch_matches_pytorch_with_initial_state(cell_name, num_layers, bidirectional):
+    net, apply_batch = network(cell_name, num_layers, bidirectional)
+    module = torch_module(cell_name, num_layers, bidirectional, seed=2)
+    params = interop.from_torch(module.state_dict(), net)
+    xs, garbage = random_batch(3)
+    rng = np.random.default_rng(4)
+    shape = (num_layers * (2 if bidirectional else 1), B, H)
+    h0 = rng.normal(size=shape).astype(np.float32)
+    c0 = rng.normal(size=shape).astype(np.float32) if cell_name == "lstm" else None
+    carry = from_torch_layout(h0, c0, net)
+
+    got = apply_batch(params, garbage, jnp.asarray(LENGTHS, jnp.int32), carry)
+    want = run_torch(module, xs, LENGTHS, (h0, c0))
+    compare(f"initial/{cell_name}-L{num_layers}-{bidirectional}", net, got, want)
+
+
+def random_params(net, seed):
+    params = net.init(jax.random.key(seed), I)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return tree.unflatten(  # non-zero biases everywhere
+        [np.asarray(v + 0.3 * jax.random.normal(k, v.shape)) for v, k in zip(leaves, keys)]
+    )
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_to_torch_round_trip_and_loads_into_pytorch(cell_name, num_layers, bidirectional):
+    net, apply_batch = network(cell_name, num_layers, bidirectional)
+    params = random_params(net, 5)
+    sd = interop.to_torch(params, net)
+
+    back = interop.from_torch(sd, net)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)  # exactly
+
+    module = torch_module(cell_name, num_layers, bidirectional, seed=6)
+    want_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    assert {k: v.shape for k, v in sd.items()} == want_shapes
+    assert all(v.dtype == np.float32 for v in sd.values())
+    module.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+
+    xs, garbage = random_batch(7)
+    got = apply_batch(params, garbage, jnp.asarray(LENGTHS, jnp.int32))
+    compare(f"to_torch/{cell_name}-L{num_layers}-{bidirectional}", net, got, run_torch(module, xs, LENGTHS))
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+def test_missing_key_is_named():
+    net, _ = network("lstm", 2, False)
+    sd = torch_module("lstm", 2, False).state_dict()
+    del sd["bias_hh_l1"]
+    with pytest.raises(ValueError, match="missing key 'bias_hh_l1'"):
+        interop.from_torch(sd, net)
+    # A unidirectional state dict lacks the backward direction of a bidirectional net.
+    net_bi, _ = network("lstm", 2, True)
+    with pytest.raises(ValueError, match="missing key 'weight_ih_l0_reverse'"):
+        interop.from_torch(torch_module("lstm", 2, False).state_dict(), net_bi)
+
+
+def test_misshaped_key_is_named():
+    net, _ = network("gru", 2, True)
+    sd = torch_module("gru", 2, True).state_dict()
+    bad = dict(sd, weight_hh_l1_reverse=sd["weight_hh_l1_reverse"][:, :-1])
+    with pytest.raises(ValueError, match=r"'weight_hh_l1_reverse' has shape \(15, 4\)"):
+        interop.from_torch(bad, net)
+    # A different hidden size: the first key already disagrees.
+    small = networks.network(cells.gru(H - 1, reset_after=True), 2, True)
+    with pytest.raises(ValueError, match="'weight_ih_l0' has shape"):
+        interop.from_torch(sd, small)
+    # An LSTM's weights into a GRU network.
+    with pytest.raises(ValueError, match="'weight_ih_l0' has shape"):
+        interop.from_torch(torch_module("lstm", 2, True).state_dict(), net)
+
+
+def test_unexpected_keys_are_named():
+    net, _ = network("rnn_tanh", 2, False)
+    sd3 = tnn.RNN(I, H, num_layers=3, batch_first=True).state_dict()
+    with pytest.raises(ValueError, match="unexpected keys.*'weight_ih_l2'"):
+        interop.from_torch(sd3, net)
+    # A bidirectional state dict into a unidirectional net.
+    sd_bi = torch_module("rnn_tanh", 2, True).state_dict()
+    with pytest.raises(ValueError, match="unexpected keys.*_reverse"):
+        interop.from_torch(sd_bi, net)
+    # An LSTM with a projection (proj_size) is refused: its h is not H wide.
+    net_lstm, _ = network("lstm", 1, False)
+    sd_proj = tnn.LSTM(I, H, proj_size=2, batch_first=True).state_dict()
+    with pytest.raises(ValueError, match=r"'weight_hh_l0' has shape \(20, 2\)"):
+        interop.from_torch(sd_proj, net_lstm)
+    del sd_proj["weight_hh_l0"]  # even one without the recurrent weights it names
+    with pytest.raises(ValueError, match="missing key 'weight_hh_l0'"):
+        interop.from_torch(sd_proj, net_lstm)
+
+
+def test_reset_before_gru_is_refused():
+    sd = torch_module("gru", 1, False).state_dict()
+    net = networks.network(cells.gru(H, reset_after=False))
+    with pytest.raises(ValueError, match="reset_after=True"):
+        interop.from_torch(sd, net)
+    params = net.init(jax.random.key(0), I)
+    with pytest.raises(ValueError, match="reset_after=True"):
+        interop.to_torch(params, net)
+
+
+def test_prefix_selects_a_submodule():
+    class Model(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = tnn.GRU(I, H, num_layers=2, batch_first=True)
+            self.head = tnn.Linear(H, 2)
+
+    torch.manual_seed(8)
+    model = Model()
+    net, _ = network("gru", 2, False)
+    params = interop.from_torch(model.state_dict(), net, prefix="rnn.")
+    jax.tree.map(
+        np.testing.assert_array_equal, params, interop.from_torch(model.rnn.state_dict(), net)
+    )
+    with pytest.raises(ValueError, match="missing key 'weight_ih_l0'"):
+        interop.from_torch(model.state_dict(), net)
