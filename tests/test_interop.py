@@ -55,9 +55,9 @@ def _report_max_diffs():
 
 
 @functools.cache
-def network(cell_name, num_layers, bidirectional):
+def network(cell_name, num_layers, bidirectional, hoist_input=None):
     """The network and one compiled ``apply_batch``, shared by every test of a config."""
-    net = networks.network(CELLS[cell_name](), num_layers, bidirectional)
+    net = networks.network(CELLS[cell_name](), num_layers, bidirectional, hoist_input=hoist_input)
     return net, jax.jit(net.apply_batch)
 
 
@@ -168,10 +168,27 @@ def test_from_torch_matches_pytorch_on_packed_batch(cell_name, num_layers, bidir
     lengths = jnp.asarray(LENGTHS, jnp.int32)
 
     got = apply_batch(params, garbage, lengths)
-    compare(f"packed/{cell_name}-L{num_layers}-{bidirectional}", net, got, run_torch(module, xs, LENGTHS))
+    compare(
+        f"packed/{cell_name}-L{num_layers}-{bidirectional}",
+        net,
+        got,
+        run_torch(module, xs, LENGTHS),
+    )
     # The garbage in the padding changes nothing at all.
     clean = apply_batch(params, xs, lengths)
     jax.tree.map(np.testing.assert_array_equal, got, clean)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_from_torch_matches_pytorch_with_hoisted_input(cell_name):
+    """The accelerators' default path (``X W_x + b`` before the scan), here on CPU."""
+    net, apply_batch = network(cell_name, 2, True, hoist_input=True)
+    assert net.hoist_input
+    module = torch_module(cell_name, 2, True, seed=9)
+    params = interop.from_torch(module.state_dict(), net)
+    xs, garbage = random_batch(10)
+    got = apply_batch(params, garbage, jnp.asarray(LENGTHS, jnp.int32))
+    compare(f"hoisted/{cell_name}-L2-True", net, got, run_torch(module, xs, LENGTHS))
 
 
 @pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
@@ -192,12 +209,10 @@ def test_from_torch_matches_pytorch_with_initial_state(cell_name, num_layers, bi
 
 
 def random_params(net, seed):
-    params = net.init(jax.random.key(seed), I)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return tree.unflatten(  # non-zero biases everywhere
-        [np.asarray(v + 0.3 * jax.random.normal(k, v.shape)) for v, k in zip(leaves, keys)]
-    )
+    """Params of ``net.init``'s structure, all entries (biases too) random and non-zero."""
+    shapes = jax.eval_shape(lambda key: net.init(key, I), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(0.0, 0.5, s.shape).astype(np.float32), shapes)
 
 
 @pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
@@ -218,7 +233,12 @@ def test_to_torch_round_trip_and_loads_into_pytorch(cell_name, num_layers, bidir
 
     xs, garbage = random_batch(7)
     got = apply_batch(params, garbage, jnp.asarray(LENGTHS, jnp.int32))
-    compare(f"to_torch/{cell_name}-L{num_layers}-{bidirectional}", net, got, run_torch(module, xs, LENGTHS))
+    compare(
+        f"to_torch/{cell_name}-L{num_layers}-{bidirectional}",
+        net,
+        got,
+        run_torch(module, xs, LENGTHS),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -258,9 +278,13 @@ def test_unexpected_keys_are_named():
     with pytest.raises(ValueError, match="unexpected keys.*'weight_ih_l2'"):
         interop.from_torch(sd3, net)
     # A bidirectional state dict into a unidirectional net.
-    sd_bi = torch_module("rnn_tanh", 2, True).state_dict()
-    with pytest.raises(ValueError, match="unexpected keys.*_reverse"):
-        interop.from_torch(sd_bi, net)
+    net_1, _ = network("rnn_tanh", 1, False)
+    sd_bi = torch_module("rnn_tanh", 1, True).state_dict()
+    with pytest.raises(ValueError, match="unexpected keys.*'weight_ih_l0_reverse'"):
+        interop.from_torch(sd_bi, net_1)
+    # Deeper layers of a bidirectional net read 2H features: the shape says so.
+    with pytest.raises(ValueError, match=r"'weight_ih_l1' has shape \(5, 10\)"):
+        interop.from_torch(torch_module("rnn_tanh", 2, True).state_dict(), net)
     # An LSTM with a projection (proj_size) is refused: its h is not H wide.
     net_lstm, _ = network("lstm", 1, False)
     sd_proj = tnn.LSTM(I, H, proj_size=2, batch_first=True).state_dict()
@@ -276,7 +300,7 @@ def test_reset_before_gru_is_refused():
     net = networks.network(cells.gru(H, reset_after=False))
     with pytest.raises(ValueError, match="reset_after=True"):
         interop.from_torch(sd, net)
-    params = net.init(jax.random.key(0), I)
+    params = random_params(net, 0)
     with pytest.raises(ValueError, match="reset_after=True"):
         interop.to_torch(params, net)
 
@@ -297,3 +321,24 @@ def test_prefix_selects_a_submodule():
     )
     with pytest.raises(ValueError, match="missing key 'weight_ih_l0'"):
         interop.from_torch(model.state_dict(), net)
+
+
+def test_conversions_copy_and_accept_low_precision():
+    net, _ = network("rnn_tanh", 1, False)
+    module = tnn.RNN(1, H, batch_first=True)  # I = 1: W_ih.T would be a contiguous view
+    params = interop.from_torch(module.state_dict(keep_vars=True), net)  # requires_grad
+    with torch.no_grad():
+        module.weight_ih_l0.add_(1.0)  # in-place training must not reach our params
+    np.testing.assert_array_equal(params["layer_0"]["W_x"] + 1.0, module.weight_ih_l0.T.detach())
+
+    sd = interop.to_torch(params, net)
+    sd["bias_ih_l0"] += 1.0  # nor may edits of the exported dict
+    assert not np.array_equal(params["layer_0"]["b"], interop.from_torch(sd, net)["layer_0"]["b"])
+    assert all(v.flags.writeable for v in sd.values())
+
+    # bfloat16 and float64 modules convert to float32 params.
+    for dtype in (torch.bfloat16, torch.float64):
+        low = interop.from_torch(module.to(dtype).state_dict(), net)
+        want = interop.from_torch({k: v.float() for k, v in module.state_dict().items()}, net)
+        assert all(v.dtype == np.float32 for v in jax.tree.leaves(low))
+        jax.tree.map(np.testing.assert_array_equal, low, want)
