@@ -143,7 +143,14 @@ def _matmul_gates(v: Array, w: Array) -> Array:
     return out.reshape(*out.shape[:-1], g, h)
 
 
+def is_token_input(xs: Array) -> bool:
+    """Integer inputs are token ids standing for one-hot vectors of size ``input_size``."""
+    return jnp.issubdtype(jnp.asarray(xs).dtype, jnp.integer)
+
+
 def _project_gated(params: Params, xs: Array) -> Array:
+    if is_token_input(xs):  # onehot(x) @ W_x is row x of W_x: a lookup, not a matmul
+        return params["W_x"][xs] + params["b"]
     _check_x(params, xs)
     return _matmul_gates(xs, params["W_x"]) + params["b"]
 
@@ -193,6 +200,8 @@ def rnn(
         }
 
     def project(params: Params, xs: Array) -> Array:
+        if is_token_input(xs):
+            return params["W_x"][xs] + params["b"]
         _check_x(params, xs)
         return xs @ params["W_x"] + params["b"]
 

@@ -71,7 +71,7 @@ def _generate_by_rerun(model, params, prefix, keys, temperature):
 
     def logits_at(buffer, length):
         e = model.config.embed_dim
-        xs = params["embed"][buffer] if e else jax.nn.one_hot(buffer, model.config.vocab_size)
+        xs = params["embed"][buffer] if e else buffer  # ids: one-hot input
         ys, _ = net.apply(params["network"], xs, length)
         h = ys[length - 1]
         return h @ params["output"]["W_hq"] + params["output"]["b_q"]

@@ -24,7 +24,9 @@ How it computes:
 * variable length: at steps ``t >= length`` the carry is frozen (``jnp.where``) and
   the output is exactly zero, so padding has no effect on anything;
 * optionally, the input projection ``X W_x + b`` of all steps is one matmul
-  outside the scan (``hoist_input``), leaving only ``H W_h`` inside.
+  outside the scan (``hoist_input``), leaving only ``H W_h`` inside;
+* integer ``xs`` are token ids standing for one-hot vectors (``input_size`` is the
+  vocabulary size): layer 0 looks up rows of ``W_x`` instead of multiplying.
 
 Parameters: ``{"layer_0": p, "layer_1": p, ...}`` with ``p`` the cell's params, or
 ``{"forward": p, "backward": p}`` per layer when bidirectional.
@@ -45,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnn_jax import cells
 from rnn_jax.cells import Cell
 
 Array = jax.Array
@@ -238,14 +241,16 @@ def network(
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
         _check_params(params)
-        if jnp.ndim(xs) != 2:
+        tokens = cells.is_token_input(xs)
+        if jnp.ndim(xs) != (1 if tokens else 2):
             raise ValueError(
-                f"xs: expected one sequence <float32>[T, input_size], got shape "
-                f"{tuple(jnp.shape(xs))}; use net.apply_batch or jax.vmap for batches"
+                f"xs: expected one sequence <float32>[T, input_size] (or token ids "
+                f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
+                f"net.apply_batch or jax.vmap for batches"
             )
         layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
         expected_in = cell.input_size(layer0)
-        if xs.shape[1] != expected_in:
+        if not tokens and xs.shape[1] != expected_in:
             raise ValueError(
                 f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
             )
@@ -270,7 +275,14 @@ def network(
                 carry = _stack([initial_carry[layer]])
                 inputs = ys[None]
             outs, carry = _scan_layer(
-                cell, p, carry, inputs, length, hoist_input=hoist, unroll=unroll, remat=remat
+                cell,
+                p,
+                carry,
+                inputs,
+                length,
+                hoist_input=hoist or (layer == 0 and tokens),  # a lookup: always outside
+                unroll=unroll,
+                remat=remat,
             )
             if bidirectional:
                 ys = jnp.concatenate([outs[0], reverse_valid(outs[1], length)], axis=-1)
@@ -283,10 +295,10 @@ def network(
         return ys, tuple(finals)
 
     def apply_batch(params, xs, lengths=None, initial_carry=None, *, dropout_key=None):
-        if jnp.ndim(xs) != 3:
+        if jnp.ndim(xs) != (2 if cells.is_token_input(xs) else 3):
             raise ValueError(
-                f"xs: expected a batch <float32>[B, T, input_size], got shape "
-                f"{tuple(jnp.shape(xs))}"
+                f"xs: expected a batch <float32>[B, T, input_size] (or token ids "
+                f"<int32>[B, T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}"
             )
         batch = xs.shape[0]
         if lengths is not None:
