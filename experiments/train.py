@@ -52,6 +52,14 @@ flags.DEFINE_bool(
     _D.reset_after,
     "GRU only: reset gate after the recurrent matmul (PyTorch/cuDNN form).",
 )
+flags.DEFINE_float(
+    "pin_reset", None, "GRU only: fix the reset gate R_t to this value (ablation); unset: learned."
+)
+flags.DEFINE_float(
+    "pin_update",
+    None,
+    "GRU only: fix the update gate Z_t to this value (ablation); unset: learned.",
+)
 flags.DEFINE_enum("activation", _D.activation, ["tanh", "relu"], "Plain RNN nonlinearity.")
 flags.DEFINE_integer(
     "embed_dim", _D.embed_dim, "0: one-hot input (the book); >0: learned embedding size."

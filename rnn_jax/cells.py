@@ -66,6 +66,9 @@ class Cell(NamedTuple):
         projection ``xs @ W_x + b`` (``[..., H]`` for the plain RNN).
       step_projected: ``(params, carry, xp) -> (carry, y)`` where ``xp`` is one row of
         ``project``'s output; ``step(p, c, x) == step_projected(p, c, project(p, x))``.
+      gate_values: ``(params, carry, x) -> {gate name: <float32>[H]}``, the activated
+        gates and candidate of the step ``step(params, carry, x)`` takes (``{}`` for
+        the plain RNN); for inspecting what the gates do.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Cell(NamedTuple):
     step: Callable[[Params, Any, Array], tuple[Any, Array]]
     project: Callable[[Params, Array], Array]
     step_projected: Callable[[Params, Any, Array], tuple[Any, Array]]
+    gate_values: Callable[[Params, Any, Array], dict[str, Array]]
 
     def input_size(self, params: Params) -> int:
         """The input size ``params`` were initialised for."""
@@ -222,6 +226,7 @@ def rnn(
         step=step,
         project=project,
         step_projected=step_projected,
+        gate_values=lambda params, h, x: {},
     )
 
 
@@ -235,6 +240,8 @@ def gru(
     hidden_size: int,
     reset_after: bool = False,
     *,
+    pin_reset: float | None = None,
+    pin_update: float | None = None,
     input_init: Initializer = _DEFAULT_INPUT_INIT,
     recurrent_init: Initializer = _DEFAULT_RECURRENT_INIT,
     bias_init: Initializer = _DEFAULT_BIAS_INIT,
@@ -257,10 +264,18 @@ def gru(
     Params: ``W_x <float32>[I, 3, H]``, ``W_h <float32>[H, 3, H]``,
     ``b <float32>[3, H]`` with gate axis ``(r, z, h)`` (``h`` is the candidate), and
     for ``reset_after=True`` also ``b_hn <float32>[H]``. Carry, output: ``<float32>[H]``.
+
+    Args:
+      pin_reset, pin_update: fix R_t or Z_t to a constant in [0, 1] (ablations: an
+        open reset gate, R_t = 1, and Z_t = 0 make the GRU a plain tanh RNN; Z_t = 1
+        copies the state and skips the input). ``None``: learned, as usual.
     """
     _check_hidden_size(hidden_size)
     if not isinstance(reset_after, bool):
         raise ValueError(f"reset_after: expected a bool, got {reset_after!r}")
+    for name, pin in (("pin_reset", pin_reset), ("pin_update", pin_update)):
+        if pin is not None and (isinstance(pin, bool) or not 0 <= pin <= 1):
+            raise ValueError(f"{name}: expected None or a number in [0, 1], got {pin!r}")
     gated_init = _gated_init(GRU_GATES, hidden_size, input_init, recurrent_init, bias_init)
 
     def init(key: Array, input_size: int) -> Params:
@@ -269,33 +284,45 @@ def gru(
             params["b_hn"] = bias_init(jax.random.fold_in(key, 3), (hidden_size,), jnp.float32)
         return params
 
-    def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
+    def pinned(gate: Array, pin: float | None) -> Array:
+        return gate if pin is None else jnp.full_like(gate, pin)
+
+    def gates(params: Params, h: Array, xp: Array) -> tuple[Array, Array, Array]:
+        """``(R_t, Z_t, H~_t)``."""
         w_h = params["W_h"]
         if reset_after:
             hp = _matmul_gates(h, w_h)  # all three recurrent products at once
-            r = jax.nn.sigmoid(xp[0] + hp[0])
-            z = jax.nn.sigmoid(xp[1] + hp[1])
+            r = pinned(jax.nn.sigmoid(xp[0] + hp[0]), pin_reset)
+            z = pinned(jax.nn.sigmoid(xp[1] + hp[1]), pin_update)
             h_tilde = jnp.tanh(xp[2] + r * (hp[2] + params["b_hn"]))
         else:
             rz = jax.nn.sigmoid(xp[:2] + _matmul_gates(h, w_h[:, :2]))
-            r, z = rz[0], rz[1]
+            r, z = pinned(rz[0], pin_reset), pinned(rz[1], pin_update)
             h_tilde = jnp.tanh(xp[2] + (r * h) @ w_h[:, 2])
+        return r, z, h_tilde
+
+    def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
+        r, z, h_tilde = gates(params, h, xp)
         h = z * h + (1.0 - z) * h_tilde
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
         return step_projected(params, h, _project_gated(params, x))
 
+    def gate_values(params: Params, h: Array, x: Array) -> dict[str, Array]:
+        return dict(zip(("r", "z", "h~"), gates(params, h, _project_gated(params, x)), strict=True))
+
     return Cell(
         name="gru",
         hidden_size=hidden_size,
         gates=GRU_GATES,
-        options={"reset_after": reset_after},
+        options={"reset_after": reset_after, "pin_reset": pin_reset, "pin_update": pin_update},
         init=init,
         initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
         step=step,
         project=_project_gated,
         step_projected=step_projected,
+        gate_values=gate_values,
     )
 
 
@@ -341,12 +368,21 @@ def lstm(
         params["b"] = params["b"].at[1].add(float(forget_bias))
         return params
 
-    def step_projected(params: Params, carry: LSTMCarry, xp: Array) -> tuple[LSTMCarry, Array]:
+    def gates(params: Params, carry: LSTMCarry, xp: Array) -> tuple[Array, ...]:
+        """``(I_t, F_t, O_t, C~_t)``."""
         pre = xp + _matmul_gates(carry.h, params["W_h"])
         i, f, o = (jax.nn.sigmoid(pre[k]) for k in range(3))
-        c = f * carry.c + i * jnp.tanh(pre[3])
+        return i, f, o, jnp.tanh(pre[3])
+
+    def step_projected(params: Params, carry: LSTMCarry, xp: Array) -> tuple[LSTMCarry, Array]:
+        i, f, o, c_tilde = gates(params, carry, xp)
+        c = f * carry.c + i * c_tilde
         h = o * jnp.tanh(c)
         return LSTMCarry(h, c), h
+
+    def gate_values(params: Params, carry: LSTMCarry, x: Array) -> dict[str, Array]:
+        values = gates(params, carry, _project_gated(params, x))
+        return dict(zip(("i", "f", "o", "c~"), values, strict=True))
 
     def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
         return step_projected(params, carry, _project_gated(params, x))
@@ -363,6 +399,7 @@ def lstm(
         step=step,
         project=_project_gated,
         step_projected=step_projected,
+        gate_values=gate_values,
     )
 
 

@@ -34,6 +34,8 @@ RESUME_KEYS = (
     "num_layers",
     "bidirectional",
     "reset_after",
+    "pin_reset",
+    "pin_update",
     "activation",
     "embed_dim",
     "optimizer",
@@ -78,6 +80,8 @@ class TrainConfig:
     num_layers: int = 1
     bidirectional: bool = False
     reset_after: bool = False
+    pin_reset: float | None = None
+    pin_update: float | None = None
     activation: str = "tanh"
     embed_dim: int = 0
     dropout: float = 0.0
@@ -110,6 +114,8 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
         num_layers=config.num_layers,
         bidirectional=config.bidirectional,
         reset_after=config.reset_after,
+        pin_reset=config.pin_reset,
+        pin_update=config.pin_update,
         activation=config.activation,
         embed_dim=config.embed_dim,
         dropout=config.dropout,
@@ -157,6 +163,12 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     _positive(config, "min_freq", "embed_dim", "eval_every", "checkpoint_every", minimum=0)
     _positive(config, "warmup_steps", "seed", "grad_clip", "weight_decay", minimum=0)
     _positive(config, "momentum", "log_every_s", minimum=0)
+    for name in ("pin_reset", "pin_update"):
+        value = getattr(config, name)
+        if value is not None and config.cell != "gru":
+            raise ConfigError(name, f"only the GRU has this gate; --cell is {config.cell!r}")
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(name, f"expected a gate value in [0, 1], got {value!r}")
     if not config.lr > 0:
         raise ConfigError("lr", f"expected a learning rate > 0, got {config.lr!r}")
     if not 0 <= config.dropout < 1:

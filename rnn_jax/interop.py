@@ -185,7 +185,7 @@ def to_torch(params: Any, net: Network) -> dict[str, np.ndarray]:
                 b_ih = p["b"][order].reshape(-1)
                 b_hh = np.zeros_like(p["b"])
                 if name == "gru":
-                    b_hh[1] = p["b_hn"]
+                    b_hh[2] = p["b_hn"]
                 b_hh = b_hh[order].reshape(-1)
             for base, value in [
                 ("weight_ih", w_ih),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.core
 import flax.linen as nn
 import jax
 
@@ -72,6 +73,8 @@ class RNN(nn.Module):
     ) -> tuple[jax.Array, tuple]:
         net = self.network()
         params = self.param("network", lambda key: net.init(key, xs.shape[-1]))
+        if isinstance(params, flax.core.FrozenDict):  # variables passed through flax.core.freeze
+            params = params.unfreeze()
         key = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
         if xs.ndim == 2:
             return net.apply(params, xs, lengths, initial_carry, dropout_key=key)

@@ -36,6 +36,7 @@ class ModelConfig:
       num_layers: depth.
       bidirectional: backward direction in every layer (a poor next-token model).
       reset_after: GRU form (``False``: the seed's equations).
+      pin_reset, pin_update: GRU gate ablations (see :func:`rnn_jax.cells.gru`).
       activation: plain RNN nonlinearity.
       embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
       dropout: between layers (and on the last layer's output), training only.
@@ -48,6 +49,8 @@ class ModelConfig:
     num_layers: int = 1
     bidirectional: bool = False
     reset_after: bool = False
+    pin_reset: float | None = None
+    pin_update: float | None = None
     activation: str = "tanh"
     embed_dim: int = 0
     dropout: float = 0.0
@@ -56,7 +59,14 @@ class ModelConfig:
     hoist_input: bool | None = None
 
     def make_cell(self) -> cells.Cell:
-        options = {"gru": {"reset_after": self.reset_after}, "rnn": {"activation": self.activation}}
+        options = {
+            "gru": {
+                "reset_after": self.reset_after,
+                "pin_reset": self.pin_reset,
+                "pin_update": self.pin_update,
+            },
+            "rnn": {"activation": self.activation},
+        }
         return cells.make(self.cell, self.hidden_size, **options.get(self.cell, {}))
 
 

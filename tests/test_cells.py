@@ -251,3 +251,40 @@ def test_wrong_input_size_is_named_at_trace_time(factory):
     p = cell.init(jax.random.key(0), I)
     with pytest.raises(ValueError, match=rf"x: expected last dimension {I} .*got shape \(4,\)"):
         jax.jit(cell.step)(p, cell.initial_carry(), jnp.zeros(4))
+
+
+def test_gate_values_match_the_equations():
+    x, h = inputs()
+    p = random_params(cells.gru(H))
+    g = cells.gru(H).gate_values(p, jnp.asarray(h), jnp.asarray(x))
+    np.testing.assert_allclose(
+        g["r"], sigmoid(x @ p["W_x"][:, 0] + h @ p["W_h"][:, 0] + p["b"][0]), **TOL
+    )
+    np.testing.assert_allclose(
+        g["z"], sigmoid(x @ p["W_x"][:, 1] + h @ p["W_h"][:, 1] + p["b"][1]), **TOL
+    )
+    q = random_params(cells.lstm(H))
+    c = np.zeros(H, np.float32)
+    g = cells.lstm(H).gate_values(
+        q, cells.LSTMCarry(jnp.asarray(h), jnp.asarray(c)), jnp.asarray(x)
+    )
+    np.testing.assert_allclose(
+        g["f"], sigmoid(x @ q["W_x"][:, 1] + h @ q["W_h"][:, 1] + q["b"][1]), **TOL
+    )
+    assert set(g) == {"i", "f", "o", "c~"}
+    assert cells.rnn(H).gate_values(None, None, None) == {}
+
+
+def test_pinned_gru_gates():
+    """R = 1, Z = 0: the GRU is a plain tanh RNN with W_xh, W_hh, b_h; Z = 1 copies the state."""
+    x, h = inputs()
+    p = random_params(cells.gru(H))
+    as_rnn, _ = cells.gru(H, pin_reset=1.0, pin_update=0.0).step(p, jnp.asarray(h), jnp.asarray(x))
+    rnn_p = {"W_x": p["W_x"][:, 2], "W_h": p["W_h"][:, 2], "b": p["b"][2]}
+    np.testing.assert_allclose(as_rnn, numpy_rnn(rnn_p, h, x, np.tanh), **TOL)
+    skip, _ = cells.gru(H, pin_update=1.0).step(p, jnp.asarray(h), jnp.asarray(x))
+    np.testing.assert_array_equal(skip, h)
+    with pytest.raises(
+        ValueError, match=r"pin_reset: expected None or a number in \[0, 1\], got 2"
+    ):
+        cells.gru(H, pin_reset=2)
