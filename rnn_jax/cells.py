@@ -406,8 +406,36 @@ def lstm(
 CELLS = {"rnn": rnn, "gru": gru, "lstm": lstm}
 
 
-def make(name: str, hidden_size: int, **options: Any) -> Cell:
-    """A cell by name (``"rnn"``, ``"gru"``, ``"lstm"``), for launchers and configs."""
+def uniform_init(hidden_size: int) -> Initializer:
+    """PyTorch's default for recurrent layers: every weight and bias ~ U(-k, k), k = 1/sqrt(H)."""
+    k = 1.0 / float(hidden_size) ** 0.5
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -k, k)
+
+    return init
+
+
+INIT_SCHEMES = ("default", "uniform")
+
+
+def init_options(scheme: str, hidden_size: int) -> dict[str, Initializer]:
+    """Initialiser keyword options of a named scheme.
+
+    ``"default"``: LeCun-normal input weights, orthogonal recurrent weights, zero
+    biases (the factories' defaults). ``"uniform"``: PyTorch's ``nn.RNN/GRU/LSTM``
+    initialisation, :func:`uniform_init` for weights and biases alike.
+    """
+    if scheme == "default":
+        return {}
+    if scheme == "uniform":
+        u = uniform_init(hidden_size)
+        return {"input_init": u, "recurrent_init": u, "bias_init": u}
+    raise ValueError(f"init: expected one of {list(INIT_SCHEMES)}, got {scheme!r}")
+
+
+def make(name: str, hidden_size: int, init: str = "default", **options: Any) -> Cell:
+    """A cell by name (``"rnn"``, ``"gru"``, ``"lstm"``) and initialisation scheme name."""
     if name not in CELLS:
         raise ValueError(f"cell: expected one of {sorted(CELLS)}, got {name!r}")
-    return CELLS[name](hidden_size, **options)
+    return CELLS[name](hidden_size, **options, **init_options(init, hidden_size))

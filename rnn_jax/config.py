@@ -37,6 +37,8 @@ RESUME_KEYS = (
     "pin_reset",
     "pin_update",
     "activation",
+    "init",
+    "forget_bias",
     "embed_dim",
     "optimizer",
     "batch_size",
@@ -83,6 +85,8 @@ class TrainConfig:
     pin_reset: float | None = None
     pin_update: float | None = None
     activation: str = "tanh"
+    init: str = "default"
+    forget_bias: float = 1.0
     embed_dim: int = 0
     dropout: float = 0.0
     unroll: int = 1
@@ -117,6 +121,8 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
         pin_reset=config.pin_reset,
         pin_update=config.pin_update,
         activation=config.activation,
+        init=config.init,
+        forget_bias=config.forget_bias,
         embed_dim=config.embed_dim,
         dropout=config.dropout,
         unroll=config.unroll,
@@ -154,6 +160,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     """
     _choice(config, "cell", tuple(cells.CELLS))
     _choice(config, "activation", tuple(cells.ACTIVATIONS))
+    _choice(config, "init", cells.INIT_SCHEMES)
     _choice(config, "tokens", text.MODES)
     _choice(config, "partition", data.PARTITIONS)
     _choice(config, "optimizer", OPTIMIZERS)

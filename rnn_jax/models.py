@@ -38,6 +38,9 @@ class ModelConfig:
       reset_after: GRU form (``False``: the seed's equations).
       pin_reset, pin_update: GRU gate ablations (see :func:`rnn_jax.cells.gru`).
       activation: plain RNN nonlinearity.
+      init: cell initialisation scheme, ``"default"`` or ``"uniform"`` (PyTorch's;
+        then the output layer is PyTorch's ``nn.Linear`` default too).
+      forget_bias: LSTM forget-gate bias at initialisation.
       embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
       dropout: between layers (and on the last layer's output), training only.
       unroll, remat, hoist_input: passed to :func:`rnn_jax.networks.network`.
@@ -52,6 +55,8 @@ class ModelConfig:
     pin_reset: float | None = None
     pin_update: float | None = None
     activation: str = "tanh"
+    init: str = "default"
+    forget_bias: float = 1.0
     embed_dim: int = 0
     dropout: float = 0.0
     unroll: int = 1
@@ -66,8 +71,9 @@ class ModelConfig:
                 "pin_update": self.pin_update,
             },
             "rnn": {"activation": self.activation},
+            "lstm": {"forget_bias": self.forget_bias},
         }
-        return cells.make(self.cell, self.hidden_size, **options.get(self.cell, {}))
+        return cells.make(self.cell, self.hidden_size, self.init, **options.get(self.cell, {}))
 
 
 class Model(NamedTuple):
@@ -108,13 +114,14 @@ def language_model(config: ModelConfig) -> Model:
 
     def init(key: Array) -> dict[str, Any]:
         k_embed, k_net, k_out = jax.random.split(key, 3)
-        params = {
-            "network": net.init(k_net, e or v),
-            "output": {
-                "W_hq": jax.nn.initializers.lecun_normal()(k_out, (net.output_size, v)),
-                "b_q": jnp.zeros((v,), jnp.float32),
-            },
-        }
+        k_w, k_b = jax.random.split(k_out)
+        if config.init == "uniform":  # nn.Linear: U(-k, k), k = 1/sqrt(fan_in)
+            out_init = cells.uniform_init(net.output_size)
+            w_hq, b_q = out_init(k_w, (net.output_size, v)), out_init(k_b, (v,))
+        else:
+            w_hq = jax.nn.initializers.lecun_normal()(k_w, (net.output_size, v))
+            b_q = jnp.zeros((v,), jnp.float32)
+        params = {"network": net.init(k_net, e or v), "output": {"W_hq": w_hq, "b_q": b_q}}
         if e:
             params["embed"] = jax.random.normal(k_embed, (v, e), jnp.float32)
         return params
