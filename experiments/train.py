@@ -52,6 +52,14 @@ flags.DEFINE_bool(
     _D.reset_after,
     "GRU only: reset gate after the recurrent matmul (PyTorch/cuDNN form).",
 )
+flags.DEFINE_enum(
+    "init",
+    _D.init,
+    ["default", "uniform"],
+    "default: LeCun-normal input, orthogonal recurrent weights, zero biases; uniform: "
+    "PyTorch's U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.",
+)
+flags.DEFINE_float("forget_bias", _D.forget_bias, "LSTM forget-gate bias at initialisation.")
 flags.DEFINE_float(
     "pin_reset", None, "GRU only: fix the reset gate R_t to this value (ablation); unset: learned."
 )
