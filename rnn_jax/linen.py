@@ -31,6 +31,8 @@ class RNN(nn.Module):
       hidden_size: H.
       num_layers, bidirectional, dropout, unroll, remat, hoist_input: as in
         :func:`rnn_jax.networks.network`.
+      input_size: needed only for integer token-id inputs (one-hot vectors of this
+        size); float inputs give it by their last axis.
       cell_options: extra keyword options of the cell factory as ``(name, value)``
         pairs, e.g. ``(("reset_after", True),)``.
 
@@ -49,6 +51,7 @@ class RNN(nn.Module):
     remat: bool = False
     hoist_input: bool | None = None
     cell_options: tuple[tuple[str, Any], ...] = ()
+    input_size: int | None = None
 
     def network(self) -> networks.Network:
         """The :class:`rnn_jax.networks.Network` this module runs."""
@@ -72,10 +75,17 @@ class RNN(nn.Module):
         deterministic: bool = True,
     ) -> tuple[jax.Array, tuple]:
         net = self.network()
-        params = self.param("network", lambda key: net.init(key, xs.shape[-1]))
+        tokens = cells.is_token_input(xs)
+        if tokens and self.input_size is None:
+            raise ValueError(
+                "input_size: token-id inputs stand for one-hot vectors; set input_size to "
+                "the vocabulary size"
+            )
+        size = self.input_size if tokens else xs.shape[-1]
+        params = self.param("network", lambda key: net.init(key, size))
         if isinstance(params, flax.core.FrozenDict):  # variables passed through flax.core.freeze
             params = params.unfreeze()
         key = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
-        if xs.ndim == 2:
+        if xs.ndim == (1 if tokens else 2):  # one sequence
             return net.apply(params, xs, lengths, initial_carry, dropout_key=key)
         return net.apply_batch(params, xs, lengths, initial_carry, dropout_key=key)
