@@ -93,6 +93,15 @@ flags.DEFINE_float("grad_clip", _D.grad_clip, "Clip gradients to this global nor
 flags.DEFINE_integer("batch_size", _D.batch_size, "Windows per batch.")
 flags.DEFINE_integer("epochs", _D.epochs, "Passes over the training windows.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of initialisation, shuffling and dropout.")
+flags.DEFINE_bool(
+    "data_parallel",
+    _D.data_parallel,
+    "Split every batch over all devices (of all processes) when there are several.",
+)
+# multi-host (see BUILD.md)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 # bookkeeping
 flags.DEFINE_string("workdir", _D.workdir, "Run directory: flags, metrics, checkpoints, plot.")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N steps; 0 = once per epoch.")
@@ -109,11 +118,20 @@ def config_from_flags() -> TrainConfig:
     return TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
 
 
+def init_distributed() -> None:
+    """``jax.distributed.initialize`` when --coordinator_address is given."""
+    if FLAGS.coordinator_address:
+        import jax
+
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
 def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     absl_logging.set_verbosity(absl_logging.WARNING)
+    init_distributed()
     from rnn_jax import train
     from rnn_jax.config import ConfigError
 

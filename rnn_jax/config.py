@@ -101,6 +101,7 @@ class TrainConfig:
     batch_size: int = 256
     epochs: int = 20
     seed: int = 0
+    data_parallel: bool = True
     workdir: str = "runs/default"
     eval_every: int = 0
     checkpoint_every: int = 0

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from rnn_jax import checkpoint, models, text
+from rnn_jax import checkpoint, models, parallel, text
 from rnn_jax.config import TrainConfig, model_config
 
 
@@ -54,6 +54,7 @@ def load(workdir: Path) -> Run:
     model = models.language_model(model_config(config, len(vocab)))
     tx = train.make_optimizer(config, 1)  # the schedule's length does not shape the state
     abstract = jax.eval_shape(lambda: train.init_state(model, tx, config))
+    abstract = parallel.abstract_state(abstract, None)  # onto this process's first device
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
         restored = ckpt.restore_latest(abstract)
     if restored is None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnn_jax import data, models, text
+from rnn_jax import data, models, parallel, text
 from rnn_jax.config import TrainConfig, model_config, resume_conflicts, validate
 
 log = logging.getLogger("rnn_jax")
@@ -138,11 +138,13 @@ def init_state(model: models.Model, tx: optax.GradientTransformation, config: Tr
     }
 
 
-def evaluate(eval_step, params, windows: data.Windows, batch_size: int, split: str) -> float:
+def evaluate(
+    eval_step, params, windows: data.Windows, batch_size: int, split: str, mesh=None
+) -> float:
     """Perplexity ``exp(mean per-token cross-entropy)`` over a split's windows."""
     total = count = 0.0
     for batch in data.eval_batches(windows, batch_size, split):
-        s, n = eval_step(params, batch)
+        s, n = eval_step(params, parallel.shard_batch(batch, mesh))
         total, count = total + float(s), count + float(n)
     return perplexity(total / count)
 
@@ -213,11 +215,22 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
     model = models.language_model(model_config(config, len(vocab)))
     tx = make_optimizer(config, total)
 
+    mesh = parallel.data_mesh(config.data_parallel)
+    if mesh is not None and config.batch_size % mesh.size:
+        from rnn_jax.config import ConfigError
+
+        raise ConfigError(
+            "batch_size",
+            f"{config.batch_size} does not split over {mesh.size} devices; use a multiple "
+            f"of {mesh.size} or --data_parallel=false",
+        )
+
     _prepare_workdir(workdir, config, vocab)
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
-    state = init_state(model, tx, config)
+    state = parallel.place_state(init_state(model, tx, config), mesh)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
+    abstract = parallel.abstract_state(jax.eval_shape(lambda: state), mesh)
+    restored = ckpt.restore_latest(abstract)
     start = 0
     if restored is not None:
         start, state, _ = restored
@@ -271,7 +284,7 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
                 batch = data.train_batch(
                     windows, config.batch_size, config.seed, epoch, i, config.partition
                 )
-                state, m = train_step(state, batch)
+                state, m = train_step(state, parallel.shard_batch(batch, mesh))
                 pending.append((step + 1, m))
                 done = step + 1
                 now = time.perf_counter()
@@ -283,7 +296,7 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
                         "epoch": round(done / steps_per_epoch, 4),
                         "train_ppl": perplexity(window["loss_sum"] / window["count"]),
                         "val_ppl": evaluate(
-                            eval_step, state["params"], windows, config.batch_size, "val"
+                            eval_step, state["params"], windows, config.batch_size, "val", mesh
                         ),
                         "grad_norm": window["grad_norm"] / window["steps"],
                         "tokens_per_s": rate,

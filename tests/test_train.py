@@ -122,11 +122,31 @@ def test_short_run_lowers_validation_perplexity(tmp_path):
     assert json.loads((Path(config.workdir) / "config.json").read_text())["hidden_size"] == 16
 
 
-def test_resume_in_process_is_bitwise_equal(tmp_path):
-    full = train.run(tiny(tmp_path / "a", epochs=4), echo=quiet)
-    part = tiny(tmp_path / "b", epochs=2, checkpoint_every=5)
+def test_crash_then_resume_in_process_is_bitwise_equal(tmp_path):
+    full = train.run(tiny(tmp_path / "a", epochs=4), echo=quiet)  # cosine schedule: the default
+
+    def crash_at_step_16(line):
+        if line.startswith("step 16/"):
+            raise RuntimeError("simulated crash")
+
+    crashing = tiny(tmp_path / "b", epochs=4, checkpoint_every=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run(crashing, echo=crash_at_step_16)
+    lines = []
+    resumed = train.run(crashing, echo=lines.append)
+    assert "resumed from step 15" in lines[0]
+    assert resumed.step == full.step == 32
+    assert_bitwise_equal(full.params, resumed.params)
+    # metrics.jsonl holds each evaluation once, in order, despite the crash
+    steps = [json.loads(x)["step"] for x in (Path(crashing.workdir) / "metrics.jsonl").open()]
+    assert steps == [8, 16, 24, 32]
+
+
+def test_more_epochs_continue_a_finished_run(tmp_path):
+    full = train.run(tiny(tmp_path / "a", epochs=4, schedule="constant"), echo=quiet)
+    part = tiny(tmp_path / "b", epochs=2, schedule="constant")
     train.run(part, echo=quiet)
-    resumed = train.run(dataclasses.replace(part, epochs=4), echo=quiet)  # more epochs
+    resumed = train.run(dataclasses.replace(part, epochs=4), echo=quiet)
     assert resumed.step == full.step == 32
     assert_bitwise_equal(full.params, resumed.params)
 
