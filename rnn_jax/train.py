@@ -289,7 +289,8 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
                 done = step + 1
                 now = time.perf_counter()
                 if is_due(done, config.eval_every or steps_per_epoch, total):
-                    flush()
+                    flush()  # waits for the steps: dispatch is asynchronous
+                    now = time.perf_counter()  # training time only: evaluation is excluded
                     rate = (done - step_last) * tokens_per_step / (now - t_last)
                     record = {
                         "step": done,

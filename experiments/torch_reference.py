@@ -1,0 +1,96 @@
+r"""The book's language models in PyTorch, with rnn_jax's data, for a fair comparison.
+
+    python -m experiments.torch_reference --configs=rnn,gru,lstm,deep_gru --seeds=3
+
+Reads the same flagfile settings (hidden size, layers, lr, epochs, batch, windows) and
+the same batches (``rnn_jax.data``: the same windows, the same shuffles), trains
+``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` + ``nn.Linear`` with PyTorch's default
+initialisation, one-hot input, SGD and ``clip_grad_norm_``, and reports the final
+training and validation perplexity (mean ± std over seeds) as a markdown table.
+PyTorch's GRU is the reset-after form. Needs ``pip install torch==2.13.0``.
+"""
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments.common import parse_flags_or_exit_2
+
+HERE = Path(__file__).resolve().parent
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["rnn", "gru", "lstm", "deep_gru"], "Flagfiles to reproduce.")
+flags.DEFINE_integer("seeds", 3, "Seeds per configuration.")
+flags.DEFINE_string("output", "runs/torch_reference.json", "Results (JSON) written here.")
+
+
+def read_flagfile(name: str) -> dict[str, str]:
+    settings = {}
+    for line in (HERE / "configs" / f"{name}.flags").read_text().splitlines():
+        if line.startswith("--"):
+            key, _, value = line[2:].partition("=")
+            settings[key] = value
+    return settings
+
+
+def train_one(settings: dict[str, str], seed: int) -> dict[str, float]:
+    import torch
+
+    from rnn_jax import data, text
+
+    torch.manual_seed(seed)
+    ids, vocab = text.load_corpus()
+    t, b = int(settings["num_steps"]), int(settings["batch_size"])
+    windows = data.make_windows(ids, t, int(settings["num_train"]), int(settings["num_val"]))
+    v, h, layers = len(vocab), int(settings["hidden_size"]), int(settings["num_layers"])
+    cls = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[settings["cell"]]
+    rnn = cls(v, h, layers, batch_first=True)
+    head = torch.nn.Linear(h, v)
+    params = list(rnn.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=float(settings["lr"]))
+    clip = float(settings["grad_clip"])
+
+    def losses(batch):
+        x = torch.nn.functional.one_hot(torch.from_numpy(batch.x).long(), v).float()
+        logits = head(rnn(x)[0])
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, v), torch.from_numpy(batch.y).long().reshape(-1), reduction="none"
+        ).reshape(batch.y.shape)
+        w = torch.from_numpy(batch.weight)[:, None]
+        return (ce * w).sum(), float(w.sum()) * t
+
+    spe = data.steps_per_epoch(windows, b)
+    train_sum = train_count = 0.0
+    for epoch in range(int(settings["epochs"])):
+        train_sum = train_count = 0.0
+        for step in range(spe):
+            loss_sum, count = losses(data.train_batch(windows, b, seed, epoch, step))
+            opt.zero_grad()
+            (loss_sum / count).backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            train_sum, train_count = train_sum + loss_sum.item(), train_count + count
+    with torch.no_grad():
+        val = [losses(batch) for batch in data.eval_batches(windows, b, "val")]
+    val_loss = sum(float(s) for s, _ in val) / sum(c for _, c in val)
+    return {"train_ppl": math.exp(train_sum / train_count), "val_ppl": math.exp(val_loss)}
+
+
+def main(argv):
+    del argv
+    results = {}
+    for name in FLAGS.configs:
+        settings = read_flagfile(name)
+        runs = [train_one(settings, seed) for seed in range(FLAGS.seeds)]
+        results[name] = runs
+        vals = [r["val_ppl"] for r in runs]
+        spread = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+        print(f"{name}: val ppl {statistics.mean(vals):.2f}{spread} ({vals})", flush=True)
+    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(FLAGS.output).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags_or_exit_2)
