@@ -148,21 +148,21 @@ def reverse_valid(xs: Array, length: Array | None) -> Array:
     return xs[idx]
 
 
-def _scan_layer(cell, params, carry, xs, length, *, hoist_input, unroll, remat):
-    """Runs ``D`` directions of one layer in one scan.
+def _scan_layer(cell, params, carry, xs, length, *, both_directions, hoist_input, unroll, remat):
+    """Runs one layer (both its directions, when bidirectional) in one scan.
 
-    ``params``, ``carry``: leaves with a leading direction axis D; ``xs``:
-    ``<float32>[D, T, I]``, already in each direction's reading order. Returns
-    ``(ys <float32>[D, T, H], carry)``.
+    One direction: ``params``, ``carry`` as the cell's, ``xs <float32>[T, I]``;
+    returns ``(ys <float32>[T, H], carry)``. Both directions: every leaf has a leading
+    direction axis of 2 (``xs <float32>[2, T, I]``, each in its direction's reading
+    order) and the step is ``vmap``-ed over it; returns ``ys <float32>[2, T, H]``.
     """
-    num_steps = xs.shape[1]
-    if hoist_input:
-        inputs = jax.vmap(cell.project)(params, xs)  # [D, T, G, H]: one matmul per direction
-        step = cell.step_projected
-    else:
-        inputs = xs
-        step = cell.step
-    step = jax.vmap(step)  # over directions
+    project, step = cell.project, cell.step_projected if hoist_input else cell.step
+    if both_directions:
+        project, step = jax.vmap(project), jax.vmap(step)
+    inputs = project(params, xs) if hoist_input else xs  # all steps in one matmul
+    if both_directions:
+        inputs = jnp.swapaxes(inputs, 0, 1)  # time leading: [T, 2, ...]
+    num_steps = inputs.shape[0]
 
     def body(carry, inp):
         x_t, t = inp
@@ -177,10 +177,8 @@ def _scan_layer(cell, params, carry, xs, length, *, hoist_input, unroll, remat):
 
     if remat:
         body = jax.checkpoint(body)
-    carry, ys = jax.lax.scan(
-        body, carry, (jnp.swapaxes(inputs, 0, 1), jnp.arange(num_steps)), unroll=unroll
-    )
-    return jnp.swapaxes(ys, 0, 1), carry
+    carry, ys = jax.lax.scan(body, carry, (inputs, jnp.arange(num_steps)), unroll=unroll)
+    return (jnp.swapaxes(ys, 0, 1) if both_directions else ys), carry
 
 
 def apply_dropout(key: Array, rate: float, ys: Array) -> Array:
@@ -271,15 +269,15 @@ def network(
                 carry = _stack([initial_carry[layer].forward, initial_carry[layer].backward])
                 inputs = jnp.stack([ys, reverse_valid(ys, length)])
             else:
-                p = _stack([p])
-                carry = _stack([initial_carry[layer]])
-                inputs = ys[None]
+                carry = initial_carry[layer]
+                inputs = ys
             outs, carry = _scan_layer(
                 cell,
                 p,
                 carry,
                 inputs,
                 length,
+                both_directions=bidirectional,
                 hoist_input=hoist or (layer == 0 and tokens),  # a lookup: always outside
                 unroll=unroll,
                 remat=remat,
@@ -288,8 +286,8 @@ def network(
                 ys = jnp.concatenate([outs[0], reverse_valid(outs[1], length)], axis=-1)
                 finals.append(BiCarry(*_unstack(carry, 2)))
             else:
-                ys = outs[0]
-                finals.append(_unstack(carry, 1)[0])
+                ys = outs
+                finals.append(carry)
             if dropout_key is not None and dropout > 0 and layer < num_layers - 1:
                 ys = apply_dropout(jax.random.fold_in(dropout_key, layer), dropout, ys)
         return ys, tuple(finals)
