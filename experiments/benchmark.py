@@ -1,0 +1,1007 @@
+r"""Times one training step of the character language model: rnn_jax, flax.linen, PyTorch.
+
+    python -m experiments.benchmark                                  # every config, cell, depth
+    python -m experiments.benchmark --configs=d2l,medium --cells=gru,lstm --layers=1 \
+        --bidirectional=false --compare=flax,torch
+    python -m experiments.benchmark --configs=tiny --config_spec=tiny:8:4:8 --iters=2
+    python -m experiments.benchmark --compile_report       # compile-time targets only
+    python -m experiments.benchmark --remat_report         # remat memory / time only
+
+One step is the whole update: one-hot input -> recurrent network -> output layer ->
+mean cross-entropy -> gradients -> ``clip_by_global_norm(1)`` -> SGD. Every
+measurement runs in a fresh process (``experiments/bench_worker.py``), in
+alternating rounds (rnn_jax, flax, torch, rnn_jax, flax, torch, ...), each of which
+compiles / warms up and then times single steps; a round's number is its median
+step, the reported number the median over rounds. Results go to ``--output``
+(JSON) and to ``--markdown`` (a section per device and report, replaced on rerun).
+
+Bad flags print one line and exit with code 2 before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPLS = ("rnn_jax", "flax", "torch")
+PEERS = ("flax", "torch")
+CELLS = ("rnn", "gru", "lstm")
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A benchmark shape: hidden size H, batch size B, time steps T."""
+
+    name: str
+    hidden_size: int
+    batch_size: int
+    num_steps: int
+
+
+CONFIGS = {
+    c.name: c
+    for c in (
+        Config("d2l", 32, 1024, 32),  # the book's character model
+        Config("medium", 256, 64, 64),
+        Config("long", 128, 32, 1024),
+        Config("large", 1024, 128, 128),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    config: Config
+    cell: str
+    num_layers: int
+    bidirectional: bool
+
+    def label(self) -> str:
+        bi = " bi" if self.bidirectional else ""
+        return f"{self.config.name} {self.cell} L{self.num_layers}{bi}"
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.config.hidden_size,
+            "batch_size": self.config.batch_size,
+            "num_steps": self.config.num_steps,
+            "cell": self.cell,
+            "num_layers": self.num_layers,
+            "bidirectional": self.bidirectional,
+        }
+
+    def key(self) -> dict[str, Any]:
+        return {"config": self.config.name, **self.spec()}
+
+
+# --- flag values ---------------------------------------------------------------------
+
+
+def parse_config_spec(text: str) -> Config:
+    """``"name:hidden:batch:steps"`` -> :class:`Config`; ValueError on a bad one."""
+    parts = text.split(":")
+    if len(parts) != 4 or not parts[0]:
+        raise ValueError(f"expected name:hidden:batch:steps, got {text!r}")
+    try:
+        sizes = [int(p) for p in parts[1:]]
+    except ValueError:
+        raise ValueError(f"expected integer hidden:batch:steps, got {text!r}") from None
+    if min(sizes) < 1:
+        raise ValueError(f"hidden, batch and steps must be >= 1, got {text!r}")
+    return Config(parts[0], *sizes)
+
+
+def all_configs(specs: Iterable[str]) -> dict[str, Config]:
+    """The built-in configs plus the custom ``--config_spec`` ones."""
+    configs = dict(CONFIGS)
+    for text in specs:
+        config = parse_config_spec(text)
+        configs[config.name] = config
+    return configs
+
+
+def selected_configs(names: list[str], specs: list[str]) -> list[Config]:
+    """``--configs`` in order, then custom configs not already named."""
+    configs = all_configs(specs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"unknown config {unknown[0]!r}; expected one of {', '.join(configs)}")
+    custom = [parse_config_spec(s).name for s in specs]
+    return [configs[n] for n in dict.fromkeys([*names, *custom])]
+
+
+def parse_bools(values: list[str]) -> list[bool]:
+    out = []
+    for v in values:
+        if v.lower() not in BOOLS:
+            raise ValueError(f"expected true or false, got {v!r}")
+        out.append(BOOLS[v.lower()])
+    return list(dict.fromkeys(out))
+
+
+def parse_layers(values: list[str]) -> list[int]:
+    try:
+        layers = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"expected integers, got {','.join(values)!r}") from None
+    if not layers or min(layers) < 1:
+        raise ValueError(f"expected integers >= 1, got {','.join(values)!r}")
+    return list(dict.fromkeys(layers))
+
+
+def check_choices(values: list[str], allowed: Iterable[str], what: str) -> None:
+    allowed = tuple(allowed)
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"unknown {what} {v!r}; expected one of {', '.join(allowed)}")
+
+
+def make_cases(configs, cells, layers, bidirectional) -> list[Case]:
+    return [Case(*c) for c in itertools.product(configs, cells, layers, bidirectional)]
+
+
+# --- running workers -----------------------------------------------------------------
+
+
+def worker_env(threads: int, device: str) -> dict[str, str]:
+    """The environment of every worker: the same thread settings for all implementations."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_worker(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str, Any]:
+    """Runs one ``experiments.bench_worker`` process; returns its JSON line's object."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_worker",
+        json.dumps({**spec, "threads": threads}),
+    ]
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=worker_env(threads, spec.get("device", "auto")),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "skip": False, "error": f"worker timed out after {timeout_s:g} s"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"ok": False, "skip": False, "error": f"worker exited {proc.returncode}: {tail}"}
+
+
+def _median(values: list[Any]) -> Any:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over rounds of each round's numbers (a round's step time is its median)."""
+    ok = [r for r in rounds if r.get("ok")]
+    if not ok:
+        errors = [r.get("error", "?") for r in rounds]
+        return {"ok": False, "error": errors[0] if errors else "not run", "rounds": rounds}
+    steps = [r.get("step_s") for r in ok if r.get("step_s") is not None]
+    out: dict[str, Any] = {
+        "ok": True,
+        "platform": ok[0].get("platform"),
+        "device_name": ok[0].get("device_name"),
+        "num_params": ok[0].get("num_params"),
+        "rounds_ok": len(ok),
+        "step_s": _median(steps),
+        "step_s_min": min(steps) if steps else None,
+        "step_s_max": max(steps) if steps else None,
+        "tokens_per_s": None,
+        "compile_s": _median([r.get("compile_s") for r in ok]),
+        "first_step_s": _median([r.get("first_step_s") for r in ok]),
+        "loss_first": ok[0].get("loss_first"),
+        "loss_last": ok[0].get("loss_last"),
+    }
+    tokens = ok[0].get("tokens_per_step")
+    if tokens and out["step_s"]:
+        out["tokens_per_s"] = tokens / out["step_s"]
+    keys = sorted({k for r in ok for k in r.get("memory", {})})
+    memory = {k: _median([r.get("memory", {}).get(k) for r in ok]) for k in keys}
+    out["memory"] = {k: None if v is None else int(v) for k, v in memory.items()}
+    for extra in ("hoist_input", "torch_threads", "cudnn", "thread_info", "threads"):
+        if extra in ok[0]:
+            out[extra] = ok[0][extra]
+    out["rounds"] = rounds
+    return out
+
+
+class Runner:
+    """Runs worker processes, resolves the device, skips missing implementations."""
+
+    def __init__(self, options: dict[str, Any], threads: int, timeout_s: float, echo, total: int):
+        self.options = options  # spec keys shared by every worker
+        self.threads = threads
+        self.timeout_s = timeout_s
+        self.echo = echo
+        self.device = options.get("device", "auto")
+        self.device_name: str | None = None  # JAX's device, as jax.devices() names it
+        self.hoist_input: bool | None = None  # what hoist_input="auto" resolved to
+        self.skipped: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.done = 0
+        self.total = total
+
+    def available(self, impl: str) -> bool:
+        return impl not in self.skipped
+
+    def run(self, impl: str, spec: dict[str, Any], label: str) -> dict[str, Any] | None:
+        self.done += 1
+        if not self.available(impl):
+            return None
+        result = run_worker(
+            {**self.options, **spec, "impl": impl, "device": self.device},
+            self.threads,
+            self.timeout_s,
+        )
+        where = f"[{self.done}/{self.total}] {label} {impl}"
+        if result.get("skip"):
+            self.skipped[impl] = result.get("error", "unavailable")
+            self.notes.append(f"{impl} skipped: {self.skipped[impl]}")
+            self.echo(f"{where}: skipped ({self.skipped[impl]})")
+            return None
+        if not result.get("ok"):
+            self.echo(f"{where}: FAILED ({result.get('error')})")
+            return result
+        if self.device == "auto" and impl != "torch":  # later workers use JAX's platform
+            self.device = result["platform"]
+        if self.device_name is None and impl != "torch":
+            self.device_name = result.get("device_name")
+        if impl == "rnn_jax" and "hoist_input" in result:
+            self.hoist_input = result["hoist_input"]
+        msg = []
+        if result.get("step_s") is not None:
+            msg.append(f"{fmt_ms(result['step_s'])} ms/step")
+        if result.get("compile_s") is not None:
+            msg.append(f"compile {result['compile_s']:.2f} s")
+        if result.get("memory", {}).get("temp_bytes") is not None:
+            msg.append(f"temp {fmt_mib(result['memory']['temp_bytes'])} MiB")
+        self.echo(f"{where}: {', '.join(msg)}")
+        return result
+
+
+def run_benchmark(cases: list[Case], impls: list[str], runner: Runner, rounds: int) -> list[dict]:
+    """Every case, implementations alternating within each round."""
+    results = []
+    for case in cases:
+        per_impl: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for r in range(rounds):
+            for impl in impls:
+                result = runner.run(impl, case.spec(), f"{case.label()} round {r + 1}")
+                if result is not None:
+                    per_impl[impl].append(result)
+        for impl in impls:
+            if per_impl[impl]:
+                results.append({**case.key(), "impl": impl, **aggregate(per_impl[impl])})
+            elif impl in runner.skipped:
+                results.append({**case.key(), "impl": impl, "ok": False, "skipped": True})
+    return results
+
+
+def compile_variants(base: Config) -> tuple[tuple[str, int, int], ...]:
+    """``(key, num_steps, num_layers)`` of the compile-time measurements."""
+    return (
+        ("base", base.num_steps, 1),
+        ("T32", 32, 1),
+        ("T1024", 1024, 1),
+        ("L4", base.num_steps, 4),
+    )
+
+
+def run_compile_report(base: Config, cells, impls, runner: Runner, rounds: int) -> dict:
+    """Compile times (lowering + XLA) of ``base``'s step and how they scale with T and depth."""
+    impls = [i for i in impls if i != "torch"]  # nothing to compile ahead of time
+    variants = compile_variants(base)
+    times: dict[tuple, list[dict]] = {}
+    for r in range(rounds):
+        for cell in cells:
+            for impl in impls:
+                for key, steps, layers in variants:
+                    spec = {
+                        "hidden_size": base.hidden_size,
+                        "batch_size": base.batch_size,
+                        "num_steps": steps,
+                        "cell": cell,
+                        "num_layers": layers,
+                        "bidirectional": False,
+                        "compile_only": True,
+                    }
+                    res = runner.run(impl, spec, f"compile {cell} {key} round {r + 1}")
+                    if res is not None:
+                        times.setdefault((cell, impl, key), []).append(res)
+    report = []
+    for cell in cells:
+        for impl in impls:
+            entry: dict[str, Any] = {"cell": cell, "impl": impl, "compile_s": {}, "temp_bytes": {}}
+            for key, _, _ in variants:
+                agg = aggregate(times.get((cell, impl, key), []))
+                entry["compile_s"][key] = agg.get("compile_s")
+                entry["temp_bytes"][key] = agg.get("memory", {}).get("temp_bytes")
+            c = entry["compile_s"]
+            entry["ratio_T1024_T32"] = _ratio(c.get("T1024"), c.get("T32"))
+            entry["ratio_L4_L1"] = _ratio(c.get("L4"), c.get("base"))
+            if any(v is not None for v in c.values()):
+                report.append(entry)
+    return {"config": dataclasses.asdict(base), "entries": report}
+
+
+def run_remat_report(base: Config, cells, runner: Runner, rounds: int) -> dict:
+    """rnn_jax on ``base`` (1 layer) without and with remat: temp memory and step time."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in range(rounds):
+        for cell in cells:
+            for remat in (False, True):
+                spec = {
+                    "hidden_size": base.hidden_size,
+                    "batch_size": base.batch_size,
+                    "num_steps": base.num_steps,
+                    "cell": cell,
+                    "num_layers": 1,
+                    "bidirectional": False,
+                    "remat": remat,
+                }
+                label = f"remat={str(remat).lower()} {cell} round {r + 1}"
+                res = runner.run("rnn_jax", spec, label)
+                if res is not None:
+                    runs.setdefault((cell, remat), []).append(res)
+    report = []
+    for cell in cells:
+        off, on = aggregate(runs.get((cell, False), [])), aggregate(runs.get((cell, True), []))
+        if not (off.get("ok") or on.get("ok")):
+            continue
+        entry = {
+            "cell": cell,
+            "temp_bytes_no_remat": off.get("memory", {}).get("temp_bytes"),
+            "temp_bytes_remat": on.get("memory", {}).get("temp_bytes"),
+            "step_s_no_remat": off.get("step_s"),
+            "step_s_remat": on.get("step_s"),
+        }
+        entry["temp_ratio"] = _ratio(entry["temp_bytes_remat"], entry["temp_bytes_no_remat"])
+        entry["time_ratio"] = _ratio(entry["step_s_remat"], entry["step_s_no_remat"])
+        entry["runs"] = {"no_remat": off, "remat": on}
+        report.append(entry)
+    return {"config": dataclasses.asdict(base), "entries": report}
+
+
+# --- machine, versions ---------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(gpu_name: str | None = None) -> dict[str, Any]:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "gpu": gpu_name,
+        "os": platform.platform(),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_label(meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    if meta.get("platform") == "gpu" and m.get("gpu"):
+        return f"GPU {m['gpu']}"
+    return f"CPU {m['cpu']} ({m['cores_usable']} cores)"
+
+
+# --- tables and markdown -------------------------------------------------------------
+
+
+def fmt_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def fmt_mib(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "–"
+    mib = nbytes / MIB
+    return f"{mib:.0f}" if mib >= 100 else f"{mib:.1f}" if mib >= 1 else f"{mib:.3f}"
+
+
+def fmt_num(x: float | None, spec: str = ",.0f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}x"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+CASE_COLUMNS = ["config", "H", "B", "T", "cell", "layers", "bidir"]
+
+
+def _case_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        r["config"],
+        str(r["hidden_size"]),
+        str(r["batch_size"]),
+        str(r["num_steps"]),
+        r["cell"],
+        str(r["num_layers"]),
+        "yes" if r["bidirectional"] else "no",
+    ]
+
+
+def _case_id(r: dict[str, Any]) -> tuple:
+    return tuple(r[k] for k in ("config", "cell", "num_layers", "bidirectional"))
+
+
+def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
+    """Side by side: ms/step and tokens/s per implementation, rnn_jax's speedups.
+
+    Speedup vs a peer = peer step time / rnn_jax step time (> 1: rnn_jax is faster).
+    """
+    peers = [i for i in impls if i != "rnn_jax"]
+    header = list(CASE_COLUMNS)
+    for impl in impls:
+        header += [f"{impl} ms/step", f"{impl} tokens/s"]
+    header += [f"speedup vs {p}" for p in peers]
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in results:
+        by_case.setdefault(_case_id(r), {})[r["impl"]] = r
+    rows = []
+    for group in by_case.values():
+        first = next(iter(group.values()))
+        row = _case_cells(first)
+        for impl in impls:
+            r = group.get(impl)
+            if r is None or not r.get("ok"):
+                status = "skipped" if r is None or r.get("skipped") else "failed"
+                row += [status, "–"]
+            else:
+                row += [fmt_ms(r["step_s"]), fmt_num(r["tokens_per_s"])]
+        ours = group.get("rnn_jax", {})
+        for p in peers:
+            theirs = group.get(p, {})
+            ok = ours.get("ok") and theirs.get("ok")
+            row.append(fmt_ratio(_ratio(theirs.get("step_s"), ours.get("step_s")) if ok else None))
+        rows.append(row)
+    return _table(header, rows)
+
+
+DETAIL_COLUMNS = [
+    "impl",
+    "compile s",
+    "first step s",
+    "XLA temp MiB",
+    "XLA args+out MiB",
+    "XLA total MiB",
+    "peak device MiB",
+    "max RSS MiB",
+    "params",
+]
+
+
+def detail_table(results: list[dict[str, Any]]) -> str:
+    """Compile time, first-step time and memory of each (case, implementation)."""
+    rows = []
+    for r in results:
+        if not r.get("ok"):
+            continue
+        m = r.get("memory", {})
+        args_out = None
+        if m.get("argument_bytes") is not None:
+            args_out = m["argument_bytes"] + m.get("output_bytes", 0)
+        rows.append(
+            _case_cells(r)
+            + [
+                r["impl"],
+                fmt_num(r.get("compile_s"), ".2f"),
+                fmt_num(r.get("first_step_s"), ".3f"),
+                fmt_mib(m.get("temp_bytes")),
+                fmt_mib(args_out),
+                fmt_mib(m.get("xla_total_bytes")),
+                fmt_mib(m.get("peak_device_bytes")),
+                fmt_mib(m.get("max_rss_bytes")),
+                fmt_num(r.get("num_params")),
+            ]
+        )
+    return _table(CASE_COLUMNS + DETAIL_COLUMNS, rows)
+
+
+def compile_table(report: dict[str, Any]) -> str:
+    b = Config(**report["config"])
+    header = [
+        "cell",
+        "impl",
+        f"{b.name} compile s (H={b.hidden_size} B={b.batch_size} T={b.num_steps})",
+        "T=32 s",
+        "T=1024 s",
+        "T=1024 / T=32",
+        "4 layers s",
+        "4 layers / 1 layer",
+    ]
+    rows = []
+    for e in report["entries"]:
+        c = e["compile_s"]
+        rows.append(
+            [
+                e["cell"],
+                e["impl"],
+                fmt_num(c.get("base"), ".2f"),
+                fmt_num(c.get("T32"), ".2f"),
+                fmt_num(c.get("T1024"), ".2f"),
+                fmt_ratio(e.get("ratio_T1024_T32")),
+                fmt_num(c.get("L4"), ".2f"),
+                fmt_ratio(e.get("ratio_L4_L1")),
+            ]
+        )
+    return _table(header, rows)
+
+
+def remat_table(report: dict[str, Any]) -> str:
+    header = [
+        "cell",
+        "temp MiB, no remat",
+        "temp MiB, remat",
+        "temp remat / no remat",
+        "ms/step, no remat",
+        "ms/step, remat",
+        "time remat / no remat",
+    ]
+    rows = [
+        [
+            e["cell"],
+            fmt_mib(e.get("temp_bytes_no_remat")),
+            fmt_mib(e.get("temp_bytes_remat")),
+            fmt_ratio(e.get("temp_ratio")),
+            fmt_ms(e.get("step_s_no_remat")),
+            fmt_ms(e.get("step_s_remat")),
+            fmt_ratio(e.get("time_ratio")),
+        ]
+        for e in report["entries"]
+    ]
+    return _table(header, rows)
+
+
+GRU_NOTE = (
+    "GRU: rnn_jax runs `cells.gru(H, reset_after={value})`{what}; flax.linen and PyTorch "
+    "use the reset-after form."
+)
+
+
+def settings_notes(meta: dict[str, Any]) -> list[str]:
+    o = meta["options"]
+    ra = o["reset_after"]
+    what = (
+        " (the reset-after form of PyTorch / cuDNN / flax.linen, so all three compute the "
+        "same function; rnn_jax's own default is the seed's reset-before form)"
+        if ra
+        else " (the seed's reset-before form: not the function the peers compute)"
+    )
+    return [
+        GRU_NOTE.format(value=ra, what=what),
+        f"rnn_jax network options: unroll={o['unroll']}, remat={o['remat']}, "
+        f"hoist_input={o['hoist_input']}"
+        + (f" (used: {o['hoist_input_used']})" if o.get("hoist_input_used") is not None else "")
+        + "; flax.linen and PyTorch run with their defaults.",
+        "Input is one-hot (vocabulary "
+        f"{o['vocab_size']}); rnn_jax computes onehot(x) W_x as a row lookup, the peers "
+        "multiply the one-hot matrix.",
+        f"Each number: median over {o['rounds']} round(s) (fresh process each, implementations "
+        f"alternating) of the round's median step; {o['warmup']} warm-up step(s), then up to "
+        f"{o['iters']} timed steps (at least {o['min_iters']}, stopping after "
+        f"{o['max_time_s']:g} s), each synchronised.",
+        "Speedup vs a peer = peer ms/step / rnn_jax ms/step. JAX compile s = lowering + XLA "
+        "compilation of the whole step; XLA memory from `compiled.memory_analysis()`; "
+        "max RSS is the worker process's (runtime and imports included).",
+    ]
+
+
+def render_section(report: dict[str, Any]) -> tuple[str, str]:
+    """``(key, markdown)`` of one run: the key names the device and the report kind."""
+    meta = report["meta"]
+    key = f"{device_label(meta)}: {meta['kind']}"
+    m, v = meta["machine"], meta["versions"]
+    lines = [
+        f"<!-- benchmark-section: {key} -->",
+        f"## {key}",
+        "",
+        f"- Date: {meta['date']}",
+        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable)"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU used"),
+        "- Versions: " + ", ".join(f"{k} {val or 'not installed'}" for k, val in v.items()),
+        f"- Threads: {meta['threads']} per worker (OMP/MKL/OpenBLAS, torch.set_num_threads, "
+        "XLA via the CPU affinity mask)",
+        f"- Command: `{meta['command']}`",
+    ]
+    lines += [f"- {n}" for n in [*settings_notes(meta), *meta.get("notes", [])]]
+    if report.get("results"):
+        lines += [
+            "",
+            "### Training step",
+            "",
+            speed_table(report["results"], meta["impls"]),
+            "",
+            "### Compile time and memory",
+            "",
+            detail_table(report["results"]),
+        ]
+    if report.get("compile_report") is not None:
+        lines += [
+            "",
+            "### Compile-time targets",
+            "",
+            "What to look for: with one `lax.scan` per layer the compile time should not "
+            "grow with the sequence length (T=1024 / T=32 near 1) and at most linearly with "
+            "depth (4 layers / 1 layer at most 4).",
+            "",
+            compile_table(report["compile_report"]),
+        ]
+    if report.get("remat_report") is not None:
+        b = Config(**report["remat_report"]["config"])
+        lines += [
+            "",
+            f"### Remat (rnn_jax, H={b.hidden_size} B={b.batch_size} T={b.num_steps}, 1 layer)",
+            "",
+            "XLA temp memory (`memory_analysis().temp_size_in_bytes`) and step time without "
+            "and with `remat=True` (gradient checkpointing of the recurrent step).",
+            "",
+            remat_table(report["remat_report"]),
+        ]
+    lines.append(f"<!-- /benchmark-section: {key} -->")
+    return key, "\n".join(lines) + "\n"
+
+
+def update_markdown(path: Path, key: str, section: str) -> None:
+    """Replaces the section ``key`` of ``path`` (or appends it; creates the file)."""
+    begin, end = f"<!-- benchmark-section: {key} -->", f"<!-- /benchmark-section: {key} -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    i = text.find(begin)
+    j = text.find(end, i) if i >= 0 else -1
+    if i >= 0 and j >= 0:
+        tail = text[j + len(end) :]
+        text = text[:i] + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so importing is free)."""
+    from absl import flags
+
+    flags.DEFINE_list(
+        "configs",
+        ",".join(CONFIGS),
+        "Shapes to run: "
+        + "; ".join(
+            f"{c.name} (H={c.hidden_size} B={c.batch_size} T={c.num_steps})"
+            for c in CONFIGS.values()
+        )
+        + "; or a --config_spec name.",
+    )
+    flags.DEFINE_multi_string(
+        "config_spec",
+        [],
+        'Custom shape "name:hidden:batch:steps" (repeatable); it is run in addition to '
+        "--configs (which may name it; --configs= runs only the custom ones).",
+    )
+    flags.DEFINE_list("cells", ",".join(CELLS), "Cells to run: rnn, gru, lstm.")
+    flags.DEFINE_list("layers", "1,2", "Depths to run (stacked layers).")
+    flags.DEFINE_list("bidirectional", "false,true", "Directions to run: false, true or both.")
+    flags.DEFINE_list(
+        "compare",
+        "",
+        "Peers timed against rnn_jax in their own processes: flax (flax.linen nn.RNN), "
+        "torch (nn.LSTM/GRU/RNN, cuDNN on a GPU). Missing packages are skipped with a note.",
+    )
+    flags.DEFINE_integer(
+        "rounds", 3, "Alternating rounds (a fresh process each); median over them.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "warmup", 2, "Untimed steps after compiling (the first is reported).", lower_bound=1
+    )
+    flags.DEFINE_integer("iters", 10, "Timed steps per round (at most).", lower_bound=1)
+    flags.DEFINE_integer("min_iters", 3, "Timed steps per round (at least).", lower_bound=1)
+    flags.DEFINE_float(
+        "max_time_s",
+        20.0,
+        "Stop a round's timed steps after this many seconds (once past --min_iters).",
+        lower_bound=0,
+    )
+    flags.DEFINE_integer(
+        "vocab_size", 28, "Vocabulary size V (the book's characters: 28).", lower_bound=2
+    )
+    flags.DEFINE_float("lr", 1.0, "SGD learning rate (does not change the timing).", lower_bound=0)
+    flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the random batch.")
+    flags.DEFINE_integer("unroll", 1, "rnn_jax: lax.scan unroll factor.", lower_bound=1)
+    flags.DEFINE_bool("remat", False, "rnn_jax: gradient checkpointing of the recurrent step.")
+    flags.DEFINE_enum(
+        "hoist_input",
+        "auto",
+        ["auto", "true", "false"],
+        "rnn_jax: input projection as one matmul outside the scan (auto: the backend's default).",
+    )
+    flags.DEFINE_bool(
+        "reset_after",
+        True,
+        "rnn_jax GRU form: true = reset after the recurrent matmul (PyTorch, cuDNN, flax.linen: "
+        "the same function as the peers); false = the seed's reset-before GRU.",
+    )
+    flags.DEFINE_integer(
+        "threads",
+        0,
+        "CPU threads of every worker (0: all cores this process may use).",
+        lower_bound=0,
+    )
+    flags.DEFINE_enum(
+        "device",
+        "auto",
+        ["auto", "cpu", "gpu"],
+        "auto: JAX's default backend, and the peers follow it; cpu or gpu to insist.",
+    )
+    flags.DEFINE_string("output", "benchmarks.json", "JSON file of all results; empty: none.")
+    flags.DEFINE_string(
+        "markdown",
+        "BENCHMARKS.md",
+        "Markdown file whose section for this device and report is replaced (or appended); "
+        "empty: none.",
+    )
+    flags.DEFINE_bool(
+        "compile_report",
+        False,
+        "Run only the compile-time targets: the medium step's compile time, T=1024 vs T=32 and "
+        "4 layers vs 1 layer compile-time ratios (rnn_jax, and flax with --compare=flax).",
+    )
+    flags.DEFINE_bool(
+        "remat_report",
+        False,
+        "Run only the remat target: rnn_jax temp memory and step time at T=1024 (long) "
+        "without and with remat.",
+    )
+    flags.DEFINE_string(
+        "compile_config",
+        "medium",
+        "--compile_report: the shape whose compile time is reported and varied (T=32, "
+        "T=1024, 4 layers); a config name.",
+    )
+    flags.DEFINE_string(
+        "remat_config", "long", "--remat_report: the shape (1 layer) timed without and with remat."
+    )
+    flags.DEFINE_integer(
+        "worker_timeout_s", 3600, "Give up on one worker process after this long.", lower_bound=1
+    )
+
+    def validate(name: str, check: Callable[[Any], Any]) -> None:
+        def ok(value):
+            try:
+                check(value)
+            except ValueError as e:
+                raise flags.ValidationError(str(e)) from None
+            return True
+
+        flags.register_validator(name, ok)
+
+    validate("cells", lambda v: check_choices(v, CELLS, "cell"))
+    validate("compare", lambda v: check_choices(v, PEERS, "peer"))
+    validate("layers", parse_layers)
+    validate("bidirectional", parse_bools)
+    validate("config_spec", lambda v: [parse_config_spec(s) for s in v])
+
+    def configs_ok(d):
+        try:
+            selected = selected_configs(d["configs"], d["config_spec"])
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        if not selected and not (d["compile_report"] or d["remat_report"]):
+            raise flags.ValidationError("no configs selected")
+        known = all_configs(d["config_spec"])
+        for name in ("compile_config", "remat_config"):
+            if d[name] not in known:
+                raise flags.ValidationError(
+                    f"--{name}: unknown config {d[name]!r}; expected one of {', '.join(known)}"
+                )
+        return True
+
+    flags.register_multi_flags_validator(
+        [
+            "configs",
+            "config_spec",
+            "compile_report",
+            "remat_report",
+            "compile_config",
+            "remat_config",
+        ],
+        configs_ok,
+    )
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        sys.exit(2)
+    echo = lambda s: print(s, flush=True)
+    impls = ["rnn_jax", *dict.fromkeys(FLAGS.compare)]
+    usable = len(os.sched_getaffinity(0))
+    threads = min(FLAGS.threads, usable) if FLAGS.threads else usable
+    options = {
+        "vocab_size": FLAGS.vocab_size,
+        "reset_after": FLAGS.reset_after,
+        "unroll": FLAGS.unroll,
+        "remat": FLAGS.remat,
+        "hoist_input": FLAGS.hoist_input,
+        "lr": FLAGS.lr,
+        "seed": FLAGS.seed,
+        "warmup": FLAGS.warmup,
+        "iters": FLAGS.iters,
+        "min_iters": min(FLAGS.min_iters, FLAGS.iters),
+        "max_time_s": FLAGS.max_time_s,
+        "device": FLAGS.device,
+    }
+    notes = []
+    for impl, module in (("flax", "flax"), ("torch", "torch")):
+        if impl in impls and importlib.util.find_spec(module) is None:
+            notes.append(f"{impl} skipped: not installed")
+            impls.remove(impl)
+    reports = FLAGS.compile_report or FLAGS.remat_report
+    kinds = [
+        k
+        for k, on in (
+            ("compile report", FLAGS.compile_report),
+            ("remat report", FLAGS.remat_report),
+        )
+        if on
+    ]
+    kind = " + ".join(kinds) if reports else "training step"
+
+    cases = []
+    if not reports:
+        configs = selected_configs(FLAGS.configs, FLAGS.config_spec)
+        cases = make_cases(
+            configs,
+            list(dict.fromkeys(FLAGS.cells)),
+            parse_layers(FLAGS.layers),
+            parse_bools(FLAGS.bidirectional),
+        )
+    cells = list(dict.fromkeys(FLAGS.cells))
+    total = len(cases) * FLAGS.rounds * len(impls)
+    if FLAGS.compile_report:
+        total += (
+            FLAGS.rounds
+            * len(cells)
+            * len([i for i in impls if i != "torch"])
+            * len(compile_variants(CONFIGS["medium"]))
+        )
+    if FLAGS.remat_report:
+        total += FLAGS.rounds * len(cells) * 2
+    runner = Runner(
+        {**options, "device": FLAGS.device}, threads, FLAGS.worker_timeout_s, echo, total
+    )
+    runner.notes.extend(notes)
+    echo(
+        f"{kind}: {total} worker processes, {threads} threads each, "
+        f"implementations {', '.join(impls)}"
+    )
+
+    known = all_configs(FLAGS.config_spec)
+    report: dict[str, Any] = {}
+    if not reports:
+        report["results"] = run_benchmark(cases, impls, runner, FLAGS.rounds)
+    if FLAGS.compile_report:
+        base = known[FLAGS.compile_config]
+        report["compile_report"] = run_compile_report(base, cells, impls, runner, FLAGS.rounds)
+    if FLAGS.remat_report:
+        base = known[FLAGS.remat_config]
+        report["remat_report"] = run_remat_report(base, cells, runner, FLAGS.rounds)
+    if "rnn_jax" in runner.skipped:
+        print(f"error: rnn_jax cannot run: {runner.skipped['rnn_jax']}", file=sys.stderr)
+        sys.exit(1)
+
+    platform_used = runner.device if runner.device != "auto" else "cpu"
+    gpu = runner.device_name if platform_used == "gpu" else None
+    for r in report.get("results", []):
+        if r.get("ok") and r.get("platform") != platform_used:
+            runner.notes.append(
+                f"{r['impl']} ran on {r.get('platform')} while rnn_jax ran on {platform_used}"
+            )
+    report = {
+        "meta": {
+            "kind": kind,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python -m experiments.benchmark " + shlex.join(sys.argv[1:]),
+            "machine": machine_info(gpu),
+            "platform": platform_used,
+            "versions": versions(),
+            "threads": threads,
+            "impls": impls,
+            "options": {**options, "rounds": FLAGS.rounds, "hoist_input_used": runner.hoist_input},
+            "notes": list(dict.fromkeys(runner.notes)),
+        },
+        **report,
+    }
+    key, section = render_section(report)
+    echo("")
+    echo(section)
+    if FLAGS.output:
+        Path(FLAGS.output).write_text(json.dumps(report, indent=2) + "\n")
+        echo(f"wrote {FLAGS.output}")
+    if FLAGS.markdown:
+        update_markdown(Path(FLAGS.markdown), key, section)
+        echo(f"updated section {key!r} of {FLAGS.markdown}")
+    failed = [r for r in report.get("results", []) if not r.get("ok") and not r.get("skipped")]
+    if failed:
+        echo(f"{len(failed)} measurement(s) failed; see the errors above and in the JSON")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    from experiments.common import parse_flags_or_exit_2
+
+    define_flags()
+    app.run(main, flags_parser=parse_flags_or_exit_2)

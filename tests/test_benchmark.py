@@ -1,0 +1,338 @@
+"""The training-step benchmark at tiny sizes: workers, aggregation, tables, flags."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import bench_worker, benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+H = 8
+TINY = {
+    "hidden_size": H,
+    "batch_size": 4,
+    "num_steps": 8,
+    "cell": "gru",
+    "num_layers": 1,
+    "bidirectional": False,
+    "warmup": 1,
+    "iters": 2,
+    "min_iters": 2,
+}
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _worker(report, impl):
+    """The raw JSON line of ``impl``'s worker process, or None if ``impl`` was skipped."""
+    (result,) = [r for r in report["results"] if r["impl"] == impl]
+    if result.get("skipped"):
+        return None
+    assert result["ok"], result
+    assert result["rounds_ok"] == 1 and result["config"] == "tiny" and result["bidirectional"]
+    (raw,) = result["rounds"]
+    assert result["step_s"] == raw["step_s"]
+    return raw
+
+
+def _check_worker(r, impl):
+    assert r["ok"] and r["impl"] == impl and r["platform"] == "cpu"
+    assert len(r["step_times_s"]) == 2 and r["steps_run"] == 3
+    assert 0 < r["step_s"] < 10 and 0 < r["first_step_s"] < 60
+    assert r["tokens_per_step"] == 4 * 8
+    assert r["tokens_per_s"] == pytest.approx(32 / r["step_s"])
+    assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+    assert abs(r["loss_first"] - math.log(28)) < 1.0  # a fresh model on random ids
+    assert r["memory"]["max_rss_bytes"] > r["memory"]["import_rss_bytes"] > 0
+    assert r["threads"] == 1 and r["thread_info"]["OMP_NUM_THREADS"] == "1"
+    assert r["thread_info"]["affinity_cpus"] == 1
+    if impl == "torch":
+        assert r["compile_s"] is None and r["torch_threads"] == 1
+    else:
+        assert 0 < r["compile_s"] < 120
+        m = r["memory"]
+        assert m["temp_bytes"] > 0 and m["argument_bytes"] > 0 and m["output_bytes"] > 0
+        assert m["xla_total_bytes"] == m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
+
+
+def test_tiny_run_of_every_implementation(tmp_path):
+    """One tiny end-to-end run: rnn_jax, flax and torch workers, one process each.
+
+    (One test, so that pytest-xdist runs the three worker processes only once.)
+    """
+    out, md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
+    proc = _cli(
+        "--configs=",
+        f"--config_spec=tiny:{H}:4:8",
+        "--cells=gru",
+        "--layers=1",
+        "--bidirectional=true",
+        "--compare=flax,torch",
+        "--rounds=1",
+        "--warmup=1",
+        "--iters=2",
+        "--min_iters=2",
+        "--threads=1",
+        f"--output={out}",
+        f"--markdown={md}",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    workers = {impl: _worker(report, impl) for impl in ("rnn_jax", "flax", "torch")}
+    for impl, raw in workers.items():
+        if raw is None:
+            assert impl == "torch" and "torch skipped" in " ".join(report["meta"]["notes"])
+        else:
+            _check_worker(raw, impl)
+
+    # the same architecture: flax has rnn_jax's parameter count; PyTorch's GRU has
+    # b_ih and b_hh (6H) where rnn_jax's reset-after GRU has b (3H) and b_hn (H)
+    ours = workers["rnn_jax"]["num_params"]
+    assert workers["flax"]["num_params"] == ours
+    if workers["torch"] is not None:
+        assert workers["torch"]["num_params"] - ours == 2 * H * 2  # two directions
+
+    meta = report["meta"]
+    assert meta["threads"] == 1 and meta["impls"] == ["rnn_jax", "flax", "torch"]
+    assert meta["machine"]["cores"] >= 1 and meta["versions"]["jax"]
+    assert meta["options"]["reset_after"] is True and meta["platform"] == "cpu"
+    assert f"--config_spec=tiny:{H}:4:8" in meta["command"]
+    assert [r["impl"] for r in report["results"]] == ["rnn_jax", "flax", "torch"]
+    markdown = md.read_text()
+    assert markdown.startswith("# Benchmarks")
+    for text in ("### Training step", "| tiny | 8 | 4 | 8 | gru | 1 | yes |", "speedup vs torch"):
+        assert text in markdown
+    assert "speedup vs flax" in proc.stdout and "[3/3]" in proc.stdout
+
+
+def test_compile_only_worker():
+    spec = {**TINY, "cell": "rnn", "num_layers": 1, "bidirectional": False}
+    r = bench_worker.run({**spec, "impl": "rnn_jax", "compile_only": True})
+    assert r["ok"], r
+    assert r["compile_s"] > 0 and r["memory"]["temp_bytes"] > 0
+    assert "step_s" not in r
+
+
+def test_benchmarked_step_is_the_real_train_step(monkeypatch):
+    """The rnn_jax worker times ``rnn_jax.train.make_steps``' step, and it learns."""
+    from rnn_jax import train
+
+    calls = []
+    real = train.make_steps
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "make_steps", spy)
+    spec = {**TINY, "iters": 5, "min_iters": 5}
+    r = bench_worker.run({**spec, "impl": "rnn_jax", "lr": 1.0})
+    assert r["ok"], r
+    assert len(calls) == 1
+    model, tx, config = calls[0][:3]
+    assert model.config.cell == "gru" and model.config.reset_after is True
+    assert config.optimizer == "sgd" and config.grad_clip == 1.0 and config.lr == 1.0
+    assert r["steps_run"] == 6
+    assert r["loss_last"] < r["loss_first"] - 0.05  # six SGD steps on one batch
+
+
+def test_worker_reports_bad_specs():
+    assert not bench_worker.run({"impl": "mxnet"})["ok"]
+    assert "unknown spec keys" in bench_worker.run({"hiden_size": 3})["error"]
+
+
+def test_aggregate_takes_medians_over_rounds():
+    rounds = [
+        {
+            "ok": True,
+            "step_s": s,
+            "tokens_per_step": 100,
+            "compile_s": c,
+            "memory": {"temp_bytes": t},
+        }
+        for s, c, t in ((0.2, 1.0, 10), (0.1, 3.0, 10), (0.4, 2.0, 10))
+    ]
+    agg = benchmark.aggregate([*rounds, {"ok": False, "error": "boom"}])
+    assert agg["ok"] and agg["rounds_ok"] == 3
+    assert agg["step_s"] == 0.2 and agg["step_s_min"] == 0.1 and agg["step_s_max"] == 0.4
+    assert agg["tokens_per_s"] == pytest.approx(500.0)
+    assert agg["compile_s"] == 2.0 and agg["memory"] == {"temp_bytes": 10}
+    failed = benchmark.aggregate([{"ok": False, "error": "boom"}])
+    assert not failed["ok"] and failed["error"] == "boom"
+
+
+def test_config_selection():
+    assert benchmark.parse_config_spec("tiny:8:4:16") == benchmark.Config("tiny", 8, 4, 16)
+    for bad in ("tiny:8:4", "tiny:8:x:4", ":8:4:4", "tiny:0:4:4"):
+        with pytest.raises(ValueError):
+            benchmark.parse_config_spec(bad)
+    names = [c.name for c in benchmark.selected_configs(["d2l", "long"], ["tiny:8:4:8"])]
+    assert names == ["d2l", "long", "tiny"]
+    assert [c.name for c in benchmark.selected_configs([], ["tiny:8:4:8"])] == ["tiny"]
+    with pytest.raises(ValueError, match="unknown config 'huge'"):
+        benchmark.selected_configs(["huge"], [])
+    cases = benchmark.make_cases(
+        [benchmark.CONFIGS["d2l"]],
+        ["gru", "lstm"],
+        [1, 2],
+        benchmark.parse_bools(["false", "true"]),
+    )
+    assert len(cases) == 8
+
+
+def _result(impl, step_s, ok=True, **kw):
+    case = {
+        "config": "d2l",
+        "hidden_size": 32,
+        "batch_size": 1024,
+        "num_steps": 32,
+        "cell": "gru",
+        "num_layers": 1,
+        "bidirectional": False,
+    }
+    if not ok:
+        return {**case, "impl": impl, "ok": False, **kw}
+    memory = {"max_rss_bytes": 300 * benchmark.MIB}
+    if impl != "torch":
+        memory.update(temp_bytes=2 * benchmark.MIB, argument_bytes=1024, output_bytes=1024)
+        memory["xla_total_bytes"] = memory["temp_bytes"] + 2048
+    return {
+        **case,
+        "impl": impl,
+        "ok": True,
+        "step_s": step_s,
+        "tokens_per_s": 32768 / step_s,
+        "compile_s": None if impl == "torch" else 1.5,
+        "first_step_s": 0.01,
+        "num_params": 5000,
+        "memory": memory,
+        **kw,
+    }
+
+
+def _report(results, impls, platform="cpu", gpu=None):
+    return {
+        "meta": {
+            "kind": "training step",
+            "date": "2026-01-01 00:00 UTC",
+            "command": "python -m experiments.benchmark --compare=flax,torch",
+            "machine": {"cpu": "Some CPU", "cores": 4, "cores_usable": 4, "gpu": gpu},
+            "platform": platform,
+            "versions": {"python": "3.11", "jax": "0.1", "torch": None},
+            "threads": 4,
+            "impls": impls,
+            "options": {
+                "vocab_size": 28,
+                "reset_after": True,
+                "unroll": 1,
+                "remat": False,
+                "hoist_input": "auto",
+                "hoist_input_used": False,
+                "rounds": 3,
+                "warmup": 2,
+                "iters": 10,
+                "min_iters": 3,
+                "max_time_s": 20.0,
+            },
+            "notes": ["torch skipped: not installed"],
+        },
+        "results": results,
+    }
+
+
+def test_speed_table_columns_and_ratios():
+    results = [_result("rnn_jax", 0.010), _result("flax", 0.020), _result("torch", 0.005)]
+    table = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"])
+    header, rule, row = table.splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == [
+        *benchmark.CASE_COLUMNS,
+        "rnn_jax ms/step",
+        "rnn_jax tokens/s",
+        "flax ms/step",
+        "flax tokens/s",
+        "torch ms/step",
+        "torch tokens/s",
+        "speedup vs flax",
+        "speedup vs torch",
+    ]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == len(columns) and rule.count("---") == len(columns)
+    assert cells[:7] == ["d2l", "32", "1024", "32", "gru", "1", "no"]
+    assert cells[7:9] == ["10.0", "3,276,800"]
+    assert cells[-2:] == ["2.00x", "0.50x"]  # peer time / rnn_jax time
+
+
+def test_tables_mark_skipped_and_failed_peers():
+    results = [
+        _result("rnn_jax", 0.010),
+        _result("flax", 0, ok=False, error="boom"),
+        _result("torch", 0, ok=False, skipped=True),
+    ]
+    row = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"]).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[9] == "failed" and cells[11] == "skipped" and cells[-2:] == ["–", "–"]
+    detail = benchmark.detail_table(results).splitlines()
+    assert [c.strip() for c in detail[0].strip("|").split("|")] == (
+        benchmark.CASE_COLUMNS + benchmark.DETAIL_COLUMNS
+    )
+    assert len(detail) == 3  # header, rule, the one successful measurement
+    assert "| rnn_jax | 1.50 | 0.010 | 2.0 | 0.002 | 2.0 | – | 300 | 5,000 |" in detail[2]
+
+
+def test_markdown_sections_are_replaced_per_device(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nHow to produce this file.\n")
+    impls = ["rnn_jax", "flax"]
+    report = _report([_result("rnn_jax", 0.010), _result("flax", 0.020)], impls)
+    key, section = benchmark.render_section(report)
+    assert key == "CPU Some CPU (4 cores): training step"
+    for text in ("### Training step", "speedup vs flax", "reset_after=True", "torch skipped"):
+        assert text in section
+    assert "`python -m experiments.benchmark --compare=flax,torch`" in section
+    benchmark.update_markdown(path, key, section)
+    report["results"][1]["step_s"] = 0.030
+    key2, section2 = benchmark.render_section(report)
+    benchmark.update_markdown(path, key2, section2)  # same device: replaced
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nHow to produce this file.\n")
+    assert text.count(f"<!-- benchmark-section: {key} -->") == 1 and "3.00x" in text
+    assert "2.00x" not in text
+    gpu_report = _report([_result("rnn_jax", 0.001)], ["rnn_jax"], "gpu", "NVIDIA H100")
+    key3, section3 = benchmark.render_section(gpu_report)
+    assert key3 == "GPU NVIDIA H100: training step"
+    benchmark.update_markdown(path, key3, section3)  # another device: appended
+    text = path.read_text()
+    assert text.index(key) < text.index(key3) and text.count("3.00x") == 1
+
+
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["--configs=d2l,huge"], "huge"),
+        (["--cells=gru,elman"], "elman"),
+        (["--compare=mxnet"], "mxnet"),
+        (["--config_spec=tiny:8:4"], "name:hidden:batch:steps"),
+        (["--layers=0"], "layers"),
+        (["--bidirectional=maybe"], "maybe"),
+        (["--remat_report", "--remat_config=huge"], "huge"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):
+    proc = _cli(*args, f"--output={tmp_path / 'b.json'}", f"--markdown={tmp_path / 'B.md'}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0]
+    assert proc.stdout == "" and not list(tmp_path.iterdir())
