@@ -198,8 +198,59 @@ class Result:
     params: Any = None
 
 
+class _Meter:
+    """Training metrics between two evaluations.
+
+    Device metrics are read in :meth:`flush` only (not after every step, which would
+    stall the asynchronous dispatch); it also stops on the first non-finite value.
+    """
+
+    def __init__(self, steps_per_epoch: int, tokens_per_step: int, step: int):
+        self.steps_per_epoch, self.tokens_per_step = steps_per_epoch, tokens_per_step
+        self.pending: list[tuple[int, dict]] = []
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.sums = {"loss_sum": 0.0, "count": 0.0, "grad_norm": 0.0}
+        self.steps, self.since_step, self.since = 0, step, time.perf_counter()
+
+    def flush(self, last_saved: int | None) -> None:
+        for step, m in jax.device_get(self.pending):
+            bad = [k for k in ("loss_sum", "grad_norm", "param_norm") if not np.isfinite(m[k])]
+            if bad:
+                what = {"loss_sum": "loss", "grad_norm": "gradients"}.get(bad[0], "parameters")
+                raise NonFiniteLoss(
+                    f"non-finite {what} at step {step} (epoch "
+                    f"{(step - 1) // self.steps_per_epoch + 1}); stopped, last good "
+                    f"checkpoint: step {last_saved}. Lower --lr or set --grad_clip"
+                )
+            for k in self.sums:
+                self.sums[k] += float(m[k])
+            self.steps += 1
+        self.pending.clear()
+
+    def train_loss(self) -> float:
+        return self.sums["loss_sum"] / self.sums["count"]
+
+    def record(self, step: int) -> dict[str, float]:
+        """The interval's numbers; call after :meth:`flush` and before evaluating."""
+        seconds = time.perf_counter() - self.since
+        return {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "train_ppl": perplexity(self.train_loss()),
+            "grad_norm": self.sums["grad_norm"] / max(self.steps, 1),
+            "tokens_per_s": (step - self.since_step) * self.tokens_per_step / seconds,
+            "seconds_per_step": seconds / max(step - self.since_step, 1),
+        }
+
+
 def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
     """Trains (or resumes) the run of ``config`` in ``config.workdir``.
+
+    Evaluates every ``eval_every`` steps (default: every epoch) and at the end,
+    checkpoints every ``checkpoint_every`` steps and at the end, and on SIGTERM /
+    SIGINT saves the current step and returns ``status="interrupted"``.
 
     Raises:
       ConfigError: bad configuration, before anything is compiled or written.
@@ -214,68 +265,37 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
     total = steps_per_epoch * config.epochs
     model = models.language_model(model_config(config, len(vocab)))
     tx = make_optimizer(config, total)
-
-    mesh = parallel.data_mesh(config.data_parallel)
-    if mesh is not None and config.batch_size % mesh.size:
-        from rnn_jax.config import ConfigError
-
-        raise ConfigError(
-            "batch_size",
-            f"{config.batch_size} does not split over {mesh.size} devices; use a multiple "
-            f"of {mesh.size} or --data_parallel=false",
-        )
+    mesh = _mesh(config)
 
     _prepare_workdir(workdir, config, vocab)
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
     state = parallel.place_state(init_state(model, tx, config), mesh)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    abstract = parallel.abstract_state(jax.eval_shape(lambda: state), mesh)
-    restored = ckpt.restore_latest(abstract)
-    start = 0
+    restored = ckpt.restore_latest(parallel.abstract_state(jax.eval_shape(lambda: state), mesh))
+    start, last_saved = 0, None
     if restored is not None:
         start, state, _ = restored
+        last_saved = start
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
     metrics_path = workdir / "metrics.jsonl"
     history = _load_history(metrics_path, upto=start)
-
-    tokens_per_step = config.batch_size * config.num_steps
     echo(
         f"{config.cell} H={config.hidden_size} L={config.num_layers}"
         f"{' bidirectional' if config.bidirectional else ''}, vocab {len(vocab)}, "
         f"{_count(state['params']):,} params; {steps_per_epoch} steps/epoch x "
         f"{config.epochs} epochs = {total} steps"
     )
-    pending: list[tuple[int, dict]] = []  # device metrics not yet read
-    window = {"loss_sum": 0.0, "count": 0.0, "grad_norm": 0.0, "steps": 0}
-    t_start = time.perf_counter()
-    t_last, step_last, last_log = t_start, start, t_start
+    meter = _Meter(steps_per_epoch, config.batch_size * config.num_steps, start)
+    t_start, last_log = time.perf_counter(), time.perf_counter()
     wall_offset = history[-1]["wall_s"] if history else 0.0
-    status, exit_code, step = "completed", 0, start
-    last_saved = start if restored is not None else None
+    status, exit_code = "completed", 0
 
-    def flush():
-        for s, m in pending:
-            loss_sum = float(m["loss_sum"])
-            bad = [k for k in ("loss_sum", "grad_norm", "param_norm") if not math.isfinite(m[k])]
-            if bad:
-                what = {"loss_sum": "loss", "grad_norm": "gradients"}.get(bad[0], "parameters")
-                raise NonFiniteLoss(
-                    f"non-finite {what} at step {s} (epoch {s // steps_per_epoch + 1}); "
-                    f"stopped, last good checkpoint: step {last_saved}. Lower --lr or "
-                    f"set --grad_clip"
-                )
-            window["loss_sum"] += loss_sum
-            window["count"] += float(m["count"])
-            window["grad_norm"] += float(m["grad_norm"])
-            window["steps"] += 1
-        pending.clear()
-
-    def save(s):
+    def save(step: int) -> None:
         nonlocal last_saved
-        flush()
-        if last_saved != s:
-            ckpt.save(s, state, {"step": s, "epoch": s // steps_per_epoch})
-            last_saved = s
+        meter.flush(last_saved)  # never save a state whose loss was not finite
+        if last_saved != step:
+            ckpt.save(step, state, {"step": step, "epoch": step // steps_per_epoch})
+            last_saved = step
 
     try:
         with _SignalCatcher() as signals:
@@ -284,42 +304,31 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
                 batch = data.train_batch(
                     windows, config.batch_size, config.seed, epoch, i, config.partition
                 )
-                state, m = train_step(state, parallel.shard_batch(batch, mesh))
-                pending.append((step + 1, m))
+                state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
                 done = step + 1
-                now = time.perf_counter()
+                meter.pending.append((done, metrics))
                 if is_due(done, config.eval_every or steps_per_epoch, total):
-                    flush()  # waits for the steps: dispatch is asynchronous
-                    now = time.perf_counter()  # training time only: evaluation is excluded
-                    rate = (done - step_last) * tokens_per_step / (now - t_last)
-                    record = {
-                        "step": done,
-                        "epoch": round(done / steps_per_epoch, 4),
-                        "train_ppl": perplexity(window["loss_sum"] / window["count"]),
-                        "val_ppl": evaluate(
-                            eval_step, state["params"], windows, config.batch_size, "val", mesh
-                        ),
-                        "grad_norm": window["grad_norm"] / window["steps"],
-                        "tokens_per_s": rate,
-                        "wall_s": wall_offset + time.perf_counter() - t_start,
-                    }
+                    meter.flush(last_saved)
+                    record = meter.record(done)
+                    val = evaluate(
+                        eval_step, state["params"], windows, config.batch_size, "val", mesh
+                    )
+                    record["val_ppl"] = val
+                    record["wall_s"] = wall_offset + time.perf_counter() - t_start
                     history.append(record)
                     _append_jsonl(metrics_path, record)
-                    eta = (total - done) * (now - t_last) / max(done - step_last, 1)
+                    eta = (total - done) * record["seconds_per_step"]
                     echo(
                         f"step {done}/{total} epoch {record['epoch']:.2f}: "
-                        f"train ppl {record['train_ppl']:.3f}, val ppl {record['val_ppl']:.3f}, "
-                        f"{rate:,.0f} tok/s, ETA {_hms(eta)}"
+                        f"train ppl {record['train_ppl']:.3f}, val ppl {val:.3f}, "
+                        f"{record['tokens_per_s']:,.0f} tok/s, ETA {_hms(eta)}"
                     )
-                    window = dict.fromkeys(window, 0.0)
-                    t_last, step_last, last_log = time.perf_counter(), done, time.perf_counter()
-                elif now - last_log > config.log_every_s:
-                    flush()
-                    echo(
-                        f"step {done}/{total} epoch {done / steps_per_epoch:.2f}: "
-                        f"train loss {window['loss_sum'] / window['count']:.4f}"
-                    )
-                    last_log = now
+                    meter.reset(done)
+                    last_log = time.perf_counter()
+                elif time.perf_counter() - last_log > config.log_every_s:
+                    meter.flush(last_saved)
+                    echo(f"step {done}/{total}: train loss {meter.train_loss():.4f}")
+                    last_log = time.perf_counter()
                 if is_due(done, config.checkpoint_every, total):
                     save(done)
                 if signals.received is not None:
@@ -341,9 +350,21 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
         f"val ppl {final.get('val_ppl', float('nan')):.3f}"
     )
     echo(f"sample: {sample!r}")
-    summary = {"status": status, "step": total, **final, "sample": sample}
-    _write_json_atomic(workdir / "result.json", summary)
+    _write_json_atomic(workdir / "result.json", {"status": status, **final, "sample": sample})
     return Result(status, total, final.get("train_ppl"), final.get("val_ppl"), sample, 0, params)
+
+
+def _mesh(config: TrainConfig):
+    mesh = parallel.data_mesh(config.data_parallel)
+    if mesh is not None and config.batch_size % mesh.size:
+        from rnn_jax.config import ConfigError
+
+        raise ConfigError(
+            "batch_size",
+            f"{config.batch_size} does not split over {mesh.size} devices; use a multiple "
+            f"of {mesh.size} or --data_parallel=false",
+        )
+    return mesh
 
 
 # --- run directory -------------------------------------------------------------------
