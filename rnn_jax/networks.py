@@ -278,7 +278,7 @@ def network(
                 inputs,
                 length,
                 both_directions=bidirectional,
-                hoist_input=hoist or (layer == 0 and tokens),  # a lookup: always outside
+                hoist_input=hoist,
                 unroll=unroll,
                 remat=remat,
             )
