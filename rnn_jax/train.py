@@ -219,10 +219,11 @@ class _Meter:
             bad = [k for k in ("loss_sum", "grad_norm", "param_norm") if not np.isfinite(m[k])]
             if bad:
                 what = {"loss_sum": "loss", "grad_norm": "gradients"}.get(bad[0], "parameters")
+                good = "none" if last_saved is None else f"step {last_saved}"
                 raise NonFiniteLoss(
                     f"non-finite {what} at step {step} (epoch "
                     f"{(step - 1) // self.steps_per_epoch + 1}); stopped, last good "
-                    f"checkpoint: step {last_saved}. Lower --lr or set --grad_clip"
+                    f"checkpoint: {good}. Lower --lr or set --grad_clip"
                 )
             for k in self.sums:
                 self.sums[k] += float(m[k])
