@@ -1,0 +1,70 @@
+"""Small helpers shared by the claims scripts: result paths, mean ± std, plotting setup.
+
+Nothing here defines absl flags, so any script (or test) may import it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mean_std(values: Iterable[float], fmt: str = ".3f") -> str:
+    """``"m ± s"`` over the finite values (sample std; no ``±`` for one value).
+
+    Non-finite values are left out and counted: ``"m ± s (1/3 non-finite)"``.
+    """
+    values = [float(v) for v in values]
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "non-finite"
+    out = f"{statistics.mean(finite):{fmt}}"
+    if len(finite) > 1:
+        out += f" ± {statistics.stdev(finite):{fmt}}"
+    if len(finite) < len(values):
+        out += f" ({len(values) - len(finite)}/{len(values)} non-finite)"
+    return out
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Saves ``fig`` to ``path`` (creating its folder) and closes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path``, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """The raw numbers behind a markdown section, for re-analysis."""
+    write_text(path, json.dumps(obj, indent=1, default=float) + "\n")
+
+
+def int_list(values: Iterable[str], name: str) -> list[int]:
+    """Parses a list flag of ints; raises ValueError naming the flag."""
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--{name}: expected comma-separated integers, got {values!r}") from None
