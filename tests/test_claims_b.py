@@ -1,0 +1,217 @@
+"""The depth, bidirectional and truncated-BPTT claim experiments: helpers and tiny runs."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.claims import bidirectional, depth, tbptt
+from rnn_jax import text, train
+from rnn_jax.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+def test_mask_windows_masks_exactly_one_position_and_labels_the_original():
+    ids, vocab = text.load_corpus(None, "char", 0)
+    mask_id = len(vocab)
+    starts = np.arange(0, 5000, 7)
+    x, pos, labels = bidirectional.mask_windows(ids, starts, 32, mask_id, np.random.default_rng(0))
+    original = ids[starts[:, None] + np.arange(32)]
+    assert x.shape == original.shape and x.dtype == np.int32
+    assert np.all((x == mask_id).sum(axis=1) == 1)  # exactly one mask per window
+    rows = np.arange(len(starts))
+    assert np.all(x[rows, pos] == mask_id)
+    np.testing.assert_array_equal(labels, original[rows, pos])
+    keep = np.ones_like(x, bool)
+    keep[rows, pos] = False
+    np.testing.assert_array_equal(x[keep], original[keep])  # nothing else changed
+    assert set(np.unique(pos)) == set(range(32))  # every position gets masked sometimes
+    assert np.all(labels < mask_id)
+
+
+def test_mask_windows_is_a_function_of_the_rng():
+    ids = np.arange(100) % 5
+    a = bidirectional.mask_windows(ids, np.arange(10), 8, 5, np.random.default_rng(3))
+    b = bidirectional.mask_windows(ids, np.arange(10), 8, 5, np.random.default_rng(3))
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_matching_hidden_equalises_parameter_counts():
+    target = bidirectional.lm_params(28, 32, True)
+    h = bidirectional.matching_hidden(28, target)
+    counts = {k: bidirectional.lm_params(28, k, False) for k in (h - 1, h, h + 1)}
+    assert abs(counts[h] - target) == min(abs(c - target) for c in counts.values())
+    assert abs(counts[h] - target) / target < 0.02
+
+
+def test_stream_split_rows_are_contiguous_and_targets_shifted():
+    ids = np.arange(103)
+    x, y = tbptt.stream_split(ids, 4, 5)
+    assert x.shape == y.shape == (4, 25)
+    np.testing.assert_array_equal(y, x + 1)
+    np.testing.assert_array_equal(np.diff(x, axis=1), 1)
+    np.testing.assert_array_equal(x[:, 0], [0, 25, 50, 75])
+    with pytest.raises(ValueError):
+        tbptt.stream_split(np.arange(10), 4, 5)
+
+
+def test_depth_summary_counts_failed_and_diverged_runs():
+    rows = [
+        {"init": "u", "depth": 1, "lr": 1.0, "clip": 1.0, "val_ppl": 9.0, "diverged": False},
+        {"init": "u", "depth": 1, "lr": 1.0, "clip": 0.0, "val_ppl": 30.0, "diverged": False},
+        {"init": "u", "depth": 1, "lr": 8.0, "clip": 1.0, "val_ppl": 12.0, "diverged": False},
+        {"init": "u", "depth": 1, "lr": 8.0, "clip": 0.0, "val_ppl": math.inf, "diverged": True},
+    ]
+    for r in rows:
+        r["train_ppl"] = r["val_ppl"]
+    s = depth.summarize(rows, fail_ppl=16.0)[("u", 1)]
+    assert s["best"] == (1.0, 1.0)
+    assert s["failed"] == 0.5 and s["diverged"] == 0.25
+    assert s["good_points"] == 2 and s["points"] == 4
+    assert s["by_clip"][1.0]["good_lrs"] == [1.0, 8.0]
+    assert s["by_clip"][0.0]["good_lrs"] == []
+
+
+# --- the depth sweep computes what train.run computes -------------------------------------
+
+
+def test_depth_sweep_run_equals_train_run(tmp_path):
+    kw = dict(hidden_size=8, num_steps=8, num_train=96, num_val=40, batch_size=16, epochs=2)
+    config = TrainConfig(
+        cell="gru",
+        num_layers=2,
+        init="uniform",
+        forget_bias=0.0,
+        optimizer="sgd",
+        lr=4.0,
+        schedule="constant",
+        grad_clip=0.05,  # small enough to engage
+        seed=1,
+        workdir=str(tmp_path / "run"),
+        log_every_s=1e9,
+        sample_chars=2,
+        **kw,
+    )
+    expected = train.run(config, echo=lambda s: None)
+    rows = depth.sweep(num_layers=2, lrs=[4.0], clips=[0.05, 0.0], seeds=[1], init="uniform", **kw)
+    clipped, unclipped = rows
+    assert clipped["clipped"] and not unclipped["copied"]
+    assert clipped["val_ppl"] == pytest.approx(expected.val_ppl, rel=1e-4)
+    assert clipped["train_ppl"] == pytest.approx(expected.train_ppl, rel=1e-4)
+    assert unclipped["val_ppl"] != pytest.approx(clipped["val_ppl"], rel=1e-4)
+
+
+def test_depth_sweep_copies_an_unclipped_run_whose_clipping_never_engaged():
+    rows = depth.sweep(
+        num_layers=1,
+        lrs=[0.1],
+        clips=[1e6, 0.0],
+        seeds=[0],
+        hidden_size=4,
+        num_steps=4,
+        num_train=32,
+        num_val=8,
+        batch_size=16,
+        epochs=1,
+    )
+    assert not rows[0]["clipped"] and rows[1]["copied"]
+    assert rows[1]["val_ppl"] == rows[0]["val_ppl"] and rows[1]["clip"] == 0.0
+
+
+# --- the commands, end to end at tiny sizes ------------------------------------------------
+
+
+def run_command(name: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"experiments.claims.{name}", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_written(proc, outdir: Path, name: str) -> str:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (outdir / f"{name}.png").stat().st_size > 1000
+    md = (outdir / f"{name}.md").read_text()
+    assert f"]({name}.png)" in md
+    return md
+
+
+def test_depth_command(tmp_path):
+    proc = run_command(
+        "depth",
+        "--depths=1,2",
+        "--lrs=1,64",
+        "--seeds=1",
+        "--epochs=1",
+        "--hidden_size=4",
+        "--num_steps=4",
+        "--num_train=64",
+        "--num_val=16",
+        "--batch_size=32",
+        f"--outdir={tmp_path}",
+    )
+    md = assert_written(proc, tmp_path, "depth")
+    assert "Did the claim hold?" in md and "| uniform | 2 |" in md
+
+
+def test_bidirectional_command(tmp_path):
+    proc = run_command(
+        "bidirectional",
+        "--seeds=1",
+        "--mask_hidden=4",
+        "--mask_num_steps=6",
+        "--mask_train_steps=2",
+        "--mask_batch=8",
+        "--mask_num_train=100",
+        "--mask_num_val=20",
+        "--lm_hidden=4",
+        "--lm_epochs=1",
+        "--lm_batch=16",
+        "--lm_num_train=32",
+        "--lm_num_val=16",
+        "--sample_chars=3",
+        "--time_num_steps=4",
+        "--time_batch=4",
+        "--time_iters=1",
+        "--time_rounds=2",
+        "--note=reduced settings: test",
+        f"--outdir={tmp_path}",
+    )
+    md = assert_written(proc, tmp_path, "bidirectional")
+    for heading in ("## (a)", "## (b)", "## (c)", "reduced settings: test"):
+        assert heading in md
+
+
+def test_tbptt_command(tmp_path):
+    proc = run_command(
+        "tbptt",
+        "--seeds=1",
+        "--hidden_size=4",
+        "--batch_size=4",
+        "--num_steps=4",
+        "--num_train=32",
+        "--num_val=16",
+        "--steps=8",
+        "--eval_points=2",
+        "--stream_count=2",
+        f"--outdir={tmp_path}",
+    )
+    md = assert_written(proc, tmp_path, "tbptt")
+    assert "sequential, carried state" in md
+
+
+def test_tbptt_refuses_unequal_token_budgets(tmp_path):
+    proc = run_command("tbptt", "--num_train=100", f"--outdir={tmp_path}")
+    assert proc.returncode == 2 and "multiple" in proc.stderr
+    assert not (tmp_path / "tbptt.md").exists()
