@@ -152,6 +152,7 @@ def test_depth_command(tmp_path):
         "depth",
         "--depths=1,2",
         "--lrs=1,64",
+        "--inits=uniform",
         "--seeds=1",
         "--epochs=1",
         "--hidden_size=4",

@@ -351,8 +351,7 @@ def verdict(results: dict) -> str:
         f"sequential {gap_s:.2f}; the best validation perplexity (windows) reached "
         f"along training: windows {best_w:.2f}, sequential {best_s:.2f}"
         + (
-            " (the sequential model overfits the small training text more: its carried "
-            "state lets it fit the training streams beyond what generalises)."
+            ": the sequential model overfits the small training text sooner and more."
             if gap_s > gap_w + noise
             else "."
         )
