@@ -67,14 +67,10 @@ def generate_ids(
 def _generate_by_rerun(model, params, prefix, keys, temperature):
     p, n = prefix.shape[0], keys.shape[0]
     buffer = jnp.zeros((p + n,), jnp.int32).at[:p].set(prefix)
-    net = model.network
 
     def logits_at(buffer, length):
-        e = model.config.embed_dim
-        xs = params["embed"][buffer] if e else buffer  # ids: one-hot input
-        ys, _ = net.apply(params["network"], xs, length)
-        h = ys[length - 1]
-        return h @ params["output"]["W_hq"] + params["output"]["b_q"]
+        logits, _ = model.apply(params, buffer[None], lengths=length[None])
+        return logits[0, length - 1]
 
     def body(buffer, inp):
         i, k = inp

@@ -84,8 +84,9 @@ class Model(NamedTuple):
       network: the recurrent :class:`rnn_jax.networks.Network`.
       init: ``(key) -> params``.
       initial_carry: ``(batch_size) -> carry`` zeros with a leading batch axis.
-      apply: ``(params, ids <int32>[B, T], carry=None, *, dropout_key=None) ->
-        (logits <float32>[B, T, V], final carry)``.
+      apply: ``(params, ids <int32>[B, T], carry=None, *, lengths=None,
+        dropout_key=None) -> (logits <float32>[B, T, V], final carry)``; ``lengths
+        <int32>[B]`` as in ``Network.apply_batch``.
     """
 
     config: ModelConfig
@@ -131,7 +132,7 @@ def language_model(config: ModelConfig) -> Model:
             lambda c: jnp.broadcast_to(c, (batch_size, *c.shape)), net.initial_carry()
         )
 
-    def apply(params, ids, carry=None, *, dropout_key=None):
+    def apply(params, ids, carry=None, *, lengths=None, dropout_key=None):
         if jnp.ndim(ids) != 2 or not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
             raise ValueError(
                 f"ids: expected <int>[B, T], got {jnp.asarray(ids).dtype}{jnp.shape(ids)}"
@@ -140,7 +141,7 @@ def language_model(config: ModelConfig) -> Model:
         k_net = k_out = None
         if dropout_key is not None:
             k_net, k_out = jax.random.split(dropout_key)
-        ys, final = net.apply_batch(params["network"], xs, None, carry, dropout_key=k_net)
+        ys, final = net.apply_batch(params["network"], xs, lengths, carry, dropout_key=k_net)
         if k_out is not None and config.dropout > 0:
             ys = networks.apply_dropout(k_out, config.dropout, ys)
         logits = ys @ params["output"]["W_hq"] + params["output"]["b_q"]

@@ -189,7 +189,7 @@ class _SignalCatcher:
 class Result:
     """What :func:`run` returns: how it ended and the final numbers."""
 
-    status: str  # "completed", "interrupted", "diverged"
+    status: str  # "completed" or "interrupted" (divergence raises NonFiniteLoss)
     step: int
     train_ppl: float | None = None
     val_ppl: float | None = None
