@@ -77,6 +77,13 @@ flags.DEFINE_float(
 )
 flags.DEFINE_integer("unroll", _D.unroll, "lax.scan unroll factor.")
 flags.DEFINE_bool("remat", _D.remat, "Gradient checkpointing of the recurrent step.")
+flags.DEFINE_enum(
+    "implementation",
+    _D.implementation,
+    ["auto", "fused", "scan"],
+    "Recurrent layers: fused (hand-written backward pass), scan (autodiff) or auto "
+    "(picked per backend and shape).",
+)
 # optimisation
 flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam", "adamw"], "Optimizer (the book: sgd).")
 flags.DEFINE_float("lr", _D.lr, "Peak learning rate.")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn_jax import cells, data, models, text
+from rnn_jax import cells, data, models, networks, text
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -91,6 +91,7 @@ class TrainConfig:
     dropout: float = 0.0
     unroll: int = 1
     remat: bool = False
+    implementation: str = "auto"
     optimizer: str = "adam"
     lr: float = 0.01
     schedule: str = "cosine"
@@ -128,6 +129,7 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
         dropout=config.dropout,
         unroll=config.unroll,
         remat=config.remat,
+        implementation=config.implementation,
     )
 
 
@@ -162,6 +164,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     _choice(config, "cell", tuple(cells.CELLS))
     _choice(config, "activation", tuple(cells.ACTIVATIONS))
     _choice(config, "init", cells.INIT_SCHEMES)
+    _choice(config, "implementation", networks.IMPLEMENTATIONS)
     _choice(config, "tokens", text.MODES)
     _choice(config, "partition", data.PARTITIONS)
     _choice(config, "optimizer", OPTIMIZERS)

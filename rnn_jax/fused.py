@@ -323,4 +323,3 @@ def layer(
     if "b_hn" in params:
         rec["b_hn"] = params["b_hn"]
     return _recurrence(cell, unroll, remat, rec, carry, xp, valid)
-

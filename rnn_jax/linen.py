@@ -29,7 +29,7 @@ class RNN(nn.Module):
     Attributes:
       cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
       hidden_size: H.
-      num_layers, bidirectional, dropout, unroll, remat, hoist_input: as in
+      num_layers, bidirectional, dropout, unroll, remat, hoist_input, implementation: as in
         :func:`rnn_jax.networks.network`.
       input_size: needed only for integer token-id inputs (one-hot vectors of this
         size); float inputs give it by their last axis.
@@ -50,6 +50,7 @@ class RNN(nn.Module):
     unroll: int = 1
     remat: bool = False
     hoist_input: bool | None = None
+    implementation: str = "auto"
     cell_options: tuple[tuple[str, Any], ...] = ()
     input_size: int | None = None
 
@@ -63,6 +64,7 @@ class RNN(nn.Module):
             unroll=self.unroll,
             remat=self.remat,
             hoist_input=self.hoist_input,
+            implementation=self.implementation,
         )
 
     @nn.compact

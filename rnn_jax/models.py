@@ -43,7 +43,8 @@ class ModelConfig:
       forget_bias: LSTM forget-gate bias at initialisation.
       embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
       dropout: between layers (and on the last layer's output), training only.
-      unroll, remat, hoist_input: passed to :func:`rnn_jax.networks.network`.
+      unroll, remat, hoist_input, implementation: passed to
+        :func:`rnn_jax.networks.network`.
     """
 
     vocab_size: int
@@ -62,6 +63,7 @@ class ModelConfig:
     unroll: int = 1
     remat: bool = False
     hoist_input: bool | None = None
+    implementation: str = "auto"
 
     def make_cell(self) -> cells.Cell:
         options = {
@@ -110,6 +112,7 @@ def language_model(config: ModelConfig) -> Model:
         unroll=config.unroll,
         remat=config.remat,
         hoist_input=config.hoist_input,
+        implementation=config.implementation,
     )
     v, e = config.vocab_size, config.embed_dim
 

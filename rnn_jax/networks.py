@@ -28,6 +28,18 @@ How it computes:
 * integer ``xs`` are token ids standing for one-hot vectors (``input_size`` is the
   vocabulary size): layer 0 looks up rows of ``W_x`` instead of multiplying.
 
+Two implementations compute the same function (tests compare outputs and gradients):
+
+* ``"scan"``, the reference: ``apply`` runs one sequence in a ``lax.scan`` over the
+  cell's ``step`` and autodiff derives the backward pass; ``apply_batch`` is
+  ``jax.vmap`` of ``apply``;
+* ``"fused"`` (:mod:`rnn_jax.fused`): time-major and batch-explicit, with
+  hand-written backward passes that compute the weight gradients as one matmul
+  after the backward loop (as cuDNN does).
+
+``implementation="auto"`` (the default) picks per call of ``apply_batch`` from the
+backend and the shapes, by measurement (see :func:`choose_implementation`).
+
 Parameters: ``{"layer_0": p, "layer_1": p, ...}`` with ``p`` the cell's params, or
 ``{"forward": p, "backward": p}`` per layer when bidirectional.
 
@@ -40,6 +52,7 @@ initial carry. ``apply`` accepts an initial carry in the same structure.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells
+from rnn_jax import cells, fused
 from rnn_jax.cells import Cell
 
 Array = jax.Array
@@ -64,8 +77,8 @@ class Network(NamedTuple):
     """A (deep, optionally bidirectional) recurrent network built from one cell.
 
     Attributes:
-      cell, num_layers, bidirectional, dropout, unroll, remat, hoist_input: the
-        options given to :func:`network`.
+      cell, num_layers, bidirectional, dropout, unroll, remat, hoist_input,
+        implementation: the options given to :func:`network`.
       output_size: features of ``ys``: H, or 2H when bidirectional.
       init: ``(key, input_size) -> params``.
       initial_carry: ``() -> final``-structured zeros for one sequence.
@@ -83,6 +96,7 @@ class Network(NamedTuple):
     unroll: int
     remat: bool
     hoist_input: bool
+    implementation: str
     output_size: int
     init: Callable[..., Any]
     initial_carry: Callable[[], tuple]
@@ -94,6 +108,26 @@ class Network(NamedTuple):
 # is at least as fast there; accelerators favour the hoisted matmul.
 def _default_hoist_input() -> bool:
     return jax.default_backend() != "cpu"
+
+
+IMPLEMENTATIONS = ("auto", "fused", "scan")
+
+
+def choose_implementation(cell: Cell, batch_size: int, backend: str | None = None) -> str:
+    """The implementation ``"auto"`` runs for ``cell`` on a batch of ``batch_size``.
+
+    Measured with ``experiments/benchmark.py`` (BENCHMARKS.md): on CPU, the fused
+    backward pass is faster except for wide batches of small cells (the book's
+    hidden 32 with batch 1024), where the reference scan, which keeps the input
+    projection inside the loop, wins; ``batch_size == 1`` (one sequence, as in
+    generation) also runs the reference. Elsewhere the fused path is used.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if not fused.supports(cell) or batch_size <= 1:
+        return "scan"
+    if backend == "cpu" and cell.hidden_size <= 64 and batch_size >= 512:
+        return "scan"
+    return "fused"
 
 
 def _check_options(cell, num_layers, dropout, unroll) -> None:
@@ -186,6 +220,16 @@ def apply_dropout(key: Array, rate: float, ys: Array) -> Array:
     return jnp.where(keep, ys / (1.0 - rate), jnp.zeros_like(ys))
 
 
+def _reverse_valid_batch(xs: Array, lengths: Array | None) -> Array:
+    """:func:`reverse_valid` of every sequence of a time-major ``xs <[T, B, ...]>``."""
+    if lengths is None:
+        return xs[::-1]
+    t = jnp.arange(xs.shape[0])[:, None]
+    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
+    idx = idx.reshape(*idx.shape, *([1] * (xs.ndim - 2)))
+    return jnp.take_along_axis(xs, idx, axis=0)
+
+
 def network(
     cell: Cell,
     num_layers: int = 1,
@@ -195,6 +239,7 @@ def network(
     unroll: int = 1,
     remat: bool = False,
     hoist_input: bool | None = None,
+    implementation: str = "auto",
 ) -> Network:
     """Builds a deep, optionally bidirectional network from ``cell``.
 
@@ -209,11 +254,21 @@ def network(
       remat: gradient checkpointing of the step (``jax.checkpoint``): the backward
         pass recomputes each step's gates from the saved carries.
       hoist_input: compute ``X W_x + b`` for all steps before the scan. ``None``
-        picks the measured default of the backend (off on CPU, on elsewhere).
+        picks the measured default of the backend (off on CPU, on elsewhere). The
+        fused implementation always does.
+      implementation: ``"scan"`` (autodiff of the scan), ``"fused"`` (hand-written
+        backward pass, :mod:`rnn_jax.fused`) or ``"auto"`` (see
+        :func:`choose_implementation`); all give the same values and gradients.
     """
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
         raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
+        )
+    if implementation == "fused" and not fused.supports(cell):
+        raise ValueError(f"implementation: 'fused' does not support the cell {cell.name!r}")
     hoist = _default_hoist_input() if hoist_input is None else bool(hoist_input)
     num_dirs = 2 if bidirectional else 1
     output_size = num_dirs * cell.hidden_size
@@ -238,6 +293,21 @@ def network(
         return tuple(BiCarry(c(), c()) if bidirectional else c() for _ in range(num_layers))
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
+        if implementation == "fused":  # a batch of one
+            if jnp.ndim(xs) not in (1, 2):
+                raise ValueError(
+                    f"xs: expected one sequence <float32>[T, input_size] (or token ids "
+                    f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}"
+                )
+            if length is not None:
+                _check_length(length, "length", ())
+                length = jnp.asarray(length)[None]
+            if initial_carry is not None:
+                _check_carry(initial_carry, zero_carry(), "initial_carry")
+                initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
+            keys = None if dropout_key is None else dropout_key[None]
+            ys, final = _apply_fused(params, xs[None], length, initial_carry, keys)
+            return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
         _check_params(params)
         tokens = cells.is_token_input(xs)
         if jnp.ndim(xs) != (1 if tokens else 2):
@@ -302,6 +372,11 @@ def network(
         if lengths is not None:
             _check_length(lengths, "lengths", (batch,))
         keys = None if dropout_key is None else jax.random.split(dropout_key, batch)
+        impl = implementation
+        if impl == "auto":
+            impl = choose_implementation(cell, batch)
+        if impl == "fused":
+            return _apply_fused(params, xs, lengths, initial_carry, keys)
         in_axes = (
             None,
             0,
@@ -315,6 +390,55 @@ def network(
         return jax.vmap(one, in_axes=(*in_axes, None if keys is None else 0))(
             params, xs, lengths, initial_carry, keys
         )
+
+    def _apply_fused(params, xs, lengths, initial_carry, keys):
+        """The fused path on a batch ``xs <[B, T, ...]>``; ``keys``: one per example."""
+        _check_params(params)
+        tokens = cells.is_token_input(xs)
+        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
+        expected_in = cell.input_size(layer0)
+        if not tokens and xs.shape[2] != expected_in:
+            raise ValueError(
+                f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
+            )
+        batch, num_steps = xs.shape[0], xs.shape[1]
+        if lengths is not None:
+            lengths = jnp.clip(lengths, 0, num_steps)
+        if initial_carry is None:
+            initial_carry = jax.tree_util.tree_map(
+                lambda c: jnp.broadcast_to(c, (batch, *c.shape)), zero_carry()
+            )
+        else:
+            _check_carry(
+                jax.tree_util.tree_map(lambda c: c[0], initial_carry), zero_carry(), "initial_carry"
+            )
+        run = functools.partial(fused.layer, cell, unroll=unroll, remat=remat)
+        ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
+        finals = []
+        for layer in range(num_layers):
+            p = params[f"layer_{layer}"]
+            if bidirectional:
+                c = initial_carry[layer]
+                outs, carry = jax.vmap(run, in_axes=(0, 0, 0, None))(
+                    _stack([p["forward"], p["backward"]]),
+                    _stack([c.forward, c.backward]),
+                    jnp.stack([ys, _reverse_valid_batch(ys, lengths)]),
+                    lengths,
+                )
+                ys = jnp.concatenate([outs[0], _reverse_valid_batch(outs[1], lengths)], axis=-1)
+                finals.append(BiCarry(*_unstack(carry, 2)))
+            else:
+                ys, carry = run(p, initial_carry[layer], ys, lengths)
+                finals.append(carry)
+            if keys is not None and dropout > 0 and layer < num_layers - 1:
+                keep = jax.vmap(
+                    lambda k, layer=layer: jax.random.bernoulli(
+                        jax.random.fold_in(k, layer), 1.0 - dropout, (num_steps, output_size)
+                    )
+                )(keys)
+                keep = jnp.swapaxes(keep, 0, 1)
+                ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys))
+        return jnp.swapaxes(ys, 0, 1), tuple(finals)
 
     def _check_params(params) -> None:
         want = {f"layer_{i}" for i in range(num_layers)}
@@ -330,6 +454,7 @@ def network(
         unroll=unroll,
         remat=remat,
         hoist_input=hoist,
+        implementation=implementation,
         output_size=output_size,
         init=init,
         initial_carry=zero_carry,

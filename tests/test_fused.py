@@ -1,0 +1,194 @@
+"""The fused implementation (hand-written backward passes) against the autodiff scan.
+
+Two independent checks: finite differences of the fused layer in float64
+(``check_grads``, which never looks at autodiff of the scan), and equality of values
+and gradients with the reference ``"scan"`` network in float32 (1e-5) over every
+cell, depth, direction, variable lengths, initial carries, token ids, dropout,
+remat and unroll.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from rnn_jax import cells, fused, models, networks
+
+I, H, T, B = 3, 4, 6, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+LENGTHS = np.array([T, 0, 3, 1], np.int32)
+
+CELLS = {
+    "rnn": lambda: cells.rnn(H),
+    "rnn_relu": lambda: cells.rnn(H, "relu"),
+    "gru": lambda: cells.gru(H),
+    "gru_after": lambda: cells.gru(H, reset_after=True),
+    "gru_pinned": lambda: cells.gru(H, pin_reset=1.0, pin_update=0.25),
+    "lstm": lambda: cells.lstm(H),
+}
+GRID = list(itertools.product(CELLS, [1, 2], [False, True]))
+GRID_IDS = [f"{c}-L{n}-{'bi' if b else 'uni'}" for c, n, b in GRID]
+
+
+def nets(cell_name, num_layers, bidirectional, **kw):
+    cell = CELLS[cell_name]()
+    ref = networks.network(cell, num_layers, bidirectional, implementation="scan", **kw)
+    fast = networks.network(cell, num_layers, bidirectional, implementation="fused", **kw)
+    params = ref.init(jax.random.key(0), I)
+    params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(1), v.shape), params)
+    return ref, fast, params
+
+
+def random(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def batch_carry(net, seed):
+    leaves, tree = jax.tree.flatten(net.initial_carry())
+    rng = np.random.default_rng(seed)
+    return tree.unflatten(
+        [jnp.asarray(rng.normal(size=(B, *v.shape)), jnp.float32) for v in leaves]
+    )
+
+
+def loss_fn(net, weights):
+    """A loss that reads every output and every final carry with distinct weights."""
+
+    def loss(params, xs, carry, lengths, key=None):
+        ys, final = net.apply_batch(params, xs, lengths, carry, dropout_key=key)
+        extra = sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+        return jnp.sum(ys * weights) + extra
+
+    return loss
+
+
+def assert_trees_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+
+
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirectional):
+    ref, fast, params = nets(cell_name, num_layers, bidirectional)
+    xs = random(2, (B, T, I))
+    carry = batch_carry(ref, 3)
+    weights = random(4, (B, T, ref.output_size))
+    lengths = jnp.asarray(LENGTHS)
+    args = (params, xs, carry, lengths)
+    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
+    np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
+    assert_trees_close(g_fast, g_ref)
+    ys, final = fast.apply_batch(params, xs, lengths, carry)
+    ys_ref, final_ref = ref.apply_batch(params, xs, lengths, carry)
+    assert_trees_close((ys, final), (ys_ref, final_ref))
+    assert np.all(np.asarray(ys)[1] == 0)  # length 0: no output
+    assert np.all(np.asarray(ys)[3, 1:] == 0)  # past the length: exactly zero
+    # length 0 keeps the initial carry bit for bit
+    for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(carry), strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(want)[1])
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fused_token_ids_and_no_lengths(cell_name, bidirectional):
+    ref, fast, params = nets(cell_name, 2, bidirectional)
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, I, (B, T)), jnp.int32)
+    weights = random(6, (B, T, ref.output_size))
+
+    def loss(net):
+        return lambda p: jnp.sum(net.apply_batch(p, ids)[0] * weights)
+
+    assert_trees_close(jax.grad(loss(fast))(params), jax.grad(loss(ref))(params))
+
+
+@pytest.mark.parametrize("option", [dict(remat=True), dict(unroll=3), dict(remat=True, unroll=2)])
+@pytest.mark.parametrize("cell_name", ["gru", "gru_after", "lstm", "rnn"])
+def test_fused_options_match_scan(cell_name, option):
+    ref, _, params = nets(cell_name, 2, True)
+    fast = networks.network(ref.cell, 2, True, implementation="fused", **option)
+    xs, carry, weights = random(7, (B, T, I)), batch_carry(ref, 8), random(9, (B, T, 2 * H))
+    args = (params, xs, carry, jnp.asarray(LENGTHS))
+    g_ref = jax.grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    g_fast = jax.grad(loss_fn(fast, weights), argnums=(0, 1, 2))(*args)
+    assert_trees_close(g_fast, g_ref)
+
+
+def test_fused_dropout_draws_the_same_masks_as_scan():
+    ref, fast, params = nets("lstm", 3, True, dropout=0.5)
+    xs, weights = random(10, (B, T, I)), random(11, (B, T, 2 * H))
+    key = jax.random.key(12)
+    args = (params, xs, None, jnp.asarray(LENGTHS), key)
+    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights))(*args)
+    v_fast, g_fast = jax.value_and_grad(loss_fn(fast, weights))(*args)
+    np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
+    assert_trees_close(g_fast, g_ref)
+    assert float(v_fast) != pytest.approx(float(loss_fn(fast, weights)(*args[:4])))  # active
+
+
+def test_fused_single_sequence_apply_equals_scan():
+    ref, fast, params = nets("gru_after", 2, True, dropout=0.3)
+    xs, key = random(13, (T, I)), jax.random.key(14)
+    carry = jax.tree.map(lambda v: v[0], batch_carry(ref, 15))
+    for length in (None, jnp.int32(4), jnp.int32(0)):
+        got = fast.apply(params, xs, length, carry, dropout_key=key)
+        want = ref.apply(params, xs, length, carry, dropout_key=key)
+        assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+@pytest.mark.parametrize("remat", [False, True])
+def test_fused_layer_matches_finite_differences(cell_name, remat):
+    """Numerical gradients in float64: independent of any autodiff rule."""
+    cell = CELLS[cell_name]()
+    with jax.enable_x64(True):
+        params = cell.init(jax.random.key(0), I)
+        params = jax.tree.map(
+            lambda v: (v + 0.2 * jax.random.normal(jax.random.key(1), v.shape)).astype(jnp.float64),
+            params,
+        )
+        xs = jnp.asarray(np.random.default_rng(2).normal(size=(T, B, I)))
+        carry = jax.tree.map(
+            lambda v: jnp.asarray(np.random.default_rng(3).normal(size=(B, *v.shape))),
+            cell.initial_carry(),
+        )
+        lengths = jnp.asarray(LENGTHS)
+
+        def f(p, x, c):
+            ys, final = fused.layer(cell, p, c, x, lengths, remat=remat)
+            return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(v * v) for v in jax.tree.leaves(final))
+
+        check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_language_model_step_is_the_same_with_either_implementation():
+    config = dict(vocab_size=11, cell="gru", hidden_size=8, num_layers=2, dropout=0.2)
+    ref = models.language_model(models.ModelConfig(**config, implementation="scan"))
+    fast = models.language_model(models.ModelConfig(**config, implementation="fused"))
+    params = ref.init(jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 11, (5, 7)), jnp.int32)
+
+    def loss(model):
+        def f(p):
+            logits, _ = model.apply(p, ids, dropout_key=jax.random.key(2))
+            return jnp.mean(models.token_losses(logits, ids))
+
+        return jax.value_and_grad(f)
+
+    assert_trees_close(jax.jit(loss(fast))(params), loss(ref)(params))
+
+
+def test_choose_implementation():
+    assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == "scan"
+    assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == "fused"
+    assert networks.choose_implementation(cells.gru(128), 32, "cpu") == "fused"
+    assert networks.choose_implementation(cells.lstm(32), 1024, "gpu") == "fused"
+    assert networks.choose_implementation(cells.lstm(256), 1, "gpu") == "scan"
+
+
+def test_bad_implementation():
+    with pytest.raises(ValueError, match="implementation: expected one of"):
+        networks.network(cells.lstm(4), implementation="cudnn")
