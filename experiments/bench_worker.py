@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "unroll": 1,  # rnn_jax network options (peers keep their library defaults)
     "remat": False,
     "hoist_input": "auto",  # "auto" | "true" | "false"
+    "implementation": "auto",  # rnn_jax: "auto" | "fused" | "scan"
+    "tune_malloc": False,  # rnn_jax.allocator.tune_malloc() before anything runs
     "lr": 1.0,
     "seed": 0,
     "warmup": 2,
@@ -165,7 +167,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
     """The real train step of ``rnn_jax.train``: ``(jitted, state, batch, loss_of, n)``."""
     import jax.numpy as jnp
 
-    from rnn_jax import data, models, train
+    from rnn_jax import data, models, networks, train
     from rnn_jax.config import TrainConfig
 
     model = models.language_model(
@@ -179,6 +181,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
             unroll=spec["unroll"],
             remat=spec["remat"],
             hoist_input=_hoist(spec["hoist_input"]),
+            implementation=spec["implementation"],
         )
     )
     config = TrainConfig(
@@ -207,7 +210,10 @@ def _rnn_jax_step(spec: dict[str, Any]):
     def loss_of(metrics):
         return float(metrics["loss_sum"]) / float(metrics["count"])
 
-    info = {"hoist_input": model.network.hoist_input}
+    impl = model.network.implementation
+    if impl == "auto":
+        impl = networks.choose_implementation(model.network.cell, spec["batch_size"])
+    info = {"hoist_input": model.network.hoist_input, "implementation": impl}
     return train_step, state, batch, loss_of, state["params"], info
 
 
@@ -426,6 +432,10 @@ def main(argv: list[str]) -> int:
         print("usage: python -m experiments.bench_worker '<json spec>'", file=sys.stderr)
         return 2
     spec = json.loads(argv[1])
+    if spec.get("tune_malloc"):  # before JAX or PyTorch allocate anything
+        from rnn_jax import allocator
+
+        spec["tune_malloc"] = allocator.tune_malloc()
     threads = configure_threads(int(spec.pop("threads", 0) or 0))
     result = run(spec)
     result["threads"] = threads["threads"]

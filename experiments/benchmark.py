@@ -233,7 +233,15 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = sorted({k for r in ok for k in r.get("memory", {})})
     memory = {k: _median([r.get("memory", {}).get(k) for r in ok]) for k in keys}
     out["memory"] = {k: None if v is None else int(v) for k, v in memory.items()}
-    for extra in ("hoist_input", "torch_threads", "cudnn", "thread_info", "threads"):
+    for extra in (
+        "hoist_input",
+        "implementation",
+        "tune_malloc",
+        "torch_threads",
+        "cudnn",
+        "thread_info",
+        "threads",
+    ):
         if extra in ok[0]:
             out[extra] = ok[0][extra]
     out["rounds"] = rounds
@@ -498,6 +506,7 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
     """
     peers = [i for i in impls if i != "rnn_jax"]
     header = list(CASE_COLUMNS)
+    header.append("rnn_jax impl")
     for impl in impls:
         header += [f"{impl} ms/step", f"{impl} tokens/s"]
     header += [f"speedup vs {p}" for p in peers]
@@ -508,6 +517,7 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
     for group in by_case.values():
         first = next(iter(group.values()))
         row = _case_cells(first)
+        row.append(str(group.get("rnn_jax", {}).get("implementation", "–")))
         for impl in impls:
             r = group.get(impl)
             if r is None or not r.get("ok"):
@@ -639,7 +649,16 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
         f"rnn_jax network options: unroll={o['unroll']}, remat={o['remat']}, "
         f"hoist_input={o['hoist_input']}"
         + (f" (used: {o['hoist_input_used']})" if o.get("hoist_input_used") is not None else "")
-        + "; flax.linen and PyTorch run with their defaults.",
+        + f", implementation={o.get('implementation', 'auto')} (the column rnn_jax impl "
+        "says which one ran); flax.linen and PyTorch run with their defaults.",
+        "Allocator: "
+        + (
+            "every worker, whatever its implementation, calls rnn_jax.allocator.tune_malloc() "
+            "first (glibc: one arena, no mmap, no trimming; without it XLA:CPU and PyTorch "
+            "page-fault on every step)."
+            if o.get("tune_malloc")
+            else "glibc defaults (--notune_malloc)."
+        ),
         "Input is one-hot (vocabulary "
         f"{o['vocab_size']}); rnn_jax computes onehot(x) W_x as a row lookup, the peers "
         "multiply the one-hot matrix.",
@@ -783,6 +802,18 @@ def define_flags() -> None:
         ["auto", "true", "false"],
         "rnn_jax: input projection as one matmul outside the scan (auto: the backend's default).",
     )
+    flags.DEFINE_enum(
+        "implementation",
+        "auto",
+        ["auto", "fused", "scan"],
+        "rnn_jax: recurrent layers (auto: networks.choose_implementation per shape).",
+    )
+    flags.DEFINE_bool(
+        "tune_malloc",
+        True,
+        "Every worker (all implementations alike) first calls "
+        "rnn_jax.allocator.tune_malloc(): glibc reuses memory instead of page-faulting.",
+    )
     flags.DEFINE_bool(
         "reset_after",
         True,
@@ -894,6 +925,8 @@ def main(argv: list[str]) -> None:
         "unroll": FLAGS.unroll,
         "remat": FLAGS.remat,
         "hoist_input": FLAGS.hoist_input,
+        "implementation": FLAGS.implementation,
+        "tune_malloc": FLAGS.tune_malloc,
         "lr": FLAGS.lr,
         "seed": FLAGS.seed,
         "warmup": FLAGS.warmup,

@@ -105,6 +105,12 @@ flags.DEFINE_bool(
     _D.data_parallel,
     "Split every batch over all devices (of all processes) when there are several.",
 )
+flags.DEFINE_bool(
+    "tune_malloc",
+    True,
+    "Linux/glibc: one malloc arena, no mmap, no trimming, so XLA:CPU reuses memory "
+    "instead of page-faulting on every step (rnn_jax.allocator; up to 2x on CPU).",
+)
 # multi-host (see BUILD.md)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
@@ -138,6 +144,10 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         sys.exit(2)
     absl_logging.set_verbosity(absl_logging.WARNING)
+    if FLAGS.tune_malloc:  # before JAX starts its thread pools
+        from rnn_jax import allocator
+
+        allocator.tune_malloc()
     init_distributed()
     from rnn_jax import train
     from rnn_jax.config import ConfigError

@@ -254,11 +254,13 @@ def _report(results, impls, platform="cpu", gpu=None):
 
 def test_speed_table_columns_and_ratios():
     results = [_result("rnn_jax", 0.010), _result("flax", 0.020), _result("torch", 0.005)]
+    results[0]["implementation"] = "fused"
     table = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"])
     header, rule, row = table.splitlines()
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns == [
         *benchmark.CASE_COLUMNS,
+        "rnn_jax impl",
         "rnn_jax ms/step",
         "rnn_jax tokens/s",
         "flax ms/step",
@@ -271,7 +273,7 @@ def test_speed_table_columns_and_ratios():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == len(columns) and rule.count("---") == len(columns)
     assert cells[:7] == ["d2l", "32", "1024", "32", "gru", "1", "no"]
-    assert cells[7:9] == ["10.0", "3,276,800"]
+    assert cells[7:10] == ["fused", "10.0", "3,276,800"]
     assert cells[-2:] == ["2.00x", "0.50x"]  # peer time / rnn_jax time
 
 
@@ -283,7 +285,7 @@ def test_tables_mark_skipped_and_failed_peers():
     ]
     row = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"]).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[9] == "failed" and cells[11] == "skipped" and cells[-2:] == ["–", "–"]
+    assert cells[10] == "failed" and cells[12] == "skipped" and cells[-2:] == ["–", "–"]
     detail = benchmark.detail_table(results).splitlines()
     assert [c.strip() for c in detail[0].strip("|").split("|")] == (
         benchmark.CASE_COLUMNS + benchmark.DETAIL_COLUMNS
