@@ -439,6 +439,7 @@ def main(argv: list[str]) -> int:
     threads = configure_threads(int(spec.pop("threads", 0) or 0))
     result = run(spec)
     result["threads"] = threads["threads"]
+    result["tune_malloc"] = bool(spec.get("tune_malloc"))
     print(json.dumps(result), flush=True)
     return 0
 
