@@ -58,6 +58,13 @@ def _flat(w: Array) -> Array:
     return w.reshape(w.shape[0], -1)
 
 
+def _transposed(w: Array) -> Array:
+    """``wᵀ`` materialised once before the loop: inside it, ``dA @ wᵀ`` then runs as a
+    plain matmul (measured 22 vs 27 us per step for the LSTM at H=128, B=32), instead
+    of XLA folding the transpose into every step's dot."""
+    return jax.lax.optimization_barrier(w.T)
+
+
 def _dsigmoid(s: Array) -> Array:
     return s * (1.0 - s)
 
@@ -85,6 +92,7 @@ def _rnn_kernels(cell: Cell, params: dict[str, Array]):
     relu = cell.options["activation"] == "relu"
     phi = jax.nn.relu if relu else jnp.tanh
     w = params["W_h"]
+    w_t = _transposed(w)
 
     def forward(h, xp):
         h2 = phi(xp + h @ w)
@@ -92,7 +100,7 @@ def _rnn_kernels(cell: Cell, params: dict[str, Array]):
 
     def backward(saved, h2, h, dh):
         da = dh * (h2 > 0) if relu else dh * (1.0 - h2 * h2)
-        return da @ w.T, da, ()
+        return da @ w_t, da, ()
 
     def weight_grads(hprev, da, extra):
         return {"W_h": _contract(hprev, da)}
@@ -107,6 +115,7 @@ def _gru_kernels(cell: Cell, params: dict[str, Array]):
     w = params["W_h"]  # [H, 3, H]
     w_flat = _flat(w)
     w_rz, w_n = _flat(w[:, :2]), w[:, 2]
+    w_flat_t, w_rz_t, w_n_t = _transposed(w_flat), _transposed(w_rz), _transposed(w_n)
 
     def gates_rz(pre):  # <[B, 2H]> -> [R_t, Z_t], pins applied
         rz = jax.nn.sigmoid(pre)
@@ -141,12 +150,12 @@ def _gru_kernels(cell: Cell, params: dict[str, Array]):
             hn = saved[2]
             da_r = jnp.zeros_like(dz) if pin_r is not None else da_n * hn * _dsigmoid(r)
             dhn = da_n * r  # cotangent of H W_hn + b_hn
-            dh_prev = dh * z + jnp.concatenate([da_r, da_z, dhn], axis=1) @ w_flat.T
+            dh_prev = dh * z + jnp.concatenate([da_r, da_z, dhn], axis=1) @ w_flat_t
             return dh_prev, jnp.concatenate([da_r, da_z, da_n], axis=1), (dhn,)
-        drh = da_n @ w_n.T  # cotangent of R_t * H_{t-1}
+        drh = da_n @ w_n_t  # cotangent of R_t * H_{t-1}
         da_r = jnp.zeros_like(dz) if pin_r is not None else drh * h * _dsigmoid(r)
         dxp = jnp.concatenate([da_r, da_z, da_n], axis=1)
-        dh_prev = dh * z + drh * r + dxp[:, : 2 * hidden] @ w_rz.T
+        dh_prev = dh * z + drh * r + dxp[:, : 2 * hidden] @ w_rz_t
         return dh_prev, dxp, (r * h,)
 
     def weight_grads(hprev, dxp, extra):
@@ -168,6 +177,7 @@ def _gru_kernels(cell: Cell, params: dict[str, Array]):
 def _lstm_kernels(cell: Cell, params: dict[str, Array]):
     hidden = cell.hidden_size
     w_flat = _flat(params["W_h"])  # [H, 4H]
+    w_t = _transposed(w_flat)
     # Per-column constants over the four gate blocks (i, f, o, c~): every gate is
     # a * tanh(a * pre) + b, with sigma(x) = tanh(x/2)/2 + 1/2 for i, f, o and plain
     # tanh for the input node, so all four are one elementwise op with no concatenate.
@@ -196,7 +206,7 @@ def _lstm_kernels(cell: Cell, params: dict[str, Array]):
             ],
             axis=1,
         )
-        return LSTMCarry(da @ w_flat.T, dc * f), da, ()
+        return LSTMCarry(da @ w_t, dc * f), da, ()
 
     def weight_grads(hprev, da, extra):
         return {"W_h": _contract(hprev, da)}
