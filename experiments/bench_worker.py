@@ -212,7 +212,9 @@ def _rnn_jax_step(spec: dict[str, Any]):
 
     impl = model.network.implementation
     if impl == "auto":
-        impl = networks.choose_implementation(model.network.cell, spec["batch_size"])
+        impl = networks.choose_implementation(
+            model.network.cell, spec["batch_size"], remat=spec["remat"]
+        )
     info = {"hoist_input": model.network.hoist_input, "implementation": impl}
     return train_step, state, batch, loss_of, state["params"], info
 

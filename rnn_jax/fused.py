@@ -31,7 +31,16 @@ and similarly for the GRU (both forms) and the plain RNN below. Every layer here
 gives the same outputs and gradients as the autodiff path (``tests/test_fused.py``).
 
 ``remat=True`` saves only the carries in the forward pass and recomputes each step's
-gates in the backward loop.
+gates in the backward loop. It saves less than remat of the reference scan: the
+input projection stays alive for the recomputation and the gate gradients
+``<[T, B, G*H]>`` are materialised for the weight-gradient matmuls either way, so
+``networks.choose_implementation`` runs the scan when ``remat`` is asked for.
+
+What makes it fast on CPU (measured with the XLA profiler on the 2-core development
+machine, LSTM H=128 B=32 T=1024): weight gradients outside the loop; gate blocks
+side by side (``[B, G*H]``) rather than on an axis of their own, whose concatenation
+cost 18-22 us per step; the four LSTM activations as one ``a*tanh(a*x)+b``; nothing
+saved twice; no masking ops when there are no lengths; ``W_hᵀ`` materialised once.
 """
 
 from __future__ import annotations

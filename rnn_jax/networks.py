@@ -113,7 +113,9 @@ def _default_hoist_input() -> bool:
 IMPLEMENTATIONS = ("auto", "fused", "scan")
 
 
-def choose_implementation(cell: Cell, batch_size: int, backend: str | None = None) -> str:
+def choose_implementation(
+    cell: Cell, batch_size: int, backend: str | None = None, *, remat: bool = False
+) -> str:
     """The implementation ``"auto"`` runs for ``cell`` on a batch of ``batch_size``.
 
     Measured with ``experiments/benchmark.py`` (BENCHMARKS.md): on CPU, the fused
@@ -122,9 +124,13 @@ def choose_implementation(cell: Cell, batch_size: int, backend: str | None = Non
     where the reference scan, which keeps the input projection inside the loop,
     wins; ``batch_size == 1`` (one sequence, as in generation) also runs the
     reference. Elsewhere the fused path is used.
+
+    ``remat=True`` (a memory option) runs the reference: under ``jax.checkpoint``
+    its step keeps only the carries, while the fused path always materialises the
+    gate gradients ``<[T, B, G*H]>`` for its weight-gradient matmuls.
     """
     backend = jax.default_backend() if backend is None else backend
-    if not fused.supports(cell) or batch_size <= 1:
+    if not fused.supports(cell) or batch_size <= 1 or remat:
         return "scan"
     if backend == "cpu" and cell.name == "lstm" and cell.hidden_size <= 64 and batch_size >= 512:
         return "scan"
@@ -375,7 +381,7 @@ def network(
         keys = None if dropout_key is None else jax.random.split(dropout_key, batch)
         impl = implementation
         if impl == "auto":
-            impl = choose_implementation(cell, batch)
+            impl = choose_implementation(cell, batch, remat=remat)
         if impl == "fused":
             return _apply_fused(params, xs, lengths, initial_carry, keys)
         in_axes = (
