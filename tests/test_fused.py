@@ -182,7 +182,7 @@ def test_language_model_step_is_the_same_with_either_implementation():
 
 
 def test_choose_implementation():
-    assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == "scan"
+    assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == "fused"
     assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(32), 1024, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu") == "fused"
