@@ -3,6 +3,8 @@
 Modules:
   cells      the plain RNN, GRU and LSTM as ``step(params, carry, x) -> (carry, y)``.
   networks   deep, bidirectional, variable-length networks over ``lax.scan``.
+  fused      the same layers with hand-written backward passes (the default path).
+  allocator  ``tune_malloc()``: stops XLA:CPU's per-step page faults (glibc).
   interop    PyTorch state-dict conversion.
   text, data, models, generate   the character language model pipeline.
   linen, train, checkpoint, runs, config   imported on first use (flax, orbax).
@@ -10,7 +12,7 @@ Modules:
 
 import importlib
 
-from rnn_jax import cells, data, generate, interop, models, networks, text
+from rnn_jax import allocator, cells, data, fused, generate, interop, models, networks, text
 from rnn_jax.cells import Cell, LSTMCarry
 from rnn_jax.networks import BiCarry, Network
 
@@ -21,8 +23,10 @@ __all__ = [
     "Cell",
     "LSTMCarry",
     "Network",
+    "allocator",
     "cells",
     "data",
+    "fused",
     "generate",
     "interop",
     "models",
