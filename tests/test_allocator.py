@@ -1,0 +1,55 @@
+"""rnn_jax.allocator: the glibc settings take effect and stop per-step page faults."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from rnn_jax import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# A jitted step whose temporaries (~64 MiB) are freed and reallocated on every call,
+# as a training step's are; prints the minor page faults per call after warm-up.
+SCRIPT = r"""
+import resource, sys
+if sys.argv[1] == "tuned":
+    from rnn_jax import allocator
+    assert allocator.tune_malloc()
+import jax, jax.numpy as jnp
+
+@jax.jit
+def step(x):
+    y = jnp.sin(jnp.outer(x, x))          # [4096, 4096] temporary
+    return jnp.tanh(y @ x[:, None])[:, 0]
+
+x = jnp.linspace(0.0, 1.0, 4096)
+for _ in range(3):
+    x = step(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    x = step(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+
+
+def faults_per_step(mode: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_tune_malloc_takes_effect_and_is_idempotent():
+    assert allocator.tune_malloc() is True
+    assert allocator.tune_malloc() is True
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_tuned_allocator_stops_page_faults_per_step():
+    default, tuned = faults_per_step("default"), faults_per_step("tuned")
+    # 64 MiB of fresh pages is ~16,000 faults per step with glibc's defaults
+    assert default > 4000, default
+    assert tuned < default / 2, (tuned, default)  # measured: 0 to ~4,900 vs ~16,400
