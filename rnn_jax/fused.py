@@ -27,7 +27,15 @@ gradients reaching ``H_t, C_t``::
     dA_o = dh * tanh(C_t) * O(1-O) dA_c = dC * I * (1 - C~²)
     dc_{t-1} = dC * F              dh_{t-1} = dA W_hᵀ
 
-and similarly for the GRU (both forms) and the plain RNN below. Every layer here
+For the GRU, with ``dh`` the gradient reaching ``H_t``::
+
+    dA_z = dh * (H_{t-1} - H~) * Z(1-Z)       dA_h = dh * (1 - Z) * (1 - H~²)
+    reset after:  dA_r = dA_h * (H_{t-1} W_hh + b_hn) * R(1-R)
+                  dh_{t-1} = dh * Z + [dA_r, dA_z, dA_h * R] W_hᵀ
+    reset before: d(R*H) = dA_h W_hhᵀ,  dA_r = d(R*H) * H_{t-1} * R(1-R)
+                  dh_{t-1} = dh * Z + d(R*H) * R + [dA_r, dA_z] [W_hr, W_hz]ᵀ
+
+and for the plain RNN ``dA = dh * phi'``, ``dh_{t-1} = dA W_hᵀ``. Every layer here
 gives the same outputs and gradients as the autodiff path (``tests/test_fused.py``).
 
 ``remat=True`` saves only the carries in the forward pass and recomputes each step's
