@@ -912,9 +912,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     echo = lambda s: print(s, flush=True)
     impls = ["rnn_jax", *dict.fromkeys(FLAGS.compare)]
     usable = len(os.sched_getaffinity(0))

@@ -6,9 +6,14 @@ from absl import flags
 
 
 def parse_flags_or_exit_2(argv):
-    """absl's flag parser, but a bad flag prints one line and exits with code 2."""
+    """absl's flag parser, but a bad flag or a positional argument prints one line and
+    exits with code 2."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if len(rest) > 1:
+        print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)
+        sys.exit(2)
+    return rest

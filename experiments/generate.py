@@ -30,8 +30,7 @@ def fail(flag: str, message: str) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail("argv", f"unexpected arguments {argv[1:]}")
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.num_chars < 1:
         fail("num_chars", f"expected >= 1, got {FLAGS.num_chars}")

@@ -89,8 +89,7 @@ flags.DEFINE_bool("dry_run", False, "Print the trials and their commands; run an
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail(f"error: unexpected arguments {argv[1:]}")
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     try:
         sweep = make_sweep()
         sweep_dir = Path(FLAGS.sweep_dir)

@@ -140,9 +140,7 @@ def init_distributed() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.tune_malloc:  # before JAX starts its thread pools
         from rnn_jax import allocator

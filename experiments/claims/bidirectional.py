@@ -702,9 +702,7 @@ def _markdown_c(c) -> list[str]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     parts = set(FLAGS.parts)
     if not parts or parts - set(PARTS):
         print(

@@ -549,9 +549,7 @@ def init_comparison(summary: dict, s: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     try:
         depths = [int(d) for d in FLAGS.depths]
         lrs = sorted(float(x) for x in FLAGS.lrs)

@@ -360,9 +360,7 @@ def verdict(results: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-        sys.exit(2)
+    del argv  # positional arguments are refused by parse_flags_or_exit_2
     if FLAGS.seeds < 1 or FLAGS.eval_points < 1:
         print("error: --seeds and --eval_points must be >= 1", file=sys.stderr)
         sys.exit(2)
