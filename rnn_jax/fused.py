@@ -207,7 +207,8 @@ def _lstm_kernels(cell: Cell, params: dict[str, Array]):
         i, f, o, g = (_block(acts, k, hidden) for k in range(4))
         c = f * carry.c + i * g
         tc = jnp.tanh(c)
-        return LSTMCarry(o * tc, c), o * tc, (acts, carry.c, tc)
+        h = o * tc
+        return LSTMCarry(h, c), h, (acts, carry.c, tc)
 
     def backward(saved, h2, h_prev, dcarry):
         acts, c_prev, tc = saved

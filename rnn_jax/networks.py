@@ -228,11 +228,8 @@ def apply_dropout(key: Array, rate: float, ys: Array) -> Array:
 def _reverse_valid_batch(xs: Array, lengths: Array | None) -> Array:
     """:func:`reverse_valid` of every sequence of a time-major ``xs <[T, B, ...]>``."""
     if lengths is None:
-        return xs[::-1]
-    t = jnp.arange(xs.shape[0])[:, None]
-    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
-    idx = idx.reshape(*idx.shape, *([1] * (xs.ndim - 2)))
-    return jnp.take_along_axis(xs, idx, axis=0)
+        return reverse_valid(xs, None)
+    return jax.vmap(reverse_valid, in_axes=(1, 0), out_axes=1)(xs, lengths)
 
 
 def network(
@@ -298,12 +295,14 @@ def network(
         return tuple(BiCarry(c(), c()) if bidirectional else c() for _ in range(num_layers))
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
+        tokens = cells.is_token_input(xs)
+        if jnp.ndim(xs) != (1 if tokens else 2):
+            raise ValueError(
+                f"xs: expected one sequence <float32>[T, input_size] (or token ids "
+                f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
+                f"net.apply_batch or jax.vmap for batches"
+            )
         if implementation == "fused":  # a batch of one
-            if jnp.ndim(xs) not in (1, 2):
-                raise ValueError(
-                    f"xs: expected one sequence <float32>[T, input_size] (or token ids "
-                    f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}"
-                )
             if length is not None:
                 _check_length(length, "length", ())
                 length = jnp.asarray(length)[None]
@@ -314,19 +313,7 @@ def network(
             ys, final = _apply_fused(params, xs[None], length, initial_carry, keys)
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
         _check_params(params)
-        tokens = cells.is_token_input(xs)
-        if jnp.ndim(xs) != (1 if tokens else 2):
-            raise ValueError(
-                f"xs: expected one sequence <float32>[T, input_size] (or token ids "
-                f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
-                f"net.apply_batch or jax.vmap for batches"
-            )
-        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
-        expected_in = cell.input_size(layer0)
-        if not tokens and xs.shape[1] != expected_in:
-            raise ValueError(
-                f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
-            )
+        _check_input_size(params, xs)
         if length is not None:
             _check_length(length, "length", ())
             length = jnp.clip(length, 0, xs.shape[0])
@@ -399,13 +386,7 @@ def network(
     def _apply_fused(params, xs, lengths, initial_carry, keys):
         """The fused path on a batch ``xs <[B, T, ...]>``; ``keys``: one per example."""
         _check_params(params)
-        tokens = cells.is_token_input(xs)
-        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
-        expected_in = cell.input_size(layer0)
-        if not tokens and xs.shape[2] != expected_in:
-            raise ValueError(
-                f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
-            )
+        _check_input_size(params, xs)
         batch, num_steps = xs.shape[0], xs.shape[1]
         if lengths is not None:
             lengths = jnp.clip(lengths, 0, num_steps)
@@ -436,14 +417,24 @@ def network(
                 ys, carry = run(p, initial_carry[layer], ys, lengths)
                 finals.append(carry)
             if keys is not None and dropout > 0 and layer < num_layers - 1:
-                keep = jax.vmap(
-                    lambda k, layer=layer: jax.random.bernoulli(
-                        jax.random.fold_in(k, layer), 1.0 - dropout, (num_steps, output_size)
-                    )
-                )(keys)
-                keep = jnp.swapaxes(keep, 0, 1)
-                ys = jnp.where(keep, ys / (1.0 - dropout), jnp.zeros_like(ys))
+                # the masks of the scan path: example b's key, folded with the layer
+                ys = jax.vmap(
+                    lambda k, y, layer=layer: apply_dropout(
+                        jax.random.fold_in(k, layer), dropout, y
+                    ),
+                    in_axes=(0, 1),
+                    out_axes=1,
+                )(keys, ys)
         return jnp.swapaxes(ys, 0, 1), tuple(finals)
+
+    def _check_input_size(params, xs) -> None:
+        """Float inputs ``<[..., I]>`` must have the params' input size (token ids any)."""
+        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
+        expected_in = cell.input_size(layer0)
+        if not cells.is_token_input(xs) and xs.shape[-1] != expected_in:
+            raise ValueError(
+                f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
+            )
 
     def _check_params(params) -> None:
         want = {f"layer_{i}" for i in range(num_layers)}
