@@ -1,0 +1,213 @@
+r"""Times rnn_jax's training step under several network options, in one process.
+
+The lever sweep behind the defaults of :func:`rnn_jax.networks.choose_implementation`
+and :func:`rnn_jax.networks.default_unroll`: for every shape it compiles the
+benchmark's step (``experiments.bench_worker``, the real ``rnn_jax.train`` step)
+once per variant and times it, then prints one row per shape with the median step
+time of each variant and the fastest::
+
+    python -m experiments.levers --configs=long,large --cells=gru,lstm \
+        --variants=scan:1,scan:8,fused:1,fused:8,fused:32
+
+A variant is ``implementation:unroll`` with an optional ``:hoist`` or ``:nohoist``
+(the scan's input projection outside the loop or not). All variants run in this
+one process (only JAX is imported, so no foreign thread pool competes); the peers
+and cold compile times are :mod:`experiments.benchmark`'s job.
+
+``--check`` first compares the ``fused`` and ``scan`` implementations on this
+device at ``highest`` matmul precision (values and gradients of a 2-layer
+bidirectional network with variable lengths, every cell) and exits 1 if they differ
+by more than 1e-5 relative: the same check as ``tests/test_fused.py``, on whatever
+accelerator runs this.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+from experiments import bench_worker
+from experiments.benchmark import (
+    CELLS,
+    check_choices,
+    machine_info,
+    make_cases,
+    parse_bools,
+    parse_layers,
+    selected_configs,
+    versions,
+)
+from experiments.common import parse_flags_or_exit_2
+
+IMPLEMENTATIONS = ("scan", "fused")
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"fused:8"`` / ``"scan:1:hoist"`` -> bench_worker spec keys; ValueError if bad."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[0] not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"variant {text!r}: expected implementation:unroll[:hoist|:nohoist] with the "
+            f"implementation one of {list(IMPLEMENTATIONS)}"
+        )
+    try:
+        unroll = int(parts[1])
+    except ValueError:
+        unroll = 0
+    if unroll < 1:
+        raise ValueError(f"variant {text!r}: unroll must be an integer >= 1")
+    spec: dict[str, Any] = {"implementation": parts[0], "unroll": unroll}
+    if len(parts) == 3:
+        if parts[2] not in ("hoist", "nohoist"):
+            raise ValueError(f"variant {text!r}: the third part must be hoist or nohoist")
+        spec["hoist_input"] = "true" if parts[2] == "hoist" else "false"
+    return spec
+
+
+def check_fused(tol: float = 1e-5) -> list[dict[str, Any]]:
+    """Max relative difference fused vs scan (outputs, carries, all gradients) per cell."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from rnn_jax import cells, networks
+
+    I, H, T, B = 5, 8, 9, 4  # noqa: E741
+    lengths = jnp.asarray([T, 0, 4, 1], jnp.int32)
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(B, T, I)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(B, T, 2 * H)), jnp.float32)
+    rows = []
+    for name, cell in (
+        ("rnn", cells.rnn(H)),
+        ("gru", cells.gru(H)),
+        ("gru reset_after", cells.gru(H, reset_after=True)),
+        ("lstm", cells.lstm(H)),
+    ):
+        out = {}
+        for impl in IMPLEMENTATIONS:
+            net = networks.network(cell, 2, True, implementation=impl)
+            params = net.init(jax.random.key(1), I)
+
+            def loss(params, xs, net=net):
+                ys, final = net.apply_batch(params, xs, lengths)
+                extra = sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+                return jnp.sum(ys * weights) + extra
+
+            with jax.default_matmul_precision("highest"):
+                value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs)
+            out[impl] = [value, *jax.tree.leaves(grads)]
+        err = max(
+            float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+            for a, b in zip(out["fused"], out["scan"], strict=True)
+        )
+        rows.append({"cell": name, "max_rel_diff": err, "ok": err <= tol})
+    return rows
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    FLAGS = flags.FLAGS
+    from rnn_jax import allocator
+
+    allocator.tune_malloc()  # as every benchmark worker does, before JAX allocates
+    import jax
+
+    platform = jax.default_backend()
+    device = jax.devices()[0].device_kind
+    print(f"device: {platform} {device}; jax {jax.__version__}", flush=True)
+    report: dict[str, Any] = {
+        "platform": platform,
+        "device": device,
+        "machine": machine_info(device if platform == "gpu" else None),
+        "versions": versions(),
+        "check": None,
+        "results": [],
+    }
+    failed = False
+    if FLAGS.check:
+        report["check"] = check_fused()
+        for row in report["check"]:
+            print(f"check fused vs scan {row['cell']}: max rel diff {row['max_rel_diff']:.2e}")
+        failed = not all(row["ok"] for row in report["check"])
+    variants = [parse_variant(v) for v in FLAGS.variants]
+    cases = make_cases(
+        selected_configs(FLAGS.configs, []),
+        FLAGS.cells,
+        parse_layers(FLAGS.layers),
+        parse_bools(FLAGS.bidirectional),
+    )
+    print("case | " + " | ".join(FLAGS.variants) + " | fastest (ms)", flush=True)
+    for case in cases:
+        row = {"case": case.label(), **case.key(), "variants": {}}
+        for name, variant in zip(FLAGS.variants, variants, strict=True):
+            t = time.perf_counter()
+            result = bench_worker.run(
+                {
+                    **case.spec(),
+                    **variant,
+                    "iters": FLAGS.iters,
+                    "max_time_s": FLAGS.max_time_s,
+                }
+            )
+            result["wall_s"] = time.perf_counter() - t
+            result.pop("step_times_s", None)
+            row["variants"][name] = result
+        times = {
+            n: r["step_s"] for n, r in row["variants"].items() if r.get("ok") and r.get("step_s")
+        }
+        row["fastest"] = min(times, key=times.get) if times else None
+        report["results"].append(row)
+        cells_ = [fmt_ms(times.get(n)) for n in FLAGS.variants]
+        print(f"{case.label()} | " + " | ".join(cells_) + f" | {row['fastest']}", flush=True)
+        if FLAGS.output:  # after every case: a cut-off run keeps what it measured
+            with open(FLAGS.output, "w") as f:
+                json.dump(report, f, indent=1)
+    if failed:
+        print("error: fused and scan differ on this device beyond 1e-5", file=sys.stderr)
+        sys.exit(1)
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("configs", "long", "Shapes (experiments.benchmark's configs).")
+    flags.DEFINE_list("cells", "gru,lstm", "Cells to run: rnn, gru, lstm.")
+    flags.DEFINE_list("layers", "1", "Depths to run.")
+    flags.DEFINE_list("bidirectional", "false", "Directions to run: false, true or both.")
+    flags.DEFINE_list(
+        "variants",
+        "scan:1,fused:1,fused:8",
+        "Network options to time: implementation:unroll[:hoist|:nohoist].",
+    )
+    flags.DEFINE_integer("iters", 20, "Timed steps per variant (at most).", lower_bound=1)
+    flags.DEFINE_float("max_time_s", 3.0, "Stop timing a variant after this long.", lower_bound=0)
+    flags.DEFINE_bool("check", False, "First check fused == scan on this device (1e-5).")
+    flags.DEFINE_string("output", "levers.json", "JSON file of all results; empty: none.")
+
+    def validator(check):
+        def ok(value):
+            try:
+                check(value)
+            except ValueError as e:
+                raise flags.ValidationError(str(e)) from None
+            return True
+
+        return ok
+
+    flags.register_validator("configs", validator(lambda v: selected_configs(v, [])))
+    flags.register_validator("cells", validator(lambda v: check_choices(v, CELLS, "cell")))
+    flags.register_validator("layers", validator(parse_layers))
+    flags.register_validator("bidirectional", validator(parse_bools))
+    flags.register_validator("variants", validator(lambda v: [parse_variant(x) for x in v]))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags_or_exit_2)
