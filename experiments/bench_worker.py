@@ -57,7 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "num_layers": 1,
     "bidirectional": False,
     "reset_after": True,  # GRU form: True is PyTorch's / cuDNN's / flax.linen's
-    "unroll": 1,  # rnn_jax network options (peers keep their library defaults)
+    "unroll": None,  # rnn_jax network options (peers keep their library defaults);
+    # unroll None: networks.default_unroll()
     "remat": False,
     "hoist_input": "auto",  # "auto" | "true" | "false"
     "implementation": "auto",  # rnn_jax: "auto" | "fused" | "scan"
@@ -215,7 +216,11 @@ def _rnn_jax_step(spec: dict[str, Any]):
         impl = networks.choose_implementation(
             model.network.cell, spec["batch_size"], remat=spec["remat"]
         )
-    info = {"hoist_input": model.network.hoist_input, "implementation": impl}
+    info = {
+        "hoist_input": model.network.hoist_input,
+        "implementation": impl,
+        "unroll": model.network.unroll,
+    }
     return train_step, state, batch, loss_of, state["params"], info
 
 

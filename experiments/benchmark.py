@@ -236,6 +236,7 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for extra in (
         "hoist_input",
         "implementation",
+        "unroll",
         "tune_malloc",
         "torch_threads",
         "cudnn",
@@ -517,7 +518,11 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
     for group in by_case.values():
         first = next(iter(group.values()))
         row = _case_cells(first)
-        row.append(str(group.get("rnn_jax", {}).get("implementation", "–")))
+        ours = group.get("rnn_jax", {})
+        impl_used = str(ours.get("implementation", "–"))
+        if ours.get("unroll"):
+            impl_used += f", unroll {ours['unroll']}"
+        row.append(impl_used)
         for impl in impls:
             r = group.get(impl)
             if r is None or not r.get("ok"):
@@ -650,7 +655,8 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
         f"hoist_input={o['hoist_input']}"
         + (f" (used: {o['hoist_input_used']})" if o.get("hoist_input_used") is not None else "")
         + f", implementation={o.get('implementation', 'auto')} (the column rnn_jax impl "
-        "says which one ran); flax.linen and PyTorch run with their defaults.",
+        "says which implementation and unroll ran); flax.linen and PyTorch run with their "
+        "defaults.",
         "Allocator: "
         + (
             "every worker, whatever its implementation, calls rnn_jax.allocator.tune_malloc() "
@@ -794,7 +800,13 @@ def define_flags() -> None:
     )
     flags.DEFINE_float("lr", 1.0, "SGD learning rate (does not change the timing).", lower_bound=0)
     flags.DEFINE_integer("seed", 0, "Seed of the initialisation and of the random batch.")
-    flags.DEFINE_integer("unroll", 1, "rnn_jax: lax.scan unroll factor.", lower_bound=1)
+    flags.DEFINE_integer(
+        "unroll",
+        0,
+        "rnn_jax: time steps per loop iteration; 0: the backend's default "
+        "(networks.default_unroll).",
+        lower_bound=0,
+    )
     flags.DEFINE_bool("remat", False, "rnn_jax: gradient checkpointing of the recurrent step.")
     flags.DEFINE_enum(
         "hoist_input",
@@ -920,7 +932,7 @@ def main(argv: list[str]) -> None:
     options = {
         "vocab_size": FLAGS.vocab_size,
         "reset_after": FLAGS.reset_after,
-        "unroll": FLAGS.unroll,
+        "unroll": FLAGS.unroll or None,
         "remat": FLAGS.remat,
         "hoist_input": FLAGS.hoist_input,
         "implementation": FLAGS.implementation,

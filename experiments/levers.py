@@ -140,7 +140,7 @@ def main(argv: list[str]) -> None:
         failed = not all(row["ok"] for row in report["check"])
     variants = [parse_variant(v) for v in FLAGS.variants]
     cases = make_cases(
-        selected_configs(FLAGS.configs, []),
+        selected_configs(FLAGS.configs, FLAGS.config_spec),
         FLAGS.cells,
         parse_layers(FLAGS.layers),
         parse_bools(FLAGS.bidirectional),
@@ -178,6 +178,9 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
     flags.DEFINE_list("configs", "long", "Shapes (experiments.benchmark's configs).")
+    flags.DEFINE_multi_string(
+        "config_spec", [], 'Custom shape "name:hidden:batch:steps" (repeatable), also run.'
+    )
     flags.DEFINE_list("cells", "gru,lstm", "Cells to run: rnn, gru, lstm.")
     flags.DEFINE_list("layers", "1", "Depths to run.")
     flags.DEFINE_list("bidirectional", "false", "Directions to run: false, true or both.")
@@ -201,7 +204,10 @@ def define_flags() -> None:
 
         return ok
 
-    flags.register_validator("configs", validator(lambda v: selected_configs(v, [])))
+    flags.register_multi_flags_validator(
+        ["configs", "config_spec"],
+        validator(lambda d: selected_configs(d["configs"], d["config_spec"])),
+    )
     flags.register_validator("cells", validator(lambda v: check_choices(v, CELLS, "cell")))
     flags.register_validator("layers", validator(parse_layers))
     flags.register_validator("bidirectional", validator(parse_bools))

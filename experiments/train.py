@@ -75,7 +75,12 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "dropout", _D.dropout, "Dropout rate between layers and before the output layer."
 )
-flags.DEFINE_integer("unroll", _D.unroll, "lax.scan unroll factor.")
+flags.DEFINE_integer(
+    "unroll",
+    _D.unroll,
+    "Time steps per loop iteration (lax.scan unroll); 0: the backend's measured default "
+    "(1 on CPU, 8 on GPU).",
+)
 flags.DEFINE_bool("remat", _D.remat, "Gradient checkpointing of the recurrent step.")
 flags.DEFINE_enum(
     "implementation",

@@ -89,7 +89,7 @@ class TrainConfig:
     forget_bias: float = 1.0
     embed_dim: int = 0
     dropout: float = 0.0
-    unroll: int = 1
+    unroll: int = 0  # 0: the backend's default (networks.default_unroll)
     remat: bool = False
     implementation: str = "auto"
     optimizer: str = "adam"
@@ -127,7 +127,7 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
         forget_bias=config.forget_bias,
         embed_dim=config.embed_dim,
         dropout=config.dropout,
-        unroll=config.unroll,
+        unroll=config.unroll or None,
         remat=config.remat,
         implementation=config.implementation,
     )
@@ -170,8 +170,10 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     _choice(config, "optimizer", OPTIMIZERS)
     _choice(config, "schedule", SCHEDULES)
     _positive(config, "hidden_size", "num_layers", "num_steps", "num_train", "num_val")
-    _positive(config, "batch_size", "epochs", "keep_checkpoints", "unroll", "sample_chars")
-    _positive(config, "min_freq", "embed_dim", "eval_every", "checkpoint_every", minimum=0)
+    _positive(config, "batch_size", "epochs", "keep_checkpoints", "sample_chars")
+    _positive(
+        config, "unroll", "min_freq", "embed_dim", "eval_every", "checkpoint_every", minimum=0
+    )
     _positive(config, "warmup_steps", "seed", "grad_clip", "weight_decay", minimum=0)
     _positive(config, "momentum", "log_every_s", minimum=0)
     for name in ("pin_reset", "pin_update"):

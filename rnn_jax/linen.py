@@ -47,7 +47,7 @@ class RNN(nn.Module):
     num_layers: int = 1
     bidirectional: bool = False
     dropout: float = 0.0
-    unroll: int = 1
+    unroll: int | None = None
     remat: bool = False
     hoist_input: bool | None = None
     implementation: str = "auto"

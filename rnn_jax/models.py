@@ -60,7 +60,7 @@ class ModelConfig:
     forget_bias: float = 1.0
     embed_dim: int = 0
     dropout: float = 0.0
-    unroll: int = 1
+    unroll: int | None = None
     remat: bool = False
     hoist_input: bool | None = None
     implementation: str = "auto"

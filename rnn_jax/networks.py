@@ -110,6 +110,24 @@ def _default_hoist_input() -> bool:
     return jax.default_backend() != "cpu"
 
 
+# The backends' measured unroll factors (BENCHMARKS.md, experiments.levers).
+DEFAULT_UNROLL = {"cpu": 1, "gpu": 8}
+_ACCELERATOR_UNROLL = 8  # backends not measured (TPU): as the GPU
+
+
+def default_unroll(backend: str | None = None) -> int:
+    """The ``unroll`` that ``network(unroll=None)`` uses on ``backend`` (default: JAX's).
+
+    Measured with ``experiments/levers.py`` (BENCHMARKS.md): on the 2-core CPU any
+    unrolling slows the step (LSTM H=128 B=32 T=1024: 151 ms at 4, 290 ms at 16 vs
+    131 ms at 1), so 1; on an H100 every loop iteration costs a launch and a
+    device-to-host check of the loop condition, and unrolling 8 steps halves the step
+    (fused LSTM: 11.3 ms vs 19.9 ms at 1; 32 gives 11.3 ms and compiles 2.7x longer).
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return DEFAULT_UNROLL.get(backend, _ACCELERATOR_UNROLL)
+
+
 IMPLEMENTATIONS = ("auto", "fused", "scan")
 
 
@@ -142,8 +160,12 @@ def _check_options(cell, num_layers, dropout, unroll) -> None:
         raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
-    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
-        raise ValueError(f"unroll: expected an int >= 1, got {unroll!r}")
+    if unroll is not None and (
+        isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1
+    ):
+        raise ValueError(
+            f"unroll: expected an int >= 1 or None (the backend's default), got {unroll!r}"
+        )
 
 
 def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> None:
@@ -238,7 +260,7 @@ def network(
     bidirectional: bool = False,
     *,
     dropout: float = 0.0,
-    unroll: int = 1,
+    unroll: int | None = None,
     remat: bool = False,
     hoist_input: bool | None = None,
     implementation: str = "auto",
@@ -252,7 +274,9 @@ def network(
       dropout: rate in [0, 1) of the dropout applied to every layer's outputs but the
         last (as PyTorch's ``nn.LSTM(dropout=...)``); active only when ``apply`` gets
         a ``dropout_key``.
-      unroll: passed to ``jax.lax.scan``.
+      unroll: time steps per loop iteration, passed to ``jax.lax.scan``. ``None``
+        picks the measured default of the backend (:func:`default_unroll`: 1 on CPU,
+        8 on GPU).
       remat: gradient checkpointing of the step (``jax.checkpoint``): the backward
         pass recomputes each step's gates from the saved carries.
       hoist_input: compute ``X W_x + b`` for all steps before the scan. ``None``
@@ -272,6 +296,7 @@ def network(
     if implementation == "fused" and not fused.supports(cell):
         raise ValueError(f"implementation: 'fused' does not support the cell {cell.name!r}")
     hoist = _default_hoist_input() if hoist_input is None else bool(hoist_input)
+    unroll = default_unroll() if unroll is None else unroll
     num_dirs = 2 if bidirectional else 1
     output_size = num_dirs * cell.hidden_size
 

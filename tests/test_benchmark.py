@@ -338,3 +338,67 @@ def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and word in lines[0]
     assert proc.stdout == "" and not list(tmp_path.iterdir())
+
+
+# --- experiments.levers ----------------------------------------------------------------
+
+
+def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
+    out = tmp_path / "levers.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.levers",
+            "--configs=",
+            "--config_spec=tiny:8:4:5",
+            "--cells=gru,lstm",
+            "--variants=scan:1,fused:2,scan:3:nohoist",
+            "--iters=2",
+            "--check",
+            f"--output={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["platform"] == "cpu" and report["versions"]["jax"]
+    assert [r["cell"] for r in report["check"]] == ["rnn", "gru", "gru reset_after", "lstm"]
+    assert all(r["ok"] and r["max_rel_diff"] < 1e-5 for r in report["check"])
+    assert [r["case"] for r in report["results"]] == ["tiny gru L1", "tiny lstm L1"]
+    for row in report["results"]:
+        variants = row["variants"]
+        assert list(variants) == ["scan:1", "fused:2", "scan:3:nohoist"]
+        assert all(v["ok"] and v["step_s"] > 0 for v in variants.values())
+        assert variants["fused:2"]["implementation"] == "fused"
+        assert variants["fused:2"]["unroll"] == 2
+        assert variants["scan:3:nohoist"]["unroll"] == 3
+        assert variants["scan:3:nohoist"]["hoist_input"] is False
+        fastest = min(variants, key=lambda n: variants[n]["step_s"])
+        assert row["fastest"] == fastest
+    assert "tiny lstm L1 |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "text, word",
+    [
+        ("fused", "implementation:unroll"),
+        ("cudnn:8", "implementation:unroll"),
+        ("scan:0", "unroll must be"),
+        ("scan:x", "unroll must be"),
+        ("scan:2:hoisted", "hoist"),
+    ],
+)
+def test_levers_bad_variants(text, word):
+    from experiments import levers
+
+    with pytest.raises(ValueError, match=word):
+        levers.parse_variant(text)
+    assert levers.parse_variant("scan:4:hoist") == {
+        "implementation": "scan",
+        "unroll": 4,
+        "hoist_input": "true",
+    }

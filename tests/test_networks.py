@@ -278,13 +278,25 @@ def test_final_structure_is_named():
         (dict(num_layers=1.5), r"num_layers: expected an int >= 1, got 1.5"),
         (dict(dropout=1.0), r"dropout: expected a number in \[0, 1\), got 1.0"),
         (dict(dropout=-0.1), r"dropout: expected a number in \[0, 1\), got -0.1"),
-        (dict(unroll=0), r"unroll: expected an int >= 1, got 0"),
+        (dict(unroll=0), r"unroll: expected an int >= 1 or None \(the backend's default\), got 0"),
+        (dict(unroll=2.0), r"unroll: expected an int >= 1 or None .*, got 2.0"),
         (dict(bidirectional="yes"), r"bidirectional: expected a bool, got 'yes'"),
     ],
 )
 def test_bad_network_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         networks.network(cells.gru(H), **kwargs)
+
+
+def test_unroll_default_per_backend(monkeypatch):
+    assert networks.default_unroll("cpu") == 1
+    assert networks.default_unroll("gpu") == 8
+    assert networks.default_unroll("tpu") == 8  # unmeasured accelerators: as the GPU
+    assert networks.network(cells.gru(H)).unroll == networks.default_unroll()
+    assert networks.network(cells.gru(H), unroll=3).unroll == 3
+    monkeypatch.setattr(networks.jax, "default_backend", lambda: "gpu")
+    net = networks.network(cells.gru(H))
+    assert (net.unroll, net.hoist_input) == (8, True)
 
 
 def test_bad_cell():

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnn_jax import checkpoint, data, generate, models, text, train
+from rnn_jax import checkpoint, data, generate, models, networks, text, train
 from rnn_jax.config import ConfigError, TrainConfig, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,6 +324,7 @@ BAD = [
     (["--batch_size=0"], "--batch_size: expected >= 1"),
     (["--workdir={d}/a_file"], "--workdir: .*a_file exists and is not a directory"),
     (["--dropout=1.5"], "--dropout: expected a rate in"),
+    (["--unroll=-1"], "--unroll: expected >= 0, got -1"),
     (
         ["--partition=sequential", "--batch_size=1024"],
         "--batch_size: the sequential partition has 0",
@@ -353,3 +354,10 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_workdir_intact(
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(match, lines[0]), lines[0]
     assert _snapshot(workdir) == before
+
+
+def test_unroll_flag_zero_means_the_backend_default(tmp_path):
+    assert model_config(tiny(tmp_path), 28).unroll is None  # default: 0
+    assert model_config(tiny(tmp_path, unroll=4), 28).unroll == 4
+    model = models.language_model(model_config(tiny(tmp_path), 28))
+    assert model.network.unroll == networks.default_unroll()
