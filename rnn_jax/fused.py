@@ -54,6 +54,7 @@ saved twice; no masking ops when there are no lengths; ``W_hᵀ`` materialised o
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -261,14 +262,14 @@ def _where(valid: Array, new: Any, old: Any) -> Any:
 # b_hn for the reset-after GRU); the input projection stays outside, under autodiff.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _recurrence(cell, unroll, remat, rec, carry0, xp, valid):
-    ys, final, _ = _forward(cell, unroll, None, rec, carry0, xp, valid)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(cell, unroll, rec, carry0, xp, valid):
+    ys, final, _ = _forward(cell, unroll, False, rec, carry0, xp, valid)
     return ys, final
 
 
 def _forward(cell, unroll, save, rec, carry0, xp, valid):
-    """The forward loop; ``save``: None, ``"carry"`` (remat) or ``"saved"``."""
+    """The forward loop: ``(ys, final, saved)``, ``saved`` stacked over time if ``save``."""
     forward = _KERNELS[cell.name](cell, rec)[0]
 
     def body(carry, inp):
@@ -277,48 +278,35 @@ def _forward(cell, unroll, save, rec, carry0, xp, valid):
         if valid_t is not None:  # no lengths: no masking ops in the loop at all
             new = _where(valid_t, new, carry)
             y = jnp.where(valid_t[:, None], y, jnp.zeros_like(y))
-        if save == "saved":
-            return new, (y, saved)
-        if save == "carry":
-            return new, (y, new)
-        return new, (y,)
+        return new, ((y, saved) if save else (y,))
 
     final, out = jax.lax.scan(body, carry0, (xp, valid), unroll=unroll)
     return out[0], final, (out[1] if save else None)
 
 
-def _recurrence_fwd(cell, unroll, remat, rec, carry0, xp, valid):
-    ys, final, stacked = _forward(
-        cell, unroll, "carry" if remat else "saved", rec, carry0, xp, valid
-    )
-    # remat recomputes the gates from the inputs; otherwise xp need not stay alive
-    return (ys, final), (rec, carry0, xp if remat else None, valid, ys, stacked)
+def _recurrence_fwd(cell, unroll, rec, carry0, xp, valid):
+    ys, final, saved = _forward(cell, unroll, True, rec, carry0, xp, valid)
+    return (ys, final), (rec, carry0, valid, ys, saved)
 
 
-def _shift(first: Any, stacked: Any) -> Any:
-    """``[first, stacked[0], ..., stacked[T-2]]``: the carry before each step."""
-    return jax.tree_util.tree_map(
-        lambda a, b: jnp.concatenate([a[None], b[:-1]], axis=0), first, stacked
-    )
+def _shift(first: Array, stacked: Array) -> Array:
+    """``[first, stacked[0], ..., stacked[T-2]]``: the hidden state before each step."""
+    return jnp.concatenate([first[None], stacked[:-1]], axis=0)
 
 
-def _recurrence_bwd(cell, unroll, remat, res, cts):
-    rec, carry0, xp, valid, ys, stacked = res
-    dys, dfinal = cts
-    forward, backward, weight_grads = _KERNELS[cell.name](cell, rec)
-    # The carry (remat) or hidden state before each step. Past a length the shifted
-    # outputs are not the (frozen) state, but nothing there is used: those steps
-    # are masked below.
-    if remat:
-        prev = _shift(carry0, stacked)
-        h_prev = _hidden(prev)
-    else:
-        prev, h_prev = None, _shift(_hidden(carry0), ys)
+def _backward(cell, unroll, rec, carry0, valid, ys, saved, dys, dfinal):
+    """The backward loop and the recurrent weight gradients.
+
+    Returns ``(drec, dcarry0, dxp)``: gradients of the recurrent params, the initial
+    carry and the input projection ``<[T, B, G*H]>``.
+    """
+    _, backward, weight_grads = _KERNELS[cell.name](cell, rec)
+    # The hidden state before each step. Past a length the shifted outputs are not
+    # the (frozen) state, but nothing there is used: those steps are masked below.
+    h_prev = _shift(_hidden(carry0), ys)
 
     def body(dcarry, inp):
-        dy_t, valid_t, h_prev_t, prev_t, xp_t, y_t, saved_t = inp
-        if remat:  # recompute this step's gates
-            _, y_t, saved_t = forward(prev_t, xp_t)
+        dy_t, valid_t, h_prev_t, y_t, saved_t = inp
         if isinstance(dcarry, LSTMCarry):
             d_in = LSTMCarry(dcarry.h + dy_t, dcarry.c)
         else:
@@ -331,14 +319,113 @@ def _recurrence_bwd(cell, unroll, remat, res, cts):
 
     if valid is not None:
         dys = jnp.where(valid[..., None], dys, jnp.zeros_like(dys))
-    inputs = (dys, valid, h_prev, prev, xp) + ((None, None) if remat else (ys, stacked))
+    inputs = (dys, valid, h_prev, ys, saved)
     dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=unroll)
     grads = weight_grads(h_prev, dxp, extra)
     drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
+    return drec, dcarry0, dxp
+
+
+def _recurrence_bwd(cell, unroll, res, cts):
+    rec, carry0, valid, ys, saved = res
+    drec, dcarry0, dxp = _backward(cell, unroll, rec, carry0, valid, ys, saved, *cts)
     return drec, dcarry0, dxp, None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+# ---------------------------------------------------------------------------
+# remat: the same layer in chunks of K steps, input projection included. The
+# forward pass keeps only the carry at the start of each chunk (and the outputs,
+# which the layer returns anyway); the backward pass walks the chunks in reverse and
+# for each recomputes the projection and the forward loop (saving the chunk's
+# gates), runs the backward loop above over the chunk, and adds the chunk's weight
+# gradients. Nothing of size T x (G*H) is ever alive: the step's temporary memory
+# is the outputs plus O(K) per-chunk buffers.
+
+
+def chunk_size(num_steps: int) -> int:
+    """The remat chunk length K for T steps: the divisor of T nearest to sqrt(T)
+    (between sqrt(T)/2 and 2 sqrt(T)), else ceil(sqrt(T)) and the last chunk padded."""
+    root = math.sqrt(num_steps)
+    divisors = [d for d in range(1, num_steps + 1) if num_steps % d == 0]
+    near = [d for d in divisors if root / 2 <= d <= 2 * root]
+    if near:
+        return min(near, key=lambda d: (abs(d - root), d))
+    return math.ceil(root)
+
+
+def _project(cell: Cell, params: dict[str, Array], xs: Array) -> Array:
+    """``X W_x + b`` with the gate blocks side by side: ``<[T, B, G*H]>``."""
+    xp = cell.project(params, xs)
+    return xp.reshape(*xp.shape[:2], -1)
+
+
+def _recurrent_params(params: dict[str, Array]) -> dict[str, Array]:
+    return {k: params[k] for k in ("W_h", "b_hn") if k in params}
+
+
+def _in_chunks(x: Array | None, num_chunks: int) -> Array | None:
+    """``<[n*K, ...]> -> <[n, K, ...]>``."""
+    return None if x is None else x.reshape(num_chunks, -1, *x.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _remat_layer(cell, unroll, num_chunks, params, carry0, xs, valid):
+    ys, final, _ = _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid)
+    return ys, final
+
+
+def _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid):
+    rec = _recurrent_params(params)
+
+    def body(carry, inp):
+        xs_c, valid_c = inp
+        xp_c = _project(cell, params, xs_c)
+        ys_c, new, _ = _forward(cell, unroll, False, rec, carry, xp_c, valid_c)
+        return new, (ys_c, carry)
+
+    inputs = (_in_chunks(xs, num_chunks), _in_chunks(valid, num_chunks))
+    final, (ys, starts) = jax.lax.scan(body, carry0, inputs)
+    return ys.reshape(-1, *ys.shape[2:]), final, starts
+
+
+def _remat_fwd(cell, unroll, num_chunks, params, carry0, xs, valid):
+    ys, final, starts = _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid)
+    return (ys, final), (params, xs, valid, ys, starts)
+
+
+def _remat_bwd(cell, unroll, num_chunks, res, cts):
+    params, xs, valid, ys, starts = res
+    dys, dfinal = cts
+    rec = _recurrent_params(params)
+    tokens = not jnp.issubdtype(xs.dtype, jnp.floating)
+
+    def body(acc, inp):
+        dcarry, dparams = acc
+        xs_c, valid_c, ys_c, dys_c, start = inp
+        if tokens:  # integer ids get no gradient
+            xp_c, project_vjp = jax.vjp(lambda p: _project(cell, p, xs_c), params)
+        else:
+            xp_c, project_vjp = jax.vjp(lambda p, x: _project(cell, p, x), params, xs_c)
+        _, _, saved = _forward(cell, unroll, True, rec, start, xp_c, valid_c)
+        drec, dstart, dxp_c = _backward(
+            cell, unroll, rec, start, valid_c, ys_c, saved, dys_c, dcarry
+        )
+        dproj = project_vjp(dxp_c)
+        dparams = jax.tree_util.tree_map(jnp.add, dparams, dproj[0])
+        dparams = {k: v + drec[k] if k in drec else v for k, v in dparams.items()}
+        return (dstart, dparams), (None if tokens else dproj[1])
+
+    chunks = [_in_chunks(a, num_chunks) for a in (xs, valid, ys, dys)]
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (dcarry0, dparams), dxs = jax.lax.scan(body, (dfinal, zeros), (*chunks, starts), reverse=True)
+    dxs = None if tokens else dxs.reshape(xs.shape)
+    return dparams, dcarry0, dxs, None
+
+
+_remat_layer.defvjp(_remat_fwd, _remat_bwd)
 
 
 def layer(
@@ -361,7 +448,9 @@ def layer(
       xs: ``<float32>[T, B, I]`` inputs, or token ids ``<int32>[T, B]``.
       lengths: ``<int32>[B]`` valid steps per sequence (``None``: all ``T``).
       unroll: passed to both ``lax.scan`` loops.
-      remat: recompute the gates in the backward loop instead of saving them.
+      remat: keep only the carry at the start of every chunk of :func:`chunk_size`
+        steps and recompute each chunk (input projection, gates) in the backward
+        pass, instead of saving ``<[T, B, G*H]>`` gates and projections.
 
     Returns:
       ``(ys <float32>[T, B, H], final carry)``: outputs are zero past each length and
@@ -369,10 +458,18 @@ def layer(
     """
     if not supports(cell):
         raise ValueError(f"cell: no fused implementation for {cell.name!r}")
-    xp = cell.project(params, xs)  # all steps at once: <[T, B, G, H]>
-    xp = xp.reshape(*xp.shape[:2], -1)  # gate blocks side by side: <[T, B, G*H]>
-    valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]
-    rec = {"W_h": params["W_h"]}
-    if "b_hn" in params:
-        rec["b_hn"] = params["b_hn"]
-    return _recurrence(cell, unroll, remat, rec, carry, xp, valid)
+    num_steps = xs.shape[0]
+    valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
+    if remat:
+        chunk = chunk_size(num_steps)
+        pad = -num_steps % chunk
+        if pad:  # padded steps are invalid: the carry stays, outputs are zero
+            if valid is None:
+                valid = jnp.ones((num_steps, xs.shape[1]), bool)
+            valid = jnp.pad(valid, ((0, pad), (0, 0)))
+            xs = jnp.pad(xs, ((0, pad),) + ((0, 0),) * (xs.ndim - 1))
+        num_chunks = (num_steps + pad) // chunk
+        ys, final = _remat_layer(cell, unroll, num_chunks, params, carry, xs, valid)
+        return ys[:num_steps], final
+    xp = _project(cell, params, xs)  # all steps at once
+    return _recurrence(cell, unroll, _recurrent_params(params), carry, xp, valid)

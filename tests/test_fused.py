@@ -164,10 +164,12 @@ def test_fused_layer_matches_finite_differences(cell_name, remat):
         check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
-def test_language_model_step_is_the_same_with_either_implementation():
+@pytest.mark.parametrize("remat", [False, True])
+def test_language_model_step_is_the_same_with_either_implementation(remat):
+    """Token ids into layer 0 (their projection is a row lookup with no input gradient)."""
     config = dict(vocab_size=11, cell="gru", hidden_size=8, num_layers=2, dropout=0.2)
     ref = models.language_model(models.ModelConfig(**config, implementation="scan"))
-    fast = models.language_model(models.ModelConfig(**config, implementation="fused"))
+    fast = models.language_model(models.ModelConfig(**config, implementation="fused", remat=remat))
     params = ref.init(jax.random.key(0))
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 11, (5, 7)), jnp.int32)
 
@@ -179,6 +181,35 @@ def test_language_model_step_is_the_same_with_either_implementation():
         return jax.value_and_grad(f)
 
     assert_trees_close(jax.jit(loss(fast))(params), loss(ref)(params))
+
+
+def test_remat_chunk_size():
+    assert fused.chunk_size(1024) == 32 and fused.chunk_size(1000) == 25
+    assert fused.chunk_size(32) == 4 and fused.chunk_size(6) == 2
+    assert fused.chunk_size(7) == 3 and fused.chunk_size(1) == 1  # 7: the last chunk padded
+    for t in range(1, 300):
+        k = fused.chunk_size(t)
+        assert 1 <= k <= t and k <= 2 * np.sqrt(t) + 1
+
+
+@pytest.mark.parametrize("num_steps", [7, 13])
+@pytest.mark.parametrize("cell_name", ["gru", "gru_after", "lstm", "rnn"])
+def test_fused_remat_with_a_padded_last_chunk_equals_scan(cell_name, num_steps):
+    """T prime: the chunks do not divide T, the padded steps must change nothing."""
+    ref, _, params = nets(cell_name, 2, True)
+    fast = networks.network(ref.cell, 2, True, implementation="fused", remat=True)
+    xs, carry = random(20, (B, num_steps, I)), batch_carry(ref, 21)
+    weights = random(22, (B, num_steps, 2 * H))
+    for lengths in (None, jnp.asarray([num_steps, 0, 3, num_steps - 1], jnp.int32)):
+        args = (params, xs, carry, lengths)
+        v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+        v_fast, g_fast = jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2))(*args)
+        np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
+        assert_trees_close(g_fast, g_ref)
+        ys_ref, final_ref = ref.apply_batch(params, xs, lengths, carry)
+        ys_fast, final_fast = fast.apply_batch(params, xs, lengths, carry)
+        assert ys_fast.shape == (B, num_steps, 2 * H)
+        assert_trees_close((ys_fast, final_fast), (ys_ref, final_ref))
 
 
 def test_choose_implementation():
