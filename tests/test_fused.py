@@ -219,7 +219,8 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.gru(128), 32, "cpu") == "fused"
     assert networks.choose_implementation(cells.lstm(32), 1024, "gpu") == "fused"
     assert networks.choose_implementation(cells.lstm(256), 1, "gpu") == "scan"
-    assert networks.choose_implementation(cells.lstm(256), 64, "gpu", remat=True) == "scan"
+    assert networks.choose_implementation(cells.lstm(256), 64, "gpu", remat=True) == "fused"
+    assert networks.choose_implementation(cells.gru(128), 32, "cpu", remat=True) == "fused"
 
 
 def test_bad_implementation():
