@@ -210,11 +210,13 @@ def _lstm_kernels(cell: Cell, params: dict[str, Array]):
         c = f * carry.c + i * g
         tc = jnp.tanh(c)
         h = o * tc
-        return LSTMCarry(h, c), h, (acts, carry.c, tc)
+        # the gates saved one by one: the backward step's fusion reads them as
+        # slices of the stacked saves, which XLA:CPU vectorises only when no column
+        # offset is involved (one [B, 4H] save made that fusion scalar code)
+        return LSTMCarry(h, c), h, (i, f, o, g, carry.c, tc)
 
     def backward(saved, h2, h_prev, dcarry):
-        acts, c_prev, tc = saved
-        i, f, o, g = (_block(acts, k, hidden) for k in range(4))
+        i, f, o, g, c_prev, tc = saved
         dh, dc = dcarry
         dc = dc + dh * o * (1.0 - tc * tc)
         da = jnp.concatenate(
