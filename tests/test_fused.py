@@ -117,6 +117,17 @@ def test_fused_options_match_scan(cell_name, option):
     assert_trees_close(g_fast, g_ref)
 
 
+@pytest.mark.parametrize("cell_name", list(CELLS))
+def test_fused_forward_pass_alone_equals_scan(cell_name):
+    """Outputs and final carries without differentiation: the loops that save nothing
+    (the GRU's loads its inputs through the carry on CPU)."""
+    ref, fast, params = nets(cell_name, 2, True)
+    xs, carry = random(30, (B, T, I)), batch_carry(ref, 31)
+    for lengths in (None, jnp.asarray(LENGTHS)):
+        got = jax.jit(fast.apply_batch)(params, xs, lengths, carry)
+        assert_trees_close(got, ref.apply_batch(params, xs, lengths, carry))
+
+
 def test_fused_dropout_draws_the_same_masks_as_scan():
     ref, fast, params = nets("lstm", 3, True, dropout=0.5)
     xs, weights = random(10, (B, T, I)), random(11, (B, T, 2 * H))
