@@ -118,11 +118,11 @@ _ACCELERATOR_UNROLL = 8  # backends not measured (TPU): as the GPU
 def default_unroll(backend: str | None = None) -> int:
     """The ``unroll`` that ``network(unroll=None)`` uses on ``backend`` (default: JAX's).
 
-    Measured with ``experiments/levers.py`` (BENCHMARKS.md): on the 2-core CPU any
-    unrolling slows the step (LSTM H=128 B=32 T=1024: 151 ms at 4, 290 ms at 16 vs
-    131 ms at 1), so 1; on an H100 every loop iteration costs a launch and a
-    device-to-host check of the loop condition, and unrolling 8 steps halves the step
-    (fused LSTM: 11.3 ms vs 19.9 ms at 1; 32 gives 11.3 ms and compiles 2.7x longer).
+    Measured (BENCHMARKS.md): on the 2-core CPU any unrolling slowed the training
+    step (LSTM H=128 B=32 T=1024: 151 ms at 4, 290 ms at 16 vs 131 ms at 1), so 1; on
+    an H100 (``experiments/levers.py``) each loop iteration costs kernel launches and
+    XLA's loop bookkeeping, and unrolling 8 steps halves the step (fused LSTM: 11.3
+    ms vs 19.9 ms at 1; 32 gives 11.3 ms and compiles 2.7x longer), so 8.
     """
     backend = jax.default_backend() if backend is None else backend
     return DEFAULT_UNROLL.get(backend, _ACCELERATOR_UNROLL)
