@@ -876,15 +876,10 @@ def define_flags() -> None:
         "worker_timeout_s", 3600, "Give up on one worker process after this long.", lower_bound=1
     )
 
-    def validate(name: str, check: Callable[[Any], Any]) -> None:
-        def ok(value):
-            try:
-                check(value)
-            except ValueError as e:
-                raise flags.ValidationError(str(e)) from None
-            return True
+    from experiments.common import flag_validator
 
-        flags.register_validator(name, ok)
+    def validate(name: str, check: Callable[[Any], Any]) -> None:
+        flags.register_validator(name, flag_validator(check))
 
     validate("cells", lambda v: check_choices(v, CELLS, "cell"))
     validate("compare", lambda v: check_choices(v, PEERS, "peer"))

@@ -34,6 +34,7 @@ from experiments import bench_worker
 from experiments.benchmark import (
     CELLS,
     check_choices,
+    fmt_ms,
     machine_info,
     make_cases,
     parse_bools,
@@ -41,7 +42,7 @@ from experiments.benchmark import (
     selected_configs,
     versions,
 )
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import flag_validator, parse_flags_or_exit_2
 
 IMPLEMENTATIONS = ("scan", "fused")
 
@@ -107,10 +108,6 @@ def check_fused(tol: float = 1e-5) -> list[dict[str, Any]]:
         )
         rows.append({"cell": name, "max_rel_diff": err, "ok": err <= tol})
     return rows
-
-
-def fmt_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def main(argv: list[str]) -> None:
@@ -194,24 +191,14 @@ def define_flags() -> None:
     flags.DEFINE_bool("check", False, "First check fused == scan on this device (1e-5).")
     flags.DEFINE_string("output", "levers.json", "JSON file of all results; empty: none.")
 
-    def validator(check):
-        def ok(value):
-            try:
-                check(value)
-            except ValueError as e:
-                raise flags.ValidationError(str(e)) from None
-            return True
-
-        return ok
-
     flags.register_multi_flags_validator(
         ["configs", "config_spec"],
-        validator(lambda d: selected_configs(d["configs"], d["config_spec"])),
+        flag_validator(lambda d: selected_configs(d["configs"], d["config_spec"])),
     )
-    flags.register_validator("cells", validator(lambda v: check_choices(v, CELLS, "cell")))
-    flags.register_validator("layers", validator(parse_layers))
-    flags.register_validator("bidirectional", validator(parse_bools))
-    flags.register_validator("variants", validator(lambda v: [parse_variant(x) for x in v]))
+    flags.register_validator("cells", flag_validator(lambda v: check_choices(v, CELLS, "cell")))
+    flags.register_validator("layers", flag_validator(parse_layers))
+    flags.register_validator("bidirectional", flag_validator(parse_bools))
+    flags.register_validator("variants", flag_validator(lambda v: [parse_variant(x) for x in v]))
 
 
 if __name__ == "__main__":

@@ -279,8 +279,10 @@ def network(
       unroll: time steps per loop iteration, passed to ``jax.lax.scan``. ``None``
         picks the measured default of the backend (:func:`default_unroll`: 1 on CPU,
         8 on GPU).
-      remat: gradient checkpointing of the step (``jax.checkpoint``): the backward
-        pass recomputes each step's gates from the saved carries.
+      remat: recompute instead of saving: the scan runs its step under
+        ``jax.checkpoint`` (the backward pass recomputes each step's gates from the
+        saved carries), the fused layers keep one carry per chunk of ~sqrt(T) steps
+        and recompute a chunk at a time (:func:`rnn_jax.fused.chunk_size`).
       hoist_input: compute ``X W_x + b`` for all steps before the scan. ``None``
         picks the measured default of the backend (off on CPU, on elsewhere). The
         fused implementation always does.
