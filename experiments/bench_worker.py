@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     # unroll None: networks.default_unroll()
     "remat": False,
     "hoist_input": "auto",  # "auto" | "true" | "false"
-    "implementation": "auto",  # rnn_jax: "auto" | "fused" | "scan"
+    "implementation": "auto",  # rnn_jax: "auto" | "fused" | "scan" | "wavefront"
     "tune_malloc": False,  # rnn_jax.allocator.tune_malloc() before anything runs
     "lr": 1.0,
     "seed": 0,

@@ -817,8 +817,9 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "implementation",
         "auto",
-        ["auto", "fused", "scan"],
-        "rnn_jax: recurrent layers (auto: networks.choose_implementation per shape).",
+        ["auto", "fused", "scan", "wavefront"],
+        "rnn_jax: recurrent layers (auto: networks.choose_implementation per shape; "
+        "wavefront: unidirectional only).",
     )
     flags.DEFINE_bool(
         "tune_malloc",

@@ -44,7 +44,7 @@ from experiments.benchmark import (
 )
 from experiments.common import flag_validator, parse_flags_or_exit_2
 
-IMPLEMENTATIONS = ("scan", "fused")
+IMPLEMENTATIONS = ("scan", "fused", "wavefront")
 
 
 def parse_variant(text: str) -> dict[str, Any]:

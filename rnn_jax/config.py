@@ -186,6 +186,14 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         raise ConfigError("lr", f"expected a learning rate > 0, got {config.lr!r}")
     if not 0 <= config.dropout < 1:
         raise ConfigError("dropout", f"expected a rate in [0, 1), got {config.dropout!r}")
+    if config.implementation == "wavefront":
+        for name in ("bidirectional", "dropout", "remat"):
+            if getattr(config, name):
+                raise ConfigError(
+                    name,
+                    f"--implementation=wavefront runs unidirectional networks without "
+                    f"dropout or remat; got {getattr(config, name)!r}",
+                )
     if not config.workdir:
         raise ConfigError("workdir", "expected a directory path, got ''")
     workdir = Path(config.workdir)

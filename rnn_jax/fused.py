@@ -112,11 +112,14 @@ def _block(a: Array, k: int, hidden: int) -> Array:
     return a[:, k * hidden : (k + 1) * hidden]
 
 
-def _rnn_kernels(cell: Cell, params: dict[str, Array]):
+def _rnn_prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
+    return {"w": rec["W_h"], "w_t": _transposed(rec["W_h"])}
+
+
+def _rnn_kernels(cell: Cell, prep: dict[str, Array]):
     relu = cell.options["activation"] == "relu"
     phi = jax.nn.relu if relu else jnp.tanh
-    w = params["W_h"]
-    w_t = _transposed(w)
+    w, w_t = prep["w"], prep["w_t"]
 
     def forward(h, xp):
         h2 = phi(xp + h @ w)
@@ -132,14 +135,21 @@ def _rnn_kernels(cell: Cell, params: dict[str, Array]):
     return forward, backward, weight_grads
 
 
-def _gru_kernels(cell: Cell, params: dict[str, Array]):
+def _gru_prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
+    w = rec["W_h"]  # [H, 3, H]
+    prep = {"w_flat": _flat(w), "w_rz": _flat(w[:, :2]), "w_n": w[:, 2]}
+    prep.update({k + "_t": _transposed(v) for k, v in list(prep.items())})
+    if "b_hn" in rec:
+        prep["b_hn"] = rec["b_hn"]
+    return prep
+
+
+def _gru_kernels(cell: Cell, prep: dict[str, Array]):
     reset_after = cell.options["reset_after"]
     pin_r, pin_z = cell.options["pin_reset"], cell.options["pin_update"]
     hidden = cell.hidden_size
-    w = params["W_h"]  # [H, 3, H]
-    w_flat = _flat(w)
-    w_rz, w_n = _flat(w[:, :2]), w[:, 2]
-    w_flat_t, w_rz_t, w_n_t = _transposed(w_flat), _transposed(w_rz), _transposed(w_n)
+    w_flat, w_rz, w_n = prep["w_flat"], prep["w_rz"], prep["w_n"]
+    w_flat_t, w_rz_t, w_n_t = prep["w_flat_t"], prep["w_rz_t"], prep["w_n_t"]
 
     def gate(pre, pin):  # sigma(pre), or the pinned constant
         if pin is not None:
@@ -153,7 +163,7 @@ def _gru_kernels(cell: Cell, params: dict[str, Array]):
             hp = h @ w_flat
             r = gate(_block(xp, 0, hidden) + _block(hp, 0, hidden), pin_r)
             z = gate(_block(xp, 1, hidden) + _block(hp, 1, hidden), pin_z)
-            hn = _block(hp, 2, hidden) + params["b_hn"]
+            hn = _block(hp, 2, hidden) + prep["b_hn"]
             n = jnp.tanh(_block(xp, 2, hidden) + r * hn)
             saved = (r, z, n, hn)
         else:
@@ -198,10 +208,14 @@ def _gru_kernels(cell: Cell, params: dict[str, Array]):
     return forward, backward, weight_grads
 
 
-def _lstm_kernels(cell: Cell, params: dict[str, Array]):
+def _lstm_prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
+    w_flat = _flat(rec["W_h"])  # [H, 4H]
+    return {"w_flat": w_flat, "w_t": _transposed(w_flat)}
+
+
+def _lstm_kernels(cell: Cell, prep: dict[str, Array]):
     hidden = cell.hidden_size
-    w_flat = _flat(params["W_h"])  # [H, 4H]
-    w_t = _transposed(w_flat)
+    w_flat, w_t = prep["w_flat"], prep["w_t"]
     # Per-column constants over the four gate blocks (i, f, o, c~): every gate is
     # a * tanh(a * pre) + b, with sigma(x) = tanh(x/2)/2 + 1/2 for i, f, o and plain
     # tanh for the input node, so all four are one elementwise op with no concatenate.
@@ -242,6 +256,20 @@ def _lstm_kernels(cell: Cell, params: dict[str, Array]):
 
 
 _KERNELS = {"rnn": _rnn_kernels, "gru": _gru_kernels, "lstm": _lstm_kernels}
+_PREPARE = {"rnn": _rnn_prepare, "gru": _gru_prepare, "lstm": _lstm_prepare}
+
+
+def prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
+    """The weights the kernels use, from the recurrent params ``rec`` (``W_h``, and
+    ``b_hn`` for the reset-after GRU): flattened gate blocks and their transposes,
+    computed once before a loop (``jax.vmap``-able over a leading layer axis)."""
+    return _PREPARE[cell.name](cell, rec)
+
+
+def kernels(cell: Cell, prep: dict[str, Array]):
+    """``(forward, backward, weight_grads)`` of ``cell`` (see above) on :func:`prepare`'s
+    weights."""
+    return _KERNELS[cell.name](cell, prep)
 
 
 def _contract(v: Array, d: Array) -> Array:
@@ -312,7 +340,7 @@ def _recurrence(cell, unroll, rec, carry0, xp, valid):
 
 def _forward(cell, unroll, save, rec, carry0, xp, valid):
     """The forward loop: ``(ys, final, saved)``, ``saved`` stacked over time if ``save``."""
-    forward = _KERNELS[cell.name](cell, rec)[0]
+    forward = kernels(cell, prepare(cell, rec))[0]
 
     def body(carry, inp):
         xp_t, valid_t = inp
@@ -343,7 +371,7 @@ def _backward(cell, unroll, rec, carry0, valid, ys, saved, dys, dfinal):
     Returns ``(drec, dcarry0, dxp)``: gradients of the recurrent params, the initial
     carry and the input projection ``<[T, B, G*H]>``.
     """
-    _, backward, weight_grads = _KERNELS[cell.name](cell, rec)
+    _, backward, weight_grads = kernels(cell, prepare(cell, rec))
     # The hidden state before each step. Past a length the shifted outputs are not
     # the (frozen) state, but nothing there is used: those steps are masked below.
     h_prev = _shift(_hidden(carry0), ys)

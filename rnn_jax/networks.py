@@ -35,7 +35,10 @@ Two implementations compute the same function (tests compare outputs and gradien
   ``jax.vmap`` of ``apply``;
 * ``"fused"`` (:mod:`rnn_jax.fused`): time-major and batch-explicit, with
   hand-written backward passes that compute the weight gradients as one matmul
-  after the backward loop (as cuDNN does).
+  after the backward loop (as cuDNN does);
+* ``"wavefront"`` (:mod:`rnn_jax.wavefront`): the fused kernels with all layers of
+  a deep unidirectional network in one loop of T+L-1 steps, layer l at time step
+  t-l, the L layer steps batched into one operation.
 
 ``implementation="auto"`` (the default) picks per call of ``apply_batch`` from the
 backend and the shapes, by measurement (see :func:`choose_implementation`).
@@ -60,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells, fused
+from rnn_jax import cells, fused, wavefront
 from rnn_jax.cells import Cell
 
 Array = jax.Array
@@ -128,7 +131,7 @@ def default_unroll(backend: str | None = None) -> int:
     return DEFAULT_UNROLL.get(backend, _ACCELERATOR_UNROLL)
 
 
-IMPLEMENTATIONS = ("auto", "fused", "scan")
+IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront")
 
 
 def choose_implementation(
@@ -287,8 +290,10 @@ def network(
         picks the measured default of the backend (off on CPU, on elsewhere). The
         fused implementation always does.
       implementation: ``"scan"`` (autodiff of the scan), ``"fused"`` (hand-written
-        backward pass, :mod:`rnn_jax.fused`) or ``"auto"`` (see
-        :func:`choose_implementation`); all give the same values and gradients.
+        backward pass, :mod:`rnn_jax.fused`), ``"wavefront"`` (the fused kernels, all
+        layers in one loop, :mod:`rnn_jax.wavefront`; unidirectional, no dropout or
+        remat) or ``"auto"`` (see :func:`choose_implementation`); all give the same
+        values and gradients.
     """
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
@@ -297,8 +302,21 @@ def network(
         raise ValueError(
             f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
         )
-    if implementation == "fused" and not fused.supports(cell):
-        raise ValueError(f"implementation: 'fused' does not support the cell {cell.name!r}")
+    if implementation in ("fused", "wavefront") and not fused.supports(cell):
+        raise ValueError(
+            f"implementation: {implementation!r} does not support the cell {cell.name!r}"
+        )
+    if implementation == "wavefront":
+        for name, value, ok in (
+            ("bidirectional", bidirectional, not bidirectional),
+            ("remat", remat, not remat),
+            ("dropout", dropout, dropout == 0),
+        ):
+            if not ok:
+                raise ValueError(
+                    f"implementation: 'wavefront' runs unidirectional networks without "
+                    f"dropout or remat; got {name}={value!r}"
+                )
     hoist = _default_hoist_input() if hoist_input is None else bool(hoist_input)
     unroll = default_unroll() if unroll is None else unroll
     num_dirs = 2 if bidirectional else 1
@@ -331,7 +349,7 @@ def network(
                 f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
                 f"net.apply_batch or jax.vmap for batches"
             )
-        if implementation == "fused":  # a batch of one
+        if implementation in ("fused", "wavefront"):  # a batch of one
             if length is not None:
                 _check_length(length, "length", ())
                 length = jnp.asarray(length)[None]
@@ -339,7 +357,9 @@ def network(
                 _check_carry(initial_carry, zero_carry(), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
             keys = None if dropout_key is None else dropout_key[None]
-            ys, final = _apply_fused(params, xs[None], length, initial_carry, keys)
+            ys, final = _apply_fused(
+                params, xs[None], length, initial_carry, keys, implementation
+            )
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
         _check_params(params)
         _check_input_size(params, xs)
@@ -396,8 +416,8 @@ def network(
         impl = implementation
         if impl == "auto":
             impl = choose_implementation(cell, batch, remat=remat)
-        if impl == "fused":
-            return _apply_fused(params, xs, lengths, initial_carry, keys)
+        if impl in ("fused", "wavefront"):
+            return _apply_fused(params, xs, lengths, initial_carry, keys, impl)
         in_axes = (
             None,
             0,
@@ -412,8 +432,9 @@ def network(
             params, xs, lengths, initial_carry, keys
         )
 
-    def _apply_fused(params, xs, lengths, initial_carry, keys):
-        """The fused path on a batch ``xs <[B, T, ...]>``; ``keys``: one per example."""
+    def _apply_fused(params, xs, lengths, initial_carry, keys, impl):
+        """The fused or wavefront path on a batch ``xs <[B, T, ...]>``; ``keys``: one
+        per example."""
         _check_params(params)
         _check_input_size(params, xs)
         batch, num_steps = xs.shape[0], xs.shape[1]
@@ -427,8 +448,18 @@ def network(
             _check_carry(
                 jax.tree_util.tree_map(lambda c: c[0], initial_carry), zero_carry(), "initial_carry"
             )
-        run = functools.partial(fused.layer, cell, unroll=unroll, remat=remat)
         ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
+        if impl == "wavefront":
+            ys, finals = wavefront.network_layers(
+                cell,
+                [params[f"layer_{i}"] for i in range(num_layers)],
+                list(initial_carry),
+                ys,
+                lengths,
+                unroll=unroll,
+            )
+            return jnp.swapaxes(ys, 0, 1), tuple(finals)
+        run = functools.partial(fused.layer, cell, unroll=unroll, remat=remat)
         finals = []
         for layer in range(num_layers):
             p = params[f"layer_{layer}"]

@@ -1,0 +1,187 @@
+r"""Deep unidirectional networks on a wavefront schedule (the ``"wavefront"`` implementation).
+
+Layer by layer, an L-layer network runs L loops of T steps, one after another. On
+the wavefront, one loop of S = T + L - 1 steps runs all layers: at step s, layer l
+computes its time step t = s - l, reading layer l-1's output of step s-1 (its
+time t). The L layer steps of one loop step do not depend on each other, so they run
+as one batched operation over a layer axis: the recurrent matmuls
+``<float32>[L, B, H] @ <float32>[L, H, G*H]`` and the input matmuls of layers 1..L-1
+``<float32>[L-1, B, H] @ <float32>[L-1, H, G*H]`` are one batched dot each, and the
+gates one elementwise fusion. Where a loop iteration costs launches and bookkeeping
+more than arithmetic (a GPU at small batch), that is ~L times fewer iterations.
+
+The backward pass runs the same schedule in reverse: at step s, layer l gets the
+gradient of its output at time t from layer l+1's step s+1 (``dA_{l+1,t} W_x^{(l+1)ᵀ}``,
+carried over one step), and all weight gradients are single matmuls after the loop,
+as in :mod:`rnn_jax.fused`, whose per-cell kernels (equations there) both loops
+``jax.vmap`` over the layer axis.
+
+Steps with t outside [0, T) (the L-1 steps where the wave fills and drains) and
+steps past ``lengths[b]`` are masked: the carry is frozen, the output is zero and no
+gradient passes. Layer 0's input projection ``X W_x + b`` (or row lookup of token
+ids) is one matmul before the loop; the other layers' inputs are computed in it.
+
+Scope: unidirectional networks (a backward direction needs the whole lower layer
+first), no dropout between layers, no remat; :mod:`rnn_jax.networks` checks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rnn_jax import fused
+from rnn_jax.cells import Cell, LSTMCarry
+
+Array = jax.Array
+
+
+def _select(valid: Array, new: Any, old: Any) -> Any:
+    """Per layer and example: ``new`` where ``valid <bool>[L, B]``, else ``old``."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(valid[..., None], n, o), new, old)
+
+
+def _zero_invalid(valid: Array, x: Array) -> Array:
+    return jnp.where(valid.reshape(*valid.shape, *([1] * (x.ndim - 2))), x, jnp.zeros_like(x))
+
+
+def _hidden(carry: Any) -> Array:
+    return carry.h if isinstance(carry, LSTMCarry) else carry
+
+
+def _upper_inputs(ys_prev: Array, wx: Array, b: Array) -> Array:
+    """Gate pre-activations of layers 1..L-1 from the outputs below:
+    ``<[L-1, B, H]> @ <[L-1, H, G*H]> + <[L-1, G*H]>``."""
+    return jnp.einsum("lbh,lhg->lbg", ys_prev, wx) + b[:, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _wave(cell, unroll, rec, wx, b, carry0, xp0, wave_valid):
+    ys, final, _ = _wave_forward(cell, unroll, False, rec, wx, b, carry0, xp0, wave_valid)
+    return ys, final
+
+
+def _wave_forward(cell, unroll, save, rec, wx, b, carry0, xp0, wave_valid):
+    """``(ys <[S, L, B, H]>, final carries <[L, B, H]>, saved <[S, L, ...]> or None)``."""
+    prep = jax.vmap(functools.partial(fused.prepare, cell))(rec)
+    forward = jax.vmap(lambda p, c, u: fused.kernels(cell, p)[0](c, u))
+    num_layers = wave_valid.shape[1]
+    pad = jnp.zeros((num_layers - 1, *xp0.shape[1:]), xp0.dtype)
+    inputs = jnp.concatenate([xp0, pad], axis=0)  # [S, B, G*H]: layer 0's steps
+
+    def body(state, inp):
+        carry, ys_prev = state
+        xp_s, valid_s = inp
+        u = jnp.concatenate([xp_s[None], _upper_inputs(ys_prev[:-1], wx, b)], axis=0)
+        new, y, saved = forward(prep, carry, u)
+        new = _select(valid_s, new, carry)
+        y = _zero_invalid(valid_s, y)
+        return (new, y), ((y, saved) if save else (y,))
+
+    ys0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:]), xp0.dtype)
+    (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=unroll)
+    return out[0], final, (out[1] if save else None)
+
+
+def _wave_fwd(cell, unroll, rec, wx, b, carry0, xp0, wave_valid):
+    ys, final, saved = _wave_forward(cell, unroll, True, rec, wx, b, carry0, xp0, wave_valid)
+    return (ys, final), (rec, wx, b, carry0, wave_valid, ys, saved)
+
+
+def _wave_bwd(cell, unroll, res, cts):
+    rec, wx, b, carry0, wave_valid, ys, saved = res
+    dys, dfinal = cts  # dys: <[S, L, B, H]> (only the top layer's is nonzero in use)
+    num_steps, num_layers = wave_valid.shape[:2]
+    prep = jax.vmap(functools.partial(fused.prepare, cell))(rec)
+    backward = jax.vmap(lambda p, *a: fused.kernels(cell, p)[1](*a))
+    wx_t = jnp.swapaxes(wx, 1, 2)  # [L-1, G*H, H]
+    # The hidden state before each step: layer l starts (step s = l) from its initial
+    # carry, and later reads its own output of step s-1; earlier steps are masked.
+    shifted = jnp.concatenate([jnp.zeros_like(ys[:1]), ys[:-1]], axis=0)
+    first = jnp.arange(num_steps)[:, None] == jnp.arange(num_layers)[None, :]
+    h_prev = jnp.where(first[..., None, None], _hidden(carry0)[None], shifted)
+
+    def body(state, inp):
+        dcarry, da_above = state  # da_above: dA of every layer at step s+1
+        dy_s, valid_s, h_prev_s, y_s, saved_s = inp
+        # gradient reaching layer l's output at time t: from layer l+1's step s+1
+        d_up = jnp.einsum("lbg,lgh->lbh", da_above[1:], wx_t)
+        dy = dy_s + jnp.concatenate([d_up, jnp.zeros_like(dy_s[:1])], axis=0)
+        if isinstance(dcarry, LSTMCarry):
+            d_in = LSTMCarry(dcarry.h + dy, dcarry.c)
+        else:
+            d_in = dcarry + dy
+        d_prev, da, extra = backward(prep, saved_s, y_s, h_prev_s, d_in)
+        d_prev = _select(valid_s, d_prev, dcarry)
+        da = _zero_invalid(valid_s, da)
+        extra = tuple(_zero_invalid(valid_s, e) for e in extra)
+        return (d_prev, da), (da, extra)
+
+    da0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:2], wx.shape[-1]), ys.dtype)
+    inputs = (dys, wave_valid, h_prev, ys, saved)
+    (dcarry0, _), (da, extra) = jax.lax.scan(
+        body, (dfinal, da0), inputs, reverse=True, unroll=unroll
+    )
+    weight_grads = jax.vmap(lambda p, *a: fused.kernels(cell, p)[2](*a), in_axes=(0, 1, 1, 1))
+    grads = weight_grads(prep, h_prev, da, extra)
+    drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
+    # layer l >= 1 read, at step s, layer l-1's output of step s-1
+    inputs_up = shifted[:, :-1]  # [S, L-1, B, H]
+    dwx = jnp.einsum("slbh,slbg->lhg", inputs_up, da[:, 1:])
+    db = jnp.sum(da[:, 1:], axis=(0, 2))
+    dxp0 = da[: num_steps - num_layers + 1, 0]
+    return drec, dwx, db, dcarry0, dxp0, None
+
+
+_wave.defvjp(_wave_fwd, _wave_bwd)
+
+
+def network_layers(
+    cell: Cell,
+    params: list[dict[str, Array]],
+    carries: list[Any],
+    xs: Array,
+    lengths: Array | None = None,
+    *,
+    unroll: int = 1,
+) -> tuple[Array, list[Any]]:
+    """All layers of a deep unidirectional network over a time-major batch.
+
+    Args:
+      cell: a cell with a fused kernel (``fused.supports(cell)``).
+      params: the L layers' params (layer 0 reads ``I`` features, the others ``H``).
+      carries: the L initial carries, each with a batch axis (``<float32>[B, H]`` or an
+        ``LSTMCarry`` of two).
+      xs: ``<float32>[T, B, I]`` inputs, or token ids ``<int32>[T, B]``.
+      lengths: ``<int32>[B]`` valid steps per sequence (``None``: all ``T``).
+      unroll: loop steps per iteration of both loops.
+
+    Returns:
+      ``(ys <float32>[T, B, H], final carries)``: the top layer's outputs (zero past
+      each length) and each layer's carry after its last valid step.
+    """
+    if not fused.supports(cell):
+        raise ValueError(f"cell: no fused kernels for {cell.name!r}")
+    num_layers = len(params)
+    if num_layers == 1:
+        ys, final = fused.layer(cell, params[0], carries[0], xs, lengths, unroll=unroll)
+        return ys, [final]
+    num_steps, batch = xs.shape[0], xs.shape[1]
+    xp0 = fused._project(cell, params[0], xs)
+    stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    rec = stack([fused._recurrent_params(p) for p in params])
+    upper = params[1:]
+    wx = jnp.stack([p["W_x"].reshape(p["W_x"].shape[0], -1) for p in upper])
+    b = jnp.stack([p["b"].reshape(-1) for p in upper])
+    # valid[s, l, b]: layer l's step s is time t = s - l of sequence b, inside [0, length)
+    t = jnp.arange(num_steps + num_layers - 1)[:, None] - jnp.arange(num_layers)[None, :]
+    limit = num_steps if lengths is None else lengths[None, None, :]
+    wave_valid = (t[..., None] >= 0) & (t[..., None] < limit)
+    wave_valid = jnp.broadcast_to(wave_valid, (*t.shape, batch))
+    ys, final = _wave(cell, unroll, rec, wx, b, stack(carries), xp0, wave_valid)
+    top = ys[num_layers - 1 :, num_layers - 1]
+    finals = [jax.tree_util.tree_map(lambda c, i=i: c[i], final) for i in range(num_layers)]
+    return top, finals
