@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "remat": False,
     "hoist_input": "auto",  # "auto" | "true" | "false"
     "implementation": "auto",  # rnn_jax: "auto" | "fused" | "scan" | "wavefront"
+    "matmul_dtype": "float32",  # rnn_jax: "float32" | "bfloat16"
     "tune_malloc": False,  # rnn_jax.allocator.tune_malloc() before anything runs
     "lr": 1.0,
     "seed": 0,
@@ -183,6 +184,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
             remat=spec["remat"],
             hoist_input=_hoist(spec["hoist_input"]),
             implementation=spec["implementation"],
+            matmul_dtype=spec["matmul_dtype"],
         )
     )
     config = TrainConfig(
@@ -220,6 +222,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
         "hoist_input": model.network.hoist_input,
         "implementation": impl,
         "unroll": model.network.unroll,
+        "matmul_dtype": model.network.matmul_dtype,
     }
     return train_step, state, batch, loss_of, state["params"], info
 

@@ -237,6 +237,7 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "hoist_input",
         "implementation",
         "unroll",
+        "matmul_dtype",
         "tune_malloc",
         "torch_threads",
         "cudnn",
@@ -522,6 +523,8 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
         impl_used = str(ours.get("implementation", "–"))
         if ours.get("unroll"):
             impl_used += f", unroll {ours['unroll']}"
+        if ours.get("matmul_dtype", "float32") != "float32":
+            impl_used += f", {ours['matmul_dtype']} matmuls"
         row.append(impl_used)
         for impl in impls:
             r = group.get(impl)
@@ -821,6 +824,12 @@ def define_flags() -> None:
         "rnn_jax: recurrent layers (auto: networks.choose_implementation per shape; "
         "wavefront: unidirectional only).",
     )
+    flags.DEFINE_enum(
+        "matmul_dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "rnn_jax: operand type of the recurrent layers' matmuls (float32 accumulation).",
+    )
     flags.DEFINE_bool(
         "tune_malloc",
         True,
@@ -932,6 +941,7 @@ def main(argv: list[str]) -> None:
         "remat": FLAGS.remat,
         "hoist_input": FLAGS.hoist_input,
         "implementation": FLAGS.implementation,
+        "matmul_dtype": FLAGS.matmul_dtype,
         "tune_malloc": FLAGS.tune_malloc,
         "lr": FLAGS.lr,
         "seed": FLAGS.seed,

@@ -9,21 +9,25 @@ time of each variant and the fastest::
     python -m experiments.levers --configs=long,large --cells=gru,lstm \
         --variants=scan:1,scan:8,fused:1,fused:8,fused:32
 
-A variant is ``implementation:unroll`` with an optional ``:hoist`` or ``:nohoist``
-(the scan's input projection outside the loop or not). All variants run in this
+A variant is ``implementation:unroll`` (implementation ``scan``, ``fused`` or
+``wavefront``) with optional further parts: ``hoist`` or ``nohoist`` (the scan's
+input projection outside the loop or not) and ``bf16`` (bfloat16 matmuls), e.g.
+``fused:8:bf16``. All variants run in this
 one process (only JAX is imported, so no foreign thread pool competes); the peers
 and cold compile times are :mod:`experiments.benchmark`'s job.
 
-``--check`` first compares the ``fused`` and ``scan`` implementations on this
-device at ``highest`` matmul precision (values and gradients of a 2-layer
-bidirectional network with variable lengths, every cell) and exits 1 if they differ
-by more than 1e-5 relative: the same check as ``tests/test_fused.py``, on whatever
-accelerator runs this.
+``--check`` first compares the ``fused`` and ``wavefront`` implementations with
+``scan`` on this device at ``highest`` matmul precision (values and gradients with
+variable lengths, every cell: fused on a 2-layer bidirectional network, wavefront
+on a 3-layer one) and exits 1 if they differ by more than 1e-5 relative: the checks
+of ``tests/test_fused.py`` and ``tests/test_wavefront.py``, on whatever accelerator
+runs this.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -50,10 +54,10 @@ IMPLEMENTATIONS = ("scan", "fused", "wavefront")
 def parse_variant(text: str) -> dict[str, Any]:
     """``"fused:8"`` / ``"scan:1:hoist"`` -> bench_worker spec keys; ValueError if bad."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or parts[0] not in IMPLEMENTATIONS:
+    if len(parts) < 2 or parts[0] not in IMPLEMENTATIONS:
         raise ValueError(
-            f"variant {text!r}: expected implementation:unroll[:hoist|:nohoist] with the "
-            f"implementation one of {list(IMPLEMENTATIONS)}"
+            f"variant {text!r}: expected implementation:unroll[:hoist|:nohoist][:bf16] "
+            f"with the implementation one of {list(IMPLEMENTATIONS)}"
         )
     try:
         unroll = int(parts[1])
@@ -62,15 +66,22 @@ def parse_variant(text: str) -> dict[str, Any]:
     if unroll < 1:
         raise ValueError(f"variant {text!r}: unroll must be an integer >= 1")
     spec: dict[str, Any] = {"implementation": parts[0], "unroll": unroll}
-    if len(parts) == 3:
-        if parts[2] not in ("hoist", "nohoist"):
-            raise ValueError(f"variant {text!r}: the third part must be hoist or nohoist")
-        spec["hoist_input"] = "true" if parts[2] == "hoist" else "false"
+    for part in parts[2:]:
+        if part in ("hoist", "nohoist") and "hoist_input" not in spec:
+            spec["hoist_input"] = "true" if part == "hoist" else "false"
+        elif part == "bf16" and "matmul_dtype" not in spec and parts[0] != "scan":
+            spec["matmul_dtype"] = "bfloat16"
+        else:
+            raise ValueError(
+                f"variant {text!r}: after the unroll, expected hoist or nohoist and/or "
+                f"bf16 (fused and wavefront only), each at most once; got {part!r}"
+            )
     return spec
 
 
 def check_fused(tol: float = 1e-5) -> list[dict[str, Any]]:
-    """Max relative difference fused vs scan (outputs, carries, all gradients) per cell."""
+    """Max relative difference of fused and wavefront vs scan (outputs, carries, all
+    gradients) per cell."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -83,30 +94,34 @@ def check_fused(tol: float = 1e-5) -> list[dict[str, Any]]:
     xs = jnp.asarray(rng.normal(size=(B, T, I)), jnp.float32)
     weights = jnp.asarray(rng.normal(size=(B, T, 2 * H)), jnp.float32)
     rows = []
+    shapes = {"fused": (2, True), "wavefront": (3, False)}  # (layers, bidirectional)
     for name, cell in (
         ("rnn", cells.rnn(H)),
         ("gru", cells.gru(H)),
         ("gru reset_after", cells.gru(H, reset_after=True)),
         ("lstm", cells.lstm(H)),
     ):
-        out = {}
-        for impl in IMPLEMENTATIONS:
-            net = networks.network(cell, 2, True, implementation=impl)
-            params = net.init(jax.random.key(1), I)
+        for impl, (layers, bidirectional) in shapes.items():
+            out = {}
+            for run in (impl, "scan"):
+                net = networks.network(cell, layers, bidirectional, implementation=run)
+                params = net.init(jax.random.key(1), I)
 
-            def loss(params, xs, net=net):
-                ys, final = net.apply_batch(params, xs, lengths)
-                extra = sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
-                return jnp.sum(ys * weights) + extra
+                def loss(params, xs, net=net):
+                    ys, final = net.apply_batch(params, xs, lengths)
+                    extra = sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+                    return jnp.sum(ys * weights[..., : ys.shape[-1]]) + extra
 
-            with jax.default_matmul_precision("highest"):
-                value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs)
-            out[impl] = [value, *jax.tree.leaves(grads)]
-        err = max(
-            float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-            for a, b in zip(out["fused"], out["scan"], strict=True)
-        )
-        rows.append({"cell": name, "max_rel_diff": err, "ok": err <= tol})
+                with jax.default_matmul_precision("highest"):
+                    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, xs)
+                out[run] = [value, *jax.tree.leaves(grads)]
+            err = max(
+                float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+                for a, b in zip(out[impl], out["scan"], strict=True)
+            )
+            rows.append(
+                {"cell": name, "implementation": impl, "max_rel_diff": err, "ok": err <= tol}
+            )
     return rows
 
 
@@ -126,6 +141,7 @@ def main(argv: list[str]) -> None:
         "device": device,
         "machine": machine_info(device if platform == "gpu" else None),
         "versions": versions(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "check": None,
         "results": [],
     }
@@ -133,7 +149,10 @@ def main(argv: list[str]) -> None:
     if FLAGS.check:
         report["check"] = check_fused()
         for row in report["check"]:
-            print(f"check fused vs scan {row['cell']}: max rel diff {row['max_rel_diff']:.2e}")
+            print(
+                f"check {row['implementation']} vs scan {row['cell']}: "
+                f"max rel diff {row['max_rel_diff']:.2e}"
+            )
         failed = not all(row["ok"] for row in report["check"])
     variants = [parse_variant(v) for v in FLAGS.variants]
     cases = make_cases(
@@ -169,7 +188,7 @@ def main(argv: list[str]) -> None:
             with open(FLAGS.output, "w") as f:
                 json.dump(report, f, indent=1)
     if failed:
-        print("error: fused and scan differ on this device beyond 1e-5", file=sys.stderr)
+        print("error: fused or wavefront and scan differ beyond 1e-5 here", file=sys.stderr)
         sys.exit(1)
 
 
@@ -184,7 +203,7 @@ def define_flags() -> None:
     flags.DEFINE_list(
         "variants",
         "scan:1,fused:1,fused:8",
-        "Network options to time: implementation:unroll[:hoist|:nohoist].",
+        "Network options to time: implementation:unroll[:hoist|:nohoist][:bf16].",
     )
     flags.DEFINE_integer("iters", 20, "Timed steps per variant (at most).", lower_bound=1)
     flags.DEFINE_float("max_time_s", 3.0, "Stop timing a variant after this long.", lower_bound=0)

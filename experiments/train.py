@@ -85,9 +85,17 @@ flags.DEFINE_bool("remat", _D.remat, "Gradient checkpointing of the recurrent st
 flags.DEFINE_enum(
     "implementation",
     _D.implementation,
-    ["auto", "fused", "scan"],
-    "Recurrent layers: fused (hand-written backward pass), scan (autodiff) or auto "
-    "(picked per backend and shape).",
+    ["auto", "fused", "scan", "wavefront"],
+    "Recurrent layers: fused (hand-written backward pass), scan (autodiff), wavefront "
+    "(all layers of a unidirectional network in one loop) or auto (picked per backend "
+    "and shape).",
+)
+flags.DEFINE_enum(
+    "matmul_dtype",
+    _D.matmul_dtype,
+    ["float32", "bfloat16"],
+    "Operand type of the recurrent layers' matmuls (float32 accumulation, carries and "
+    "gradients either way); bfloat16 needs a fused or wavefront implementation.",
 )
 # optimisation
 flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam", "adamw"], "Optimizer (the book: sgd).")

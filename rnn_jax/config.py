@@ -92,6 +92,7 @@ class TrainConfig:
     unroll: int = 0  # 0: the backend's default (networks.default_unroll)
     remat: bool = False
     implementation: str = "auto"
+    matmul_dtype: str = "float32"
     optimizer: str = "adam"
     lr: float = 0.01
     schedule: str = "cosine"
@@ -130,6 +131,7 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
         unroll=config.unroll or None,
         remat=config.remat,
         implementation=config.implementation,
+        matmul_dtype=config.matmul_dtype,
     )
 
 
@@ -165,6 +167,13 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     _choice(config, "activation", tuple(cells.ACTIVATIONS))
     _choice(config, "init", cells.INIT_SCHEMES)
     _choice(config, "implementation", networks.IMPLEMENTATIONS)
+    _choice(config, "matmul_dtype", ("float32", "bfloat16"))
+    if config.matmul_dtype != "float32" and config.implementation == "scan":
+        raise ConfigError(
+            "matmul_dtype",
+            f"{config.matmul_dtype} needs --implementation=fused, wavefront or auto; the "
+            f"reference scan computes in float32",
+        )
     _choice(config, "tokens", text.MODES)
     _choice(config, "partition", data.PARTITIONS)
     _choice(config, "optimizer", OPTIMIZERS)

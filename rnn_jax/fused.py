@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +89,32 @@ def _transposed(w: Array) -> Array:
     return jax.lax.optimization_barrier(w.T)
 
 
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+class LoopOptions(NamedTuple):
+    """Static options of the loops: ``unroll`` (steps per loop iteration) and
+    ``matmul_dtype`` (the operand type of every matmul; accumulation, gates and
+    carries stay float32)."""
+
+    unroll: int = 1
+    matmul_dtype: str = "float32"
+
+
+def cast(w: Array, dtype: str) -> Array:
+    """``w`` in the matmul type: bfloat16 casts, ``"float32"`` keeps the params' own
+    type (float64 under ``jax.enable_x64`` stays float64)."""
+    return w if dtype == "float32" else w.astype(dtype)
+
+
+def _mm(a: Array, w: Array) -> Array:
+    """``a @ w``; with bfloat16 ``w`` (cast once by :func:`prepare`), ``a`` is cast to
+    bfloat16 too and the product accumulated and returned in float32."""
+    if w.dtype != jnp.bfloat16:
+        return a @ w
+    return jnp.matmul(a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def _dsigmoid(s: Array) -> Array:
     return s * (1.0 - s)
 
@@ -112,8 +138,9 @@ def _block(a: Array, k: int, hidden: int) -> Array:
     return a[:, k * hidden : (k + 1) * hidden]
 
 
-def _rnn_prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
-    return {"w": rec["W_h"], "w_t": _transposed(rec["W_h"])}
+def _rnn_prepare(cell: Cell, rec: dict[str, Array], dtype: str) -> dict[str, Array]:
+    w = cast(rec["W_h"], dtype)
+    return {"w": w, "w_t": _transposed(w)}
 
 
 def _rnn_kernels(cell: Cell, prep: dict[str, Array]):
@@ -122,21 +149,21 @@ def _rnn_kernels(cell: Cell, prep: dict[str, Array]):
     w, w_t = prep["w"], prep["w_t"]
 
     def forward(h, xp):
-        h2 = phi(xp + h @ w)
+        h2 = phi(xp + _mm(h, w))
         return h2, h2, ()
 
     def backward(saved, h2, h, dh):
         da = dh * (h2 > 0) if relu else dh * (1.0 - h2 * h2)
-        return da @ w_t, da, ()
+        return _mm(da, w_t), da, ()
 
     def weight_grads(hprev, da, extra):
-        return {"W_h": _contract(hprev, da)}
+        return {"W_h": _contract(hprev, da, w.dtype)}
 
     return forward, backward, weight_grads
 
 
-def _gru_prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
-    w = rec["W_h"]  # [H, 3, H]
+def _gru_prepare(cell: Cell, rec: dict[str, Array], dtype: str) -> dict[str, Array]:
+    w = cast(rec["W_h"], dtype)  # [H, 3, H]
     prep = {"w_flat": _flat(w), "w_rz": _flat(w[:, :2]), "w_n": w[:, 2]}
     prep.update({k + "_t": _transposed(v) for k, v in list(prep.items())})
     if "b_hn" in rec:
@@ -160,17 +187,17 @@ def _gru_kernels(cell: Cell, prep: dict[str, Array]):
     # step reads no column block of a stacked save (see the LSTM's forward).
     def forward(h, xp):
         if reset_after:
-            hp = h @ w_flat
+            hp = _mm(h, w_flat)
             r = gate(_block(xp, 0, hidden) + _block(hp, 0, hidden), pin_r)
             z = gate(_block(xp, 1, hidden) + _block(hp, 1, hidden), pin_z)
             hn = _block(hp, 2, hidden) + prep["b_hn"]
             n = jnp.tanh(_block(xp, 2, hidden) + r * hn)
             saved = (r, z, n, hn)
         else:
-            pre = h @ w_rz
+            pre = _mm(h, w_rz)
             r = gate(_block(xp, 0, hidden) + _block(pre, 0, hidden), pin_r)
             z = gate(_block(xp, 1, hidden) + _block(pre, 1, hidden), pin_z)
-            n = jnp.tanh(_block(xp, 2, hidden) + (r * h) @ w_n)
+            n = jnp.tanh(_block(xp, 2, hidden) + _mm(r * h, w_n))
             saved = (r, z, n)
         h2 = z * h + (1.0 - z) * n
         return h2, h2, saved
@@ -184,23 +211,23 @@ def _gru_kernels(cell: Cell, prep: dict[str, Array]):
             hn = saved[3]
             da_r = jnp.zeros_like(dz) if pin_r is not None else da_n * hn * _dsigmoid(r)
             dhn = da_n * r  # cotangent of H W_hn + b_hn
-            dh_prev = dh * z + jnp.concatenate([da_r, da_z, dhn], axis=1) @ w_flat_t
+            dh_prev = dh * z + _mm(jnp.concatenate([da_r, da_z, dhn], axis=1), w_flat_t)
             return dh_prev, jnp.concatenate([da_r, da_z, da_n], axis=1), (dhn,)
-        drh = da_n @ w_n_t  # cotangent of R_t * H_{t-1}
+        drh = _mm(da_n, w_n_t)  # cotangent of R_t * H_{t-1}
         da_r = jnp.zeros_like(dz) if pin_r is not None else drh * h * _dsigmoid(r)
         dxp = jnp.concatenate([da_r, da_z, da_n], axis=1)
-        dh_prev = dh * z + drh * r + dxp[:, : 2 * hidden] @ w_rz_t
+        dh_prev = dh * z + drh * r + _mm(dxp[:, : 2 * hidden], w_rz_t)
         return dh_prev, dxp, (r * h,)
 
     def weight_grads(hprev, dxp, extra):
-        d_rz = _contract(hprev, dxp[:, :, : 2 * hidden])
+        d_rz = _contract(hprev, dxp[:, :, : 2 * hidden], w_flat.dtype)
         if reset_after:
             (dhn,) = extra
-            d_n = _contract(hprev, dhn)
+            d_n = _contract(hprev, dhn, w_flat.dtype)
             grads = {"b_hn": jnp.sum(dhn, axis=(0, 1))}
         else:
             (rh,) = extra
-            d_n = _contract(rh, dxp[:, :, 2 * hidden :])
+            d_n = _contract(rh, dxp[:, :, 2 * hidden :], w_flat.dtype)
             grads = {}
         d_w = jnp.concatenate([d_rz.reshape(hidden, 2, hidden), d_n[:, None]], axis=1)
         return {"W_h": d_w, **grads}
@@ -208,8 +235,8 @@ def _gru_kernels(cell: Cell, prep: dict[str, Array]):
     return forward, backward, weight_grads
 
 
-def _lstm_prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
-    w_flat = _flat(rec["W_h"])  # [H, 4H]
+def _lstm_prepare(cell: Cell, rec: dict[str, Array], dtype: str) -> dict[str, Array]:
+    w_flat = cast(_flat(rec["W_h"]), dtype)  # [H, 4H]
     return {"w_flat": w_flat, "w_t": _transposed(w_flat)}
 
 
@@ -224,7 +251,7 @@ def _lstm_kernels(cell: Cell, prep: dict[str, Array]):
     b = jnp.asarray(np.where(is_node, 0.0, 0.5), jnp.float32)
 
     def forward(carry, xp):
-        acts = a * jnp.tanh(a * (xp + carry.h @ w_flat)) + b  # [I, F, O, C~]
+        acts = a * jnp.tanh(a * (xp + _mm(carry.h, w_flat))) + b  # [I, F, O, C~]
         i, f, o, g = (_block(acts, k, hidden) for k in range(4))
         c = f * carry.c + i * g
         tc = jnp.tanh(c)
@@ -247,10 +274,10 @@ def _lstm_kernels(cell: Cell, prep: dict[str, Array]):
             ],
             axis=1,
         )
-        return LSTMCarry(da @ w_t, dc * f), da, ()
+        return LSTMCarry(_mm(da, w_t), dc * f), da, ()
 
     def weight_grads(hprev, da, extra):
-        return {"W_h": _contract(hprev, da)}
+        return {"W_h": _contract(hprev, da, w_flat.dtype)}
 
     return forward, backward, weight_grads
 
@@ -259,11 +286,12 @@ _KERNELS = {"rnn": _rnn_kernels, "gru": _gru_kernels, "lstm": _lstm_kernels}
 _PREPARE = {"rnn": _rnn_prepare, "gru": _gru_prepare, "lstm": _lstm_prepare}
 
 
-def prepare(cell: Cell, rec: dict[str, Array]) -> dict[str, Array]:
+def prepare(cell: Cell, rec: dict[str, Array], dtype: str = "float32") -> dict[str, Array]:
     """The weights the kernels use, from the recurrent params ``rec`` (``W_h``, and
-    ``b_hn`` for the reset-after GRU): flattened gate blocks and their transposes,
-    computed once before a loop (``jax.vmap``-able over a leading layer axis)."""
-    return _PREPARE[cell.name](cell, rec)
+    ``b_hn`` for the reset-after GRU): flattened gate blocks and their transposes, in
+    the matmul type ``dtype``, computed once before a loop (``jax.vmap``-able over a
+    leading layer axis)."""
+    return _PREPARE[cell.name](cell, rec, dtype)
 
 
 def kernels(cell: Cell, prep: dict[str, Array]):
@@ -272,11 +300,12 @@ def kernels(cell: Cell, prep: dict[str, Array]):
     return _KERNELS[cell.name](cell, prep)
 
 
-def _contract(v: Array, d: Array) -> Array:
-    """``Σ_{t,b} v[t,b]ᵀ d[t,b]``: ``<[T, B, K]>, <[T, B, ...]> -> <[K, ...]>`` as one matmul."""
+def _contract(v: Array, d: Array, dtype: Any = "float32") -> Array:
+    """``Σ_{t,b} v[t,b]ᵀ d[t,b]``: ``<[T, B, K]>, <[T, B, ...]> -> <[K, ...]>`` as one
+    matmul, operands in ``dtype``, result float32."""
     k = v.shape[-1]
     rows = v.shape[0] * v.shape[1]
-    out = v.reshape(rows, k).T @ d.reshape(rows, -1)
+    out = _mm(v.reshape(rows, k).T, cast(d.reshape(rows, -1), dtype))
     return out.reshape(k, *d.shape[2:])
 
 
@@ -333,14 +362,14 @@ def _scan(body, carry, xs, *, unroll=1, prefetch=False):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(cell, unroll, rec, carry0, xp, valid):
-    ys, final, _ = _forward(cell, unroll, False, rec, carry0, xp, valid)
+def _recurrence(cell, opts, rec, carry0, xp, valid):
+    ys, final, _ = _forward(cell, opts, False, rec, carry0, xp, valid)
     return ys, final
 
 
-def _forward(cell, unroll, save, rec, carry0, xp, valid):
+def _forward(cell, opts, save, rec, carry0, xp, valid):
     """The forward loop: ``(ys, final, saved)``, ``saved`` stacked over time if ``save``."""
-    forward = kernels(cell, prepare(cell, rec))[0]
+    forward = kernels(cell, prepare(cell, rec, opts.matmul_dtype))[0]
 
     def body(carry, inp):
         xp_t, valid_t = inp
@@ -351,12 +380,12 @@ def _forward(cell, unroll, save, rec, carry0, xp, valid):
         return new, ((y, saved) if save else (y,))
 
     prefetch = cell.name == "gru" and not save  # measured: see _scan
-    final, out = _scan(body, carry0, (xp, valid), unroll=unroll, prefetch=prefetch)
+    final, out = _scan(body, carry0, (xp, valid), unroll=opts.unroll, prefetch=prefetch)
     return out[0], final, (out[1] if save else None)
 
 
-def _recurrence_fwd(cell, unroll, rec, carry0, xp, valid):
-    ys, final, saved = _forward(cell, unroll, True, rec, carry0, xp, valid)
+def _recurrence_fwd(cell, opts, rec, carry0, xp, valid):
+    ys, final, saved = _forward(cell, opts, True, rec, carry0, xp, valid)
     return (ys, final), (rec, carry0, valid, ys, saved)
 
 
@@ -365,13 +394,13 @@ def _shift(first: Array, stacked: Array) -> Array:
     return jnp.concatenate([first[None], stacked[:-1]], axis=0)
 
 
-def _backward(cell, unroll, rec, carry0, valid, ys, saved, dys, dfinal):
+def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
     """The backward loop and the recurrent weight gradients.
 
     Returns ``(drec, dcarry0, dxp)``: gradients of the recurrent params, the initial
     carry and the input projection ``<[T, B, G*H]>``.
     """
-    _, backward, weight_grads = kernels(cell, prepare(cell, rec))
+    _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
     # The hidden state before each step. Past a length the shifted outputs are not
     # the (frozen) state, but nothing there is used: those steps are masked below.
     h_prev = _shift(_hidden(carry0), ys)
@@ -391,15 +420,15 @@ def _backward(cell, unroll, rec, carry0, valid, ys, saved, dys, dfinal):
     if valid is not None:
         dys = jnp.where(valid[..., None], dys, jnp.zeros_like(dys))
     inputs = (dys, valid, h_prev, ys, saved)
-    dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=unroll)
+    dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
     grads = weight_grads(h_prev, dxp, extra)
     drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
     return drec, dcarry0, dxp
 
 
-def _recurrence_bwd(cell, unroll, res, cts):
+def _recurrence_bwd(cell, opts, res, cts):
     rec, carry0, valid, ys, saved = res
-    drec, dcarry0, dxp = _backward(cell, unroll, rec, carry0, valid, ys, saved, *cts)
+    drec, dcarry0, dxp = _backward(cell, opts, rec, carry0, valid, ys, saved, *cts)
     return drec, dcarry0, dxp, None
 
 
@@ -427,8 +456,12 @@ def chunk_size(num_steps: int) -> int:
     return math.ceil(root)
 
 
-def _project(cell: Cell, params: dict[str, Array], xs: Array) -> Array:
-    """``X W_x + b`` with the gate blocks side by side: ``<[T, B, G*H]>``."""
+def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "float32") -> Array:
+    """``X W_x + b`` with the gate blocks side by side: ``<[T, B, G*H]>``; float
+    inputs in bfloat16 when ``dtype`` is (token ids are a row lookup either way)."""
+    if dtype != "float32" and jnp.issubdtype(xs.dtype, jnp.floating):
+        w = cast(params["W_x"].reshape(params["W_x"].shape[0], -1), dtype)
+        return _mm(xs, w) + params["b"].reshape(-1)
     xp = cell.project(params, xs)
     return xp.reshape(*xp.shape[:2], -1)
 
@@ -443,18 +476,18 @@ def _in_chunks(x: Array | None, num_chunks: int) -> Array | None:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _remat_layer(cell, unroll, num_chunks, params, carry0, xs, valid):
-    ys, final, _ = _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid)
+def _remat_layer(cell, opts, num_chunks, params, carry0, xs, valid):
+    ys, final, _ = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
     return ys, final
 
 
-def _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid):
+def _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid):
     rec = _recurrent_params(params)
 
     def body(carry, inp):
         xs_c, valid_c = inp
-        xp_c = _project(cell, params, xs_c)
-        ys_c, new, _ = _forward(cell, unroll, False, rec, carry, xp_c, valid_c)
+        xp_c = _project(cell, params, xs_c, opts.matmul_dtype)
+        ys_c, new, _ = _forward(cell, opts, False, rec, carry, xp_c, valid_c)
         return new, (ys_c, carry)
 
     inputs = (_in_chunks(xs, num_chunks), _in_chunks(valid, num_chunks))
@@ -462,12 +495,12 @@ def _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid):
     return ys.reshape(-1, *ys.shape[2:]), final, starts
 
 
-def _remat_fwd(cell, unroll, num_chunks, params, carry0, xs, valid):
-    ys, final, starts = _remat_forward(cell, unroll, num_chunks, params, carry0, xs, valid)
+def _remat_fwd(cell, opts, num_chunks, params, carry0, xs, valid):
+    ys, final, starts = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
     return (ys, final), (params, xs, valid, ys, starts)
 
 
-def _remat_bwd(cell, unroll, num_chunks, res, cts):
+def _remat_bwd(cell, opts, num_chunks, res, cts):
     params, xs, valid, ys, starts = res
     dys, dfinal = cts
     rec = _recurrent_params(params)
@@ -476,14 +509,13 @@ def _remat_bwd(cell, unroll, num_chunks, res, cts):
     def body(acc, inp):
         dcarry, dparams = acc
         xs_c, valid_c, ys_c, dys_c, start = inp
+        project = functools.partial(_project, cell, dtype=opts.matmul_dtype)
         if tokens:  # integer ids get no gradient
-            xp_c, project_vjp = jax.vjp(lambda p: _project(cell, p, xs_c), params)
+            xp_c, project_vjp = jax.vjp(lambda p: project(p, xs_c), params)
         else:
-            xp_c, project_vjp = jax.vjp(lambda p, x: _project(cell, p, x), params, xs_c)
-        _, _, saved = _forward(cell, unroll, True, rec, start, xp_c, valid_c)
-        drec, dstart, dxp_c = _backward(
-            cell, unroll, rec, start, valid_c, ys_c, saved, dys_c, dcarry
-        )
+            xp_c, project_vjp = jax.vjp(project, params, xs_c)
+        _, _, saved = _forward(cell, opts, True, rec, start, xp_c, valid_c)
+        drec, dstart, dxp_c = _backward(cell, opts, rec, start, valid_c, ys_c, saved, dys_c, dcarry)
         dproj = project_vjp(dxp_c)
         dparams = jax.tree_util.tree_map(jnp.add, dparams, dproj[0])
         dparams = {k: v + drec[k] if k in drec else v for k, v in dparams.items()}
@@ -508,6 +540,7 @@ def layer(
     *,
     unroll: int = 1,
     remat: bool = False,
+    matmul_dtype: str = "float32",
 ) -> tuple[Array, Any]:
     """One direction of one layer over a time-major batch, with the fused backward pass.
 
@@ -519,6 +552,9 @@ def layer(
       xs: ``<float32>[T, B, I]`` inputs, or token ids ``<int32>[T, B]``.
       lengths: ``<int32>[B]`` valid steps per sequence (``None``: all ``T``).
       unroll: passed to both ``lax.scan`` loops.
+      matmul_dtype: ``"float32"`` or ``"bfloat16"``: the operand type of every
+        matmul (input projection, recurrent, backward and weight-gradient matmuls);
+        they accumulate in float32, and the gates, carries and outputs are float32.
       remat: keep only the carry at the start of every chunk of :func:`chunk_size`
         steps and recompute each chunk (input projection, gates) in the backward
         pass, instead of saving ``<[T, B, G*H]>`` gates and projections.
@@ -529,6 +565,11 @@ def layer(
     """
     if not supports(cell):
         raise ValueError(f"cell: no fused implementation for {cell.name!r}")
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(
+            f"matmul_dtype: expected one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}"
+        )
+    opts = LoopOptions(unroll, matmul_dtype)
     num_steps = xs.shape[0]
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
     if remat:
@@ -540,7 +581,7 @@ def layer(
             valid = jnp.pad(valid, ((0, pad), (0, 0)))
             xs = jnp.pad(xs, ((0, pad),) + ((0, 0),) * (xs.ndim - 1))
         num_chunks = (num_steps + pad) // chunk
-        ys, final = _remat_layer(cell, unroll, num_chunks, params, carry, xs, valid)
+        ys, final = _remat_layer(cell, opts, num_chunks, params, carry, xs, valid)
         return ys[:num_steps], final
-    xp = _project(cell, params, xs)  # all steps at once
-    return _recurrence(cell, unroll, _recurrent_params(params), carry, xp, valid)
+    xp = _project(cell, params, xs, matmul_dtype)  # all steps at once
+    return _recurrence(cell, opts, _recurrent_params(params), carry, xp, valid)

@@ -43,7 +43,7 @@ class ModelConfig:
       forget_bias: LSTM forget-gate bias at initialisation.
       embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
       dropout: between layers (and on the last layer's output), training only.
-      unroll, remat, hoist_input, implementation: passed to
+      unroll, remat, hoist_input, implementation, matmul_dtype: passed to
         :func:`rnn_jax.networks.network`.
     """
 
@@ -64,6 +64,7 @@ class ModelConfig:
     remat: bool = False
     hoist_input: bool | None = None
     implementation: str = "auto"
+    matmul_dtype: str = "float32"
 
     def make_cell(self) -> cells.Cell:
         options = {
@@ -113,6 +114,7 @@ def language_model(config: ModelConfig) -> Model:
         remat=config.remat,
         hoist_input=config.hoist_input,
         implementation=config.implementation,
+        matmul_dtype=config.matmul_dtype,
     )
     v, e = config.vocab_size, config.embed_dim
 

@@ -81,7 +81,7 @@ class Network(NamedTuple):
 
     Attributes:
       cell, num_layers, bidirectional, dropout, unroll, remat, hoist_input,
-        implementation: the options given to :func:`network`.
+        implementation, matmul_dtype: the options given to :func:`network`.
       output_size: features of ``ys``: H, or 2H when bidirectional.
       init: ``(key, input_size) -> params``.
       initial_carry: ``() -> final``-structured zeros for one sequence.
@@ -100,6 +100,7 @@ class Network(NamedTuple):
     remat: bool
     hoist_input: bool
     implementation: str
+    matmul_dtype: str
     output_size: int
     init: Callable[..., Any]
     initial_carry: Callable[[], tuple]
@@ -269,6 +270,7 @@ def network(
     remat: bool = False,
     hoist_input: bool | None = None,
     implementation: str = "auto",
+    matmul_dtype: str = "float32",
 ) -> Network:
     """Builds a deep, optionally bidirectional network from ``cell``.
 
@@ -294,6 +296,11 @@ def network(
         layers in one loop, :mod:`rnn_jax.wavefront`; unidirectional, no dropout or
         remat) or ``"auto"`` (see :func:`choose_implementation`); all give the same
         values and gradients.
+      matmul_dtype: ``"float32"`` (the default) or ``"bfloat16"``: the operand type
+        of every matmul of the fused and wavefront implementations, accumulated in
+        float32; gates, carries, outputs and gradients stay float32. The reference
+        ``"scan"`` (which ``"auto"`` runs for a batch of one) always computes in
+        float32, so ``implementation="scan"`` with ``"bfloat16"`` is an error.
     """
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
@@ -317,6 +324,15 @@ def network(
                     f"implementation: 'wavefront' runs unidirectional networks without "
                     f"dropout or remat; got {name}={value!r}"
                 )
+    if matmul_dtype not in fused.MATMUL_DTYPES:
+        raise ValueError(
+            f"matmul_dtype: expected one of {list(fused.MATMUL_DTYPES)}, got {matmul_dtype!r}"
+        )
+    if matmul_dtype != "float32" and implementation == "scan":
+        raise ValueError(
+            f"matmul_dtype: {matmul_dtype!r} needs implementation 'fused', 'wavefront' or "
+            f"'auto'; the reference 'scan' computes in float32"
+        )
     hoist = _default_hoist_input() if hoist_input is None else bool(hoist_input)
     unroll = default_unroll() if unroll is None else unroll
     num_dirs = 2 if bidirectional else 1
@@ -357,9 +373,7 @@ def network(
                 _check_carry(initial_carry, zero_carry(), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
             keys = None if dropout_key is None else dropout_key[None]
-            ys, final = _apply_fused(
-                params, xs[None], length, initial_carry, keys, implementation
-            )
+            ys, final = _apply_fused(params, xs[None], length, initial_carry, keys, implementation)
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
         _check_params(params)
         _check_input_size(params, xs)
@@ -457,9 +471,12 @@ def network(
                 ys,
                 lengths,
                 unroll=unroll,
+                matmul_dtype=matmul_dtype,
             )
             return jnp.swapaxes(ys, 0, 1), tuple(finals)
-        run = functools.partial(fused.layer, cell, unroll=unroll, remat=remat)
+        run = functools.partial(
+            fused.layer, cell, unroll=unroll, remat=remat, matmul_dtype=matmul_dtype
+        )
         finals = []
         for layer in range(num_layers):
             p = params[f"layer_{layer}"]
@@ -511,6 +528,7 @@ def network(
         remat=remat,
         hoist_input=hoist,
         implementation=implementation,
+        matmul_dtype=matmul_dtype,
         output_size=output_size,
         init=init,
         initial_carry=zero_carry,

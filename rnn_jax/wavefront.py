@@ -52,21 +52,30 @@ def _hidden(carry: Any) -> Array:
     return carry.h if isinstance(carry, LSTMCarry) else carry
 
 
+def _bmm(spec: str, a: Array, w: Array) -> Array:
+    """A batched matmul; with bfloat16 ``w``, ``a`` is cast too and the product is
+    accumulated in float32 (as :func:`rnn_jax.fused.layer`'s matmuls)."""
+    if w.dtype != jnp.bfloat16:
+        return jnp.einsum(spec, a, w)
+    return jnp.einsum(spec, a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
 def _upper_inputs(ys_prev: Array, wx: Array, b: Array) -> Array:
     """Gate pre-activations of layers 1..L-1 from the outputs below:
     ``<[L-1, B, H]> @ <[L-1, H, G*H]> + <[L-1, G*H]>``."""
-    return jnp.einsum("lbh,lhg->lbg", ys_prev, wx) + b[:, None, :]
+    return _bmm("lbh,lhg->lbg", ys_prev, wx) + b[:, None, :]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _wave(cell, unroll, rec, wx, b, carry0, xp0, wave_valid):
-    ys, final, _ = _wave_forward(cell, unroll, False, rec, wx, b, carry0, xp0, wave_valid)
+def _wave(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
+    ys, final, _ = _wave_forward(cell, opts, False, rec, wx, b, carry0, xp0, wave_valid)
     return ys, final
 
 
-def _wave_forward(cell, unroll, save, rec, wx, b, carry0, xp0, wave_valid):
+def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
     """``(ys <[S, L, B, H]>, final carries <[L, B, H]>, saved <[S, L, ...]> or None)``."""
-    prep = jax.vmap(functools.partial(fused.prepare, cell))(rec)
+    prep = jax.vmap(lambda r: fused.prepare(cell, r, opts.matmul_dtype))(rec)
+    wx = fused.cast(wx, opts.matmul_dtype)
     forward = jax.vmap(lambda p, c, u: fused.kernels(cell, p)[0](c, u))
     num_layers = wave_valid.shape[1]
     pad = jnp.zeros((num_layers - 1, *xp0.shape[1:]), xp0.dtype)
@@ -82,22 +91,22 @@ def _wave_forward(cell, unroll, save, rec, wx, b, carry0, xp0, wave_valid):
         return (new, y), ((y, saved) if save else (y,))
 
     ys0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:]), xp0.dtype)
-    (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=unroll)
+    (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=opts.unroll)
     return out[0], final, (out[1] if save else None)
 
 
-def _wave_fwd(cell, unroll, rec, wx, b, carry0, xp0, wave_valid):
-    ys, final, saved = _wave_forward(cell, unroll, True, rec, wx, b, carry0, xp0, wave_valid)
+def _wave_fwd(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
+    ys, final, saved = _wave_forward(cell, opts, True, rec, wx, b, carry0, xp0, wave_valid)
     return (ys, final), (rec, wx, b, carry0, wave_valid, ys, saved)
 
 
-def _wave_bwd(cell, unroll, res, cts):
+def _wave_bwd(cell, opts, res, cts):
     rec, wx, b, carry0, wave_valid, ys, saved = res
     dys, dfinal = cts  # dys: <[S, L, B, H]> (only the top layer's is nonzero in use)
     num_steps, num_layers = wave_valid.shape[:2]
-    prep = jax.vmap(functools.partial(fused.prepare, cell))(rec)
+    prep = jax.vmap(lambda r: fused.prepare(cell, r, opts.matmul_dtype))(rec)
     backward = jax.vmap(lambda p, *a: fused.kernels(cell, p)[1](*a))
-    wx_t = jnp.swapaxes(wx, 1, 2)  # [L-1, G*H, H]
+    wx_t = fused.cast(jnp.swapaxes(wx, 1, 2), opts.matmul_dtype)  # [L-1, G*H, H]
     # The hidden state before each step: layer l starts (step s = l) from its initial
     # carry, and later reads its own output of step s-1; earlier steps are masked.
     shifted = jnp.concatenate([jnp.zeros_like(ys[:1]), ys[:-1]], axis=0)
@@ -108,7 +117,7 @@ def _wave_bwd(cell, unroll, res, cts):
         dcarry, da_above = state  # da_above: dA of every layer at step s+1
         dy_s, valid_s, h_prev_s, y_s, saved_s = inp
         # gradient reaching layer l's output at time t: from layer l+1's step s+1
-        d_up = jnp.einsum("lbg,lgh->lbh", da_above[1:], wx_t)
+        d_up = _bmm("lbg,lgh->lbh", da_above[1:], wx_t)
         dy = dy_s + jnp.concatenate([d_up, jnp.zeros_like(dy_s[:1])], axis=0)
         if isinstance(dcarry, LSTMCarry):
             d_in = LSTMCarry(dcarry.h + dy, dcarry.c)
@@ -123,14 +132,14 @@ def _wave_bwd(cell, unroll, res, cts):
     da0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:2], wx.shape[-1]), ys.dtype)
     inputs = (dys, wave_valid, h_prev, ys, saved)
     (dcarry0, _), (da, extra) = jax.lax.scan(
-        body, (dfinal, da0), inputs, reverse=True, unroll=unroll
+        body, (dfinal, da0), inputs, reverse=True, unroll=opts.unroll
     )
     weight_grads = jax.vmap(lambda p, *a: fused.kernels(cell, p)[2](*a), in_axes=(0, 1, 1, 1))
     grads = weight_grads(prep, h_prev, da, extra)
     drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
     # layer l >= 1 read, at step s, layer l-1's output of step s-1
     inputs_up = shifted[:, :-1]  # [S, L-1, B, H]
-    dwx = jnp.einsum("slbh,slbg->lhg", inputs_up, da[:, 1:])
+    dwx = _bmm("slbh,slbg->lhg", inputs_up, fused.cast(da[:, 1:], opts.matmul_dtype))
     db = jnp.sum(da[:, 1:], axis=(0, 2))
     dxp0 = da[: num_steps - num_layers + 1, 0]
     return drec, dwx, db, dcarry0, dxp0, None
@@ -147,6 +156,7 @@ def network_layers(
     lengths: Array | None = None,
     *,
     unroll: int = 1,
+    matmul_dtype: str = "float32",
 ) -> tuple[Array, list[Any]]:
     """All layers of a deep unidirectional network over a time-major batch.
 
@@ -158,6 +168,8 @@ def network_layers(
       xs: ``<float32>[T, B, I]`` inputs, or token ids ``<int32>[T, B]``.
       lengths: ``<int32>[B]`` valid steps per sequence (``None``: all ``T``).
       unroll: loop steps per iteration of both loops.
+      matmul_dtype: the operand type of every matmul (``"float32"`` or
+        ``"bfloat16"``; see :func:`rnn_jax.fused.layer`).
 
     Returns:
       ``(ys <float32>[T, B, H], final carries)``: the top layer's outputs (zero past
@@ -167,10 +179,16 @@ def network_layers(
         raise ValueError(f"cell: no fused kernels for {cell.name!r}")
     num_layers = len(params)
     if num_layers == 1:
-        ys, final = fused.layer(cell, params[0], carries[0], xs, lengths, unroll=unroll)
+        ys, final = fused.layer(
+            cell, params[0], carries[0], xs, lengths, unroll=unroll, matmul_dtype=matmul_dtype
+        )
         return ys, [final]
     num_steps, batch = xs.shape[0], xs.shape[1]
-    xp0 = fused._project(cell, params[0], xs)
+    if matmul_dtype not in fused.MATMUL_DTYPES:
+        raise ValueError(
+            f"matmul_dtype: expected one of {list(fused.MATMUL_DTYPES)}, got {matmul_dtype!r}"
+        )
+    xp0 = fused._project(cell, params[0], xs, matmul_dtype)
     stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
     rec = stack([fused._recurrent_params(p) for p in params])
     upper = params[1:]
@@ -181,7 +199,8 @@ def network_layers(
     limit = num_steps if lengths is None else lengths[None, None, :]
     wave_valid = (t[..., None] >= 0) & (t[..., None] < limit)
     wave_valid = jnp.broadcast_to(wave_valid, (*t.shape, batch))
-    ys, final = _wave(cell, unroll, rec, wx, b, stack(carries), xp0, wave_valid)
+    opts = fused.LoopOptions(unroll, matmul_dtype)
+    ys, final = _wave(cell, opts, rec, wx, b, stack(carries), xp0, wave_valid)
     top = ys[num_layers - 1 :, num_layers - 1]
     finals = [jax.tree_util.tree_map(lambda c, i=i: c[i], final) for i in range(num_layers)]
     return top, finals

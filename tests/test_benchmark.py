@@ -353,7 +353,8 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
             "--configs=",
             "--config_spec=tiny:8:4:5",
             "--cells=lstm",
-            "--variants=fused:2,scan:3:nohoist",
+            "--layers=2",
+            "--variants=fused:2,scan:3:nohoist,wavefront:1:bf16",
             "--iters=2",
             "--check",
             f"--output={out}",
@@ -366,20 +367,26 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["platform"] == "cpu" and report["versions"]["jax"]
-    assert [r["cell"] for r in report["check"]] == ["rnn", "gru", "gru reset_after", "lstm"]
+    checked = [(r["cell"], r["implementation"]) for r in report["check"]]
+    assert checked == [
+        (c, i) for c in ("rnn", "gru", "gru reset_after", "lstm") for i in ("fused", "wavefront")
+    ]
     assert all(r["ok"] and r["max_rel_diff"] < 1e-5 for r in report["check"])
-    assert [r["case"] for r in report["results"]] == ["tiny lstm L1"]
+    assert [r["case"] for r in report["results"]] == ["tiny lstm L2"]
     for row in report["results"]:
         variants = row["variants"]
-        assert list(variants) == ["fused:2", "scan:3:nohoist"]
+        assert list(variants) == ["fused:2", "scan:3:nohoist", "wavefront:1:bf16"]
         assert all(v["ok"] and v["step_s"] > 0 for v in variants.values())
         assert variants["fused:2"]["implementation"] == "fused"
         assert variants["fused:2"]["unroll"] == 2
         assert variants["scan:3:nohoist"]["unroll"] == 3
         assert variants["scan:3:nohoist"]["hoist_input"] is False
+        assert variants["scan:3:nohoist"]["matmul_dtype"] == "float32"
+        assert variants["wavefront:1:bf16"]["implementation"] == "wavefront"
+        assert variants["wavefront:1:bf16"]["matmul_dtype"] == "bfloat16"
         fastest = min(variants, key=lambda n: variants[n]["step_s"])
         assert row["fastest"] == fastest
-    assert "tiny lstm L1 |" in proc.stdout
+    assert "tiny lstm L2 |" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -390,6 +397,8 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
         ("scan:0", "unroll must be"),
         ("scan:x", "unroll must be"),
         ("scan:2:hoisted", "hoist"),
+        ("scan:2:bf16", "bf16 .fused and wavefront only"),
+        ("fused:2:bf16:bf16", "each at most once"),
     ],
 )
 def test_levers_bad_variants(text, word):
@@ -401,4 +410,9 @@ def test_levers_bad_variants(text, word):
         "implementation": "scan",
         "unroll": 4,
         "hoist_input": "true",
+    }
+    assert levers.parse_variant("wavefront:8:bf16") == {
+        "implementation": "wavefront",
+        "unroll": 8,
+        "matmul_dtype": "bfloat16",
     }

@@ -238,3 +238,34 @@ def test_choose_implementation():
 def test_bad_implementation():
     with pytest.raises(ValueError, match="implementation: expected one of"):
         networks.network(cells.lstm(4), implementation="cudnn")
+
+
+@pytest.mark.parametrize("implementation,num_layers", [("fused", 2), ("wavefront", 3)])
+@pytest.mark.parametrize("cell_name", ["gru", "gru_after", "lstm", "rnn"])
+def test_bfloat16_matmuls_stay_close_to_float32(cell_name, implementation, num_layers):
+    """bfloat16 operands (8-bit mantissa), float32 accumulation: values and gradients
+    within a few 1e-3 of float32 here, float32 outputs, and really rounded (not equal)."""
+    ref, _, params = nets(cell_name, num_layers, False)
+    low = networks.network(
+        ref.cell, num_layers, implementation=implementation, matmul_dtype="bfloat16"
+    )
+    xs, carry, weights = random(40, (B, T, I)), batch_carry(ref, 41), random(42, (B, T, H))
+    args = (params, xs, carry, jnp.asarray(LENGTHS))
+    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    v_low, g_low = jax.value_and_grad(loss_fn(low, weights), argnums=(0, 1, 2))(*args)
+    assert low.apply_batch(params, xs, jnp.asarray(LENGTHS), carry)[0].dtype == jnp.float32
+    np.testing.assert_allclose(float(v_low), float(v_ref), rtol=2e-2)
+    diffs = []
+    for a, b in zip(jax.tree.leaves(g_low), jax.tree.leaves(g_ref), strict=True):
+        assert a.dtype == jnp.float32
+        diffs.append(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12)))
+    assert max(diffs) < 3e-2 and max(diffs) > 1e-6  # close, and rounded
+
+
+def test_bad_matmul_dtype():
+    with pytest.raises(ValueError, match="matmul_dtype: expected one of"):
+        networks.network(cells.lstm(4), matmul_dtype="float16")
+    with pytest.raises(ValueError, match="matmul_dtype: 'bfloat16' needs implementation"):
+        networks.network(cells.lstm(4), implementation="scan", matmul_dtype="bfloat16")
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        fused.layer(cells.lstm(4), {}, None, jnp.zeros((2, 1, 3)), matmul_dtype="int8")

@@ -138,6 +138,4 @@ def test_wavefront_rejects_what_it_cannot_run(option):
     with pytest.raises(ValueError, match=f"'wavefront' runs unidirectional.*{name}="):
         networks.network(cells.lstm(4), 2, implementation="wavefront", **option)
     with pytest.raises(config.ConfigError, match=name):
-        config.validate(
-            config.TrainConfig(num_layers=2, implementation="wavefront", **option)
-        )
+        config.validate(config.TrainConfig(num_layers=2, implementation="wavefront", **option))
