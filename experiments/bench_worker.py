@@ -215,8 +215,14 @@ def _rnn_jax_step(spec: dict[str, Any]):
 
     impl = model.network.implementation
     if impl == "auto":
+        net = model.network
         impl = networks.choose_implementation(
-            model.network.cell, spec["batch_size"], remat=spec["remat"]
+            net.cell,
+            spec["batch_size"],
+            remat=net.remat,
+            num_layers=net.num_layers,
+            bidirectional=net.bidirectional,
+            dropout=net.dropout,
         )
     info = {
         "hoist_input": model.network.hoist_input,

@@ -233,6 +233,14 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(256), 1, "gpu") == "scan"
     assert networks.choose_implementation(cells.lstm(256), 64, "gpu", remat=True) == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu", remat=True) == "fused"
+    # deep unidirectional networks: the wavefront on accelerators, not on the CPU
+    deep = dict(num_layers=2)
+    assert networks.choose_implementation(cells.lstm(128), 32, "gpu", **deep) == "wavefront"
+    assert networks.choose_implementation(cells.gru(128), 32, "tpu", **deep) == "wavefront"
+    assert networks.choose_implementation(cells.lstm(128), 32, "cpu", **deep) == "fused"
+    for other in (dict(bidirectional=True), dict(remat=True), dict(dropout=0.1)):
+        assert networks.choose_implementation(cells.lstm(8), 4, "gpu", **deep, **other) == "fused"
+    assert networks.choose_implementation(cells.lstm(8), 1, "gpu", **deep) == "scan"
 
 
 def test_bad_implementation():
