@@ -79,9 +79,12 @@ def parse_variant(text: str) -> dict[str, Any]:
     return spec
 
 
-def check_fused(tol: float = 1e-5) -> list[dict[str, Any]]:
+CHECK_CELLS = ("rnn", "gru", "gru reset_after", "lstm")
+
+
+def check_fused(tol: float = 1e-5, names=CHECK_CELLS) -> list[dict[str, Any]]:
     """Max relative difference of fused and wavefront vs scan (outputs, carries, all
-    gradients) per cell."""
+    gradients) per cell of ``names``."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -95,12 +98,13 @@ def check_fused(tol: float = 1e-5) -> list[dict[str, Any]]:
     weights = jnp.asarray(rng.normal(size=(B, T, 2 * H)), jnp.float32)
     rows = []
     shapes = {"fused": (2, True), "wavefront": (3, False)}  # (layers, bidirectional)
-    for name, cell in (
-        ("rnn", cells.rnn(H)),
-        ("gru", cells.gru(H)),
-        ("gru reset_after", cells.gru(H, reset_after=True)),
-        ("lstm", cells.lstm(H)),
-    ):
+    every = {
+        "rnn": cells.rnn(H),
+        "gru": cells.gru(H),
+        "gru reset_after": cells.gru(H, reset_after=True),
+        "lstm": cells.lstm(H),
+    }
+    for name, cell in ((n, every[n]) for n in names):
         for impl, (layers, bidirectional) in shapes.items():
             out = {}
             for run in (impl, "scan"):
@@ -147,7 +151,8 @@ def main(argv: list[str]) -> None:
     }
     failed = False
     if FLAGS.check:
-        report["check"] = check_fused()
+        by_flag = {c.replace(" ", "_"): c for c in CHECK_CELLS}
+        report["check"] = check_fused(names=[by_flag[c] for c in FLAGS.check_cells])
         for row in report["check"]:
             print(
                 f"check {row['implementation']} vs scan {row['cell']}: "
@@ -207,7 +212,14 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("iters", 20, "Timed steps per variant (at most).", lower_bound=1)
     flags.DEFINE_float("max_time_s", 3.0, "Stop timing a variant after this long.", lower_bound=0)
-    flags.DEFINE_bool("check", False, "First check fused == scan on this device (1e-5).")
+    flags.DEFINE_bool(
+        "check", False, "First check fused and wavefront == scan on this device (1e-5)."
+    )
+    flags.DEFINE_list(
+        "check_cells",
+        [c.replace(" ", "_") for c in CHECK_CELLS],
+        "Cells --check compares: rnn, gru, gru_reset_after, lstm.",
+    )
     flags.DEFINE_string("output", "levers.json", "JSON file of all results; empty: none.")
 
     flags.register_multi_flags_validator(
@@ -216,6 +228,12 @@ def define_flags() -> None:
     )
     flags.register_validator("cells", flag_validator(lambda v: check_choices(v, CELLS, "cell")))
     flags.register_validator("layers", flag_validator(parse_layers))
+    flags.register_validator(
+        "check_cells",
+        flag_validator(
+            lambda v: check_choices(v, [c.replace(" ", "_") for c in CHECK_CELLS], "check cell")
+        ),
+    )
     flags.register_validator("bidirectional", flag_validator(parse_bools))
     flags.register_validator("variants", flag_validator(lambda v: [parse_variant(x) for x in v]))
 
