@@ -9,12 +9,13 @@
 #    "configs|cells|layers|variants[|XLA_FLAGS]" (one process each; a fifth field
 #    runs that process under those XLA flags).
 # 2. experiments.benchmark --compare=flax,torch per case of BENCH (space-separated
-#    "tag:config:cell:layers:bidirectional"), with the fastest variant of step 1 for
-#    that shape (by default: fused, unroll 0 = the backend's default).
+#    "tag:config:cell:layers:bidirectional"), with the fastest float32 variant of
+#    step 1 for that shape (unmeasured: auto, unroll 0 = the backend's defaults).
 # Everything lands in $OUT (levers_N.json, bench.tar of the benchmark JSONs, log.txt).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT/bench"
+rm -f "$OUT"/levers_*.json  # a reused $OUT must not feed old runs to best()
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 START=$(date +%s)
@@ -39,6 +40,7 @@ n=0
 IFS=';' read -ra RUNS <<< "${LEVERS:-$DEFAULT_LEVERS}"
 for run in "${RUNS[@]}"; do
   IFS='|' read -r configs cells layers variants xla <<< "$run"
+  configs=${configs// /}; cells=${cells// /}; layers=${layers// /}; variants=${variants// /}
   check=""; [ "$n" -eq 0 ] && [ "${CHECK:-1}" = 1 ] && check="--check"
   n=$((n + 1))
   limit=$(( ${LEVERS_S:-190} < $(left) ? ${LEVERS_S:-190} : $(left) ))
@@ -50,17 +52,17 @@ for run in "${RUNS[@]}"; do
   echo "levers run $n exit $? at $(( $(date +%s) - START )) s"
 done
 
-best() {  # best <config> <cell> <layers> <bidirectional> -> "implementation unroll"
-  $PY - "$OUT" "$@" <<'EOF'
+best() {  # best <config> <cell> <layers> <bidirectional> -> "implementation unroll hoist"
+  $PY - "$OUT" "${XLA_FLAGS:-}" "$@" <<'EOF'
 import glob, json, sys
-out, config, cell, layers, bi = sys.argv[1:]
-fastest = {}  # variant -> ms, over every levers run without XLA flags of its own
+out, outer_flags, config, cell, layers, bi = sys.argv[1:]
+fastest = {}  # variant -> ms, over every levers run under the benchmark's own XLA flags
 for path in sorted(glob.glob(f"{out}/levers_*.json")):
     try:
         report = json.load(open(path))
     except Exception:
         continue
-    if report.get("xla_flags"):
+    if report.get("xla_flags", "") != outer_flags:
         continue
     for r in report["results"]:
         same = (r["config"], r["cell"], str(r["num_layers"]), str(r["bidirectional"]).lower())
@@ -70,21 +72,22 @@ for path in sorted(glob.glob(f"{out}/levers_*.json")):
             if v.get("ok") and v.get("step_s") and ":bf16" not in name:
                 fastest[name] = min(v["step_s"], fastest.get(name, float("inf")))
 if fastest:
-    impl, unroll = min(fastest, key=fastest.get).split(":")[:2]
-    print(impl, unroll)
+    parts = min(fastest, key=fastest.get).split(":")
+    hoist = {"hoist": "true", "nohoist": "false"}.get(parts[2] if len(parts) > 2 else "", "auto")
+    print(parts[0], parts[1], hoist)
 else:
-    print("fused 0")
+    print("auto 0 auto")
 EOF
 }
 
 # 2. the benchmark with the peers, case by case while time is left
 for case in ${BENCH:-$DEFAULT_BENCH}; do
   IFS=':' read -r tag config cell layers bi <<< "$case"
-  read -r impl unroll < <(best "$config" "$cell" "$layers" "$bi")
+  read -r impl unroll hoist < <(best "$config" "$cell" "$layers" "$bi")
   if [ "$(left)" -lt 25 ]; then echo "skip $tag $config $cell (time)"; continue; fi
   timeout "$(left)" $PY -m experiments.benchmark --configs="$config" --cells="$cell" \
     --layers="$layers" --bidirectional="$bi" --compare=flax,torch --rounds=1 --iters=20 \
-    --max_time_s=2 --implementation="$impl" --unroll="$unroll" \
+    --max_time_s=2 --implementation="$impl" --unroll="$unroll" --hoist_input="$hoist" \
     --output="$OUT/bench/${tag}_${config}_${cell}.json" --markdown= 2>&1 | grep -v "^$" | grep -E "^\[|error|FAIL"
 done
 echo "all done at $(( $(date +%s) - START )) s"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn_jax import cells, data, models, networks, text
+from rnn_jax import cells, data, fused, models, networks, text
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -167,7 +167,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     _choice(config, "activation", tuple(cells.ACTIVATIONS))
     _choice(config, "init", cells.INIT_SCHEMES)
     _choice(config, "implementation", networks.IMPLEMENTATIONS)
-    _choice(config, "matmul_dtype", ("float32", "bfloat16"))
+    _choice(config, "matmul_dtype", fused.MATMUL_DTYPES)
     if config.matmul_dtype != "float32" and config.implementation == "scan":
         raise ConfigError(
             "matmul_dtype",

@@ -456,12 +456,49 @@ def chunk_size(num_steps: int) -> int:
     return math.ceil(root)
 
 
+@jax.custom_vjp
+def _bf16_linear(xs: Array, w: Array) -> Array:
+    """``xs <float32>[T, B, I] @ w <float32>[I, N]`` on bfloat16 operands, float32
+    result; its backward matmuls (``g wᵀ`` and ``Σ xsᵀ g``) are bfloat16 too and
+    return float32 gradients (autodiff of the casts would run them in float32 and
+    round the gradients to bfloat16)."""
+    return _mm(xs, w.astype(jnp.bfloat16))
+
+
+def _bf16_linear_fwd(xs, w):
+    return _bf16_linear(xs, w), (xs, w)
+
+
+def _bf16_linear_bwd(res, g):
+    xs, w = res
+    dxs = _mm(g, w.T.astype(jnp.bfloat16))
+    return dxs.astype(xs.dtype), _contract(xs, g, "bfloat16").astype(w.dtype)
+
+
+_bf16_linear.defvjp(_bf16_linear_fwd, _bf16_linear_bwd)
+
+
+def check_bfloat16_inputs(params: Any, carry: Any, matmul_dtype: str) -> None:
+    """bfloat16 matmuls are defined for float32 params and carries (their results
+    are float32): anything else raises ValueError naming the offender."""
+    if matmul_dtype == "float32":
+        return
+    for name, tree in (("params", params), ("carry", carry)):
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if jnp.asarray(leaf).dtype != jnp.float32:
+                raise ValueError(
+                    f"matmul_dtype: {matmul_dtype!r} needs float32 {name}, got "
+                    f"{jnp.asarray(leaf).dtype}"
+                )
+
+
 def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "float32") -> Array:
     """``X W_x + b`` with the gate blocks side by side: ``<[T, B, G*H]>``; float
-    inputs in bfloat16 when ``dtype`` is (token ids are a row lookup either way)."""
+    inputs on bfloat16 operands when ``dtype`` is (token ids are a row lookup either
+    way)."""
     if dtype != "float32" and jnp.issubdtype(xs.dtype, jnp.floating):
-        w = cast(params["W_x"].reshape(params["W_x"].shape[0], -1), dtype)
-        return _mm(xs, w) + params["b"].reshape(-1)
+        w = params["W_x"].reshape(params["W_x"].shape[0], -1)
+        return _bf16_linear(xs, w) + params["b"].reshape(-1)
     xp = cell.project(params, xs)
     return xp.reshape(*xp.shape[:2], -1)
 
@@ -569,6 +606,7 @@ def layer(
         raise ValueError(
             f"matmul_dtype: expected one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}"
         )
+    check_bfloat16_inputs(params, carry, matmul_dtype)
     opts = LoopOptions(unroll, matmul_dtype)
     num_steps = xs.shape[0]
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]

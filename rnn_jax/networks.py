@@ -345,6 +345,11 @@ def network(
         raise ValueError(
             f"matmul_dtype: expected one of {list(fused.MATMUL_DTYPES)}, got {matmul_dtype!r}"
         )
+    if matmul_dtype != "float32" and not fused.supports(cell):
+        raise ValueError(
+            f"matmul_dtype: {matmul_dtype!r} needs the fused kernels, which do not "
+            f"support the cell {cell.name!r}"
+        )
     if matmul_dtype != "float32" and implementation == "scan":
         raise ValueError(
             f"matmul_dtype: {matmul_dtype!r} needs implementation 'fused', 'wavefront' or "

@@ -188,6 +188,7 @@ def network_layers(
         raise ValueError(
             f"matmul_dtype: expected one of {list(fused.MATMUL_DTYPES)}, got {matmul_dtype!r}"
         )
+    fused.check_bfloat16_inputs(params, carries, matmul_dtype)
     xp0 = fused._project(cell, params[0], xs, matmul_dtype)
     stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
     rec = stack([fused._recurrent_params(p) for p in params])

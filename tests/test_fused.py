@@ -275,6 +275,10 @@ def test_bfloat16_matmuls_stay_close_to_float32(cell_name, implementation, num_l
         assert a.dtype == jnp.float32
         diffs.append(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12)))
     assert max(diffs) < 3e-2 and max(diffs) > 1e-6  # close, and rounded
+    # float32 gradients, not bfloat16 ones widened: the input weights' gradient
+    # (a bfloat16 matmul accumulated in float32) has bits bfloat16 cannot hold
+    g = np.asarray(g_low[0]["layer_0"]["W_x"])
+    assert np.any(g != np.asarray(jnp.asarray(g).astype(jnp.bfloat16).astype(jnp.float32)))
 
 
 def test_bad_matmul_dtype():
@@ -284,3 +288,9 @@ def test_bad_matmul_dtype():
         networks.network(cells.lstm(4), implementation="scan", matmul_dtype="bfloat16")
     with pytest.raises(ValueError, match="matmul_dtype"):
         fused.layer(cells.lstm(4), {}, None, jnp.zeros((2, 1, 3)), matmul_dtype="int8")
+    with jax.enable_x64(True):  # bfloat16 matmuls give float32: float64 params refused
+        cell = cells.lstm(4)
+        params = jax.tree.map(lambda v: v.astype(jnp.float64), cell.init(jax.random.key(0), 3))
+        carry = jax.tree.map(lambda v: jnp.zeros((2, *v.shape)), cell.initial_carry())
+        with pytest.raises(ValueError, match="needs float32 params, got float64"):
+            fused.layer(cell, params, carry, jnp.zeros((5, 2, 3)), matmul_dtype="bfloat16")
