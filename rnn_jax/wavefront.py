@@ -73,7 +73,9 @@ def _wave(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
 
 
 def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
-    """``(ys <[S, L, B, H]>, final carries <[L, B, H]>, saved <[S, L, ...]> or None)``."""
+    """``(ys, final carries <[L, B, H]>, saved <[S, L, ...]> or None)``: ``ys`` is every
+    layer's outputs ``<[S, L, B, H]>`` if ``save`` (the backward pass reads them), else
+    only the top layer's ``<[S, B, H]>``."""
     prep = jax.vmap(lambda r: fused.prepare(cell, r, opts.matmul_dtype))(rec)
     wx = fused.cast(wx, opts.matmul_dtype)
     forward = jax.vmap(lambda p, c, u: fused.kernels(cell, p)[0](c, u))
@@ -88,7 +90,7 @@ def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
         new, y, saved = forward(prep, carry, u)
         new = _select(valid_s, new, carry)
         y = _zero_invalid(valid_s, y)
-        return (new, y), ((y, saved) if save else (y,))
+        return (new, y), ((y, saved) if save else (y[-1],))
 
     ys0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:]), xp0.dtype)
     (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=opts.unroll)
@@ -97,12 +99,12 @@ def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
 
 def _wave_fwd(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
     ys, final, saved = _wave_forward(cell, opts, True, rec, wx, b, carry0, xp0, wave_valid)
-    return (ys, final), (rec, wx, b, carry0, wave_valid, ys, saved)
+    return (ys[:, -1], final), (rec, wx, b, carry0, wave_valid, ys, saved)
 
 
 def _wave_bwd(cell, opts, res, cts):
     rec, wx, b, carry0, wave_valid, ys, saved = res
-    dys, dfinal = cts  # dys: <[S, L, B, H]> (only the top layer's is nonzero in use)
+    dys, dfinal = cts  # dys: the top layer's, <[S, B, H]>
     num_steps, num_layers = wave_valid.shape[:2]
     prep = jax.vmap(lambda r: fused.prepare(cell, r, opts.matmul_dtype))(rec)
     backward = jax.vmap(lambda p, *a: fused.kernels(cell, p)[1](*a))
@@ -118,7 +120,7 @@ def _wave_bwd(cell, opts, res, cts):
         dy_s, valid_s, h_prev_s, y_s, saved_s = inp
         # gradient reaching layer l's output at time t: from layer l+1's step s+1
         d_up = _bmm("lbg,lgh->lbh", da_above[1:], wx_t)
-        dy = dy_s + jnp.concatenate([d_up, jnp.zeros_like(dy_s[:1])], axis=0)
+        dy = jnp.concatenate([d_up, dy_s[None]], axis=0)
         if isinstance(dcarry, LSTMCarry):
             d_in = LSTMCarry(dcarry.h + dy, dcarry.c)
         else:
@@ -202,6 +204,6 @@ def network_layers(
     wave_valid = jnp.broadcast_to(wave_valid, (*t.shape, batch))
     opts = fused.LoopOptions(unroll, matmul_dtype)
     ys, final = _wave(cell, opts, rec, wx, b, stack(carries), xp0, wave_valid)
-    top = ys[num_layers - 1 :, num_layers - 1]
+    top = ys[num_layers - 1 :]
     finals = [jax.tree_util.tree_map(lambda c, i=i: c[i], final) for i in range(num_layers)]
     return top, finals
