@@ -313,13 +313,20 @@ def _hidden(carry: Any) -> Array:
     return carry.h if isinstance(carry, LSTMCarry) else carry
 
 
+def _expand(valid: Array, x: Array) -> Array:
+    """``valid <bool>[*V]`` with trailing axes of size 1 to broadcast against ``x <[*V, ...]>``."""
+    return valid.reshape(*valid.shape, *([1] * (x.ndim - valid.ndim)))
+
+
 def _mask(valid: Array, x: Array) -> Array:
-    """``x <[B, ...]>`` with the rows of invalid examples set to zero."""
-    return jnp.where(valid.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros_like(x))
+    """``x <[*V, ...]>`` set to zero where ``valid <bool>[*V]`` is false (``V``: the
+    examples ``[B]``, or layers and examples ``[L, B]`` on the wavefront)."""
+    return jnp.where(_expand(valid, x), x, jnp.zeros_like(x))
 
 
 def _where(valid: Array, new: Any, old: Any) -> Any:
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(valid[:, None], n, o), new, old)
+    """Per leaf: ``new`` where ``valid <bool>[*V]``, else ``old``."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(_expand(valid, n), n, o), new, old)
 
 
 # ---------------------------------------------------------------------------
@@ -376,7 +383,7 @@ def _forward(cell, opts, save, rec, carry0, xp, valid):
         new, y, saved = forward(carry, xp_t)
         if valid_t is not None:  # no lengths: no masking ops in the loop at all
             new = _where(valid_t, new, carry)
-            y = jnp.where(valid_t[:, None], y, jnp.zeros_like(y))
+            y = _mask(valid_t, y)
         return new, ((y, saved) if save else (y,))
 
     prefetch = cell.name == "gru" and not save  # measured: see _scan
@@ -418,7 +425,7 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
         return d_prev, (_mask(valid_t, dxp_t), tuple(_mask(valid_t, d) for d in extra_t))
 
     if valid is not None:
-        dys = jnp.where(valid[..., None], dys, jnp.zeros_like(dys))
+        dys = _mask(valid, dys)
     inputs = (dys, valid, h_prev, ys, saved)
     dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
     grads = weight_grads(h_prev, dxp, extra)

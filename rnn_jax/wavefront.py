@@ -39,19 +39,6 @@ from rnn_jax.cells import Cell, LSTMCarry
 Array = jax.Array
 
 
-def _select(valid: Array, new: Any, old: Any) -> Any:
-    """Per layer and example: ``new`` where ``valid <bool>[L, B]``, else ``old``."""
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(valid[..., None], n, o), new, old)
-
-
-def _zero_invalid(valid: Array, x: Array) -> Array:
-    return jnp.where(valid.reshape(*valid.shape, *([1] * (x.ndim - 2))), x, jnp.zeros_like(x))
-
-
-def _hidden(carry: Any) -> Array:
-    return carry.h if isinstance(carry, LSTMCarry) else carry
-
-
 def _bmm(spec: str, a: Array, w: Array) -> Array:
     """A batched matmul; with bfloat16 ``w``, ``a`` is cast too and the product is
     accumulated in float32 (as :func:`rnn_jax.fused.layer`'s matmuls)."""
@@ -88,11 +75,11 @@ def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
         xp_s, valid_s = inp
         u = jnp.concatenate([xp_s[None], _upper_inputs(ys_prev[:-1], wx, b)], axis=0)
         new, y, saved = forward(prep, carry, u)
-        new = _select(valid_s, new, carry)
-        y = _zero_invalid(valid_s, y)
+        new = fused._where(valid_s, new, carry)
+        y = fused._mask(valid_s, y)
         return (new, y), ((y, saved) if save else (y[-1],))
 
-    ys0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:]), xp0.dtype)
+    ys0 = jnp.zeros((num_layers, *fused._hidden(carry0).shape[1:]), xp0.dtype)
     (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=opts.unroll)
     return out[0], final, (out[1] if save else None)
 
@@ -113,7 +100,7 @@ def _wave_bwd(cell, opts, res, cts):
     # carry, and later reads its own output of step s-1; earlier steps are masked.
     shifted = jnp.concatenate([jnp.zeros_like(ys[:1]), ys[:-1]], axis=0)
     first = jnp.arange(num_steps)[:, None] == jnp.arange(num_layers)[None, :]
-    h_prev = jnp.where(first[..., None, None], _hidden(carry0)[None], shifted)
+    h_prev = jnp.where(first[..., None, None], fused._hidden(carry0)[None], shifted)
 
     def body(state, inp):
         dcarry, da_above = state  # da_above: dA of every layer at step s+1
@@ -126,12 +113,12 @@ def _wave_bwd(cell, opts, res, cts):
         else:
             d_in = dcarry + dy
         d_prev, da, extra = backward(prep, saved_s, y_s, h_prev_s, d_in)
-        d_prev = _select(valid_s, d_prev, dcarry)
-        da = _zero_invalid(valid_s, da)
-        extra = tuple(_zero_invalid(valid_s, e) for e in extra)
+        d_prev = fused._where(valid_s, d_prev, dcarry)
+        da = fused._mask(valid_s, da)
+        extra = tuple(fused._mask(valid_s, e) for e in extra)
         return (d_prev, da), (da, extra)
 
-    da0 = jnp.zeros((num_layers, *_hidden(carry0).shape[1:2], wx.shape[-1]), ys.dtype)
+    da0 = jnp.zeros((num_layers, *fused._hidden(carry0).shape[1:2], wx.shape[-1]), ys.dtype)
     inputs = (dys, wave_valid, h_prev, ys, saved)
     (dcarry0, _), (da, extra) = jax.lax.scan(
         body, (dfinal, da0), inputs, reverse=True, unroll=opts.unroll

@@ -11,24 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from test_fused import (  # the shapes, cells and helpers of the fused tests
+    CELLS,
+    LENGTHS,
+    TOL,
+    B,
+    H,
+    I,
+    T,
+    assert_trees_close,
+    batch_carry,
+    loss_fn,
+    random,
+)
 
-from rnn_jax import cells, config, networks, wavefront
-
-I, H, T, B = 3, 4, 6, 4
-TOL = dict(rtol=1e-5, atol=1e-5)
-LENGTHS = np.array([T, 0, 3, 1], np.int32)
-CELLS = {
-    "rnn_relu": lambda: cells.rnn(H, "relu"),
-    "rnn": lambda: cells.rnn(H),
-    "gru": lambda: cells.gru(H),
-    "gru_after": lambda: cells.gru(H, reset_after=True),
-    "gru_pinned": lambda: cells.gru(H, pin_reset=1.0, pin_update=0.25),
-    "lstm": lambda: cells.lstm(H),
-}
-
-
-def random(seed, shape):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+from rnn_jax import config, networks, wavefront
 
 
 def nets(cell_name, num_layers, **kw):
@@ -37,23 +34,7 @@ def nets(cell_name, num_layers, **kw):
     wave = networks.network(cell, num_layers, implementation="wavefront", **kw)
     params = ref.init(jax.random.key(0), I)
     params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(1), v.shape), params)
-    leaves, tree = jax.tree.flatten(ref.initial_carry())
-    carry = tree.unflatten([random(10 + i, (B, *v.shape)) for i, v in enumerate(leaves)])
-    return ref, wave, params, carry
-
-
-def loss_fn(net, weights):
-    def loss(params, xs, carry, lengths):
-        ys, final = net.apply_batch(params, xs, lengths, carry)
-        extra = sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
-        return jnp.sum(ys * weights) + extra
-
-    return loss
-
-
-def assert_trees_close(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+    return ref, wave, params, batch_carry(ref, 10)
 
 
 # every cell at 2 layers; 3 layers (a middle layer both reads and feeds the wave) for
@@ -135,6 +116,6 @@ def test_wavefront_one_layer_is_the_fused_layer():
 def test_wavefront_rejects_what_it_cannot_run(option):
     name = next(iter(option))
     with pytest.raises(ValueError, match=f"'wavefront' runs unidirectional.*{name}="):
-        networks.network(cells.lstm(4), 2, implementation="wavefront", **option)
+        networks.network(CELLS["lstm"](), 2, implementation="wavefront", **option)
     with pytest.raises(config.ConfigError, match=name):
         config.validate(config.TrainConfig(num_layers=2, implementation="wavefront", **option))
