@@ -820,7 +820,7 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "implementation",
         "auto",
-        ["auto", "fused", "scan", "wavefront"],
+        ["auto", "fused", "scan", "wavefront", "pallas"],
         "rnn_jax: recurrent layers (auto: networks.choose_implementation per shape; "
         "wavefront: unidirectional only).",
     )

@@ -85,7 +85,7 @@ flags.DEFINE_bool("remat", _D.remat, "Gradient checkpointing of the recurrent st
 flags.DEFINE_enum(
     "implementation",
     _D.implementation,
-    ["auto", "fused", "scan", "wavefront"],
+    ["auto", "fused", "scan", "wavefront", "pallas"],
     "Recurrent layers: fused (hand-written backward pass), scan (autodiff), wavefront "
     "(all layers of a unidirectional network in one loop) or auto (picked per backend "
     "and shape).",

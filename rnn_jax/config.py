@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn_jax import cells, data, fused, models, networks, text
+from rnn_jax import cells, data, fused, models, networks, persistent, text
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -203,6 +203,10 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
                     f"--implementation=wavefront runs unidirectional networks without "
                     f"dropout or remat; got {getattr(config, name)!r}",
                 )
+    if config.implementation == "pallas":
+        reason = persistent.unsupported(model_config(config, 2).make_cell())
+        if reason:
+            raise ConfigError("implementation", f"'pallas': {reason}")
     if not config.workdir:
         raise ConfigError("workdir", "expected a directory path, got ''")
     workdir = Path(config.workdir)

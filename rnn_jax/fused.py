@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnn_jax import persistent
 from rnn_jax.cells import Cell, LSTMCarry
 
 Array = jax.Array
@@ -90,15 +91,18 @@ def _transposed(w: Array) -> Array:
 
 
 MATMUL_DTYPES = ("float32", "bfloat16")
+KERNELS = ("xla", "pallas")
 
 
 class LoopOptions(NamedTuple):
-    """Static options of the loops: ``unroll`` (steps per loop iteration) and
+    """Static options of the loops: ``unroll`` (steps per loop iteration),
     ``matmul_dtype`` (the operand type of every matmul; accumulation, gates and
-    carries stay float32)."""
+    carries stay float32) and ``kernel``: ``"xla"`` (a ``lax.scan`` of XLA ops) or
+    ``"pallas"`` (each loop one kernel, :mod:`rnn_jax.persistent`)."""
 
     unroll: int = 1
     matmul_dtype: str = "float32"
+    kernel: str = "xla"
 
 
 def cast(w: Array, dtype: str) -> Array:
@@ -374,8 +378,22 @@ def _recurrence(cell, opts, rec, carry0, xp, valid):
     return ys, final
 
 
+def _pallas(opts: LoopOptions, rec: dict[str, Array], xp: Array) -> bool:
+    """Whether the loops run as Pallas kernels: asked for, float32 params (float64
+    runs the XLA loops) and at least one step."""
+    return opts.kernel == "pallas" and rec["W_h"].dtype == jnp.float32 and xp.shape[0] > 0
+
+
+def _pallas_weights(rec: dict[str, Array], dtype: str) -> Array:
+    """``W_h`` as ``<[H, G*H]>`` in the matmul type."""
+    return cast(_flat(rec["W_h"]), dtype)
+
+
 def _forward(cell, opts, save, rec, carry0, xp, valid):
     """The forward loop: ``(ys, final, saved)``, ``saved`` stacked over time if ``save``."""
+    if _pallas(opts, rec, xp):
+        w = _pallas_weights(rec, opts.matmul_dtype)
+        return persistent.forward(cell, w, rec.get("b_hn"), carry0, xp, valid, save)
     forward = kernels(cell, prepare(cell, rec, opts.matmul_dtype))[0]
 
     def body(carry, inp):
@@ -408,6 +426,13 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
     carry and the input projection ``<[T, B, G*H]>``.
     """
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
+    if _pallas(opts, rec, ys):
+        w_t = _pallas_weights(rec, opts.matmul_dtype).T
+        dxp, dcarry0, h_prev, extras = persistent.backward(
+            cell, w_t, carry0, valid, ys, saved, dys, dfinal
+        )
+        grads = weight_grads(h_prev, dxp, extras)
+        return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
     # The hidden state before each step. Past a length the shifted outputs are not
     # the (frozen) state, but nothing there is used: those steps are masked below.
     h_prev = _shift(_hidden(carry0), ys)
@@ -585,6 +610,7 @@ def layer(
     unroll: int = 1,
     remat: bool = False,
     matmul_dtype: str = "float32",
+    kernel: str = "xla",
 ) -> tuple[Array, Any]:
     """One direction of one layer over a time-major batch, with the fused backward pass.
 
@@ -599,6 +625,8 @@ def layer(
       matmul_dtype: ``"float32"`` or ``"bfloat16"``: the operand type of every
         matmul (input projection, recurrent, backward and weight-gradient matmuls);
         they accumulate in float32, and the gates, carries and outputs are float32.
+      kernel: ``"xla"`` (the loops as ``lax.scan``) or ``"pallas"`` (each loop one
+        GPU kernel, :mod:`rnn_jax.persistent`; interpreted off a GPU).
       remat: keep only the carry at the start of every chunk of :func:`chunk_size`
         steps and recompute each chunk (input projection, gates) in the backward
         pass, instead of saving ``<[T, B, G*H]>`` gates and projections.
@@ -614,7 +642,11 @@ def layer(
             f"matmul_dtype: expected one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}"
         )
     check_bfloat16_inputs(params, carry, matmul_dtype)
-    opts = LoopOptions(unroll, matmul_dtype)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {list(KERNELS)}, got {kernel!r}")
+    if kernel == "pallas" and (reason := persistent.unsupported(cell)):
+        raise ValueError(f"kernel: 'pallas': {reason}")
+    opts = LoopOptions(unroll, matmul_dtype, kernel)
     num_steps = xs.shape[0]
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
     if remat:

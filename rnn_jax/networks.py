@@ -38,7 +38,9 @@ Two implementations compute the same function (tests compare outputs and gradien
   after the backward loop (as cuDNN does);
 * ``"wavefront"`` (:mod:`rnn_jax.wavefront`): the fused kernels with all layers of
   a deep unidirectional network in one loop of T+L-1 steps, layer l at time step
-  t-l, the L layer steps batched into one operation.
+  t-l, the L layer steps batched into one operation;
+* ``"pallas"`` (:mod:`rnn_jax.persistent`, GPUs): the fused layers with each
+  loop over time one Pallas kernel instead of a ``lax.scan`` of XLA ops.
 
 ``implementation="auto"`` (the default) picks per call of ``apply_batch`` from the
 backend and the shapes, by measurement (see :func:`choose_implementation`).
@@ -63,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells, fused, wavefront
+from rnn_jax import cells, fused, persistent, wavefront
 from rnn_jax.cells import Cell
 
 Array = jax.Array
@@ -132,7 +134,7 @@ def default_unroll(backend: str | None = None) -> int:
     return DEFAULT_UNROLL.get(backend, _ACCELERATOR_UNROLL)
 
 
-IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront")
+IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas")
 
 
 def choose_implementation(
@@ -311,8 +313,10 @@ def network(
       implementation: ``"scan"`` (autodiff of the scan), ``"fused"`` (hand-written
         backward pass, :mod:`rnn_jax.fused`), ``"wavefront"`` (the fused kernels, all
         layers in one loop, :mod:`rnn_jax.wavefront`; unidirectional, no dropout or
-        remat) or ``"auto"`` (see :func:`choose_implementation`); all give the same
-        values and gradients.
+        remat), ``"pallas"`` (the fused layers with each loop one GPU kernel,
+        :mod:`rnn_jax.persistent`; LSTM, reset-after GRU, RNN; interpreted, slowly,
+        off a GPU) or ``"auto"`` (see :func:`choose_implementation`); all give the
+        same values and gradients.
       matmul_dtype: ``"float32"`` (the default) or ``"bfloat16"``: the operand type
         of every matmul of the fused and wavefront implementations, accumulated in
         float32; gates, carries, outputs and gradients stay float32. The reference
@@ -330,6 +334,8 @@ def network(
         raise ValueError(
             f"implementation: {implementation!r} does not support the cell {cell.name!r}"
         )
+    if implementation == "pallas" and (reason := persistent.unsupported(cell)):
+        raise ValueError(f"implementation: 'pallas': {reason}")
     if implementation == "wavefront":
         for name, value, ok in (
             ("bidirectional", bidirectional, not bidirectional),
@@ -387,7 +393,7 @@ def network(
                 f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
                 f"net.apply_batch or jax.vmap for batches"
             )
-        if implementation in ("fused", "wavefront"):  # a batch of one
+        if implementation in ("fused", "wavefront", "pallas"):  # a batch of one
             if length is not None:
                 _check_length(length, "length", ())
                 length = jnp.asarray(length)[None]
@@ -459,7 +465,7 @@ def network(
                 bidirectional=bidirectional,
                 dropout=dropout,
             )
-        if impl in ("fused", "wavefront"):
+        if impl in ("fused", "wavefront", "pallas"):
             return _apply_fused(params, xs, lengths, initial_carry, keys, impl)
         in_axes = (
             None,
@@ -476,7 +482,7 @@ def network(
         )
 
     def _apply_fused(params, xs, lengths, initial_carry, keys, impl):
-        """The fused or wavefront path on a batch ``xs <[B, T, ...]>``; ``keys``: one
+        """The fused, pallas or wavefront path on a batch ``xs <[B, T, ...]>``; ``keys``: one
         per example."""
         _check_params(params)
         _check_input_size(params, xs)
@@ -503,13 +509,28 @@ def network(
                 matmul_dtype=matmul_dtype,
             )
             return jnp.swapaxes(ys, 0, 1), tuple(finals)
+        kernel = "pallas" if impl == "pallas" else "xla"
         run = functools.partial(
-            fused.layer, cell, unroll=unroll, remat=remat, matmul_dtype=matmul_dtype
+            fused.layer,
+            cell,
+            unroll=unroll,
+            remat=remat,
+            matmul_dtype=matmul_dtype,
+            kernel=kernel,
         )
         finals = []
         for layer in range(num_layers):
             p = params[f"layer_{layer}"]
-            if bidirectional:
+            if bidirectional and kernel == "pallas":
+                # two calls, not a vmap: the programs of one kernel wait for each
+                # other, so its grid must stay as persistent.layout sized it
+                c = initial_carry[layer]
+                out_f, carry_f = run(p["forward"], c.forward, ys, lengths)
+                rev = _reverse_valid_batch(ys, lengths)
+                out_b, carry_b = run(p["backward"], c.backward, rev, lengths)
+                ys = jnp.concatenate([out_f, _reverse_valid_batch(out_b, lengths)], axis=-1)
+                finals.append(BiCarry(carry_f, carry_b))
+            elif bidirectional:
                 c = initial_carry[layer]
                 outs, carry = jax.vmap(run, in_axes=(0, 0, 0, None))(
                     _stack([p["forward"], p["backward"]]),
