@@ -1,0 +1,149 @@
+"""The Pallas recurrence (``implementation="pallas"``) against the reference scan.
+
+On this CPU the kernels run in Pallas' interpreter, one program per row block (the
+unit-split programs and their barrier run on GPUs only: ``experiments/levers.py
+--check`` and ``experiments/pallas_probe.py`` compare them there). Values, final
+carries and gradients (params, inputs, initial carries) equal the ``"scan"``
+network's within 1e-5 for every supported cell, one layer and two bidirectional
+layers, with lengths 0..T and a batch that is not a multiple of the row block.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnn_jax import cells, config, fused, networks, persistent
+
+I, H, T, B = 3, 16, 6, 5  # noqa: E741  (B=5: the kernels pad the batch to 16 rows)
+TOL = dict(rtol=1e-5, atol=1e-5)
+LENGTHS = np.array([T, 0, 3, 1, 5], np.int32)
+
+CELLS = {
+    "rnn": lambda: cells.rnn(H),
+    "rnn_relu": lambda: cells.rnn(H, "relu"),
+    "gru_after": lambda: cells.gru(H, reset_after=True),
+    "lstm": lambda: cells.lstm(H),
+}
+# every cell one layer forward-only; two directions (two kernel calls per layer)
+# and two layers (layer 1 reads 2H features) for the LSTM, one bidirectional GRU
+GRID = [(c, 1, False) for c in CELLS] + [("lstm", 2, True), ("gru_after", 1, True)]
+
+
+def random(seed, shape, scale=1.0):
+    return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def setup(cell_name, num_layers, bidirectional, **kw):
+    cell = CELLS[cell_name]()
+    ref = networks.network(cell, num_layers, bidirectional, implementation="scan")
+    fast = networks.network(cell, num_layers, bidirectional, implementation="pallas", **kw)
+    params = ref.init(jax.random.key(0), I)
+    params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(1), v.shape), params)
+    leaves, tree = jax.tree.flatten(ref.initial_carry())
+    carry = tree.unflatten([random(10 + i, (B, *v.shape)) for i, v in enumerate(leaves)])
+    return ref, fast, params, carry
+
+
+def loss_fn(net, weights):
+    def loss(params, xs, carry, lengths):
+        ys, final = net.apply_batch(params, xs, lengths, carry)
+        return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+
+    return loss
+
+
+def assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
+
+
+@pytest.mark.parametrize(
+    "cell_name,num_layers,bidirectional",
+    GRID,
+    ids=[f"{c}-L{n}-{'bi' if b else 'uni'}" for c, n, b in GRID],
+)
+def test_pallas_equals_scan_values_and_gradients(cell_name, num_layers, bidirectional):
+    ref, fast, params, carry = setup(cell_name, num_layers, bidirectional)
+    xs = random(2, (B, T, I))
+    weights = random(3, (B, T, (2 if bidirectional else 1) * H))
+    for lengths in (jnp.asarray(LENGTHS), None) if not bidirectional else (jnp.asarray(LENGTHS),):
+        args = (params, xs, carry, lengths)
+        v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+        grad = jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2))
+        v_fast, g_fast = jax.jit(grad)(*args)
+        np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
+        assert_trees_close(g_fast, g_ref)
+    ys, final = jax.jit(fast.apply_batch)(params, xs, jnp.asarray(LENGTHS), carry)
+    assert_trees_close((ys, final), ref.apply_batch(params, xs, jnp.asarray(LENGTHS), carry))
+    assert np.all(np.asarray(ys)[1] == 0)  # length 0: zero outputs, carry unchanged
+    for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(carry), strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(want)[1])
+
+
+def test_pallas_token_ids_remat_and_single_sequence():
+    ref, fast, params, carry = setup("lstm", 2, False, remat=True)
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, I, size=(B, T)), jnp.int32)
+    weights = random(5, (B, T, H))
+    args = (params, ids, carry, jnp.asarray(LENGTHS))
+    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights))(*args)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss_fn(fast, weights)))(*args)
+    np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
+    assert_trees_close(g_fast, g_ref)
+    one = jax.tree.map(lambda c: c[0], carry)
+    assert_trees_close(fast.apply(params, ids[0], 4, one), ref.apply(params, ids[0], 4, one))
+
+
+def test_pallas_bfloat16_matches_the_xla_loops():
+    """The same bfloat16 operands as the fused XLA loops: equal to float32 rounding."""
+    cell = cells.gru(H, reset_after=True)
+    params = cell.init(jax.random.key(0), I)
+    carry, xs = random(6, (B, H)), random(7, (T, B, I))
+    weights = random(8, (T, B, H))
+
+    def loss(params, carry, xs, kernel):
+        ys, final = fused.layer(
+            cell, params, carry, xs, jnp.asarray(LENGTHS), matmul_dtype="bfloat16", kernel=kernel
+        )
+        return jnp.sum(ys * weights) + jnp.sum(jnp.sin(final))
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    assert_trees_close(grad(params, carry, xs, "pallas"), grad(params, carry, xs, "xla"))
+
+
+def test_layout():
+    assert persistent.layout(32, 128) == (16, 16)  # 2 row blocks x 8 unit splits
+    assert persistent.layout(1024, 32) == (32, 16)  # 32 row blocks x 2 splits
+    assert persistent.layout(64, 256) == (16, 16)  # 4 x 16
+    assert persistent.layout(4096, 256) == (64, 256)  # too many programs: no split
+    assert persistent.layout(32, 16) == (16, 16)  # one split: no barrier
+    assert persistent.layout(32, 128, interpret=True) == (16, 128)
+
+
+@pytest.mark.parametrize(
+    "cell,needle",
+    [
+        (cells.gru(H), "reset-before"),
+        (cells.gru(H, reset_after=True, pin_reset=1.0), "pinned"),
+        (cells.lstm(24), "power of two"),
+        (cells.lstm(512), "power of two"),
+        (cells.lstm(8), "power of two"),
+    ],
+)
+def test_pallas_refuses_what_it_cannot_run(cell, needle):
+    with pytest.raises(ValueError, match=f"implementation: 'pallas': .*{needle}"):
+        networks.network(cell, implementation="pallas")
+    with pytest.raises(ValueError, match=f"kernel: 'pallas': .*{needle}"):
+        fused.layer(
+            cell, cell.init(jax.random.key(0), I), None, jnp.zeros((T, B, I)), kernel="pallas"
+        )
+
+
+def test_bad_kernel_and_config():
+    cell = cells.lstm(H)
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        fused.layer(
+            cell, cell.init(jax.random.key(0), I), None, jnp.zeros((T, B, I)), kernel="cuda"
+        )
+    with pytest.raises(config.ConfigError, match="implementation.*reset-before"):
+        config.validate(config.TrainConfig(cell="gru", implementation="pallas", workdir="/tmp/x"))
