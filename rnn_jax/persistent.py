@@ -37,6 +37,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -362,15 +363,37 @@ def _call(kernel, grid, out_shapes, args, counter):
         out_shapes = [*out_shapes, jax.ShapeDtypeStruct((counter,), jnp.int32)]
         aliases = {len(args) - 1: len(out_shapes) - 1}
     interpret = _interpret()
-    out = pl.pallas_call(
+    call = pl.pallas_call(
         kernel,
         out_shape=out_shapes,
         grid=grid,
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
-    )(*args)
+    )
+    out = _sequential_under_vmap(call)(*args)
     return out[:-1] if counter else out
+
+
+def _sequential_under_vmap(call):
+    """``call`` with a batching rule that runs the mapped calls one after another
+    (``lax.map``). Pallas' own rule would add the mapped axis to the grid, and the
+    programs of a grid that no longer fits on the GPU at once would wait at the
+    barrier for programs that never start."""
+    fn = jax.custom_batching.custom_vmap(call)
+
+    @fn.def_vmap
+    def rule(axis_size, in_batched, *args):
+        mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+
+        def one(slices):
+            rest = iter(slices)
+            return fn(*[next(rest) if b else a for a, b in zip(args, in_batched, strict=True)])
+
+        out = jax.lax.map(one, mapped)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return fn
 
 
 def _carry_leaves(carry: Any) -> tuple[Array, ...]:

@@ -229,7 +229,13 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(32), 1024, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu") == "fused"
-    assert networks.choose_implementation(cells.lstm(32), 1024, "gpu") == "fused"
+    # one unidirectional layer on a GPU: the Pallas kernels where they won (H <= 128)
+    assert networks.choose_implementation(cells.lstm(32), 1024, "gpu") == "pallas"
+    assert networks.choose_implementation(cells.gru(128, reset_after=True), 32, "gpu") == "pallas"
+    assert networks.choose_implementation(cells.gru(128), 32, "gpu") == "fused"  # reset before
+    assert networks.choose_implementation(cells.lstm(256), 64, "gpu") == "fused"
+    assert networks.choose_implementation(cells.lstm(32), 1024, "tpu") == "fused"
+    assert networks.choose_implementation(cells.lstm(32), 64, "gpu", bidirectional=True) == "fused"
     assert networks.choose_implementation(cells.lstm(256), 1, "gpu") == "scan"
     assert networks.choose_implementation(cells.lstm(256), 64, "gpu", remat=True) == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu", remat=True) == "fused"

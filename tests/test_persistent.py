@@ -147,3 +147,20 @@ def test_bad_kernel_and_config():
         )
     with pytest.raises(config.ConfigError, match="implementation.*reset-before"):
         config.validate(config.TrainConfig(cell="gru", implementation="pallas", workdir="/tmp/x"))
+
+
+def test_pallas_under_vmap_runs_the_mapped_calls_one_by_one():
+    """An ensemble vmapped over the layer: the same as each member on its own (the
+    kernels' batching rule maps sequentially instead of growing the grid)."""
+    cell = cells.lstm(H)
+    members = jax.vmap(lambda k: cell.init(k, I))(jax.random.split(jax.random.key(0), 2))
+    xs, weights = random(9, (T, B, I)), random(10, (T, B, H))
+
+    def loss(params, kernel):
+        carry = cells.LSTMCarry(random(11, (B, H)), random(12, (B, H)))
+        ys, final = fused.layer(cell, params, carry, xs, jnp.asarray(LENGTHS), kernel=kernel)
+        return jnp.sum(ys * weights) + jnp.sum(jnp.sin(final.c))
+
+    got = jax.jit(jax.vmap(jax.value_and_grad(lambda p: loss(p, "pallas"))))(members)
+    want = jax.vmap(jax.value_and_grad(lambda p: loss(p, "xla")))(members)
+    assert_trees_close(got, want)
