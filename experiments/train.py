@@ -124,6 +124,20 @@ flags.DEFINE_bool(
     "Linux/glibc: one malloc arena, no mmap, no trimming, so XLA:CPU reuses memory "
     "instead of page-faulting on every step (rnn_jax.allocator; up to 2x on CPU).",
 )
+# autotune (rnn_jax.autotune)
+flags.DEFINE_bool(
+    "autotune",
+    False,
+    "Before training, time the candidate implementations and unrolls of this run's "
+    "training step (compiled once each) and train with the fastest; cached per device, "
+    "jax version, model and shape. --implementation / --unroll, when given, stay fixed.",
+)
+flags.DEFINE_string(
+    "autotune_cache",
+    "",
+    "The autotune cache (JSON); empty: $RNN_JAX_AUTOTUNE_CACHE or ~/.cache/rnn_jax/autotune.json.",
+)
+flags.DEFINE_bool("autotune_refresh", False, "Time again even if the cache has this shape.")
 # multi-host (see BUILD.md)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Processes of a multi-host run.")
@@ -144,6 +158,28 @@ def config_from_flags() -> TrainConfig:
     return TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
 
 
+def autotuned(config: TrainConfig) -> TrainConfig:
+    """``config`` with the implementation and unroll :mod:`rnn_jax.autotune` picks
+    (flags checked first: ConfigError names the offending one)."""
+    import pathlib
+
+    from rnn_jax import autotune
+    from rnn_jax.config import ConfigError, validate
+
+    path = pathlib.Path(FLAGS.autotune_cache) if FLAGS.autotune_cache else None
+    if path is not None and path.is_dir():
+        raise ConfigError("autotune_cache", f"{path} is a directory; expected a JSON file path")
+    _, vocab = validate(config)
+    choice = autotune.tune(
+        config,
+        len(vocab),
+        cache_path=path,
+        refresh=FLAGS.autotune_refresh,
+        echo=lambda s: print(s, flush=True),
+    )
+    return dataclasses.replace(config, implementation=choice.implementation, unroll=choice.unroll)
+
+
 def init_distributed() -> None:
     """``jax.distributed.initialize`` when --coordinator_address is given."""
     if FLAGS.coordinator_address:
@@ -159,12 +195,23 @@ def main(argv):
         from rnn_jax import allocator
 
         allocator.tune_malloc()
+    if FLAGS.autotune and FLAGS.coordinator_address:
+        print(
+            "error: --autotune: not with --coordinator_address: each process would time "
+            "on its own and could pick another program; tune on one host, then pass "
+            "--implementation and --unroll",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     init_distributed()
     from rnn_jax import train
     from rnn_jax.config import ConfigError
 
     try:  # run() validates every flag before it compiles or writes anything
-        result = train.run(config_from_flags(), echo=lambda s: print(s, flush=True))
+        config = config_from_flags()
+        if FLAGS.autotune:
+            config = autotuned(config)
+        result = train.run(config, echo=lambda s: print(s, flush=True))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,10 +4,13 @@ Modules:
   cells      the plain RNN, GRU and LSTM as ``step(params, carry, x) -> (carry, y)``.
   networks   deep, bidirectional, variable-length networks over ``lax.scan``.
   fused      the same layers with hand-written backward passes (the default path).
+  wavefront  deep unidirectional networks with all layers in one loop.
+  persistent the fused layers' loops as Pallas GPU kernels.
   allocator  ``tune_malloc()``: stops XLA:CPU's per-step page faults (glibc).
   interop    PyTorch state-dict conversion.
   text, data, models, generate   the character language model pipeline.
-  linen, train, checkpoint, runs, config   imported on first use (flax, orbax).
+  linen, train, checkpoint, runs, config, autotune   imported on first use
+             (flax, orbax, optax).
 """
 
 import importlib
@@ -34,7 +37,7 @@ __all__ = [
     "text",
 ]
 
-_LAZY = ("linen", "train", "checkpoint", "runs", "config")
+_LAZY = ("linen", "train", "checkpoint", "runs", "config", "autotune")
 
 
 def __getattr__(name):

@@ -1,0 +1,141 @@
+"""rnn_jax.autotune: the candidates per config and backend, the choice of the fastest,
+the cache (hits, refresh, keys, broken files) and the --autotune flags of
+experiments.train."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rnn_jax import autotune
+from rnn_jax.config import TrainConfig
+
+SMALL = TrainConfig(hidden_size=16, batch_size=8, num_steps=8)
+
+
+def test_candidates_per_config_and_backend():
+    assert autotune.candidates(SMALL, "cpu") == [
+        ("fused", 1),
+        ("fused", 2),
+        ("scan", 1),
+        ("scan", 2),
+    ]
+    deep = TrainConfig(num_layers=2)
+    assert ("wavefront", 2) in autotune.candidates(deep, "cpu")
+    assert not any(i == "wavefront" for i, _ in autotune.candidates(TrainConfig(), "cpu"))
+    gpu = autotune.candidates(TrainConfig(hidden_size=128), "gpu")
+    assert ("fused", 8) in gpu and ("pallas", 1) in gpu and ("fused", 1) not in gpu
+    assert gpu.count(("pallas", 1)) == 3  # unroll means nothing to the kernels
+    reset_before = TrainConfig(cell="gru", hidden_size=128)
+    assert not any(i == "pallas" for i, _ in autotune.candidates(reset_before, "gpu"))
+    # what the caller fixed stays fixed
+    assert autotune.candidates(TrainConfig(implementation="scan"), "cpu") == [
+        ("scan", 1),
+        ("scan", 2),
+    ]
+    assert autotune.candidates(TrainConfig(unroll=4), "cpu") == [("fused", 4), ("scan", 4)]
+    bf16 = autotune.candidates(TrainConfig(matmul_dtype="bfloat16"), "cpu")
+    assert not any(i == "scan" for i, _ in bf16)
+
+
+def fake_steps(monkeypatch, seconds, failing=()):
+    """Replace compilation by steps that sleep ``seconds[name]``; count compiles."""
+    compiled = []
+
+    def fake(config, vocab_size, rows):
+        name = f"{config.implementation}:{config.unroll}"
+        compiled.append(name)
+        if name in failing:
+            raise RuntimeError(f"cannot run {name}")
+        return lambda: time.sleep(seconds[name])
+
+    monkeypatch.setattr(autotune, "_compiled_step", fake)
+    return compiled
+
+
+def test_tune_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
+    seconds = {"fused:1": 0.004, "fused:2": 0.001, "scan:1": 0.006, "scan:2": 0.003}
+    compiled = fake_steps(monkeypatch, seconds)
+    cache = tmp_path / "sub" / "cache.json"
+    lines = []
+    choice = autotune.tune(SMALL, 28, cache_path=cache, repeats=2, min_time_s=0, echo=lines.append)
+    assert (choice.implementation, choice.unroll, choice.cached) == ("fused", 2, False)
+    assert set(choice.ms) == set(seconds) and choice.ms["fused:2"] < choice.ms["scan:2"]
+    assert sorted(compiled) == sorted(seconds) and "picked fused unroll 2" in lines[-1]
+    stored = json.loads(cache.read_text())
+    assert len(stored) == 1 and next(iter(stored.values()))["implementation"] == "fused"
+    # a second call is served from the cache without compiling anything
+    again = autotune.tune(SMALL, 28, cache_path=cache, echo=lines.append)
+    assert (again.implementation, again.unroll, again.cached) == ("fused", 2, True)
+    assert len(compiled) == 4
+    # refresh times again; a different shape is a different key
+    seconds["fused:2"] = 0.01
+    fresh = autotune.tune(SMALL, 28, cache_path=cache, refresh=True, repeats=2, min_time_s=0)
+    assert (fresh.implementation, fresh.unroll, fresh.cached) == ("scan", 2, False)
+    autotune.tune(SMALL, 40, cache_path=cache, repeats=1, min_time_s=0, echo=lines.append)
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_tune_skips_failing_candidates_and_survives_a_broken_cache(tmp_path, monkeypatch):
+    seconds = {"fused:1": 0.003, "fused:2": 0.001, "scan:1": 0.002, "scan:2": 0.004}
+    fake_steps(monkeypatch, seconds, failing=("fused:2",))
+    cache = tmp_path / "cache.json"
+    cache.write_text("{not json")
+    lines = []
+    choice = autotune.tune(SMALL, 28, cache_path=cache, repeats=1, min_time_s=0, echo=lines.append)
+    assert (choice.implementation, choice.unroll) == ("scan", 1)
+    assert choice.ms["fused:2"] is None
+    assert any("ignoring unreadable cache" in s for s in lines)
+    assert any("fused:2 failed (RuntimeError: cannot run fused:2)" in s for s in lines)
+    assert json.loads(cache.read_text())  # rewritten
+    fake_steps(monkeypatch, seconds, failing=tuple(seconds))
+    with pytest.raises(RuntimeError, match="every candidate failed"):
+        autotune.tune(SMALL, 99, cache_path=cache, echo=lines.append)
+
+
+def test_tune_really_times_the_training_step(tmp_path):
+    fixed = TrainConfig(hidden_size=16, batch_size=8, num_steps=8, implementation="fused", unroll=1)
+    choice = autotune.tune(fixed, 28, cache_path=tmp_path / "c.json", repeats=1, min_time_s=0)
+    assert (choice.implementation, choice.unroll) == ("fused", 1)
+    assert choice.ms["fused:1"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [({"repeats": 0}, "repeats"), ({"rounds": True}, "rounds"), ({"min_time_s": -1}, "min_time_s")],
+)
+def test_tune_bad_arguments(tmp_path, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        autotune.tune(SMALL, 28, cache_path=tmp_path / "c.json", **kwargs)
+
+
+def test_default_cache_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("RNN_JAX_AUTOTUNE_CACHE", str(tmp_path / "x.json"))
+    assert autotune.default_cache_path() == tmp_path / "x.json"
+    monkeypatch.delenv("RNN_JAX_AUTOTUNE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert autotune.default_cache_path() == tmp_path / "rnn_jax" / "autotune.json"
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--autotune_cache={tmp}"], "--autotune_cache: .* is a directory"),
+        (["--coordinator_address=localhost:1234"], "--autotune: not with --coordinator_address"),
+    ],
+)
+def test_train_autotune_flags_are_checked_first(tmp_path, extra, needle):
+    args = [a.format(tmp=tmp_path) for a in extra]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--autotune", f"--workdir={tmp_path}/run"]
+        + args,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(needle, proc.stderr), proc.stderr
+    assert not (tmp_path / "run").exists()
