@@ -65,6 +65,11 @@ def parse_variant(text: str) -> dict[str, Any]:
         unroll = 0
     if unroll < 1:
         raise ValueError(f"variant {text!r}: unroll must be an integer >= 1")
+    if parts[0] == "pallas" and (unroll != 1 or any(p in ("hoist", "nohoist") for p in parts)):
+        raise ValueError(
+            f"variant {text!r}: the pallas kernels have no unroll or hoist option; use "
+            f"pallas:1 (or pallas:1:bf16)"
+        )
     spec: dict[str, Any] = {"implementation": parts[0], "unroll": unroll}
     for part in parts[2:]:
         if part in ("hoist", "nohoist") and "hoist_input" not in spec:

@@ -378,10 +378,14 @@ def _recurrence(cell, opts, rec, carry0, xp, valid):
     return ys, final
 
 
-def _pallas(opts: LoopOptions, rec: dict[str, Array], xp: Array) -> bool:
-    """Whether the loops run as Pallas kernels: asked for, float32 params (float64
-    runs the XLA loops) and at least one step."""
-    return opts.kernel == "pallas" and rec["W_h"].dtype == jnp.float32 and xp.shape[0] > 0
+def _pallas(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -> bool:
+    """Whether the loops run as Pallas kernels: asked for, float32 params, carries and
+    sequence (``xp`` or ``ys``: anything float64 runs the XLA loops) and at least one
+    step. The forward and the backward pass decide alike."""
+    arrays = [rec["W_h"], seq, *jax.tree_util.tree_leaves(carry0)]
+    return (
+        opts.kernel == "pallas" and all(a.dtype == jnp.float32 for a in arrays) and seq.shape[0] > 0
+    )
 
 
 def _pallas_weights(rec: dict[str, Array], dtype: str) -> Array:
@@ -391,7 +395,7 @@ def _pallas_weights(rec: dict[str, Array], dtype: str) -> Array:
 
 def _forward(cell, opts, save, rec, carry0, xp, valid):
     """The forward loop: ``(ys, final, saved)``, ``saved`` stacked over time if ``save``."""
-    if _pallas(opts, rec, xp):
+    if _pallas(opts, rec, carry0, xp):
         w = _pallas_weights(rec, opts.matmul_dtype)
         return persistent.forward(cell, w, rec.get("b_hn"), carry0, xp, valid, save)
     forward = kernels(cell, prepare(cell, rec, opts.matmul_dtype))[0]
@@ -426,7 +430,7 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
     carry and the input projection ``<[T, B, G*H]>``.
     """
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
-    if _pallas(opts, rec, ys):
+    if _pallas(opts, rec, carry0, ys):
         w_t = _pallas_weights(rec, opts.matmul_dtype).T
         dxp, dcarry0, h_prev, extras = persistent.backward(
             cell, w_t, carry0, valid, ys, saved, dys, dfinal

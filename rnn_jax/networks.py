@@ -147,6 +147,7 @@ def choose_implementation(
     num_layers: int = 1,
     bidirectional: bool = False,
     dropout: float = 0.0,
+    num_devices: int | None = None,
 ) -> str:
     """The implementation ``"auto"`` runs for ``cell`` on a batch of ``batch_size``.
 
@@ -174,7 +175,10 @@ def choose_implementation(
     it supports up to H=128 (H100, training step, fused unroll 8 vs pallas: long
     GRU 10.4 vs 8.60 ms, LSTM 12.4 vs 9.36; d2l GRU 0.88 vs 0.62, LSTM 0.88 vs
     0.76; but medium, H=256: GRU 1.41 vs 1.42, LSTM 1.43 vs 3.21). Deep or
-    bidirectional networks were not measured with it and keep the XLA loops.
+    bidirectional networks were not measured with it and keep the XLA loops; so do
+    runs over several devices (``num_devices``, default ``jax.device_count()``: XLA
+    cannot partition a kernel over a sharded batch and would replicate it) and AMD
+    GPUs (the kernels' barrier is written for NVIDIA's memory model).
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
@@ -185,6 +189,8 @@ def choose_implementation(
         and backend == "gpu"
         and cell.hidden_size <= PALLAS_MAX_AUTO_HIDDEN
         and persistent.unsupported(cell) is None
+        and (jax.device_count() if num_devices is None else num_devices) == 1
+        and not persistent.on_rocm()
     ):
         return "pallas"
     wavefront_ok = num_layers > 1 and not (bidirectional or remat or dropout)

@@ -28,7 +28,9 @@ from 16 to 256 (Triton's block shapes; the per-gate weights are read by one
 program). Matmuls follow JAX's float32 matmul precision like XLA's (TF32 on
 recent GPUs unless ``jax_default_matmul_precision`` says otherwise), or bfloat16
 operands with ``matmul_dtype="bfloat16"``. Off a GPU, the kernels run in Pallas'
-interpreter: exact but slow, meant for the tests.
+interpreter: exact but slow, meant for the tests. First derivatives only (the
+backward kernel has no derivative of its own); under ``jax.vmap`` the mapped calls
+run one after another.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ MIN_HIDDEN, MAX_HIDDEN = 16, 256
 NUM_WARPS = 4
 NUM_STAGES = 1  # no software pipelining: 3 stages asked for 520 KiB of shared memory
 MIN_UNITS = 16  # hidden units per program when the units are split
-MAX_PROGRAMS = 64  # programs that wait for each other must all be resident
+MAX_PROGRAMS = 64  # grid size that fits one wave (H100: 132 multiprocessors)
 
 
 def unsupported(cell: Cell) -> str | None:
@@ -189,31 +191,52 @@ def _step_fns(cell: Cell):
 
 # ---------------------------------------------------------------------------
 # The kernels. Arrays are time-major with the batch padded to a multiple of the
-# row block. The grid is (row blocks, unit splits): program (p, j) owns rows
+# row block. The grid is (unit splits, row blocks): program (j, p) owns rows
 # [p*BLOCK, (p+1)*BLOCK) and hidden units [j*U, (j+1)*U) of every gate, whose
 # weight columns it loads once. Each step it needs the whole hidden state of its
 # rows (forward) or the whole gate gradients (backward): the programs of a row
 # block write their tiles, meet at a barrier (an atomic counter per row block, so
-# all programs must be resident at once: :func:`layout` keeps the grid small) and
-# read the full rows back from L2. With one split (U = H) there is no barrier.
+# they must be resident together: see :func:`layout`) and read the full rows back
+# from L2. With one split (U = H) there is no barrier.
 
 
-def layout(batch: int, hidden: int, interpret: bool = False) -> tuple[int, int]:
+def layout(
+    batch: int, hidden: int, interpret: bool = False, cores: int | None = None
+) -> tuple[int, int]:
     """``(rows per program, hidden units per program)`` for a batch and hidden size.
 
-    Units: 16 per program (the smallest Triton dot), so H/16 programs share a row
-    block's step; rows: the smallest power of two from 16 to 64 that keeps the grid
-    at most MAX_PROGRAMS programs (they must all be resident for the barrier), else
-    64 rows and one program per row block (no barrier). The interpreter runs the
-    programs one after another, so it always uses one split.
+    Units: 16 per program (the smallest Triton dot), so S = H/16 programs share a row
+    block's steps. The grid is (S, row blocks) and CUDA starts programs in grid order
+    (first axis fastest), so a row block's S programs start together and only S
+    programs must be resident at once for its barrier; row blocks beyond what the GPU
+    holds run in later waves. Rows: the smallest power of two from 16 to 64 that
+    keeps the grid at most MAX_PROGRAMS programs (one wave on current GPUs), else 64.
+    One split (no barrier): when the interpreter runs the programs one after another,
+    for H <= 16, and on a device with fewer than S multiprocessors (``cores``).
     """
     if interpret or hidden <= MIN_UNITS:
         return BLOCK, hidden
     splits = hidden // MIN_UNITS
+    if cores is not None and cores < splits:
+        return BLOCK, hidden
     for block in (16, 32, 64):
         if -(-batch // block) * splits <= MAX_PROGRAMS:
             return block, MIN_UNITS
-    return 64, hidden
+    return 64, MIN_UNITS
+
+
+def on_rocm() -> bool:
+    """Whether the default device is an AMD GPU (the barrier was reasoned about and
+    tested for NVIDIA's memory model only)."""
+    try:
+        return "rocm" in str(jax.devices()[0].client.platform_version).lower()
+    except Exception:  # noqa: BLE001  no client details: not ROCm as far as we know
+        return False
+
+
+def _cores() -> int | None:
+    """The default device's multiprocessor count, if it reports one."""
+    return getattr(jax.devices()[0], "core_count", None)
 
 
 def _barrier(count_ref, row_block, target):
@@ -255,7 +278,7 @@ def _forward_kernel(cell, num_steps, masked, save, block, units, *refs):
     hbuf_ref = refs.pop(0) if split else None
     refs.pop(0) if split else None  # the counter's output alias
     forward, _ = _step_fns(cell)
-    p, j = pl.program_id(0), pl.program_id(1)
+    j, p = pl.program_id(0), pl.program_id(1)  # unit split (fastest), row block
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
     extra = extra_ref[own][None, :] if has_extra else None
     ws = [w_ref[:, pl.ds(k * hidden + j * units, units)] for k in range(num_gates)]
@@ -308,7 +331,7 @@ def _backward_kernel(cell, num_steps, masked, block, units, *refs):
     dhn_ref = refs.pop(0) if gru else None
     dcarry0_refs = [refs.pop(0) for _ in range(nc)]
     _, backward = _step_fns(cell)
-    p, j = pl.program_id(0), pl.program_id(1)
+    j, p = pl.program_id(0), pl.program_id(1)  # unit split (fastest), row block
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
     wts = [wt_ref[pl.ds(k * hidden, hidden), own] for k in range(num_gates)]
 
@@ -371,8 +394,25 @@ def _call(kernel, grid, out_shapes, args, counter):
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
     )
-    out = _sequential_under_vmap(call)(*args)
+    out = _not_differentiable(_sequential_under_vmap(call))(*args)
     return out[:-1] if counter else out
+
+
+def _not_differentiable(fn):
+    """``fn`` with a JVP rule that raises a clear error: the kernels have no
+    derivatives of their own (first derivatives come from the hand-written backward
+    kernel; a derivative of that would need a kernel of its own)."""
+    wrapped = jax.custom_jvp(fn)
+
+    @wrapped.defjvp
+    def _jvp(primals, tangents):
+        raise NotImplementedError(
+            "implementation 'pallas' gives first derivatives only (its backward pass is "
+            "a kernel with no derivative of its own); use implementation='fused' for "
+            "higher-order derivatives"
+        )
+
+    return wrapped
 
 
 def _sequential_under_vmap(call):
@@ -429,7 +469,7 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     bfloat16), ``xp <float32>[T, B, G*H]``, ``valid <bool>[T, B]`` or ``None``."""
     num_steps, batch = xp.shape[:2]
     hidden = cell.hidden_size
-    block, units = layout(batch, hidden, _interpret())
+    block, units = layout(batch, hidden, _interpret(), None if _interpret() else _cores())
     pad = -batch % block
     rows = batch + pad
     split = units < hidden
@@ -449,7 +489,7 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     if split:
         shapes.append(jax.ShapeDtypeStruct((2, rows, hidden), jnp.float32))
     kernel = functools.partial(_forward_kernel, cell, num_steps, masked, save, block, units)
-    grid = (rows // block, hidden // units)
+    grid = (hidden // units, rows // block)
     out = _call(kernel, grid, shapes, args, rows // block if split else 0)
     ys, final, saved = out[0], out[1 : 1 + nc], out[1 + nc : 1 + nc + ns]
     ys = ys[:, :batch]
@@ -464,7 +504,7 @@ def backward(cell, w_t, carry0, valid, ys, saved, dys, dfinal):
     ``dA_n * R``, the gradient of ``H_{t-1} W_hn + b_hn``)."""
     num_steps, batch = ys.shape[:2]
     hidden = cell.hidden_size
-    block, units = layout(batch, hidden, _interpret())
+    block, units = layout(batch, hidden, _interpret(), None if _interpret() else _cores())
     pad = -batch % block
     rows = batch + pad
     split = units < hidden
@@ -485,7 +525,7 @@ def backward(cell, w_t, carry0, valid, ys, saved, dys, dfinal):
         shapes.append(seq)
     shapes += [jax.ShapeDtypeStruct((rows, hidden), jnp.float32)] * nc
     kernel = functools.partial(_backward_kernel, cell, num_steps, masked, block, units)
-    grid = (rows // block, hidden // units)
+    grid = (hidden // units, rows // block)
     out = _call(kernel, grid, shapes, args, rows // block if split else 0)
     dxp = out[0][:, :batch]
     extras = (out[1][:, :batch],) if cell.name == "gru" else ()

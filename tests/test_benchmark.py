@@ -399,6 +399,7 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
         ("scan:x", "unroll must be"),
         ("scan:2:hoisted", "hoist"),
         ("scan:2:bf16", "bf16 .not with scan"),
+        ("pallas:8", "no unroll or hoist option"),
         ("fused:2:bf16:bf16", "each at most once"),
     ],
 )

@@ -236,6 +236,7 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(256), 64, "gpu") == "fused"
     assert networks.choose_implementation(cells.lstm(32), 1024, "tpu") == "fused"
     assert networks.choose_implementation(cells.lstm(32), 64, "gpu", bidirectional=True) == "fused"
+    assert networks.choose_implementation(cells.lstm(32), 64, "gpu", num_devices=4) == "fused"
     assert networks.choose_implementation(cells.lstm(256), 1, "gpu") == "scan"
     assert networks.choose_implementation(cells.lstm(256), 64, "gpu", remat=True) == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu", remat=True) == "fused"

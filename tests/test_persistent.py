@@ -115,9 +115,40 @@ def test_layout():
     assert persistent.layout(32, 128) == (16, 16)  # 2 row blocks x 8 unit splits
     assert persistent.layout(1024, 32) == (32, 16)  # 32 row blocks x 2 splits
     assert persistent.layout(64, 256) == (16, 16)  # 4 x 16
-    assert persistent.layout(4096, 256) == (64, 256)  # too many programs: no split
+    assert persistent.layout(4096, 256) == (64, 16)  # 64 x 16: row blocks in waves
     assert persistent.layout(32, 16) == (16, 16)  # one split: no barrier
     assert persistent.layout(32, 128, interpret=True) == (16, 128)
+    assert persistent.layout(32, 256, cores=14) == (16, 256)  # 16 splits > 14 SMs
+
+
+def test_pallas_first_derivatives_only():
+    cell = cells.rnn(H)
+    params = cell.init(jax.random.key(0), I)
+    xs, carry = random(13, (T, B, I)), random(14, (B, H))
+
+    def loss(params):
+        return jnp.sum(fused.layer(cell, params, carry, xs, kernel="pallas")[0] ** 2)
+
+    jax.grad(loss)(params)  # fine
+    with pytest.raises(NotImplementedError, match="first derivatives only.*'fused'"):
+        jax.hessian(lambda w: loss({**params, "W_h": w}))(params["W_h"])
+
+
+def test_pallas_float64_inputs_run_the_xla_loops():
+    """Under x64, float64 inputs or carries with float32 params take the XLA loops
+    (the kernels are float32) in both passes, and still match them."""
+    cell = cells.lstm(H)
+    with jax.enable_x64(True):
+        params = cell.init(jax.random.key(0), I)
+        xs = jnp.asarray(np.random.default_rng(15).normal(size=(T, B, I)))  # float64
+        carry = cells.LSTMCarry(*(jnp.asarray(random(s, (B, H)), jnp.float64) for s in (16, 17)))
+
+        def loss(params, kernel):
+            ys, final = fused.layer(cell, params, carry, xs, kernel=kernel)
+            return jnp.sum(ys) + jnp.sum(final.c)
+
+        got = jax.value_and_grad(loss)(params, "pallas")
+        assert_trees_close(got, jax.value_and_grad(loss)(params, "xla"))
 
 
 @pytest.mark.parametrize(
