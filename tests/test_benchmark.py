@@ -357,7 +357,7 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
             "--variants=fused:2,scan:3:nohoist,wavefront:1:bf16",
             "--iters=2",
             "--check",
-            "--check_cells=gru_reset_after,lstm",
+            "--check_cells=gru_reset_after",
             f"--output={out}",
         ],
         cwd=ROOT,
@@ -369,9 +369,7 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
     report = json.loads(out.read_text())
     assert report["platform"] == "cpu" and report["versions"]["jax"]
     checked = [(r["cell"], r["implementation"]) for r in report["check"]]
-    assert checked == [
-        (c, i) for c in ("gru reset_after", "lstm") for i in ("fused", "wavefront", "pallas")
-    ]
+    assert checked == [("gru reset_after", i) for i in ("fused", "wavefront", "pallas")]
     assert all(r["ok"] and r["max_rel_diff"] < 1e-5 for r in report["check"])
     assert [r["case"] for r in report["results"]] == ["tiny lstm L2"]
     for row in report["results"]:

@@ -26,8 +26,8 @@ CELLS = {
     "lstm": lambda: cells.lstm(H),
 }
 # every cell one layer forward-only; two directions (two kernel calls per layer)
-# and two layers (layer 1 reads 2H features) for the LSTM, one bidirectional GRU
-GRID = [(c, 1, False) for c in CELLS] + [("lstm", 2, True), ("gru_after", 1, True)]
+# and two layers (layer 1 reads 2H features) for the LSTM
+GRID = [(c, 1, False) for c in CELLS] + [("lstm", 2, True)]
 
 
 def random(seed, shape, scale=1.0):
