@@ -30,7 +30,8 @@ recent GPUs unless ``jax_default_matmul_precision`` says otherwise), or bfloat16
 operands with ``matmul_dtype="bfloat16"``. Off a GPU, the kernels run in Pallas'
 interpreter: exact but slow, meant for the tests. First derivatives only (the
 backward kernel has no derivative of its own); under ``jax.vmap`` the mapped calls
-run one after another.
+run one after another. Interpretation is chosen by ``jax.default_backend()``: on a
+GPU host, computing on a CPU device needs ``implementation="fused"``.
 """
 
 from __future__ import annotations
