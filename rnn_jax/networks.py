@@ -148,6 +148,7 @@ def choose_implementation(
     bidirectional: bool = False,
     dropout: float = 0.0,
     num_devices: int | None = None,
+    cores: int | None = None,
 ) -> str:
     """The implementation ``"auto"`` runs for ``cell`` on a batch of ``batch_size``.
 
@@ -177,8 +178,11 @@ def choose_implementation(
     0.76; but medium, H=256: GRU 1.41 vs 1.42, LSTM 1.43 vs 3.21). Deep or
     bidirectional networks were not measured with it and keep the XLA loops; so do
     runs over several devices (``num_devices``, default ``jax.device_count()``: XLA
-    cannot partition a kernel over a sharded batch and would replicate it) and AMD
-    GPUs (the kernels' barrier is written for NVIDIA's memory model).
+    cannot partition a kernel over a sharded batch and would replicate it), AMD
+    GPUs (the kernels' barrier is written for NVIDIA's memory model) and shapes
+    whose grid would not fit the GPU at once (``cores``: its multiprocessors,
+    default the device's; see :func:`rnn_jax.persistent.layout`), where the kernels
+    fall back to a slow form.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
@@ -189,6 +193,9 @@ def choose_implementation(
         and backend == "gpu"
         and cell.hidden_size <= PALLAS_MAX_AUTO_HIDDEN
         and persistent.unsupported(cell) is None
+        and persistent.splits(
+            batch_size, cell.hidden_size, persistent.device_cores() if cores is None else cores
+        )
         and (jax.device_count() if num_devices is None else num_devices) == 1
         and not persistent.on_rocm()
     ):

@@ -53,7 +53,7 @@ MIN_HIDDEN, MAX_HIDDEN = 16, 256
 NUM_WARPS = 4
 NUM_STAGES = 1  # no software pipelining: 3 stages asked for 520 KiB of shared memory
 MIN_UNITS = 16  # hidden units per program when the units are split
-MAX_PROGRAMS = 64  # grid size that fits one wave (H100: 132 multiprocessors)
+MAX_PROGRAMS = 64  # programs that wait for each other must all be resident
 
 
 def unsupported(cell: Cell) -> str | None:
@@ -192,7 +192,7 @@ def _step_fns(cell: Cell):
 
 # ---------------------------------------------------------------------------
 # The kernels. Arrays are time-major with the batch padded to a multiple of the
-# row block. The grid is (unit splits, row blocks): program (j, p) owns rows
+# row block. The grid is (row blocks, unit splits): program (p, j) owns rows
 # [p*BLOCK, (p+1)*BLOCK) and hidden units [j*U, (j+1)*U) of every gate, whose
 # weight columns it loads once. Each step it needs the whole hidden state of its
 # rows (forward) or the whole gate gradients (backward): the programs of a row
@@ -207,23 +207,29 @@ def layout(
     """``(rows per program, hidden units per program)`` for a batch and hidden size.
 
     Units: 16 per program (the smallest Triton dot), so S = H/16 programs share a row
-    block's steps. The grid is (S, row blocks) and CUDA starts programs in grid order
-    (first axis fastest), so a row block's S programs start together and only S
-    programs must be resident at once for its barrier; row blocks beyond what the GPU
-    holds run in later waves. Rows: the smallest power of two from 16 to 64 that
-    keeps the grid at most MAX_PROGRAMS programs (one wave on current GPUs), else 64.
-    One split (no barrier): when the interpreter runs the programs one after another,
-    for H <= 16, and on a device with fewer than S multiprocessors (``cores``).
+    block's steps and wait for each other at its barrier. They must all be resident
+    at once, and the GPU starts a grid's programs in no order it promises, so the
+    whole grid must fit: rows are the smallest power of two from 16 to 64 that
+    keeps the grid within MAX_PROGRAMS and the device's multiprocessors (``cores``,
+    one program each). Otherwise, and when the interpreter runs the programs one
+    after another, and for H <= 16: one program per row block holding all units
+    (no barrier; slower, see :func:`splits`).
     """
     if interpret or hidden <= MIN_UNITS:
         return BLOCK, hidden
+    limit = MAX_PROGRAMS if cores is None else min(MAX_PROGRAMS, cores)
     splits = hidden // MIN_UNITS
-    if cores is not None and cores < splits:
-        return BLOCK, hidden
     for block in (16, 32, 64):
-        if -(-batch // block) * splits <= MAX_PROGRAMS:
+        if -(-batch // block) * splits <= limit:
             return block, MIN_UNITS
-    return 64, MIN_UNITS
+    return 64, hidden
+
+
+def splits(batch: int, hidden: int, cores: int | None = None) -> bool:
+    """Whether the kernels split the units over programs for this shape on a GPU
+    (the measured fast form; one program holding every unit re-reads all weights
+    each step: long LSTM 20-25 vs 9.3 ms)."""
+    return hidden <= MIN_UNITS or layout(batch, hidden, False, cores)[1] < hidden
 
 
 def on_rocm() -> bool:
@@ -235,7 +241,7 @@ def on_rocm() -> bool:
         return False
 
 
-def _cores() -> int | None:
+def device_cores() -> int | None:
     """The default device's multiprocessor count, if it reports one."""
     return getattr(jax.devices()[0], "core_count", None)
 
@@ -279,7 +285,7 @@ def _forward_kernel(cell, num_steps, masked, save, block, units, *refs):
     hbuf_ref = refs.pop(0) if split else None
     refs.pop(0) if split else None  # the counter's output alias
     forward, _ = _step_fns(cell)
-    j, p = pl.program_id(0), pl.program_id(1)  # unit split (fastest), row block
+    p, j = pl.program_id(0), pl.program_id(1)  # row block, unit split
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
     extra = extra_ref[own][None, :] if has_extra else None
     ws = [w_ref[:, pl.ds(k * hidden + j * units, units)] for k in range(num_gates)]
@@ -332,7 +338,7 @@ def _backward_kernel(cell, num_steps, masked, block, units, *refs):
     dhn_ref = refs.pop(0) if gru else None
     dcarry0_refs = [refs.pop(0) for _ in range(nc)]
     _, backward = _step_fns(cell)
-    j, p = pl.program_id(0), pl.program_id(1)  # unit split (fastest), row block
+    p, j = pl.program_id(0), pl.program_id(1)  # row block, unit split
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
     wts = [wt_ref[pl.ds(k * hidden, hidden), own] for k in range(num_gates)]
 
@@ -470,7 +476,7 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     bfloat16), ``xp <float32>[T, B, G*H]``, ``valid <bool>[T, B]`` or ``None``."""
     num_steps, batch = xp.shape[:2]
     hidden = cell.hidden_size
-    block, units = layout(batch, hidden, _interpret(), None if _interpret() else _cores())
+    block, units = layout(batch, hidden, _interpret(), None if _interpret() else device_cores())
     pad = -batch % block
     rows = batch + pad
     split = units < hidden
@@ -490,7 +496,7 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     if split:
         shapes.append(jax.ShapeDtypeStruct((2, rows, hidden), jnp.float32))
     kernel = functools.partial(_forward_kernel, cell, num_steps, masked, save, block, units)
-    grid = (hidden // units, rows // block)
+    grid = (rows // block, hidden // units)
     out = _call(kernel, grid, shapes, args, rows // block if split else 0)
     ys, final, saved = out[0], out[1 : 1 + nc], out[1 + nc : 1 + nc + ns]
     ys = ys[:, :batch]
@@ -505,7 +511,7 @@ def backward(cell, w_t, carry0, valid, ys, saved, dys, dfinal):
     ``dA_n * R``, the gradient of ``H_{t-1} W_hn + b_hn``)."""
     num_steps, batch = ys.shape[:2]
     hidden = cell.hidden_size
-    block, units = layout(batch, hidden, _interpret(), None if _interpret() else _cores())
+    block, units = layout(batch, hidden, _interpret(), None if _interpret() else device_cores())
     pad = -batch % block
     rows = batch + pad
     split = units < hidden
@@ -526,7 +532,7 @@ def backward(cell, w_t, carry0, valid, ys, saved, dys, dfinal):
         shapes.append(seq)
     shapes += [jax.ShapeDtypeStruct((rows, hidden), jnp.float32)] * nc
     kernel = functools.partial(_backward_kernel, cell, num_steps, masked, block, units)
-    grid = (hidden // units, rows // block)
+    grid = (rows // block, hidden // units)
     out = _call(kernel, grid, shapes, args, rows // block if split else 0)
     dxp = out[0][:, :batch]
     extras = (out[1][:, :batch],) if cell.name == "gru" else ()

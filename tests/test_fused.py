@@ -238,6 +238,9 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(32), 1024, "tpu") == "fused"
     assert networks.choose_implementation(cells.lstm(32), 64, "gpu", bidirectional=True) == "fused"
     assert networks.choose_implementation(cells.lstm(32), 64, "gpu", num_devices=4) == "fused"
+    # a grid that would not fit the GPU at once: the slow unsplit form, so not auto
+    assert networks.choose_implementation(cells.lstm(128), 4096, "gpu") == "fused"
+    assert networks.choose_implementation(cells.lstm(128), 32, "gpu", cores=4) == "fused"
     assert networks.choose_implementation(cells.lstm(256), 1, "gpu") == "scan"
     assert networks.choose_implementation(cells.lstm(256), 64, "gpu", remat=True) == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu", remat=True) == "fused"

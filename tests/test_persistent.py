@@ -15,9 +15,9 @@ import pytest
 
 from rnn_jax import cells, config, fused, networks, persistent
 
-I, H, T, B = 3, 16, 6, 5  # noqa: E741  (B=5: the kernels pad the batch to 16 rows)
+I, H, T, B = 3, 16, 6, 18  # noqa: E741  (B=18: two row blocks, the second padded)
 TOL = dict(rtol=1e-5, atol=1e-5)
-LENGTHS = np.array([T, 0, 3, 1, 5], np.int32)
+LENGTHS = np.array([T, 0, 3, 1, 5] + [T, 2] * 6 + [4], np.int32)
 
 CELLS = {
     "rnn": lambda: cells.rnn(H),
@@ -115,10 +115,13 @@ def test_layout():
     assert persistent.layout(32, 128) == (16, 16)  # 2 row blocks x 8 unit splits
     assert persistent.layout(1024, 32) == (32, 16)  # 32 row blocks x 2 splits
     assert persistent.layout(64, 256) == (16, 16)  # 4 x 16
-    assert persistent.layout(4096, 256) == (64, 16)  # 64 x 16: row blocks in waves
+    assert persistent.layout(4096, 256) == (64, 256)  # would not fit: no split
     assert persistent.layout(32, 16) == (16, 16)  # one split: no barrier
     assert persistent.layout(32, 128, interpret=True) == (16, 128)
-    assert persistent.layout(32, 256, cores=14) == (16, 256)  # 16 splits > 14 SMs
+    assert persistent.layout(64, 256, cores=14) == (64, 256)  # 16 programs > 14 SMs
+    assert persistent.layout(64, 256, cores=132) == (16, 16)
+    assert persistent.splits(32, 128) and persistent.splits(4096, 16)
+    assert not persistent.splits(4096, 128)
 
 
 def test_pallas_first_derivatives_only():
