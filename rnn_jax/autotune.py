@@ -202,6 +202,10 @@ def tune(
     if isinstance(min_time_s, bool) or not isinstance(min_time_s, (int, float)) or min_time_s < 0:
         raise ValueError(f"min_time_s: expected a number >= 0, got {min_time_s!r}")
     path = Path(cache_path) if cache_path else default_cache_path()
+    options = candidates(config)
+    if len(options) == 1:  # nothing to choose: no compile, no cache entry
+        echo(f"autotune: {options[0][0]} unroll {options[0][1]} (the only candidate)")
+        return Choice(*options[0], {}, False)
     rows = _rows(config)
     key = cache_key(config, vocab_size, rows)
     cache = _read_cache(path, echo)
@@ -210,7 +214,7 @@ def tune(
         echo(f"autotune: {hit['implementation']} unroll {hit['unroll']} (cached in {path})")
         return Choice(hit["implementation"], hit["unroll"], hit["ms"], True)
     steps, timings = {}, {}
-    for impl, unroll in candidates(config):  # compile every candidate first
+    for impl, unroll in options:  # compile every candidate first
         name = f"{impl}:{unroll}"
         try:
             tuned = dataclasses.replace(config, implementation=impl, unroll=unroll)

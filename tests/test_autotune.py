@@ -97,10 +97,18 @@ def test_tune_skips_failing_candidates_and_survives_a_broken_cache(tmp_path, mon
 
 
 def test_tune_really_times_the_training_step(tmp_path):
-    fixed = TrainConfig(hidden_size=16, batch_size=8, num_steps=8, implementation="fused", unroll=1)
-    choice = autotune.tune(fixed, 28, cache_path=tmp_path / "c.json", repeats=1, min_time_s=0)
-    assert (choice.implementation, choice.unroll) == ("fused", 1)
-    assert choice.ms["fused:1"] > 0
+    one_unroll = TrainConfig(hidden_size=16, batch_size=8, num_steps=8, unroll=1)
+    choice = autotune.tune(one_unroll, 28, cache_path=tmp_path / "c.json", repeats=1, min_time_s=0)
+    assert (choice.implementation, choice.unroll) in [("fused", 1), ("scan", 1)]
+    assert set(choice.ms) == {"fused:1", "scan:1"} and all(v > 0 for v in choice.ms.values())
+
+
+def test_tune_with_one_candidate_times_nothing(tmp_path, monkeypatch):
+    compiled = fake_steps(monkeypatch, {})
+    fixed = TrainConfig(implementation="fused", unroll=3)
+    choice = autotune.tune(fixed, 28, cache_path=tmp_path / "c.json")
+    assert choice == autotune.Choice("fused", 3, {}, False) and compiled == []
+    assert not (tmp_path / "c.json").exists()
 
 
 @pytest.mark.parametrize(
