@@ -84,7 +84,8 @@ def candidates(config: TrainConfig, backend: str | None = None) -> list[tuple[st
         impls.remove("scan")  # the reference computes float32 only
     if config.implementation != "auto":
         impls = [config.implementation]
-    return [(i, 1 if i == "pallas" else u) for i in impls for u in unrolls]
+    pairs = [(i, 1 if i == "pallas" else u) for i in impls for u in unrolls]
+    return list(dict.fromkeys(pairs))  # pallas has no unroll: once
 
 
 def cache_key(config: TrainConfig, vocab_size: int, rows: int) -> str:
