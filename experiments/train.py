@@ -127,7 +127,7 @@ flags.DEFINE_bool(
 # autotune (rnn_jax.autotune)
 flags.DEFINE_bool(
     "autotune",
-    False,
+    _D.autotune,
     "Before training, time the candidate implementations and unrolls of this run's "
     "training step (compiled once each) and train with the fastest; cached per device, "
     "jax version, model and shape. --implementation / --unroll, when given, stay fixed.",
@@ -158,26 +158,19 @@ def config_from_flags() -> TrainConfig:
     return TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
 
 
-def autotuned(config: TrainConfig) -> TrainConfig:
-    """``config`` with the implementation and unroll :mod:`rnn_jax.autotune` picks
-    (flags checked first: ConfigError names the offending one)."""
+def autotune_cache() -> str | None:
+    """--autotune_cache, checked (ConfigError naming it) before anything runs."""
     import pathlib
 
-    from rnn_jax import autotune
-    from rnn_jax.config import ConfigError, validate
+    from rnn_jax.config import ConfigError
 
-    path = pathlib.Path(FLAGS.autotune_cache) if FLAGS.autotune_cache else None
-    if path is not None and path.is_dir():
-        raise ConfigError("autotune_cache", f"{path} is a directory; expected a JSON file path")
-    _, vocab = validate(config)
-    choice = autotune.tune(
-        config,
-        len(vocab),
-        cache_path=path,
-        refresh=FLAGS.autotune_refresh,
-        echo=lambda s: print(s, flush=True),
-    )
-    return dataclasses.replace(config, implementation=choice.implementation, unroll=choice.unroll)
+    if not FLAGS.autotune_cache:
+        return None
+    if pathlib.Path(FLAGS.autotune_cache).is_dir():
+        raise ConfigError(
+            "autotune_cache", f"{FLAGS.autotune_cache} is a directory; expected a JSON file path"
+        )
+    return FLAGS.autotune_cache
 
 
 def init_distributed() -> None:
@@ -208,10 +201,12 @@ def main(argv):
     from rnn_jax.config import ConfigError
 
     try:  # run() validates every flag before it compiles or writes anything
-        config = config_from_flags()
-        if FLAGS.autotune:
-            config = autotuned(config)
-        result = train.run(config, echo=lambda s: print(s, flush=True))
+        result = train.run(
+            config_from_flags(),
+            echo=lambda s: print(s, flush=True),
+            autotune_cache=autotune_cache(),
+            autotune_refresh=FLAGS.autotune_refresh,
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

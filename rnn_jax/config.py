@@ -93,6 +93,7 @@ class TrainConfig:
     remat: bool = False
     implementation: str = "auto"
     matmul_dtype: str = "float32"
+    autotune: bool = False  # time the candidates first (rnn_jax.autotune)
     optimizer: str = "adam"
     lr: float = 0.01
     schedule: str = "cosine"
@@ -203,6 +204,16 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
                     f"--implementation=wavefront runs unidirectional networks without "
                     f"dropout or remat; got {getattr(config, name)!r}",
                 )
+    if config.autotune:
+        import jax
+
+        if jax.process_count() > 1:
+            raise ConfigError(
+                "autotune",
+                "not in a multi-process run: each process would time on its own and could "
+                "pick another program; tune on one host, then pass --implementation and "
+                "--unroll",
+            )
     if config.implementation == "pallas":
         reason = persistent.unsupported(model_config(config, 2).make_cell())
         if reason:

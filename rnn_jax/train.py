@@ -246,8 +246,19 @@ class _Meter:
         }
 
 
-def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
+def run(
+    config: TrainConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    autotune_cache: str | os.PathLike | None = None,
+    autotune_refresh: bool = False,
+) -> Result:
     """Trains (or resumes) the run of ``config`` in ``config.workdir``.
+
+    With ``config.autotune``, first times the candidate implementations and unrolls
+    (:func:`rnn_jax.autotune.tune`, cached in ``autotune_cache``; ``autotune_refresh``
+    times again) and trains with the fastest; the run's ``config.json`` records the
+    choice.
 
     Evaluates every ``eval_every`` steps (default: every epoch) and at the end,
     checkpoints every ``checkpoint_every`` steps and at the end, and on SIGTERM /
@@ -260,6 +271,15 @@ def run(config: TrainConfig, *, echo: Callable[[str], None] = print) -> Result:
     from rnn_jax import checkpoint, generate  # orbax is imported only when training
 
     ids, vocab = validate(config)
+    if config.autotune:
+        from rnn_jax import autotune
+
+        choice = autotune.tune(
+            config, len(vocab), cache_path=autotune_cache, refresh=autotune_refresh, echo=echo
+        )
+        config = dataclasses.replace(
+            config, implementation=choice.implementation, unroll=choice.unroll
+        )
     workdir = Path(config.workdir)
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)

@@ -147,3 +147,30 @@ def test_train_autotune_flags_are_checked_first(tmp_path, extra, needle):
     assert proc.returncode == 2, proc.stderr
     assert re.search(needle, proc.stderr), proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_train_run_with_autotune_records_the_choice(tmp_path):
+    """TrainConfig.autotune (also a sweep-able flag): run() tunes first, trains with
+    the choice and records it in the run's config.json."""
+    from rnn_jax import train
+
+    config = TrainConfig(
+        hidden_size=8,
+        batch_size=8,
+        num_steps=8,
+        num_train=16,
+        num_val=8,
+        epochs=1,
+        unroll=1,
+        autotune=True,
+        workdir=str(tmp_path / "run"),
+        sample_chars=2,
+    )
+    lines = []
+    result = train.run(config, echo=lines.append, autotune_cache=tmp_path / "c.json")
+    assert result.exit_code == 0
+    picked = [s for s in lines if s.startswith("autotune: picked")]
+    assert len(picked) == 1
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["autotune"] is True and saved["unroll"] == 1
+    assert f"picked {saved['implementation']} unroll 1" in picked[0]
