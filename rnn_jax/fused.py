@@ -430,16 +430,16 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
     carry and the input projection ``<[T, B, G*H]>``.
     """
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
-    if _pallas(opts, rec, carry0, ys):
-        w_t = _pallas_weights(rec, opts.matmul_dtype).T
-        dxp, dcarry0, h_prev, extras = persistent.backward(
-            cell, w_t, carry0, valid, ys, saved, dys, dfinal
-        )
-        grads = weight_grads(h_prev, dxp, extras)
-        return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
     # The hidden state before each step. Past a length the shifted outputs are not
     # the (frozen) state, but nothing there is used: those steps are masked below.
     h_prev = _shift(_hidden(carry0), ys)
+    if valid is not None:
+        dys = _mask(valid, dys)
+    if _pallas(opts, rec, carry0, ys):
+        w_t = _pallas_weights(rec, opts.matmul_dtype).T
+        dxp, dcarry0, extras = persistent.backward(cell, w_t, valid, h_prev, saved, dys, dfinal)
+        grads = weight_grads(h_prev, dxp, extras)
+        return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
 
     def body(dcarry, inp):
         dy_t, valid_t, h_prev_t, y_t, saved_t = inp
@@ -453,8 +453,6 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
         d_prev = _where(valid_t, d_prev, dcarry)
         return d_prev, (_mask(valid_t, dxp_t), tuple(_mask(valid_t, d) for d in extra_t))
 
-    if valid is not None:
-        dys = _mask(valid, dys)
     inputs = (dys, valid, h_prev, ys, saved)
     dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
     grads = weight_grads(h_prev, dxp, extra)

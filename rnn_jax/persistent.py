@@ -37,7 +37,7 @@ GPU host, computing on a CPU device needs ``implementation="fused"``.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.custom_batching
@@ -469,6 +469,34 @@ def _padded_valid(valid: Array | None, num_steps: int, batch: int, pad: int) -> 
     return _pad_rows(valid.astype(jnp.int32), pad, 1)
 
 
+class _Plan(NamedTuple):
+    """How one call lays out its batch: rows and hidden units per program, the
+    padded batch, and the int32 validity mask (``None``: no lengths, no padding)."""
+
+    block: int
+    units: int
+    rows: int
+    hidden: int
+    vmask: Array | None
+
+    @property
+    def split(self) -> bool:  # units over several programs, with a barrier
+        return self.units < self.hidden
+
+    @property
+    def grid(self) -> tuple[int, int]:  # (row blocks, unit splits)
+        return self.rows // self.block, self.hidden // self.units
+
+
+def _plan(batch: int, hidden: int, valid: Array | None, num_steps: int) -> _Plan:
+    """The layout of one call; :func:`forward` and :func:`backward` share it, so the
+    saved gates the backward kernel reads are padded as the forward left them."""
+    interpret = _interpret()
+    block, units = layout(batch, hidden, interpret, None if interpret else device_cores())
+    pad = -batch % block
+    return _Plan(block, units, batch + pad, hidden, _padded_valid(valid, num_steps, batch, pad))
+
+
 def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     """The forward loop: ``(ys <[T, B, H]>, final carry, saved)``; ``saved`` is the
     tuple of per-step gates ``<[T, B', H]>`` the backward kernel reads (``None``
@@ -476,65 +504,57 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     bfloat16), ``xp <float32>[T, B, G*H]``, ``valid <bool>[T, B]`` or ``None``."""
     num_steps, batch = xp.shape[:2]
     hidden = cell.hidden_size
-    block, units = layout(batch, hidden, _interpret(), None if _interpret() else device_cores())
-    pad = -batch % block
-    rows = batch + pad
-    split = units < hidden
-    vmask = _padded_valid(valid, num_steps, batch, pad)
-    masked = vmask is not None
+    plan = _plan(batch, hidden, valid, num_steps)
+    pad = plan.rows - batch
     args = [_pad_rows(xp, pad, 1), w_flat]
     args += [_pad_rows(c, pad, 0) for c in _carry_leaves(carry0)]
-    if masked:
-        args.append(vmask)
+    if plan.vmask is not None:
+        args.append(plan.vmask)
     if cell.name == "gru":
         args.append(b_hn if b_hn is not None else jnp.zeros((hidden,), jnp.float32))
     nc = len(_carry_leaves(carry0))
     ns = _num_saved(cell) if save else 0
-    seq = jax.ShapeDtypeStruct((num_steps, rows, hidden), jnp.float32)
-    tile = jax.ShapeDtypeStruct((rows, hidden), jnp.float32)
+    seq = jax.ShapeDtypeStruct((num_steps, plan.rows, hidden), jnp.float32)
+    tile = jax.ShapeDtypeStruct((plan.rows, hidden), jnp.float32)
     shapes = [seq] + [tile] * nc + [seq] * ns
-    if split:
-        shapes.append(jax.ShapeDtypeStruct((2, rows, hidden), jnp.float32))
-    kernel = functools.partial(_forward_kernel, cell, num_steps, masked, save, block, units)
-    grid = (rows // block, hidden // units)
-    out = _call(kernel, grid, shapes, args, rows // block if split else 0)
+    if plan.split:
+        shapes.append(jax.ShapeDtypeStruct((2, plan.rows, hidden), jnp.float32))
+    kernel = functools.partial(
+        _forward_kernel, cell, num_steps, plan.vmask is not None, save, plan.block, plan.units
+    )
+    out = _call(kernel, plan.grid, shapes, args, plan.grid[0] if plan.split else 0)
     ys, final, saved = out[0], out[1 : 1 + nc], out[1 + nc : 1 + nc + ns]
     ys = ys[:, :batch]
     final = _carry_tree(cell, [f[:batch] for f in final])
     return ys, final, (tuple(saved) if save else None)
 
 
-def backward(cell, w_t, carry0, valid, ys, saved, dys, dfinal):
-    """The backward loop: ``(dxp <float32>[T, B, G*H], dcarry0, h_prev, extras)``
-    from the saved gates (padded rows, as :func:`forward` left them) and ``w_t
-    <[G*H, H]>``; ``extras`` is what the weight gradients need besides (the GRU's
-    ``dA_n * R``, the gradient of ``H_{t-1} W_hn + b_hn``)."""
-    num_steps, batch = ys.shape[:2]
+def backward(cell, w_t, valid, h_prev, saved, dys, dfinal):
+    """The backward loop: ``(dxp <float32>[T, B, G*H], dcarry0, extras)`` from the
+    hidden state before each step ``h_prev <[T, B, H]>``, the saved gates (padded
+    rows, as :func:`forward` left them), the output gradients ``dys`` (zero past
+    each length) and ``w_t <[G*H, H]>``; ``extras`` is what the weight gradients
+    need besides (the GRU's ``dA_n * R``, the gradient of ``H_{t-1} W_hn + b_hn``)."""
+    num_steps, batch = h_prev.shape[:2]
     hidden = cell.hidden_size
-    block, units = layout(batch, hidden, _interpret(), None if _interpret() else device_cores())
-    pad = -batch % block
-    rows = batch + pad
-    split = units < hidden
-    vmask = _padded_valid(valid, num_steps, batch, pad)
-    masked = vmask is not None
-    h0 = _carry_leaves(carry0)[0]
-    h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-    dys = dys if valid is None else jnp.where(valid[..., None], dys, 0.0)
+    plan = _plan(batch, hidden, valid, num_steps)
+    pad = plan.rows - batch
     args = [w_t, _pad_rows(dys, pad, 1), _pad_rows(h_prev, pad, 1), *saved]
     args += [_pad_rows(d, pad, 0) for d in _carry_leaves(dfinal)]
-    if masked:
-        args.append(vmask)
-    nc = len(_carry_leaves(carry0))
+    if plan.vmask is not None:
+        args.append(plan.vmask)
+    nc = len(_carry_leaves(dfinal))
     width = _num_gates(cell) * hidden
-    seq = jax.ShapeDtypeStruct((num_steps, rows, hidden), jnp.float32)
-    shapes = [jax.ShapeDtypeStruct((num_steps, rows, width), jnp.float32)]
+    seq = jax.ShapeDtypeStruct((num_steps, plan.rows, hidden), jnp.float32)
+    shapes = [jax.ShapeDtypeStruct((num_steps, plan.rows, width), jnp.float32)]
     if cell.name == "gru":
         shapes.append(seq)
-    shapes += [jax.ShapeDtypeStruct((rows, hidden), jnp.float32)] * nc
-    kernel = functools.partial(_backward_kernel, cell, num_steps, masked, block, units)
-    grid = (rows // block, hidden // units)
-    out = _call(kernel, grid, shapes, args, rows // block if split else 0)
+    shapes += [jax.ShapeDtypeStruct((plan.rows, hidden), jnp.float32)] * nc
+    kernel = functools.partial(
+        _backward_kernel, cell, num_steps, plan.vmask is not None, plan.block, plan.units
+    )
+    out = _call(kernel, plan.grid, shapes, args, plan.grid[0] if plan.split else 0)
     dxp = out[0][:, :batch]
     extras = (out[1][:, :batch],) if cell.name == "gru" else ()
     dcarry0 = _carry_tree(cell, [d[:batch] for d in out[-nc:]])
-    return dxp, dcarry0, h_prev, extras
+    return dxp, dcarry0, extras
