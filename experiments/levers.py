@@ -221,7 +221,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("iters", 20, "Timed steps per variant (at most).", lower_bound=1)
     flags.DEFINE_float("max_time_s", 3.0, "Stop timing a variant after this long.", lower_bound=0)
     flags.DEFINE_bool(
-        "check", False, "First check fused and wavefront == scan on this device (1e-5)."
+        "check", False, "First check fused, wavefront and pallas == scan on this device (1e-5)."
     )
     flags.DEFINE_list(
         "check_cells",

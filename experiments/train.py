@@ -189,10 +189,10 @@ def main(argv):
 
         allocator.tune_malloc()
     if FLAGS.autotune and FLAGS.coordinator_address:
+        from rnn_jax.config import AUTOTUNE_MULTIHOST
+
         print(
-            "error: --autotune: not with --coordinator_address: each process would time "
-            "on its own and could pick another program; tune on one host, then pass "
-            "--implementation and --unroll",
+            f"error: --autotune: not with --coordinator_address: {AUTOTUNE_MULTIHOST}",
             file=sys.stderr,
         )
         sys.exit(2)

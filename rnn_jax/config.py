@@ -46,6 +46,12 @@ RESUME_KEYS = (
 )
 
 
+AUTOTUNE_MULTIHOST = (
+    "each process would time on its own and could pick another program; tune on one "
+    "host, then pass --implementation and --unroll"
+)
+
+
 class ConfigError(ValueError):
     """A bad configuration value; ``flag`` names the field / command-line flag."""
 
@@ -208,12 +214,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         import jax
 
         if jax.process_count() > 1:
-            raise ConfigError(
-                "autotune",
-                "not in a multi-process run: each process would time on its own and could "
-                "pick another program; tune on one host, then pass --implementation and "
-                "--unroll",
-            )
+            raise ConfigError("autotune", f"not in a multi-process run: {AUTOTUNE_MULTIHOST}")
     if config.implementation == "pallas":
         reason = persistent.unsupported(model_config(config, 2).make_cell())
         if reason:
