@@ -43,7 +43,9 @@ with the input projection inside the custom VJP: the forward pass keeps only the
 carry at the start of each chunk; the backward pass, chunk by chunk in reverse,
 recomputes the chunk's projection and gates, runs the backward loop over it and
 adds its weight gradients. Its temporary memory is the outputs plus O(K) buffers
-(LSTM H=128 B=32 T=1024 on CPU: 56.5 vs 248 MiB, 1.01x the time).
+(LSTM H=128 B=32 T=1024 on CPU: 56.5 vs 248 MiB, 1.01x the time). Without remat,
+long sequences on CPU run the same chunked backward pass on saved gates
+(``chunk``, :func:`default_chunk`): the per-step gradient buffers stay in cache.
 
 What makes it fast on CPU (measured with the XLA profiler on the 2-core development
 machine, LSTM H=128 B=32 T=1024): weight gradients outside the loop; gate blocks
@@ -470,13 +472,17 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 # ---------------------------------------------------------------------------
-# remat: the same layer in chunks of K steps, input projection included. The
-# forward pass keeps only the carry at the start of each chunk (and the outputs,
-# which the layer returns anyway); the backward pass walks the chunks in reverse and
-# for each recomputes the projection and the forward loop (saving the chunk's
-# gates), runs the backward loop above over the chunk, and adds the chunk's weight
-# gradients. Nothing of size T x (G*H) is ever alive: the step's temporary memory
-# is the outputs plus O(K) per-chunk buffers.
+# The layer in chunks of K steps, input projection included, under one custom VJP.
+# The backward pass walks the chunks in reverse; for each it runs the backward loop
+# above over the chunk and adds the chunk's weight gradients, so the gradient of
+# the projection exists only for K steps at a time. Two uses:
+#   remat (recompute=True): the forward pass keeps only the carry at the start of
+#     each chunk (and the outputs, which the layer returns anyway); the backward
+#     pass recomputes the chunk's projection and gates. Nothing of size T x (G*H)
+#     is ever alive: the temporary memory is the outputs plus O(K) buffers.
+#   long sequences on CPU (recompute=False): the forward pass saves the gates as
+#     usual; the backward pass's per-step buffers (``dA_t``, the projection) stay
+#     in cache instead of streaming <[T, B, G*H]> arrays through memory.
 
 
 def chunk_size(num_steps: int) -> int:
@@ -488,6 +494,27 @@ def chunk_size(num_steps: int) -> int:
     if near:
         return min(near, key=lambda d: (abs(d - root), d))
     return math.ceil(root)
+
+
+CHUNK_MIN_STEPS = 256
+"""``chunk=None`` chunks the backward pass on CPU from this many steps on."""
+
+
+def default_chunk(num_steps: int, backend: str | None = None) -> int:
+    """``layer``'s ``chunk=None``: on CPU, for ``T >= CHUNK_MIN_STEPS``, the divisor of
+    T in [8, 32] nearest to 16 (0 if there is none); 0 (no chunks) otherwise.
+
+    Measured on the 2-core CPU, training step of the language model at H=128, B=32,
+    T=1024 (ms, three alternating rounds): LSTM 102-103 unchunked vs 98-100 with
+    K=16; GRU reset-after 86-87 vs 79-84 with K=16 and 77-85 with K=32. At T=32 and
+    64 (the d2l and medium shapes) chunks were level or slower (d2l LSTM 16.5-17.1
+    vs 17.6-18.0 ms at K=4), so short sequences keep one loop.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or num_steps < CHUNK_MIN_STEPS:
+        return 0
+    divisors = [d for d in range(8, 33) if num_steps % d == 0]
+    return min(divisors, key=lambda d: (abs(d - 16), d)) if divisors else 0
 
 
 @jax.custom_vjp
@@ -546,46 +573,49 @@ def _in_chunks(x: Array | None, num_chunks: int) -> Array | None:
     return None if x is None else x.reshape(num_chunks, -1, *x.shape[1:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _remat_layer(cell, opts, num_chunks, params, carry0, xs, valid):
-    ys, final, _ = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _chunked(cell, opts, num_chunks, recompute, params, carry0, xs, valid):
+    ys, final, _, _ = _chunked_forward(cell, opts, num_chunks, False, params, carry0, xs, valid)
     return ys, final
 
 
-def _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid):
+def _chunked_forward(cell, opts, num_chunks, save, params, carry0, xs, valid):
     rec = _recurrent_params(params)
 
     def body(carry, inp):
         xs_c, valid_c = inp
         xp_c = _project(cell, params, xs_c, opts.matmul_dtype)
-        ys_c, new, _ = _forward(cell, opts, False, rec, carry, xp_c, valid_c)
-        return new, (ys_c, carry)
+        ys_c, new, saved_c = _forward(cell, opts, save, rec, carry, xp_c, valid_c)
+        return new, (ys_c, carry, saved_c)
 
     inputs = (_in_chunks(xs, num_chunks), _in_chunks(valid, num_chunks))
-    final, (ys, starts) = jax.lax.scan(body, carry0, inputs)
-    return ys.reshape(-1, *ys.shape[2:]), final, starts
+    final, (ys, starts, saved) = jax.lax.scan(body, carry0, inputs)
+    return ys.reshape(-1, *ys.shape[2:]), final, starts, saved
 
 
-def _remat_fwd(cell, opts, num_chunks, params, carry0, xs, valid):
-    ys, final, starts = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
-    return (ys, final), (params, xs, valid, ys, starts)
+def _chunked_fwd(cell, opts, num_chunks, recompute, params, carry0, xs, valid):
+    ys, final, starts, saved = _chunked_forward(
+        cell, opts, num_chunks, not recompute, params, carry0, xs, valid
+    )
+    return (ys, final), (params, xs, valid, ys, starts, saved)
 
 
-def _remat_bwd(cell, opts, num_chunks, res, cts):
-    params, xs, valid, ys, starts = res
+def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
+    params, xs, valid, ys, starts, saved_all = res
     dys, dfinal = cts
     rec = _recurrent_params(params)
     tokens = not jnp.issubdtype(xs.dtype, jnp.floating)
 
     def body(acc, inp):
         dcarry, dparams = acc
-        xs_c, valid_c, ys_c, dys_c, start = inp
+        xs_c, valid_c, ys_c, dys_c, start, saved = inp
         project = functools.partial(_project, cell, dtype=opts.matmul_dtype)
         if tokens:  # integer ids get no gradient
             xp_c, project_vjp = jax.vjp(lambda p: project(p, xs_c), params)
         else:
             xp_c, project_vjp = jax.vjp(project, params, xs_c)
-        _, _, saved = _forward(cell, opts, True, rec, start, xp_c, valid_c)
+        if recompute:
+            _, _, saved = _forward(cell, opts, True, rec, start, xp_c, valid_c)
         drec, dstart, dxp_c = _backward(cell, opts, rec, start, valid_c, ys_c, saved, dys_c, dcarry)
         dproj = project_vjp(dxp_c)
         dparams = jax.tree_util.tree_map(jnp.add, dparams, dproj[0])
@@ -594,12 +624,13 @@ def _remat_bwd(cell, opts, num_chunks, res, cts):
 
     chunks = [_in_chunks(a, num_chunks) for a in (xs, valid, ys, dys)]
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    (dcarry0, dparams), dxs = jax.lax.scan(body, (dfinal, zeros), (*chunks, starts), reverse=True)
+    inputs = (*chunks, starts, saved_all)
+    (dcarry0, dparams), dxs = jax.lax.scan(body, (dfinal, zeros), inputs, reverse=True)
     dxs = None if tokens else dxs.reshape(xs.shape)
     return dparams, dcarry0, dxs, None
 
 
-_remat_layer.defvjp(_remat_fwd, _remat_bwd)
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def layer(
@@ -613,6 +644,7 @@ def layer(
     remat: bool = False,
     matmul_dtype: str = "float32",
     kernel: str = "xla",
+    chunk: int | None = None,
 ) -> tuple[Array, Any]:
     """One direction of one layer over a time-major batch, with the fused backward pass.
 
@@ -632,6 +664,12 @@ def layer(
       remat: keep only the carry at the start of every chunk of :func:`chunk_size`
         steps and recompute each chunk (input projection, gates) in the backward
         pass, instead of saving ``<[T, B, G*H]>`` gates and projections.
+      chunk: without remat, run the backward pass in chunks of this many steps
+        (the gates are saved, nothing is recomputed; the last chunk padded);
+        0: one loop; ``None``: :func:`default_chunk` (chunks on CPU for long
+        sequences, where they were measured faster; 0 with ``kernel="pallas"``).
+        Outputs and gradients are the same either way. Ignored with ``remat``,
+        which chunks by :func:`chunk_size`.
 
     Returns:
       ``(ys <float32>[T, B, H], final carry)``: outputs are zero past each length and
@@ -651,16 +689,21 @@ def layer(
     opts = LoopOptions(unroll, matmul_dtype, kernel)
     num_steps = xs.shape[0]
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
+    if chunk is None:
+        chunk = 0 if kernel != "xla" else default_chunk(num_steps)
+    elif not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(f"chunk: expected None or an int >= 0, got {chunk!r}")
     if remat:
         chunk = chunk_size(num_steps)
-        pad = -num_steps % chunk
-        if pad:  # padded steps are invalid: the carry stays, outputs are zero
-            if valid is None:
-                valid = jnp.ones((num_steps, xs.shape[1]), bool)
-            valid = jnp.pad(valid, ((0, pad), (0, 0)))
-            xs = jnp.pad(xs, ((0, pad),) + ((0, 0),) * (xs.ndim - 1))
-        num_chunks = (num_steps + pad) // chunk
-        ys, final = _remat_layer(cell, opts, num_chunks, params, carry, xs, valid)
-        return ys[:num_steps], final
-    xp = _project(cell, params, xs, matmul_dtype)  # all steps at once
-    return _recurrence(cell, opts, _recurrent_params(params), carry, xp, valid)
+    if not chunk:
+        xp = _project(cell, params, xs, matmul_dtype)  # all steps at once
+        return _recurrence(cell, opts, _recurrent_params(params), carry, xp, valid)
+    pad = -num_steps % chunk
+    if pad:  # padded steps are invalid: the carry stays, outputs are zero
+        if valid is None:
+            valid = jnp.ones((num_steps, xs.shape[1]), bool)
+        valid = jnp.pad(valid, ((0, pad), (0, 0)))
+        xs = jnp.pad(xs, ((0, pad),) + ((0, 0),) * (xs.ndim - 1))
+    num_chunks = (num_steps + pad) // chunk
+    ys, final = _chunked(cell, opts, num_chunks, remat, params, carry, xs, valid)
+    return ys[:num_steps], final

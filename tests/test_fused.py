@@ -151,9 +151,10 @@ def test_fused_single_sequence_apply_equals_scan():
 
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
-@pytest.mark.parametrize("remat", [False, True])
-def test_fused_layer_matches_finite_differences(cell_name, remat):
-    """Numerical gradients in float64: independent of any autodiff rule."""
+@pytest.mark.parametrize("remat,chunk", [(False, 0), (True, None), (False, 4)])
+def test_fused_layer_matches_finite_differences(cell_name, remat, chunk):
+    """Numerical gradients in float64: independent of any autodiff rule. chunk=4: the
+    backward pass in chunks of 4 of the 6 steps (the last one padded)."""
     cell = CELLS[cell_name]()
     with jax.enable_x64(True):
         params = cell.init(jax.random.key(0), I)
@@ -169,7 +170,7 @@ def test_fused_layer_matches_finite_differences(cell_name, remat):
         lengths = jnp.asarray(LENGTHS)
 
         def f(p, x, c):
-            ys, final = fused.layer(cell, p, c, x, lengths, remat=remat)
+            ys, final = fused.layer(cell, p, c, x, lengths, remat=remat, chunk=chunk)
             return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(v * v) for v in jax.tree.leaves(final))
 
         check_grads(f, (params, xs, carry), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
@@ -223,6 +224,103 @@ def test_fused_remat_with_a_padded_last_chunk_equals_scan(cell_name, num_steps=7
         ys_fast, final_fast = jax.jit(fast.apply_batch)(params, xs, lengths, carry)
         assert ys_fast.shape == (B, num_steps, 2 * H)
         assert_trees_close((ys_fast, final_fast), (ys_ref, final_ref))
+
+
+def test_default_chunk():
+    assert fused.default_chunk(1024, "cpu") == 16 and fused.default_chunk(1000, "cpu") == 20
+    assert fused.default_chunk(257, "cpu") == 0  # prime: no divisor in [8, 32]
+    assert fused.default_chunk(255, "cpu") == 0  # short: one loop
+    assert fused.default_chunk(1024, "gpu") == 0 and fused.default_chunk(1024, "tpu") == 0
+    for t in range(fused.CHUNK_MIN_STEPS, 2000):
+        k = fused.default_chunk(t, "cpu")
+        assert k == 0 or (8 <= k <= 32 and t % k == 0)
+
+
+@pytest.mark.parametrize(
+    "cell_name,chunk", [(c, 2) for c in CELLS] + [("gru_after", 4), ("lstm", 4)]
+)
+def test_chunked_backward_equals_scan(cell_name, chunk):
+    """The layer with its backward pass in chunks (saved gates, nothing recomputed;
+    chunk=4 pads the last of T=6 steps) against the reference scan network: values,
+    final carries and gradients of params, inputs and initial carries, with lengths
+    and without, float inputs and token ids."""
+    ref, _, params = nets(cell_name, 1, False)
+    cell = ref.cell
+    (carry,) = batch_carry(ref, 31)
+    weights = random(32, (B, T, H))
+
+    def loss(apply):
+        def f(p, xs, c, lengths):
+            ys, final = apply(p, xs, c, lengths)
+            return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+
+        return f
+
+    def fast(p, xs, c, lengths):
+        tm = jnp.swapaxes(xs, 0, 1)
+        ys, final = fused.layer(cell, p, c, tm, lengths, chunk=chunk)
+        return jnp.swapaxes(ys, 0, 1), final
+
+    def slow(p, xs, c, lengths):
+        return ref.apply_batch({"layer_0": p}, xs, lengths, (c,))
+
+    for lengths in (jnp.asarray(LENGTHS), None):
+        args = (params["layer_0"], random(33, (B, T, I)), carry, lengths)
+        want = jax.value_and_grad(loss(slow), argnums=(0, 1, 2))(*args)
+        got = jax.jit(jax.value_and_grad(loss(fast), argnums=(0, 1, 2)))(*args)
+        assert_trees_close(got, want)
+    vocab = 5
+    ids = jnp.asarray(np.random.default_rng(34).integers(0, vocab, (B, T)), jnp.int32)
+    token_params = cell.init(jax.random.key(5), vocab)
+
+    def fast_ids(p, c):
+        ys, final = fused.layer(cell, p, c, ids.T, chunk=chunk)
+        return jnp.sum(jnp.swapaxes(ys, 0, 1) * weights) + jnp.sum(jax.tree.leaves(final)[0])
+
+    def slow_ids(p, c):
+        ys, final = ref.apply_batch({"layer_0": p}, ids, None, (c,))
+        return jnp.sum(ys * weights) + jnp.sum(jax.tree.leaves(final)[0])
+
+    want = jax.value_and_grad(slow_ids, argnums=(0, 1))(token_params, carry)
+    got = jax.jit(jax.value_and_grad(fast_ids, argnums=(0, 1)))(token_params, carry)
+    assert_trees_close(got, want)
+
+
+def test_long_sequences_chunk_by_default_on_cpu():
+    """chunk=None at T=256 on CPU takes the chunked path (K=16) and equals one loop."""
+    cell = cells.lstm(3)
+    params = cell.init(jax.random.key(0), 2)
+    xs = random(40, (256, 2, 2))
+    c0 = jax.tree.map(lambda v: jnp.zeros((2, *v.shape)), cell.initial_carry())
+    lengths = jnp.asarray([256, 100], jnp.int32)
+
+    def loss(chunk):
+        def f(p, x):
+            ys, final = fused.layer(cell, p, c0, x, lengths, chunk=chunk)
+            return jnp.sum(jnp.sin(ys)) + jnp.sum(final.c)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    assert fused.default_chunk(256) == (16 if jax.default_backend() == "cpu" else 0)
+    text = loss(None).lower(params, xs).as_text()
+    assert ("16x2x12" in text) == (jax.default_backend() == "cpu")  # a [n, K, B, G*H] chunk
+    assert_trees_close(loss(None)(params, xs), loss(0)(params, xs))
+    with pytest.raises(ValueError, match="chunk"):
+        fused.layer(cell, params, c0, xs, chunk=-1)
+    # the same through a network: 2 bidirectional layers (directions under vmap)
+    ref = networks.network(cell, 2, True, implementation="scan")
+    fast = networks.network(cell, 2, True, implementation="fused")
+    net_params = ref.init(jax.random.key(1), 2)
+    xs_b = jnp.swapaxes(xs, 0, 1)
+
+    def net_loss(net):
+        def f(p, x):
+            ys, final = net.apply_batch(p, x, lengths)
+            return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(v) for v in jax.tree.leaves(final))
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    assert_trees_close(net_loss(fast)(net_params, xs_b), net_loss(ref)(net_params, xs_b))
 
 
 def test_choose_implementation():
