@@ -777,7 +777,11 @@ def define_flags() -> None:
     )
     flags.DEFINE_list("cells", ",".join(CELLS), "Cells to run: rnn, gru, lstm.")
     flags.DEFINE_list("layers", "1,2", "Depths to run (stacked layers).")
-    flags.DEFINE_list("bidirectional", "false,true", "Directions to run: false, true or both.")
+    flags.DEFINE_list(
+        "bidirectional",
+        "false,true",
+        "Directions to run: a list of false and true (the default runs both).",
+    )
     flags.DEFINE_list(
         "compare",
         "",
