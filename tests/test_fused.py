@@ -92,6 +92,22 @@ def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirecti
         np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(want)[1])
 
 
+@pytest.mark.parametrize("cell_name", ["gru", "gru_after", "gru_pinned"])
+def test_gru_gradient_stacked_per_gate_equals_scan(cell_name, monkeypatch):
+    """The GRU backward loop's per-gate stacking of dA (used from a large B*H on,
+    fused._split_gru_gradient), forced on at this small shape: values and gradients
+    of two bidirectional layers with lengths against the scan."""
+    monkeypatch.setattr(fused, "GRU_SPLIT_MIN_ROWS", 0)
+    assert fused._split_gru_gradient(CELLS[cell_name](), B)
+    ref, fast, params = nets(cell_name, 2, True)
+    xs, carry = random(50, (B, T, I)), batch_carry(ref, 51)
+    weights = random(52, (B, T, ref.output_size))
+    args = (params, xs, carry, jnp.asarray(LENGTHS))
+    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
+    assert_trees_close(got, want)
+
+
 @pytest.mark.parametrize("cell_name", list(CELLS))
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_fused_token_ids_and_no_lengths(cell_name, bidirectional):
