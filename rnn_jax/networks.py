@@ -20,7 +20,9 @@ How it computes:
 * both directions of a bidirectional layer in the same scan: their parameters are
   stacked along a direction axis and the step is ``vmap``-ed over it; the backward
   direction reads the valid part of the sequence reversed (``xs[L-1-t]`` for
-  ``t < L``) and its outputs are put back in time order;
+  ``t < L``) and its outputs are put back in time order (the fused layers do the
+  same, except on CPU below H=256, where two calls were faster:
+  :func:`separate_directions`);
 * variable length: at steps ``t >= length`` the carry is frozen (``jnp.where``) and
   the output is exactly zero, so padding has no effect on anything;
 * optionally, the input projection ``X W_x + b`` of all steps is one matmul
@@ -132,6 +134,33 @@ def default_unroll(backend: str | None = None) -> int:
     """
     backend = jax.default_backend() if backend is None else backend
     return DEFAULT_UNROLL.get(backend, _ACCELERATOR_UNROLL)
+
+
+SEPARATE_DIRECTIONS_BELOW_HIDDEN = 256
+""":func:`separate_directions` on CPU below this hidden size."""
+
+
+def separate_directions(hidden_size: int, kernel: str, backend: str | None = None) -> bool:
+    """Whether a bidirectional fused layer runs its two directions as two calls of
+    :func:`rnn_jax.fused.layer` instead of one call ``vmap``-ed over a direction axis.
+
+    Always for the Pallas kernels (the programs of one kernel wait for each other,
+    so its grid must stay as :func:`rnn_jax.persistent.layout` sized it). On CPU
+    below ``SEPARATE_DIRECTIONS_BELOW_HIDDEN``: measured on the 2-core CPU, training
+    step of the language model with one bidirectional layer, three alternating
+    rounds, ms (vmap vs two calls): d2l (H=32 B=1024 T=32) LSTM 41-45 vs 35-38, GRU
+    37 vs 33-35; H=64 B=256 T=64 GRU 38-40 vs 35-40; long (H=128 B=32 T=1024) LSTM
+    231-233 vs 213-217, GRU 195-221 vs 171-174 (there the vmapped chunked loop
+    transposed every chunk's arrays to put the direction axis inside); H=128 B=64
+    T=64 level (28-37 both); but medium (H=256 B=64 T=64) LSTM 64-65 vs 69-70, GRU
+    55-57 vs 60-63, and H=256 B=32 T=256 LSTM 132-153 vs 149-158, where the batched
+    matmuls of the vmap win. Accelerators keep the vmap (one loop for both
+    directions; measured there that way).
+    """
+    if kernel == "pallas":
+        return True
+    backend = jax.default_backend() if backend is None else backend
+    return backend == "cpu" and hidden_size < SEPARATE_DIRECTIONS_BELOW_HIDDEN
 
 
 IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas")
@@ -549,9 +578,7 @@ def network(
         finals = []
         for layer in range(num_layers):
             p = params[f"layer_{layer}"]
-            if bidirectional and kernel == "pallas":
-                # two calls, not a vmap: the programs of one kernel wait for each
-                # other, so its grid must stay as persistent.layout sized it
+            if bidirectional and separate_directions(cell.hidden_size, kernel):
                 c = initial_carry[layer]
                 out_f, carry_f = run(p["forward"], c.forward, ys, lengths)
                 rev = _reverse_valid_batch(ys, lengths)

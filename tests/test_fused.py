@@ -339,6 +339,28 @@ def test_long_sequences_chunk_by_default_on_cpu():
     assert_trees_close(net_loss(fast)(net_params, xs_b), net_loss(ref)(net_params, xs_b))
 
 
+@pytest.mark.parametrize("cell_name", ["gru_after", "lstm"])
+def test_bidirectional_directions_under_vmap_equal_scan(cell_name, monkeypatch):
+    """The fused bidirectional layer with its directions vmapped (on CPU from H=256 on,
+    networks.separate_directions), forced at this small H: 2 layers vs the scan."""
+    monkeypatch.setattr(networks, "SEPARATE_DIRECTIONS_BELOW_HIDDEN", 0)
+    assert not networks.separate_directions(H, "xla", "cpu")
+    ref, fast, params = nets(cell_name, 2, True)
+    xs, carry = random(60, (B, T, I)), batch_carry(ref, 61)
+    weights = random(62, (B, T, ref.output_size))
+    args = (params, xs, carry, jnp.asarray(LENGTHS))
+    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
+    assert_trees_close(got, want)
+
+
+def test_separate_directions():
+    assert networks.separate_directions(128, "xla", "cpu")
+    assert not networks.separate_directions(256, "xla", "cpu")
+    assert not networks.separate_directions(32, "xla", "gpu")
+    assert networks.separate_directions(256, "pallas", "gpu")
+
+
 def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == "fused"
     assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == "fused"
