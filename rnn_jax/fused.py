@@ -44,8 +44,9 @@ carry at the start of each chunk; the backward pass, chunk by chunk in reverse,
 recomputes the chunk's projection and gates, runs the backward loop over it and
 adds its weight gradients. Its temporary memory is the outputs plus O(K) buffers
 (LSTM H=128 B=32 T=1024 on CPU: 56.5 vs 248 MiB, 1.01x the time). Without remat,
-long sequences on CPU run the same chunked backward pass on saved gates
-(``chunk``, :func:`default_chunk`): the per-step gradient buffers stay in cache.
+long sequences on CPU run the same chunked backward pass on the gates saved by
+one forward loop (``chunk``, :func:`default_chunk`): the per-step gradient
+buffers stay in cache.
 
 What makes it fast on CPU (measured with the XLA profiler on the 2-core development
 machine, LSTM H=128 B=32 T=1024): weight gradients outside the loop; gate blocks
@@ -443,8 +444,9 @@ def _split_gru_gradient(cell: Cell, batch: int) -> bool:
     return cell.name == "gru" and batch * cell.hidden_size >= GRU_SPLIT_MIN_ROWS
 
 
-def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
-    """The backward loop and the recurrent weight gradients.
+def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
+    """The backward loop and the recurrent weight gradients; ``h_first`` is the
+    hidden state before the first step (the initial carry's).
 
     Returns ``(drec, dcarry0, dxp)``: gradients of the recurrent params, the initial
     carry and the input projection ``<[T, B, G*H]>``.
@@ -452,10 +454,10 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
     # The hidden state before each step. Past a length the shifted outputs are not
     # the (frozen) state, but nothing there is used: those steps are masked below.
-    h_prev = _shift(_hidden(carry0), ys)
+    h_prev = _shift(h_first, ys)
     if valid is not None:
         dys = _mask(valid, dys)
-    if _pallas(opts, rec, carry0, ys):
+    if _pallas(opts, rec, h_first, ys):
         w_t = _pallas_weights(rec, opts.matmul_dtype).T
         dxp, dcarry0, extras = persistent.backward(cell, w_t, valid, h_prev, saved, dys, dfinal)
         grads = weight_grads(h_prev, dxp, extras)
@@ -490,7 +492,7 @@ def _backward(cell, opts, rec, carry0, valid, ys, saved, dys, dfinal):
 
 def _recurrence_bwd(cell, opts, res, cts):
     rec, carry0, valid, ys, saved = res
-    drec, dcarry0, dxp = _backward(cell, opts, rec, carry0, valid, ys, saved, *cts)
+    drec, dcarry0, dxp = _backward(cell, opts, rec, _hidden(carry0), valid, ys, saved, *cts)
     return drec, dcarry0, dxp, None
 
 
@@ -506,9 +508,11 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 #     each chunk (and the outputs, which the layer returns anyway); the backward
 #     pass recomputes the chunk's projection and gates. Nothing of size T x (G*H)
 #     is ever alive: the temporary memory is the outputs plus O(K) buffers.
-#   long sequences on CPU (recompute=False): the forward pass saves the gates as
-#     usual; the backward pass's per-step buffers (``dA_t``, the projection) stay
-#     in cache instead of streaming <[T, B, G*H]> arrays through memory.
+#   long sequences on CPU (recompute=False): the forward pass is the unchunked
+#     one (one loop, the gates saved); only the backward pass runs in chunks, so
+#     its per-step buffers (``dA_t``, the projection's gradient) stay in cache
+#     instead of streaming <[T, B, G*H]> arrays through memory. (Chunking the
+#     forward pass too was 2-5% faster for the LSTM but compiled 0.2-0.4 s longer.)
 
 
 def chunk_size(num_steps: int) -> int:
@@ -531,10 +535,11 @@ def default_chunk(num_steps: int, backend: str | None = None) -> int:
     T in [8, 32] nearest to 16 (0 if there is none); 0 (no chunks) otherwise.
 
     Measured on the 2-core CPU, training step of the language model at H=128, B=32,
-    T=1024 (ms, three alternating rounds): LSTM 102-103 unchunked vs 98-100 with
-    K=16; GRU reset-after 86-87 vs 79-84 with K=16 and 77-85 with K=32. At T=32 and
-    64 (the d2l and medium shapes) chunks were level or slower (d2l LSTM 16.5-17.1
-    vs 17.6-18.0 ms at K=4), so short sequences keep one loop.
+    T=1024 (ms, three alternating rounds in one process): LSTM 107.5-116.0 in one
+    loop vs 106.5-107.2 with K=16; GRU reset-after 88.3-91.3 vs 81.6-83.9 (the
+    layer and loss gradient alone: K=8, 16, 32 within 5% of each other). At T=32
+    and 64 (the d2l and medium shapes) chunks were level or slower (d2l LSTM
+    16.5-17.1 vs 17.6-18.0 ms at K=4), so short sequences keep one loop.
     """
     backend = backend or jax.default_backend()
     if backend != "cpu" or num_steps < CHUNK_MIN_STEPS:
@@ -601,29 +606,38 @@ def _in_chunks(x: Array | None, num_chunks: int) -> Array | None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _chunked(cell, opts, num_chunks, recompute, params, carry0, xs, valid):
-    ys, final, _, _ = _chunked_forward(cell, opts, num_chunks, False, params, carry0, xs, valid)
+    if recompute:  # the projection a chunk at a time: no <[T, B, G*H]> array
+        ys, final, _ = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
+        return ys, final
+    xp = _project(cell, params, xs, opts.matmul_dtype)
+    ys, final, _ = _forward(cell, opts, False, _recurrent_params(params), carry0, xp, valid)
     return ys, final
 
 
-def _chunked_forward(cell, opts, num_chunks, save, params, carry0, xs, valid):
+def _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid):
+    """The forward pass a chunk at a time, keeping each chunk's starting carry."""
     rec = _recurrent_params(params)
 
     def body(carry, inp):
         xs_c, valid_c = inp
         xp_c = _project(cell, params, xs_c, opts.matmul_dtype)
-        ys_c, new, saved_c = _forward(cell, opts, save, rec, carry, xp_c, valid_c)
-        return new, (ys_c, carry, saved_c)
+        ys_c, new, _ = _forward(cell, opts, False, rec, carry, xp_c, valid_c)
+        return new, (ys_c, carry)
 
     inputs = (_in_chunks(xs, num_chunks), _in_chunks(valid, num_chunks))
-    final, (ys, starts, saved) = jax.lax.scan(body, carry0, inputs)
-    return ys.reshape(-1, *ys.shape[2:]), final, starts, saved
+    final, (ys, starts) = jax.lax.scan(body, carry0, inputs)
+    return ys.reshape(-1, *ys.shape[2:]), final, starts
 
 
 def _chunked_fwd(cell, opts, num_chunks, recompute, params, carry0, xs, valid):
-    ys, final, starts, saved = _chunked_forward(
-        cell, opts, num_chunks, not recompute, params, carry0, xs, valid
-    )
-    return (ys, final), (params, xs, valid, ys, starts, saved)
+    if recompute:
+        ys, final, starts = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
+        return (ys, final), (params, xs, valid, ys, starts, None)
+    # one forward loop as in the unchunked layer; the saves are read a chunk at a time
+    xp = _project(cell, params, xs, opts.matmul_dtype)
+    ys, final, saved = _forward(cell, opts, True, _recurrent_params(params), carry0, xp, valid)
+    saved = jax.tree_util.tree_map(lambda a: _in_chunks(a, num_chunks), saved)
+    return (ys, final), (params, xs, valid, ys, _hidden(carry0), saved)
 
 
 def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
@@ -631,6 +645,9 @@ def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
     dys, dfinal = cts
     rec = _recurrent_params(params)
     tokens = not jnp.issubdtype(xs.dtype, jnp.floating)
+    if not recompute:  # the hidden state before each chunk's first step
+        chunk = xs.shape[0] // num_chunks
+        starts = jnp.concatenate([starts[None], ys[chunk - 1 :: chunk][:-1]], axis=0)
 
     def body(acc, inp):
         dcarry, dparams = acc
@@ -642,6 +659,7 @@ def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
             xp_c, project_vjp = jax.vjp(project, params, xs_c)
         if recompute:
             _, _, saved = _forward(cell, opts, True, rec, start, xp_c, valid_c)
+            start = _hidden(start)
         drec, dstart, dxp_c = _backward(cell, opts, rec, start, valid_c, ys_c, saved, dys_c, dcarry)
         dproj = project_vjp(dxp_c)
         dparams = jax.tree_util.tree_map(jnp.add, dparams, dproj[0])
