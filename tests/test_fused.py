@@ -96,10 +96,10 @@ def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirecti
 def test_gru_gradient_stacked_per_gate_equals_scan(cell_name, monkeypatch):
     """The GRU backward loop's per-gate stacking of dA (used from a large B*H on,
     fused._split_gru_gradient), forced on at this small shape: values and gradients
-    of two bidirectional layers with lengths against the scan."""
+    of a bidirectional layer with lengths against the scan."""
     monkeypatch.setattr(fused, "GRU_SPLIT_MIN_ROWS", 0)
     assert fused._split_gru_gradient(CELLS[cell_name](), B)
-    ref, fast, params = nets(cell_name, 2, True)
+    ref, fast, params = nets(cell_name, 1, True)
     xs, carry = random(50, (B, T, I)), batch_carry(ref, 51)
     weights = random(52, (B, T, ref.output_size))
     args = (params, xs, carry, jnp.asarray(LENGTHS))
@@ -225,8 +225,8 @@ def test_fused_remat_with_a_padded_last_chunk_equals_scan(cell_name, num_steps=7
     """T prime: the chunks do not divide T, the padded steps must change nothing (the
     chunking is the same code for every cell; test_fused_options_match_scan runs
     remat over all of them)."""
-    ref, _, params = nets(cell_name, 2, True)
-    fast = networks.network(ref.cell, 2, True, implementation="fused", remat=True)
+    ref, _, params = nets(cell_name, 1, True)
+    fast = networks.network(ref.cell, 1, True, implementation="fused", remat=True)
     xs, carry = random(20, (B, num_steps, I)), batch_carry(ref, 21)
     weights = random(22, (B, num_steps, 2 * H))
     for lengths in (None, jnp.asarray([num_steps, 0, 3, num_steps - 1], jnp.int32)):
@@ -252,14 +252,14 @@ def test_default_chunk():
         assert k == 0 or (8 <= k <= 32 and t % k == 0)
 
 
-@pytest.mark.parametrize(
-    "cell_name,chunk", [(c, 2) for c in CELLS] + [("gru_after", 4), ("lstm", 4)]
-)
+@pytest.mark.parametrize("cell_name,chunk", [("rnn", 2), ("gru", 2), ("gru_after", 4), ("lstm", 4)])
 def test_chunked_backward_equals_scan(cell_name, chunk):
     """The layer with its backward pass in chunks (saved gates, nothing recomputed;
     chunk=4 pads the last of T=6 steps) against the reference scan network: values,
     final carries and gradients of params, inputs and initial carries, with lengths
-    and without, float inputs and token ids."""
+    and without, float inputs and token ids. The chunking is the same code for every
+    cell (only the saved arrays differ): four cells cover both chunk cases, and
+    test_fused_layer_matches_finite_differences runs chunk=4 over all six."""
     ref, _, params = nets(cell_name, 1, False)
     cell = ref.cell
     (carry,) = batch_carry(ref, 31)
@@ -323,9 +323,9 @@ def test_long_sequences_chunk_by_default_on_cpu():
     assert_trees_close(loss(None)(params, xs), loss(0)(params, xs))
     with pytest.raises(ValueError, match="chunk"):
         fused.layer(cell, params, c0, xs, chunk=-1)
-    # the same through a network: 2 bidirectional layers (directions under vmap)
-    ref = networks.network(cell, 2, True, implementation="scan")
-    fast = networks.network(cell, 2, True, implementation="fused")
+    # the same through a network: a bidirectional layer
+    ref = networks.network(cell, 1, True, implementation="scan")
+    fast = networks.network(cell, 1, True, implementation="fused")
     net_params = ref.init(jax.random.key(1), 2)
     xs_b = jnp.swapaxes(xs, 0, 1)
 
@@ -342,10 +342,10 @@ def test_long_sequences_chunk_by_default_on_cpu():
 @pytest.mark.parametrize("cell_name", ["gru_after", "lstm"])
 def test_bidirectional_directions_under_vmap_equal_scan(cell_name, monkeypatch):
     """The fused bidirectional layer with its directions vmapped (on CPU from H=256 on,
-    networks.separate_directions), forced at this small H: 2 layers vs the scan."""
+    networks.separate_directions), forced at this small H: a layer vs the scan."""
     monkeypatch.setattr(networks, "SEPARATE_DIRECTIONS_BELOW_HIDDEN", 0)
     assert not networks.separate_directions(H, "xla", "cpu")
-    ref, fast, params = nets(cell_name, 2, True)
+    ref, fast, params = nets(cell_name, 1, True)
     xs, carry = random(60, (B, T, I)), batch_carry(ref, 61)
     weights = random(62, (B, T, ref.output_size))
     args = (params, xs, carry, jnp.asarray(LENGTHS))
