@@ -85,7 +85,7 @@ class Network(NamedTuple):
 
     Attributes:
       cell, num_layers, bidirectional, dropout, unroll, remat, hoist_input,
-        implementation, matmul_dtype: the options given to :func:`network`.
+        implementation, matmul_dtype, chunk: the options given to :func:`network`.
       output_size: features of ``ys``: H, or 2H when bidirectional.
       init: ``(key, input_size) -> params``.
       initial_carry: ``() -> final``-structured zeros for one sequence.
@@ -110,6 +110,7 @@ class Network(NamedTuple):
     initial_carry: Callable[[], tuple]
     apply: Callable[..., tuple[Array, tuple]]
     apply_batch: Callable[..., tuple[Array, tuple]]
+    chunk: int | None = None
 
 
 # Measured on a 2-core CPU (see BUILD.md): computing X W_x + b inside the scan
@@ -347,6 +348,7 @@ def network(
     hoist_input: bool | None = None,
     implementation: str = "auto",
     matmul_dtype: str = "float32",
+    chunk: int | None = None,
 ) -> Network:
     """Builds a deep, optionally bidirectional network from ``cell``.
 
@@ -379,7 +381,14 @@ def network(
         float32; gates, carries, outputs and gradients stay float32. The reference
         ``"scan"`` (which ``"auto"`` runs for a batch of one) always computes in
         float32, so ``implementation="scan"`` with ``"bfloat16"`` is an error.
+      chunk: the fused layers' backward pass in chunks of this many steps
+        (:func:`rnn_jax.fused.layer`); ``None``: the measured rule
+        (:func:`rnn_jax.fused.default_chunk`: on CPU from T=256), 0: one loop.
+        Values and gradients are the same either way; the scan and wavefront
+        implementations ignore it, and ``remat`` chunks by its own rule.
     """
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+        raise ValueError(f"chunk: expected None or an int >= 0, got {chunk!r}")
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
         raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")
@@ -574,6 +583,7 @@ def network(
             remat=remat,
             matmul_dtype=matmul_dtype,
             kernel=kernel,
+            chunk=chunk,
         )
         finals = []
         for layer in range(num_layers):
@@ -639,4 +649,5 @@ def network(
         initial_carry=zero_carry,
         apply=apply,
         apply_batch=apply_batch,
+        chunk=chunk,
     )

@@ -242,6 +242,23 @@ def test_fused_remat_with_a_padded_last_chunk_equals_scan(cell_name, num_steps=7
         assert_trees_close((ys_fast, final_fast), (ys_ref, final_ref))
 
 
+def test_network_chunk_option_equals_scan():
+    """``network(chunk=K)`` reaches the fused layers: a bidirectional LSTM with its
+    backward pass in chunks of 4 (T=6, lengths) against the scan; bad values raise."""
+    ref, _, params = nets("lstm", 1, True)
+    fast = networks.network(ref.cell, 1, True, implementation="fused", chunk=4)
+    assert fast.chunk == 4
+    xs, carry = random(70, (B, T, I)), batch_carry(ref, 71)
+    weights = random(72, (B, T, ref.output_size))
+    args = (params, xs, carry, jnp.asarray(LENGTHS))
+    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
+    assert_trees_close(got, want)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="chunk"):
+            networks.network(ref.cell, chunk=bad)
+
+
 def test_default_chunk():
     assert fused.default_chunk(1024, "cpu") == 16 and fused.default_chunk(1000, "cpu") == 20
     assert fused.default_chunk(257, "cpu") == 0  # prime: no divisor in [8, 32]
