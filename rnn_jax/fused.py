@@ -548,6 +548,12 @@ def default_chunk(num_steps: int, backend: str | None = None) -> int:
     return min(divisors, key=lambda d: (abs(d - 16), d)) if divisors else 0
 
 
+def check_chunk(chunk: Any) -> None:
+    """``chunk`` must be ``None`` or an int >= 0 (ValueError naming it otherwise)."""
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
+        raise ValueError(f"chunk: expected None or an int >= 0, got {chunk!r}")
+
+
 @jax.custom_vjp
 def _bf16_linear(xs: Array, w: Array) -> Array:
     """``xs <float32>[T, B, I] @ w <float32>[I, N]`` on bfloat16 operands, float32
@@ -733,10 +739,9 @@ def layer(
     opts = LoopOptions(unroll, matmul_dtype, kernel)
     num_steps = xs.shape[0]
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
+    check_chunk(chunk)
     if chunk is None:
         chunk = 0 if kernel != "xla" else default_chunk(num_steps)
-    elif not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-        raise ValueError(f"chunk: expected None or an int >= 0, got {chunk!r}")
     if remat:
         chunk = chunk_size(num_steps)
     if not chunk:

@@ -387,8 +387,7 @@ def network(
         Values and gradients are the same either way; the scan and wavefront
         implementations ignore it, and ``remat`` chunks by its own rule.
     """
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-        raise ValueError(f"chunk: expected None or an int >= 0, got {chunk!r}")
+    fused.check_chunk(chunk)
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
         raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")

@@ -70,6 +70,17 @@ def assert_trees_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
 
 
+def assert_matches_scan(ref, fast, params, seed):
+    """Loss value and gradients (params, inputs, initial carry) of ``fast`` (jitted)
+    equal the reference ``ref`` on random inputs with LENGTHS."""
+    xs, carry = random(seed, (B, T, I)), batch_carry(ref, seed + 1)
+    weights = random(seed + 2, (B, T, ref.output_size))
+    args = (params, xs, carry, jnp.asarray(LENGTHS))
+    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
+    assert_trees_close(got, want)
+
+
 @pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
 def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirectional):
     ref, fast, params = nets(cell_name, num_layers, bidirectional)
@@ -100,12 +111,7 @@ def test_gru_gradient_stacked_per_gate_equals_scan(cell_name, monkeypatch):
     monkeypatch.setattr(fused, "GRU_SPLIT_MIN_ROWS", 0)
     assert fused._split_gru_gradient(CELLS[cell_name](), B)
     ref, fast, params = nets(cell_name, 1, True)
-    xs, carry = random(50, (B, T, I)), batch_carry(ref, 51)
-    weights = random(52, (B, T, ref.output_size))
-    args = (params, xs, carry, jnp.asarray(LENGTHS))
-    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
-    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
-    assert_trees_close(got, want)
+    assert_matches_scan(ref, fast, params, 50)
 
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
@@ -248,12 +254,7 @@ def test_network_chunk_option_equals_scan():
     ref, _, params = nets("lstm", 1, True)
     fast = networks.network(ref.cell, 1, True, implementation="fused", chunk=4)
     assert fast.chunk == 4
-    xs, carry = random(70, (B, T, I)), batch_carry(ref, 71)
-    weights = random(72, (B, T, ref.output_size))
-    args = (params, xs, carry, jnp.asarray(LENGTHS))
-    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
-    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
-    assert_trees_close(got, want)
+    assert_matches_scan(ref, fast, params, 70)
     for bad in (-1, True, 2.0):
         with pytest.raises(ValueError, match="chunk"):
             networks.network(ref.cell, chunk=bad)
@@ -363,12 +364,7 @@ def test_bidirectional_directions_under_vmap_equal_scan(cell_name, monkeypatch):
     monkeypatch.setattr(networks, "SEPARATE_DIRECTIONS_BELOW_HIDDEN", 0)
     assert not networks.separate_directions(H, "xla", "cpu")
     ref, fast, params = nets(cell_name, 1, True)
-    xs, carry = random(60, (B, T, I)), batch_carry(ref, 61)
-    weights = random(62, (B, T, ref.output_size))
-    args = (params, xs, carry, jnp.asarray(LENGTHS))
-    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
-    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
-    assert_trees_close(got, want)
+    assert_matches_scan(ref, fast, params, 60)
 
 
 def test_separate_directions():
