@@ -163,10 +163,11 @@ def _lookup_rows_fwd(w: Array, ids: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _lookup_rows_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, None]:
     ids, rows = res
-    num_rows = rows.shape[0]
-    flat_g = g.reshape(ids.size, -1)
-    one_hot = jax.nn.one_hot(ids.reshape(-1), num_rows, dtype=g.dtype)
-    return (one_hot.T @ flat_g).reshape(num_rows, *g.shape[ids.ndim :]), None
+    one_hot = jax.nn.one_hot(ids, rows.shape[0], dtype=g.dtype)  # <[*ids.shape, V]>
+    # contracting the id axes as they are (no flattening reshape) keeps a sharded
+    # batch axis sharded: each device sums its rows, then one all-reduce
+    axes = tuple(range(ids.ndim))
+    return jax.lax.dot_general(one_hot, g, ((axes, axes), ((), ()))), None
 
 
 lookup_rows.defvjp(_lookup_rows_fwd, _lookup_rows_bwd)

@@ -309,10 +309,22 @@ def kernels(cell: Cell, prep: dict[str, Array]):
 
 def _contract(v: Array, d: Array, dtype: Any = "float32") -> Array:
     """``Σ_{t,b} v[t,b]ᵀ d[t,b]``: ``<[T, B, K]>, <[T, B, ...]> -> <[K, ...]>`` as one
-    matmul, operands in ``dtype``, result float32."""
+    matmul, operands in ``dtype``, result float32.
+
+    Both leading axes are contracted as they are (no ``[T*B, K]`` reshape): under
+    data parallelism the batch axis is sharded, and a reshape merging it with the
+    time axis made the partitioner all-gather both operands onto every device
+    (``[T, B, G*H]``: 64 MiB for the long LSTM) instead of summing partial products.
+    """
     k = v.shape[-1]
-    rows = v.shape[0] * v.shape[1]
-    out = _mm(v.reshape(rows, k).T, cast(d.reshape(rows, -1), dtype))
+    d2 = cast(d.reshape(*d.shape[:2], -1), dtype)
+    low = d2.dtype == jnp.bfloat16
+    out = jax.lax.dot_general(
+        v.astype(d2.dtype) if low else v,
+        d2,
+        (((0, 1), (0, 1)), ((), ())),
+        preferred_element_type=jnp.float32 if low else None,
+    )
     return out.reshape(k, *d.shape[2:])
 
 

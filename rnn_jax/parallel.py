@@ -6,6 +6,16 @@ is replicated; ``jax.jit`` then inserts the gradient all-reduce itself, so the
 train step's code is the same on one device and on many, and so are its results
 up to the order of floating-point sums.
 
+On a CPU, one device's program runs its recurrent loop on one core at a time:
+each step is a chain of dependent ops too small for XLA:CPU to split over
+threads, and it runs no independent ops of a step side by side. Several CPU
+devices run their programs concurrently, so :func:`split_cpu` (before JAX's
+first computation) with one device per core turns data parallelism into the
+way a training step uses every core. Measured on the 2-core development CPU,
+language-model training step, 1 vs 2 CPU devices, ms: LSTM H=128 B=32 T=1024
+109 -> 83, GRU 101 -> 72; LSTM H=32 B=1024 T=32 18.3 -> 15.0; LSTM H=256 B=64
+T=64 32.8 -> 28.3; 4 devices on 2 cores were slower than 2 (106 ms).
+
 Multi-host: call ``jax.distributed.initialize(...)`` first (``experiments/train.py``
 does it from ``--coordinator_address``, ``--num_processes``, ``--process_id``); every
 process then builds the same global batch (batches are pure functions of
@@ -16,11 +26,58 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FORCE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(batch_size: int, cores: int | None = None) -> int:
+    """How many CPU devices a batch of ``batch_size`` rows splits over by default: the
+    largest ``n <= cores`` (default :func:`cpu_cores`) that divides ``batch_size``."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    cores = cpu_cores() if cores is None else cores
+    return max(n for n in range(1, max(1, cores) + 1) if batch_size % n == 0)
+
+
+def forced_cpu_devices() -> int | None:
+    """The CPU device count ``XLA_FLAGS`` forces (``--xla_force_host_platform_device_count``),
+    or ``None``."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(FORCE_DEVICES_FLAG + "="):
+            return int(flag.split("=", 1)[1])
+    return None
+
+
+def split_cpu(num_devices: int) -> int:
+    """Makes JAX's CPU backend present ``num_devices`` devices (the same cores, each
+    device running its own program): with :func:`data_mesh`, a batch is then split
+    over them and the shards' loops run at once. Only the CPU backend changes; a
+    GPU or TPU run keeps its devices.
+
+    Call it before JAX's first computation (``jax.config.update("jax_num_cpu_devices")``
+    is refused after that; RuntimeError). A count forced in ``XLA_FLAGS`` wins and
+    is left alone. Returns the number of CPU devices the backend will have.
+    """
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+        raise ValueError(f"num_devices: expected an int >= 1, got {num_devices!r}")
+    forced = forced_cpu_devices()
+    if forced is not None:
+        return forced
+    jax.config.update("jax_num_cpu_devices", num_devices)
+    return num_devices
 
 
 def data_mesh(enabled: bool = True) -> Mesh | None:

@@ -91,3 +91,66 @@ def test_four_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
     assert ref.step == moved.step == 20
     assert_params_close(ref.params, moved.params)
     np.testing.assert_allclose(step_losses(one.workdir), step_losses(tmp_path / "ref"), rtol=1e-6)
+
+
+SHARDED_GRADIENTS = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rnn_jax import cells, fused, parallel
+assert parallel.split_cpu(2) == 2
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+T, B, H, V = 6, 4, 8, 5
+for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("rnn", {})]:
+    cell = cells.make(name, H, **opts)
+    for tokens in (True, False):
+        key = jax.random.PRNGKey(0)
+        params = cell.init(key, V)
+        if tokens:
+            xs = jax.random.randint(key, (T, B), 0, V)
+        else:
+            xs = jax.random.normal(key, (T, B, V))
+        lengths = jnp.array([T, 2, 0, 5])
+        r = jax.random.normal(jax.random.PRNGKey(1), (T, B, H))
+
+        def loss(params, xs, lengths, r):
+            carry = jax.tree.map(lambda z: jnp.zeros((B, H)), cell.initial_carry())
+            ys, _ = fused.layer(cell, params, carry, xs, lengths)
+            return jnp.sum(ys * r)
+
+        grad = jax.jit(jax.grad(loss))
+        expected = grad(params, xs, lengths, r)
+        batch = lambda a, axis: jax.device_put(
+            a, NamedSharding(mesh, P(*([None] * axis), "data"))
+        )
+        args = (
+            jax.device_put(params, NamedSharding(mesh, P())),
+            batch(xs, 1),
+            batch(lengths, 0),
+            batch(r, 1),
+        )
+        hlo = grad.lower(*args).compile().as_text()
+        assert "all-gather" not in hlo, (name, opts, tokens)
+        got = grad(*args)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_fused_gradients_of_a_sharded_batch_gather_nothing():
+    """With the batch split over 2 CPU devices (`parallel.split_cpu`), the fused layers'
+    gradients (recurrent and input weights, token ids and float inputs, with lengths)
+    lower to partial sums and one all-reduce: no all-gather of the [T, B, ...] arrays
+    (a [T*B, K] reshape used to force one), and they equal the one-device gradients."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED_GRADIENTS],
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
