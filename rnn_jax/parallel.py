@@ -24,9 +24,8 @@ process then builds the same global batch (batches are pure functions of
 
 from __future__ import annotations
 
-from typing import Any
-
 import os
+from typing import Any
 
 import jax
 import numpy as np
