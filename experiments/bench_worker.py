@@ -72,6 +72,10 @@ DEFAULTS: dict[str, Any] = {
     "max_time_s": 20.0,
     "compile_only": False,  # JAX only: lower + compile + memory analysis, no steps
     "device": "auto",  # "auto" | "cpu" | "gpu"
+    # CPU devices of the JAX workers ("auto" or a count; rnn_jax.parallel.split_cpu):
+    # the batch is split over them (data parallelism), as experiments.train does
+    "cpu_devices": "auto",  # rnn_jax: its launcher's default
+    "flax_cpu_devices": "1",  # flax.linen: one device, as its users get it
 }
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -285,12 +289,30 @@ def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     rss_import = _max_rss_bytes()
-    platform = jax.default_backend()
+    from experiments.common import resolve_cpu_devices
+    from rnn_jax import parallel
+
+    key = "cpu_devices" if spec["impl"] == "rnn_jax" else "flax_cpu_devices"
+    macs = parallel.recurrent_macs(
+        spec["cell"],
+        spec["hidden_size"],
+        spec["batch_size"],
+        spec["num_steps"],
+        spec["num_layers"],
+        spec["bidirectional"],
+    )
+    parallel.split_cpu(resolve_cpu_devices(spec[key], spec["batch_size"], True, key, macs))
+    platform = jax.default_backend()  # the backends start here, after split_cpu
     if spec["device"] == "gpu" and platform != "gpu":
         raise Skip(f"JAX has no GPU backend here (default backend: {platform})")
     device = jax.devices()[0]
     make = _rnn_jax_step if spec["impl"] == "rnn_jax" else _flax_step
     train_step, state, batch, loss_of, params, info = make(spec)
+    mesh = parallel.data_mesh()  # the batch over all devices, parameters replicated
+    if mesh is not None:
+        state = jax.device_put(state, parallel.replicated(mesh))
+        batch = parallel.shard_batch(batch, mesh)
+    info["devices"] = 1 if mesh is None else mesh.size
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
     t0 = time.perf_counter()

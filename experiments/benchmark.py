@@ -243,6 +243,7 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "cudnn",
         "thread_info",
         "threads",
+        "devices",
     ):
         if extra in ok[0]:
             out[extra] = ok[0][extra]
@@ -525,6 +526,8 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
             impl_used += f", unroll {ours['unroll']}"
         if ours.get("matmul_dtype", "float32") != "float32":
             impl_used += f", {ours['matmul_dtype']} matmuls"
+        if ours.get("devices", 1) > 1:
+            impl_used += f", {ours['devices']} devices"
         row.append(impl_used)
         for impl in impls:
             r = group.get(impl)
@@ -660,6 +663,11 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
         + f", implementation={o.get('implementation', 'auto')} (the column rnn_jax impl "
         "says which implementation and unroll ran); flax.linen and PyTorch run with their "
         "defaults.",
+        f"CPU devices: rnn_jax --cpu_devices={o.get('cpu_devices', '1')}, flax.linen "
+        f"--flax_cpu_devices={o.get('flax_cpu_devices', '1')} (auto: one per core, "
+        "rnn_jax.parallel.split_cpu, the default of experiments.train; on a CPU the batch "
+        "is split over them and each device runs its share at once; the rnn_jax impl "
+        "column says when there were several; GPU runs are not affected).",
         "Allocator: "
         + (
             "every worker, whatever its implementation, calls rnn_jax.allocator.tune_malloc() "
@@ -759,6 +767,8 @@ def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so importing is free)."""
     from absl import flags
 
+    from experiments import common
+
     flags.DEFINE_list(
         "configs",
         ",".join(CONFIGS),
@@ -833,6 +843,17 @@ def define_flags() -> None:
         "float32",
         ["float32", "bfloat16"],
         "rnn_jax: operand type of the recurrent layers' matmuls (float32 accumulation).",
+    )
+    common.define_cpu_devices_flag(
+        "cpu_devices",
+        "auto",
+        "rnn_jax: " + common.CPU_DEVICES_HELP + " As experiments.train does by default.",
+    )
+    common.define_cpu_devices_flag(
+        "flax_cpu_devices",
+        "1",
+        "flax.linen: CPU devices, the batch split over them the same way (default 1: "
+        "one device, as a flax.linen user gets it).",
     )
     flags.DEFINE_bool(
         "tune_malloc",
@@ -932,6 +953,8 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from experiments.common import resolve_cpu_devices
+
     FLAGS = flags.FLAGS
     del argv  # positional arguments are refused by parse_flags_or_exit_2
     echo = lambda s: print(s, flush=True)
@@ -947,6 +970,8 @@ def main(argv: list[str]) -> None:
         "implementation": FLAGS.implementation,
         "matmul_dtype": FLAGS.matmul_dtype,
         "tune_malloc": FLAGS.tune_malloc,
+        "cpu_devices": FLAGS.cpu_devices,
+        "flax_cpu_devices": FLAGS.flax_cpu_devices,
         "lr": FLAGS.lr,
         "seed": FLAGS.seed,
         "warmup": FLAGS.warmup,
@@ -981,6 +1006,19 @@ def main(argv: list[str]) -> None:
             parse_bools(FLAGS.bidirectional),
         )
     cells = list(dict.fromkeys(FLAGS.cells))
+    known = all_configs(FLAGS.config_spec)
+    batch_sizes = {c.config.batch_size for c in cases}
+    if FLAGS.compile_report:
+        batch_sizes.add(known[FLAGS.compile_config].batch_size)
+    if FLAGS.remat_report:
+        batch_sizes.add(known[FLAGS.remat_config].batch_size)
+    try:  # a given device count must split every batch, before any worker runs
+        for flag in ("cpu_devices", "flax_cpu_devices"):
+            for b in sorted(batch_sizes):
+                resolve_cpu_devices(FLAGS[flag].value, b, True, flag=flag)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     total = len(cases) * FLAGS.rounds * len(impls)
     if FLAGS.compile_report:
         total += (
@@ -1000,7 +1038,6 @@ def main(argv: list[str]) -> None:
         f"implementations {', '.join(impls)}"
     )
 
-    known = all_configs(FLAGS.config_spec)
     report: dict[str, Any] = {}
     if not reports:
         report["results"] = run_benchmark(cases, impls, runner, FLAGS.rounds)

@@ -53,6 +53,7 @@ from rnn_jax import sweeps
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
 THREAD_VARS = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+CORES_VAR = "RNN_JAX_CPU_CORES"  # rnn_jax.parallel.CORES_ENV: a trial's share of the cores
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -212,6 +213,7 @@ def child_env(parallel: int, threads: int) -> tuple[dict[str, str], int]:
     for var in THREAD_VARS[1:]:
         env[var] = str(k)
     if parallel > 1 or threads:
+        env[CORES_VAR] = str(k)  # --cpu_devices=auto: at most one CPU device per core of it
         extra = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={k}"
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {extra}".strip()
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # GPUs: share the memory
@@ -235,7 +237,8 @@ def launch(trial: sweeps.Trial, cmd: list[str], run_dir: Path, env: dict[str, st
     log_path = run_dir / sweeps.LOG_FILE
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "a") as log:
-        threads = " ".join(f"{k}={shlex.quote(env[k])}" for k in THREAD_VARS if k in env)
+        shown = (*THREAD_VARS, CORES_VAR)
+        threads = " ".join(f"{k}={shlex.quote(env[k])}" for k in shown if k in env)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         log.write(f"{sweeps.LOG_HEADER}{stamp} {threads} $ {shlex.join(cmd)}\n")
         log.flush()

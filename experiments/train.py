@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import define_cpu_devices_flag, parse_flags_or_exit_2, resolve_cpu_devices
 from rnn_jax.config import TrainConfig
 
 _D = TrainConfig()
@@ -118,6 +118,7 @@ flags.DEFINE_bool(
     _D.data_parallel,
     "Split every batch over all devices (of all processes) when there are several.",
 )
+define_cpu_devices_flag()
 flags.DEFINE_bool(
     "tune_malloc",
     True,
@@ -181,6 +182,23 @@ def init_distributed() -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
+def _recurrent_macs() -> int:
+    """The run's recurrent work per step (0 for bad flags: run() reports those)."""
+    from rnn_jax import parallel
+
+    try:
+        return parallel.recurrent_macs(
+            FLAGS.cell,
+            FLAGS.hidden_size,
+            FLAGS.batch_size,
+            FLAGS.num_steps,
+            FLAGS.num_layers,
+            FLAGS.bidirectional,
+        )
+    except (KeyError, TypeError):
+        return 0
+
+
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -196,6 +214,19 @@ def main(argv):
             file=sys.stderr,
         )
         sys.exit(2)
+    try:  # before JAX's first computation; auto: one device per core (rnn_jax.parallel)
+        cpu_devices = resolve_cpu_devices(
+            FLAGS.cpu_devices,
+            FLAGS.batch_size,
+            FLAGS.data_parallel and not FLAGS.coordinator_address,
+            macs=_recurrent_macs(),
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from rnn_jax import parallel
+
+    parallel.split_cpu(cpu_devices)
     init_distributed()
     from rnn_jax import train
     from rnn_jax.config import ConfigError

@@ -7,6 +7,7 @@ Modules:
   wavefront  deep unidirectional networks with all layers in one loop.
   persistent the fused layers' loops as Pallas GPU kernels.
   allocator  ``tune_malloc()``: stops XLA:CPU's per-step page faults (glibc).
+  parallel   data parallelism (``jax.sharding``); ``split_cpu()``: a CPU device per core.
   interop    PyTorch state-dict conversion.
   text, data, models, generate   the character language model pipeline.
   linen, train, checkpoint, runs, config, autotune   imported on first use
@@ -15,7 +16,18 @@ Modules:
 
 import importlib
 
-from rnn_jax import allocator, cells, data, fused, generate, interop, models, networks, text
+from rnn_jax import (
+    allocator,
+    cells,
+    data,
+    fused,
+    generate,
+    interop,
+    models,
+    networks,
+    parallel,
+    text,
+)
 from rnn_jax.cells import Cell, LSTMCarry
 from rnn_jax.networks import BiCarry, Network
 
@@ -34,6 +46,7 @@ __all__ = [
     "interop",
     "models",
     "networks",
+    "parallel",
     "text",
 ]
 

@@ -287,6 +287,9 @@ def run(
     model = models.language_model(model_config(config, len(vocab)))
     tx = make_optimizer(config, total)
     mesh = _mesh(config)
+    if mesh is not None:
+        kind = mesh.devices.flat[0].platform.upper()
+        echo(f"data parallel: {config.batch_size} rows per batch over {mesh.size} {kind} devices")
 
     _prepare_workdir(workdir, config, vocab)
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)

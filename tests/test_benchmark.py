@@ -85,6 +85,8 @@ def test_tiny_run_of_every_implementation(tmp_path):
         "--iters=2",
         "--min_iters=2",
         "--threads=1",
+        "--cpu_devices=2",  # both JAX steps with the batch split over 2 CPU devices
+        "--flax_cpu_devices=2",
         f"--output={out}",
         f"--markdown={md}",
     )
@@ -115,6 +117,8 @@ def test_tiny_run_of_every_implementation(tmp_path):
     for text in ("### Training step", "| tiny | 8 | 4 | 8 | gru | 1 | yes |", "speedup vs torch"):
         assert text in markdown
     assert "speedup vs flax" in proc.stdout and "[3/3]" in proc.stdout
+    assert workers["rnn_jax"]["devices"] == workers["flax"]["devices"] == 2
+    assert ", 2 devices |" in markdown
 
 
 def test_compile_only_worker():
@@ -330,6 +334,8 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
         (["--layers=0"], "layers"),
         (["--bidirectional=maybe"], "maybe"),
         (["--remat_report", "--remat_config=huge"], "huge"),
+        (["--cpu_devices=3", "--configs=d2l"], "--cpu_devices: 3 devices do not split"),
+        (["--flax_cpu_devices=0"], "flax_cpu_devices"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):

@@ -154,3 +154,41 @@ def test_fused_gradients_of_a_sharded_batch_gather_nothing():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_cpu_device_count_divides_the_batch_and_skips_small_steps(monkeypatch):
+    from rnn_jax import parallel
+
+    big = parallel.CPU_SPLIT_MIN_MACS
+    assert parallel.cpu_device_count(32, big, cores=2) == 2
+    assert parallel.cpu_device_count(33, big, cores=2) == 1  # odd batch: no even split
+    assert parallel.cpu_device_count(9, big, cores=4) == 3  # the largest divisor <= cores
+    assert parallel.cpu_device_count(1024, big - 1, cores=2) == 1  # too little work
+    assert parallel.cpu_device_count(1024, cores=8) == 8
+    # the book's model (H=32 B=1024 T=32 LSTM) splits; a toy one does not
+    assert parallel.recurrent_macs("lstm", 32, 1024, 32) == 32 * 1024 * 4 * 32 * 32
+    assert parallel.recurrent_macs("gru", 8, 4, 8, num_layers=2, bidirectional=True) == (
+        8 * 4 * 3 * 8 * 8 * 4
+    )
+    monkeypatch.setenv(parallel.CORES_ENV, "3")
+    assert parallel.cpu_cores() == 3
+    assert parallel.cpu_device_count(12, big) == 3
+    with pytest.raises(ValueError, match="batch_size"):
+        parallel.cpu_device_count(0)
+
+
+def test_split_cpu_checks_its_argument_and_leaves_a_forced_count(monkeypatch):
+    from rnn_jax import parallel
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="num_devices"):
+            parallel.split_cpu(bad)
+    monkeypatch.setenv("XLA_FLAGS", "--foo=1 --xla_force_host_platform_device_count=4")
+    assert parallel.forced_cpu_devices() == 4
+    assert parallel.split_cpu(2) == 4  # XLA_FLAGS wins; the config is not touched
+    monkeypatch.delenv("XLA_FLAGS")
+    assert parallel.forced_cpu_devices() is None
+    jax.devices()  # the backends are up in this process: too late to change them
+    with pytest.raises(RuntimeError, match="jax_num_cpu_devices"):
+        parallel.split_cpu(2)
+    assert parallel.split_cpu(1) == 1  # ... but asking for what there is is fine

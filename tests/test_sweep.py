@@ -312,6 +312,7 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_a_skip(tmp_path):
     header = (ok / "log.txt").read_text().splitlines()[0]
     cores = len(os.sched_getaffinity(0))
     assert f"intra_op_parallelism_threads={max(1, cores // 2)}" in header
+    assert f"RNN_JAX_CPU_CORES={max(1, cores // 2)}" in header
 
     # an interrupted trial: a checkpoint but no result.json (killed while sampling)
     (ok / "result.json").unlink()

@@ -329,6 +329,8 @@ BAD = [
         ["--partition=sequential", "--batch_size=1024"],
         "--batch_size: the sequential partition has 0",
     ),
+    (["--cpu_devices=3", "--batch_size=4"], "--cpu_devices: 3 devices do not split --batch_size 4"),
+    (["--cpu_devices=many"], "--cpu_devices=many: expected auto or an integer >= 1"),
 ]
 
 
@@ -354,6 +356,26 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_workdir_intact(
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(match, lines[0]), lines[0]
     assert _snapshot(workdir) == before
+
+
+def test_cpu_devices_split_the_batch_and_change_no_result(tmp_path):
+    """--cpu_devices=2 trains on two CPU devices (the batch split, parameters replicated)
+    and ends where one device does; auto keeps one device for a step this small."""
+    procs = {
+        n: launch(*TINY_FLAGS, f"--cpu_devices={n}", f"--workdir={tmp_path / n}")
+        for n in ("1", "2", "auto")
+    }
+    outs = {}
+    for n, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        outs[n] = out
+    assert "data parallel: 16 rows per batch over 2 CPU devices" in outs["2"]
+    assert "data parallel" not in outs["1"] and "data parallel" not in outs["auto"]
+    results = {n: json.loads((tmp_path / n / "result.json").read_text()) for n in procs}
+    for key in ("train_ppl", "val_ppl"):
+        assert results["2"][key] == pytest.approx(results["1"][key], rel=1e-5)
+        assert results["auto"][key] == results["1"][key]
 
 
 def test_unroll_flag_zero_means_the_backend_default(tmp_path):
