@@ -36,6 +36,7 @@ callable in-process (tests), :func:`main` sets up threads first (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -316,7 +317,8 @@ def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
     t0 = time.perf_counter()
-    lowered = train_step.lower(state, batch)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        lowered = train_step.lower(state, batch)  # traced as experiments.train does
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

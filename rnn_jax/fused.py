@@ -72,6 +72,7 @@ import numpy as np
 
 from rnn_jax import persistent
 from rnn_jax.cells import Cell, LSTMCarry
+from rnn_jax.parallel import DATA_AXIS
 
 Array = jax.Array
 
@@ -695,6 +696,45 @@ def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
+def _batch_mesh(batch: int):
+    """The mesh in context (``jax.set_mesh``) when its ``"data"`` axis splits ``batch``
+    over several devices and this code is not already per device; else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in mesh.manual_axes:
+        return None
+    n = mesh.shape[DATA_AXIS]
+    return mesh if n > 1 and batch % n == 0 else None
+
+
+def _per_device(mesh, run, params, carry, xs, lengths):
+    """``run(params, carry, xs, lengths)`` on each device's rows of the batch
+    (``jax.shard_map`` over the ``"data"`` axis; params replicated, so their
+    gradients are summed over the devices once). :func:`layer` does this for the
+    chunked layers (remat, long sequences on CPU) under a mesh set with
+    ``jax.set_mesh`` (``rnn_jax.train`` sets its data-parallel mesh).
+
+    Under ``jit`` with a batch-sharded input, XLA's partitioner splits the loops
+    alike, but it keeps a gradient accumulated over a loop's iterations (the
+    chunked backward pass's weight gradients) replicated: an all-reduce in every
+    chunk, 64 per step for the long shape. Per device, each device sums its own
+    and the shard_map's transpose adds them once. Measured on the 2-core CPU, 2
+    devices, training step at H=128 B=32 T=1024, ms (3 alternating rounds): LSTM
+    80-87 vs 70-93 (best steps 79-83 vs 67-74), GRU 72-92 vs 56-70. Unchunked
+    layers compile to the same program either way (medium LSTM: same ops, same
+    order), so they are left to the partitioner.
+    """
+    row, tb = jax.sharding.PartitionSpec(DATA_AXIS), jax.sharding.PartitionSpec(None, DATA_AXIS)
+    carry_spec = jax.tree.map(lambda _: row, carry)
+    specs = (jax.sharding.PartitionSpec(), carry_spec, tb)
+    if lengths is None:
+        inner, args = (lambda p, c, x: run(p, c, x)), (params, carry, xs)
+    else:
+        inner, args, specs = run, (params, carry, xs, lengths), (*specs, row)
+    return jax.shard_map(
+        inner, mesh=mesh, in_specs=specs, out_specs=(tb, carry_spec), check_vma=False
+    )(*args)
+
+
 def layer(
     cell: Cell,
     params: dict[str, Array],
@@ -748,14 +788,31 @@ def layer(
         raise ValueError(f"kernel: expected one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "pallas" and (reason := persistent.unsupported(cell)):
         raise ValueError(f"kernel: 'pallas': {reason}")
-    opts = LoopOptions(unroll, matmul_dtype, kernel)
-    num_steps = xs.shape[0]
-    valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
     check_chunk(chunk)
+    num_steps = xs.shape[0]
     if chunk is None:
         chunk = 0 if kernel != "xla" else default_chunk(num_steps)
     if remat:
         chunk = chunk_size(num_steps)
+    if chunk and (mesh := _batch_mesh(xs.shape[1])) is not None:
+        return _per_device(
+            mesh,
+            functools.partial(
+                layer,
+                cell,
+                unroll=unroll,
+                remat=remat,
+                matmul_dtype=matmul_dtype,
+                kernel=kernel,
+                chunk=chunk,
+            ),
+            params,
+            carry,
+            xs,
+            lengths,
+        )
+    opts = LoopOptions(unroll, matmul_dtype, kernel)
+    valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
     if not chunk:
         xp = _project(cell, params, xs, matmul_dtype)  # all steps at once
         return _recurrence(cell, opts, _recurrent_params(params), carry, xp, valid)

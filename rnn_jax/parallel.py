@@ -128,6 +128,21 @@ def data_mesh(enabled: bool = True) -> Mesh | None:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def in_mesh(mesh: Mesh | None, fn):
+    """``fn`` called (and so traced) with ``mesh`` set as JAX's current mesh
+    (``jax.set_mesh``): code that needs one device's share of the batch at trace
+    time (``rnn_jax.fused``'s chunked layers) finds the data axis there. ``fn``
+    itself when ``mesh`` is None."""
+    if mesh is None:
+        return fn
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -293,6 +293,7 @@ def run(
 
     _prepare_workdir(workdir, config, vocab)
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
+    train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
     state = parallel.place_state(init_state(model, tx, config), mesh)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     restored = ckpt.restore_latest(parallel.abstract_state(jax.eval_shape(lambda: state), mesh))

@@ -94,15 +94,34 @@ def test_four_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
 
 
 SHARDED_GRADIENTS = r"""
+import contextlib
+import re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rnn_jax import cells, fused, parallel
 assert parallel.split_cpu(2) == 2
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 T, B, H, V = 6, 4, 8, 5
+
+
+def loop_all_reduces(hlo):
+    # all-reduces inside a while loop's body: one per iteration when it runs
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    found = 0
+    for block in hlo.split("\n\n"):
+        name = block.lstrip().split(" ", 1)[0].lstrip("%")
+        if name in bodies:
+            found += block.count(" all-reduce(")
+    return found
+
+
 for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("rnn", {})]:
     cell = cells.make(name, H, **opts)
-    for tokens in (True, False):
+    # (token ids?, layer options, set the mesh?): the partitioner's split of one
+    # loop, then the per-device chunked layers (shard_map) under jax.set_mesh
+    cases = [(True, {}, False), (False, {}, False), (True, {"chunk": 2}, True)]
+    cases += [(False, {"remat": True}, True), (True, {"chunk": 2}, False)]
+    for tokens, kw, set_mesh in cases:
         key = jax.random.PRNGKey(0)
         params = cell.init(key, V)
         if tokens:
@@ -114,10 +133,10 @@ for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("
 
         def loss(params, xs, lengths, r):
             carry = jax.tree.map(lambda z: jnp.zeros((B, H)), cell.initial_carry())
-            ys, _ = fused.layer(cell, params, carry, xs, lengths)
-            return jnp.sum(ys * r)
+            ys, final = fused.layer(cell, params, carry, xs, lengths, **kw)
+            return jnp.sum(ys * r) + sum(jnp.sum(f**2) for f in jax.tree.leaves(final))
 
-        grad = jax.jit(jax.grad(loss))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1) if not tokens else 0))
         expected = grad(params, xs, lengths, r)
         batch = lambda a, axis: jax.device_put(
             a, NamedSharding(mesh, P(*([None] * axis), "data"))
@@ -128,9 +147,17 @@ for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("
             batch(lengths, 0),
             batch(r, 1),
         )
-        hlo = grad.lower(*args).compile().as_text()
-        assert "all-gather" not in hlo, (name, opts, tokens)
-        got = grad(*args)
+        with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+            lowered = grad.lower(*args)
+        hlo = lowered.compile().as_text()
+        case = (name, opts, tokens, kw, set_mesh)
+        assert "all-gather" not in hlo, case
+        per_chunk = loop_all_reduces(hlo)
+        if kw and not set_mesh:  # the partitioner alone reduces in every chunk
+            assert per_chunk > 0, case
+        else:
+            assert per_chunk == 0, case
+        got = lowered.compile()(*args)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 print("ok")
@@ -139,9 +166,14 @@ print("ok")
 
 def test_fused_gradients_of_a_sharded_batch_gather_nothing():
     """With the batch split over 2 CPU devices (`parallel.split_cpu`), the fused layers'
-    gradients (recurrent and input weights, token ids and float inputs, with lengths)
-    lower to partial sums and one all-reduce: no all-gather of the [T, B, ...] arrays
-    (a [T*B, K] reshape used to force one), and they equal the one-device gradients."""
+    gradients (recurrent and input weights, inputs, final carries; token ids and float
+    inputs, with lengths) equal the one-device gradients, and
+    - lower to partial sums and one all-reduce: no all-gather of the [T, B, ...]
+      arrays (a [T*B, K] reshape used to force one);
+    - chunked (chunk=2, remat) under `jax.set_mesh`, each device runs its rows
+      (shard_map) with no all-reduce inside a loop; without the mesh set, the
+      partitioner alone puts one in the chunk loop (what the per-device path avoids).
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     out = subprocess.run(
