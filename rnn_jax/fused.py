@@ -443,6 +443,14 @@ GRU_SPLIT_MIN_ROWS = 32768
 """:func:`_split_gru_gradient` from this many ``B * H`` on."""
 
 
+def _rows_per_device(batch: int) -> int:
+    """One device's rows of a batch the data-parallel mesh in context splits (traced
+    under ``jax.set_mesh``, the partitioner divides the batch later); ``batch``
+    otherwise (one device, or already inside a per-device function)."""
+    mesh = _batch_mesh(batch)
+    return batch if mesh is None else batch // mesh.shape[DATA_AXIS]
+
+
 def _split_gru_gradient(cell: Cell, batch: int) -> bool:
     """Whether the GRU's backward loop stacks ``dA_t``'s three gate blocks as three
     arrays (concatenated once after the loop) instead of one ``<[B, 3H]>`` array.
@@ -452,7 +460,9 @@ def _split_gru_gradient(cell: Cell, batch: int) -> bool:
     (88 us of a ~250 us step); three plain writes cut the training step from
     15.5-16.9 to 13.9-15.8 ms. At B*H = 16384 (medium) and 4096 (long) that write
     was a cheap copy, and the split was level or slower (medium 28.3-28.6 vs
-    29.3-34.5 ms, long 75-77 vs 77 ms), so it is used from ``GRU_SPLIT_MIN_ROWS``.
+    29.3-34.5 ms, long 75-77 vs 77 ms), so it is used from ``GRU_SPLIT_MIN_ROWS``
+    rows of one device (d2l on 2 CPU devices, 512 rows each: 14.9 ms with the
+    split, 13.0-14.0 without).
     """
     return cell.name == "gru" and batch * cell.hidden_size >= GRU_SPLIT_MIN_ROWS
 
@@ -493,7 +503,7 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
             tuple(_mask(valid_t, d) for d in extra_t),
         )
 
-    split = 3 if _split_gru_gradient(cell, dys.shape[1]) else 0
+    split = 3 if _split_gru_gradient(cell, _rows_per_device(dys.shape[1])) else 0
     inputs = (dys, valid, h_prev, ys, saved)
     dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
     if split:
