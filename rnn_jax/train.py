@@ -87,10 +87,19 @@ def make_steps(
 
     def loss_fn(params, batch, carry, key):
         logits, final = model.apply(params, batch.x, carry, dropout_key=key)
-        w = batch.weight[:, None]
-        loss_sum = jnp.sum(models.token_losses(logits, batch.y) * w)
-        count = jnp.sum(w) * batch.x.shape[1]
-        return loss_sum / count, (final, loss_sum, count)
+        loss_sum = jnp.sum(models.token_losses(logits, batch.y) * batch.weight[:, None])
+        return loss_sum, (final, loss_sum)
+
+    def token_count(weight, num_steps):
+        return jnp.sum(weight) * num_steps
+
+    # With the batch split over devices, every sum over it is a collective, and a
+    # device that reaches one waits there for the others. XLA:CPU runs a device's
+    # ready ops in any order, so a sum whose inputs are ready early (the token
+    # count, the loss) could make one device wait through the other's whole loop
+    # before starting its own (seen in the profiler: the two halves of a step run
+    # one after the other). optimization_barrier holds them until the gradient is
+    # complete; the mean's gradient is the sum's, divided once at the end.
 
     @jax.jit
     def train_step(state, batch):
@@ -100,9 +109,12 @@ def make_steps(
         if sequential:  # fresh state at the start of every epoch
             fresh = step % steps_per_epoch == 0
             carry = jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), c), state["carry"])
-        grads, (final, loss_sum, count) = jax.grad(loss_fn, has_aux=True)(
+        grads, (final, loss_sum) = jax.grad(loss_fn, has_aux=True)(
             state["params"], batch, carry, key
         )
+        grads, loss_sum, weight = jax.lax.optimization_barrier((grads, loss_sum, batch.weight))
+        count = token_count(weight, batch.x.shape[1])
+        grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new_state = {
@@ -121,8 +133,9 @@ def make_steps(
 
     @jax.jit
     def eval_step(params, batch):
-        _, (_, loss_sum, count) = loss_fn(params, batch, None, None)
-        return loss_sum, count
+        _, (_, loss_sum) = loss_fn(params, batch, None, None)
+        loss_sum, weight = jax.lax.optimization_barrier((loss_sum, batch.weight))
+        return loss_sum, token_count(weight, batch.x.shape[1])
 
     return train_step, eval_step
 
