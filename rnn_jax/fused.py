@@ -46,7 +46,8 @@ adds its weight gradients. Its temporary memory is the outputs plus O(K) buffers
 (LSTM H=128 B=32 T=1024 on CPU: 56.5 vs 248 MiB, 1.01x the time). Without remat,
 long sequences on CPU run the same chunked backward pass on the gates saved by
 one forward loop (``chunk``, :func:`default_chunk`): the per-step gradient
-buffers stay in cache.
+buffers stay in cache. Under a data-parallel mesh the chunked forms run per
+device (:func:`_per_device`).
 
 What makes it fast on CPU (measured with the XLA profiler on the 2-core development
 machine, LSTM H=128 B=32 T=1024): weight gradients outside the loop; gate blocks
@@ -781,7 +782,11 @@ def layer(
         0: one loop; ``None``: :func:`default_chunk` (chunks on CPU for long
         sequences, where they were measured faster; 0 with ``kernel="pallas"``).
         Outputs and gradients are the same either way. Ignored with ``remat``,
-        which chunks by :func:`chunk_size`.
+        which chunks by :func:`chunk_size`. Traced under a mesh with a ``"data"``
+        axis that splits the batch (``jax.set_mesh``; ``rnn_jax.train`` does this
+        for data parallelism), the chunked forms run per device
+        (``jax.shard_map``): each device accumulates its own weight gradients
+        over the chunks and they are summed once.
 
     Returns:
       ``(ys <float32>[T, B, H], final carry)``: outputs are zero past each length and
