@@ -36,7 +36,6 @@ callable in-process (tests), :func:`main` sets up threads first (see
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -317,8 +316,7 @@ def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        lowered = train_step.lower(state, batch)  # traced as experiments.train does
+    lowered = parallel.in_mesh(mesh, train_step.lower)(state, batch)  # as train.run traces
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

@@ -48,12 +48,12 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments.common import parse_flags_or_exit_2
-from rnn_jax import sweeps
+from rnn_jax import parallel, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
 THREAD_VARS = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-CORES_VAR = "RNN_JAX_CPU_CORES"  # rnn_jax.parallel.CORES_ENV: a trial's share of the cores
+CORES_VAR = parallel.CORES_ENV  # a trial's share of the cores, for --cpu_devices=auto
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

@@ -737,12 +737,11 @@ def _per_device(mesh, run, params, carry, xs, lengths):
     row, tb = jax.sharding.PartitionSpec(DATA_AXIS), jax.sharding.PartitionSpec(None, DATA_AXIS)
     carry_spec = jax.tree.map(lambda _: row, carry)
     specs = (jax.sharding.PartitionSpec(), carry_spec, tb)
-    if lengths is None:
-        inner, args = (lambda p, c, x: run(p, c, x)), (params, carry, xs)
-    else:
-        inner, args, specs = run, (params, carry, xs, lengths), (*specs, row)
+    args = (params, carry, xs)
+    if lengths is not None:  # else run's own default (None)
+        specs, args = (*specs, row), (*args, lengths)
     return jax.shard_map(
-        inner, mesh=mesh, in_specs=specs, out_specs=(tb, carry_spec), check_vma=False
+        run, mesh=mesh, in_specs=specs, out_specs=(tb, carry_spec), check_vma=False
     )(*args)
 
 

@@ -87,8 +87,7 @@ def make_steps(
 
     def loss_fn(params, batch, carry, key):
         logits, final = model.apply(params, batch.x, carry, dropout_key=key)
-        loss_sum = jnp.sum(models.token_losses(logits, batch.y) * batch.weight[:, None])
-        return loss_sum, (final, loss_sum)
+        return jnp.sum(models.token_losses(logits, batch.y) * batch.weight[:, None]), final
 
     def token_count(weight, num_steps):
         return jnp.sum(weight) * num_steps
@@ -109,7 +108,7 @@ def make_steps(
         if sequential:  # fresh state at the start of every epoch
             fresh = step % steps_per_epoch == 0
             carry = jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), c), state["carry"])
-        grads, (final, loss_sum) = jax.grad(loss_fn, has_aux=True)(
+        (loss_sum, final), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], batch, carry, key
         )
         grads, loss_sum, weight = jax.lax.optimization_barrier((grads, loss_sum, batch.weight))
@@ -133,7 +132,7 @@ def make_steps(
 
     @jax.jit
     def eval_step(params, batch):
-        _, (_, loss_sum) = loss_fn(params, batch, None, None)
+        loss_sum, _ = loss_fn(params, batch, None, None)
         loss_sum, weight = jax.lax.optimization_barrier((loss_sum, batch.weight))
         return loss_sum, token_count(weight, batch.x.shape[1])
 
