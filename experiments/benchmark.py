@@ -29,9 +29,11 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,30 @@ def make_cases(configs, cells, layers, bidirectional) -> list[Case]:
     return [Case(*c) for c in itertools.product(configs, cells, layers, bidirectional)]
 
 
+def parse_cases(values: list[str], specs: list[str]) -> list[Case]:
+    """``--cases``: each ``"config:cell:layers:bidirectional"`` -> :class:`Case`, in
+    order (duplicates dropped); ValueError naming the bad entry."""
+    configs = all_configs(specs)
+    cases = []
+    for text in values:
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"expected config:cell:layers:bidirectional, got {text!r}")
+        name, cell, layers, bi = parts
+        if name not in configs:
+            raise ValueError(
+                f"{text!r}: unknown config {name!r}; expected one of {', '.join(configs)}"
+            )
+        try:
+            check_choices([cell], CELLS, "cell")
+            (depth,) = parse_layers([layers])
+            (both,) = parse_bools([bi])
+        except ValueError as e:
+            raise ValueError(f"{text!r}: {e}") from None
+        cases.append(Case(configs[name], cell, depth, both))
+    return list(dict.fromkeys(cases))
+
+
 # --- running workers -----------------------------------------------------------------
 
 
@@ -171,8 +197,13 @@ def worker_env(threads: int, device: str) -> dict[str, str]:
     return env
 
 
-def run_worker(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str, Any]:
-    """Runs one ``experiments.bench_worker`` process; returns its JSON line's object."""
+def run_worker(
+    spec: dict[str, Any], threads: int, timeout_s: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Runs one ``experiments.bench_worker`` process; returns its JSON line's object.
+
+    ``env`` adds to (or overrides) :func:`worker_env`'s variables.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -183,7 +214,7 @@ def run_worker(spec: dict[str, Any], threads: int, timeout_s: float) -> dict[str
         proc = subprocess.run(
             cmd,
             cwd=ROOT,
-            env=worker_env(threads, spec.get("device", "auto")),
+            env={**worker_env(threads, spec.get("device", "auto")), **(env or {})},
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -266,6 +297,7 @@ class Runner:
         self.notes: list[str] = []
         self.done = 0
         self.total = total
+        self.env: dict[str, str] = {}  # added to every worker's environment (cache_env)
 
     def available(self, impl: str) -> bool:
         return impl not in self.skipped
@@ -278,6 +310,7 @@ class Runner:
             {**self.options, **spec, "impl": impl, "device": self.device},
             self.threads,
             self.timeout_s,
+            self.env,
         )
         where = f"[{self.done}/{self.total}] {label} {impl}"
         if result.get("skip"):
@@ -305,8 +338,61 @@ class Runner:
         return result
 
 
-def run_benchmark(cases: list[Case], impls: list[str], runner: Runner, rounds: int) -> list[dict]:
-    """Every case, implementations alternating within each round."""
+def cache_env(path: str) -> dict[str, str]:
+    """Worker environment that stores and loads every compiled program in ``path``
+    (JAX's persistent compilation cache, read from these variables at import)."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": path,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+def prewarm(cases: list[Case], impls: list[str], runner: Runner, jobs: int) -> dict[tuple, dict]:
+    """Compiles each case's JAX steps, ``jobs`` worker processes at a time.
+
+    The workers run with ``compile_only`` and ``runner.env`` (which must hold
+    :func:`cache_env`), so their programs land in the compilation cache that the timed
+    workers then load from. GPU memory is allocated on demand in these workers, since
+    several share the device. Returns ``{(case label, impl): worker result}``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [(c, i) for c in cases for i in impls if i != "torch" and runner.available(i)]
+    env = {**runner.env, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+    def one(item):
+        case, impl = item
+        spec = {**runner.options, **case.spec(), "impl": impl, "compile_only": True}
+        return item, run_worker(spec, runner.threads, runner.timeout_s, env)
+
+    out = {}
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        for n, ((case, impl), result) in enumerate(pool.map(one, todo), 1):
+            out[(case.label(), impl)] = result
+            what = (
+                f"compile {result['compile_s']:.2f} s"
+                if result.get("ok")
+                else f"FAILED ({result.get('error')}); its timed workers compile cold"
+            )
+            runner.echo(f"[prewarm {n}/{len(todo)}] {case.label()} {impl}: {what}")
+    return out
+
+
+def run_benchmark(
+    cases: list[Case],
+    impls: list[str],
+    runner: Runner,
+    rounds: int,
+    prewarmed: dict[tuple, dict] | None = None,
+    on_case: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Every case, implementations alternating within each round.
+
+    ``prewarmed`` (from :func:`prewarm`): a case's ``compile_s`` becomes the prewarm's
+    cold compile and the timed workers' cache loads go to ``compile_load_s``.
+    ``on_case(results so far)`` runs after each case (the partial JSON file).
+    """
     results = []
     for case in cases:
         per_impl: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -317,9 +403,16 @@ def run_benchmark(cases: list[Case], impls: list[str], runner: Runner, rounds: i
                     per_impl[impl].append(result)
         for impl in impls:
             if per_impl[impl]:
-                results.append({**case.key(), "impl": impl, **aggregate(per_impl[impl])})
+                row = {**case.key(), "impl": impl, **aggregate(per_impl[impl])}
+                cold = (prewarmed or {}).get((case.label(), impl), {})
+                if row.get("ok") and cold.get("ok"):
+                    row["compile_load_s"] = row["compile_s"]
+                    row["compile_s"] = cold["compile_s"]
+                results.append(row)
             elif impl in runner.skipped:
                 results.append({**case.key(), "impl": impl, "ok": False, "skipped": True})
+        if on_case is not None:
+            on_case(results)
     return results
 
 
@@ -655,6 +748,16 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
         if ra
         else " (the seed's reset-before form: not the function the peers compute)"
     )
+    prewarm = (
+        [
+            f"Compile (--prewarm={o['prewarm']}): every JAX step was first compiled in "
+            f"{o['prewarm']} processes at a time into a persistent compilation cache, which "
+            "the timed workers loaded from; the compile column is that prewarm compile (on a "
+            "machine shared by the parallel compiles), the loads are compile_load_s in the JSON."
+        ]
+        if o.get("prewarm")
+        else []
+    )
     return [
         GRU_NOTE.format(value=ra, what=what),
         f"rnn_jax network options: unroll={o['unroll']}, remat={o['remat']}, "
@@ -686,6 +789,7 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
         "Speedup vs a peer = peer ms/step / rnn_jax ms/step. JAX compile s = lowering + XLA "
         "compilation of the whole step; XLA memory from `compiled.memory_analysis()`; "
         "max RSS is the worker process's (runtime and imports included).",
+        *prewarm,
     ]
 
 
@@ -744,6 +848,13 @@ def render_section(report: dict[str, Any]) -> tuple[str, str]:
     return key, "\n".join(lines) + "\n"
 
 
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Writes ``report`` to ``path`` through a temporary file (a reader never sees half)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def update_markdown(path: Path, key: str, section: str) -> None:
     """Replaces the section ``key`` of ``path`` (or appends it; creates the file)."""
     begin, end = f"<!-- benchmark-section: {key} -->", f"<!-- /benchmark-section: {key} -->"
@@ -784,6 +895,13 @@ def define_flags() -> None:
         [],
         'Custom shape "name:hidden:batch:steps" (repeatable); it is run in addition to '
         "--configs (which may name it; --configs= runs only the custom ones).",
+    )
+    flags.DEFINE_list(
+        "cases",
+        [],
+        'Cases to run, in this order, each "config:cell:layers:bidirectional" (e.g. '
+        "long:lstm:2:false); when given, instead of the product of --configs, --cells, "
+        "--layers and --bidirectional.",
     )
     flags.DEFINE_list("cells", ",".join(CELLS), "Cells to run: rnn, gru, lstm.")
     flags.DEFINE_list("layers", "1,2", "Depths to run (stacked layers).")
@@ -910,6 +1028,23 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "worker_timeout_s", 3600, "Give up on one worker process after this long.", lower_bound=1
     )
+    flags.DEFINE_integer(
+        "prewarm",
+        0,
+        "Compile every case's JAX steps first, this many worker processes at a time, into a "
+        "persistent compilation cache that the timed workers then load from (on a machine "
+        "with many cores, a GPU host, the whole matrix then takes a fraction of the time). "
+        "The compile column reports the prewarm's compiles (several sharing the machine); "
+        "the timed workers' cache loads go to the JSON as compile_load_s. 0: off, every "
+        "timed worker compiles cold. Not with --compile_report or --remat_report.",
+        lower_bound=0,
+    )
+    flags.DEFINE_string(
+        "compilation_cache_dir",
+        "",
+        "--prewarm: the compilation cache's directory (kept); empty: a temporary one, "
+        "removed at the end.",
+    )
 
     from experiments.common import flag_validator
 
@@ -921,6 +1056,15 @@ def define_flags() -> None:
     validate("layers", parse_layers)
     validate("bidirectional", parse_bools)
     validate("config_spec", lambda v: [parse_config_spec(s) for s in v])
+
+    def cases_ok(d):
+        try:
+            parse_cases(d["cases"], d["config_spec"])
+        except ValueError as e:
+            raise flags.ValidationError(f"--cases: {e}") from None
+        return True
+
+    flags.register_multi_flags_validator(["cases", "config_spec"], cases_ok)
 
     def configs_ok(d):
         try:
@@ -936,6 +1080,16 @@ def define_flags() -> None:
                     f"--{name}: unknown config {d[name]!r}; expected one of {', '.join(known)}"
                 )
         return True
+
+    def prewarm_ok(d):
+        if d["prewarm"] and (d["compile_report"] or d["remat_report"]):
+            raise flags.ValidationError(
+                "--prewarm: only for the training-step run; --compile_report and "
+                "--remat_report measure cold compiles"
+            )
+        return True
+
+    flags.register_multi_flags_validator(["prewarm", "compile_report", "remat_report"], prewarm_ok)
 
     flags.register_multi_flags_validator(
         [
@@ -997,7 +1151,9 @@ def main(argv: list[str]) -> None:
     kind = " + ".join(kinds) if reports else "training step"
 
     cases = []
-    if not reports:
+    if not reports and FLAGS.cases:
+        cases = parse_cases(FLAGS.cases, FLAGS.config_spec)
+    elif not reports:
         configs = selected_configs(FLAGS.configs, FLAGS.config_spec)
         cases = make_cases(
             configs,
@@ -1038,9 +1194,59 @@ def main(argv: list[str]) -> None:
         f"implementations {', '.join(impls)}"
     )
 
+    def full_report(body: dict[str, Any], partial: bool = False) -> dict[str, Any]:
+        platform_used = runner.device if runner.device != "auto" else "cpu"
+        gpu = runner.device_name if platform_used == "gpu" else None
+        notes = list(runner.notes)
+        for r in body.get("results", []):
+            if r.get("ok") and r.get("platform") != platform_used:
+                notes.append(
+                    f"{r['impl']} ran on {r.get('platform')} while rnn_jax ran on {platform_used}"
+                )
+        if partial:
+            notes.append("partial: the run had not finished when this file was written")
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        meta = {
+            "kind": kind,
+            "date": date,
+            "command": "python -m experiments.benchmark " + shlex.join(sys.argv[1:]),
+            "machine": machine_info(gpu),
+            "platform": platform_used,
+            "versions": versions(),
+            "threads": threads,
+            "impls": impls,
+            "options": {
+                **options,
+                "rounds": FLAGS.rounds,
+                "hoist_input_used": runner.hoist_input,
+                "prewarm": FLAGS.prewarm,
+            },
+            "notes": list(dict.fromkeys(notes)),
+        }
+        return {"meta": meta, **({"partial": True} if partial else {}), **body}
+
+    def write_partial(results: list[dict]) -> None:  # a killed run keeps its finished cases
+        if FLAGS.output:
+            write_json(Path(FLAGS.output), full_report({"results": results}, partial=True))
+
     report: dict[str, Any] = {}
-    if not reports:
-        report["results"] = run_benchmark(cases, impls, runner, FLAGS.rounds)
+    cache_dir = None
+    try:
+        if not reports:
+            prewarmed = None
+            if FLAGS.prewarm:
+                cache_dir = FLAGS.compilation_cache_dir or tempfile.mkdtemp(
+                    prefix="rnn_jax_bench_cache_"
+                )
+                runner.env = cache_env(cache_dir)
+                echo(f"prewarm: {FLAGS.prewarm} compiles at a time, cache {cache_dir}")
+                prewarmed = prewarm(cases, impls, runner, FLAGS.prewarm)
+            report["results"] = run_benchmark(
+                cases, impls, runner, FLAGS.rounds, prewarmed, write_partial
+            )
+    finally:
+        if cache_dir and not FLAGS.compilation_cache_dir:
+            shutil.rmtree(cache_dir, ignore_errors=True)
     if FLAGS.compile_report:
         base = known[FLAGS.compile_config]
         report["compile_report"] = run_compile_report(base, cells, impls, runner, FLAGS.rounds)
@@ -1051,33 +1257,12 @@ def main(argv: list[str]) -> None:
         print(f"error: rnn_jax cannot run: {runner.skipped['rnn_jax']}", file=sys.stderr)
         sys.exit(1)
 
-    platform_used = runner.device if runner.device != "auto" else "cpu"
-    gpu = runner.device_name if platform_used == "gpu" else None
-    for r in report.get("results", []):
-        if r.get("ok") and r.get("platform") != platform_used:
-            runner.notes.append(
-                f"{r['impl']} ran on {r.get('platform')} while rnn_jax ran on {platform_used}"
-            )
-    report = {
-        "meta": {
-            "kind": kind,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python -m experiments.benchmark " + shlex.join(sys.argv[1:]),
-            "machine": machine_info(gpu),
-            "platform": platform_used,
-            "versions": versions(),
-            "threads": threads,
-            "impls": impls,
-            "options": {**options, "rounds": FLAGS.rounds, "hoist_input_used": runner.hoist_input},
-            "notes": list(dict.fromkeys(runner.notes)),
-        },
-        **report,
-    }
+    report = full_report(report)
     key, section = render_section(report)
     echo("")
     echo(section)
     if FLAGS.output:
-        Path(FLAGS.output).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(Path(FLAGS.output), report)
         echo(f"wrote {FLAGS.output}")
     if FLAGS.markdown:
         update_markdown(Path(FLAGS.markdown), key, section)

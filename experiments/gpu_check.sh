@@ -3,41 +3,62 @@
 #
 #   OUT=/tmp/gpu bash experiments/gpu_check.sh
 #
-# 1. experiments.levers --check: fused and wavefront == scan on the GPU (1e-5 at
-#    highest matmul precision), then the option variants of rnn_jax's step per shape
-#    and cell. LEVERS lists the lever runs, ';'-separated, each
-#    "configs|cells|layers|variants[|XLA_FLAGS]" (one process each; a fifth field
-#    runs that process under those XLA flags).
-# 2. experiments.benchmark --compare=flax,torch per case of BENCH (space-separated
-#    "tag:config:cell:layers:bidirectional"), with the fastest float32 variant of
-#    step 1 for that shape (unmeasured: auto, unroll 0 = the backend's defaults).
-# Everything lands in $OUT (levers_N.json, bench.tar of the benchmark JSONs, log.txt).
+# 0. TESTS_S > 0: the numerics tests (TESTS, pytest with TEST_JOBS workers, matmuls at
+#    "highest" precision) and, beside them, the default training run
+#    (`python -m experiments.train`, the README's main job), both cut off after
+#    TESTS_S seconds -> tests.txt, train.txt.
+# 1. LEVERS (optional, ';'-separated runs, each "configs|cells|layers|variants[|XLA_FLAGS]"):
+#    experiments.levers, one process per run (--check on the first) -> levers_N.json.
+# 2. experiments.benchmark --compare=flax,torch over CASES in that order (each
+#    "config:cell:layers:bidirectional"), with the shipped defaults, every JAX step
+#    compiled first PREWARM at a time into a compilation cache (--prewarm) -> bench.json,
+#    rewritten after every case, so a run cut off by the budget keeps what it finished.
+# Everything lands in $OUT (at most 8 files: log.txt, tests.txt, train.txt, bench.json,
+# levers_N.json).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT/bench"
-rm -f "$OUT"/levers_*.json  # a reused $OUT must not feed old runs to best()
+mkdir -p "$OUT"
+rm -f "$OUT"/levers_*.json "$OUT"/bench.json
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 START=$(date +%s)
-DEADLINE=$((START + ${BUDGET_S:-500}))
+DEADLINE=$((START + ${BUDGET_S:-540}))
 left() { echo $((DEADLINE - $(date +%s))); }
 exec > >(tee -a "$OUT/log.txt") 2>&1
 
-DEFAULT_LEVERS="long,large,medium,d2l|gru,lstm|1|scan:1,scan:8,fused:1,fused:8,fused:32"
-DEFAULT_BENCH=""
+DEFAULT_CASES=""
 for config in long large medium d2l; do
-  for cell in lstm gru; do DEFAULT_BENCH+=" L1:$config:$cell:1:false"; done
+  for layers_bi in 1:false 2:false 1:true; do
+    [ "$config" = large ] && [ "$layers_bi" != 1:false ] && continue  # large's deep ones last
+    for cell in lstm gru; do DEFAULT_CASES+="${DEFAULT_CASES:+,}$config:$cell:$layers_bi"; done
+  done
 done
-for config in long medium d2l; do
-  for cell in lstm gru; do DEFAULT_BENCH+=" L2:$config:$cell:2:false bi:$config:$cell:1:true"; done
-done
+DEFAULT_CASES+=",large:lstm:2:false,large:gru:2:false,large:lstm:1:true,large:gru:1:true"
+DEFAULT_TESTS="tests/test_persistent.py tests/test_fused.py tests/test_wavefront.py tests/test_networks.py tests/test_cells.py tests/test_linen.py"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 $PY -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), jax.devices())"
 
+# 0. tests and the main job, side by side (several processes share the GPU: no preallocation)
+if [ "${TESTS_S:-90}" -gt 0 ]; then
+  echo "tests: ${TESTS:-$DEFAULT_TESTS} (cut off after ${TESTS_S:-90} s) and experiments.train"
+  (XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+    timeout "${TESTS_S:-90}" $PY -m pytest -v -p no:cacheprovider -n "${TEST_JOBS:-12}" \
+    ${TESTS:-$DEFAULT_TESTS} > "$OUT/tests.txt" 2>&1; echo "pytest exit $?" >> "$OUT/tests.txt") &
+  tests_pid=$!
+  (cd "$(mktemp -d)" && t0=$(date +%s) && XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout "${TESTS_S:-90}" $PY -m experiments.train > "$OUT/train.txt" 2>&1;
+    echo "train exit $? after $(( $(date +%s) - t0 )) s" >> "$OUT/train.txt") &
+  wait "$tests_pid" $!  # (a bare wait would also wait for the log's tee)
+  grep -E "passed|failed|error|exit" "$OUT/tests.txt" | tail -5
+  grep -E "FAILED|ERROR" "$OUT/tests.txt" | head -20
+  tail -4 "$OUT/train.txt"
+  echo "tests and train done at $(( $(date +%s) - START )) s"
+fi
+
 # 1. levers (each run cut off after LEVERS_S seconds; its JSON is written after every case)
 n=0
-IFS=';' read -ra RUNS <<< "${LEVERS:-$DEFAULT_LEVERS}"
+IFS=';' read -ra RUNS <<< "${LEVERS:-}"
 for run in "${RUNS[@]}"; do
   IFS='|' read -r configs cells layers variants xla <<< "$run"
   configs=${configs// /}; cells=${cells// /}; layers=${layers// /}; variants=${variants// /}
@@ -52,44 +73,13 @@ for run in "${RUNS[@]}"; do
   echo "levers run $n exit $? at $(( $(date +%s) - START )) s"
 done
 
-best() {  # best <config> <cell> <layers> <bidirectional> -> "implementation unroll hoist"
-  $PY - "$OUT" "${XLA_FLAGS:-}" "$@" <<'EOF'
-import glob, json, sys
-out, outer_flags, config, cell, layers, bi = sys.argv[1:]
-fastest = {}  # variant -> ms, over every levers run under the benchmark's own XLA flags
-for path in sorted(glob.glob(f"{out}/levers_*.json")):
-    try:
-        report = json.load(open(path))
-    except Exception:
-        continue
-    if report.get("xla_flags", "") != outer_flags:
-        continue
-    for r in report["results"]:
-        same = (r["config"], r["cell"], str(r["num_layers"]), str(r["bidirectional"]).lower())
-        if same != (config, cell, layers, bi):
-            continue
-        for name, v in r["variants"].items():
-            if v.get("ok") and v.get("step_s") and ":bf16" not in name:
-                fastest[name] = min(v["step_s"], fastest.get(name, float("inf")))
-if fastest:
-    parts = min(fastest, key=fastest.get).split(":")
-    hoist = {"hoist": "true", "nohoist": "false"}.get(parts[2] if len(parts) > 2 else "", "auto")
-    print(parts[0], parts[1], hoist)
-else:
-    print("auto 0 auto")
-EOF
-}
-
-# 2. the benchmark with the peers, case by case while time is left
-for case in ${BENCH:-$DEFAULT_BENCH}; do
-  IFS=':' read -r tag config cell layers bi <<< "$case"
-  read -r impl unroll hoist < <(best "$config" "$cell" "$layers" "$bi")
-  if [ "$(left)" -lt 25 ]; then echo "skip $tag $config $cell (time)"; continue; fi
-  timeout "$(left)" $PY -m experiments.benchmark --configs="$config" --cells="$cell" \
-    --layers="$layers" --bidirectional="$bi" --compare=flax,torch --rounds=1 --iters=20 \
-    --max_time_s=2 --implementation="$impl" --unroll="$unroll" --hoist_input="$hoist" \
-    --output="$OUT/bench/${tag}_${config}_${cell}.json" --markdown= 2>&1 | grep -v "^$" | grep -E "^\[|error|FAIL"
-done
+# 2. the benchmark with the peers, every case of CASES while time is left
+if [ "$(left)" -gt 60 ]; then
+  timeout "$(left)" $PY -m experiments.benchmark --cases="${CASES:-$DEFAULT_CASES}" \
+    --compare=flax,torch --rounds="${ROUNDS:-1}" --iters=20 --max_time_s=1 \
+    --prewarm="${PREWARM:-16}" --output="$OUT/bench.json" --markdown= 2>&1 \
+    | grep -E "^\[|^prewarm|error|FAIL|workers"
+  echo "benchmark exit ${PIPESTATUS[0]}"
+fi
 echo "all done at $(( $(date +%s) - START )) s"
-tar -C "$OUT" -cf "$OUT/bench.tar" bench && rm -rf "$OUT/bench"
 ls -la "$OUT"
