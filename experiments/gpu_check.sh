@@ -78,7 +78,8 @@ if [ "$(left)" -gt 60 ]; then
   timeout "$(left)" $PY -m experiments.benchmark --cases="${CASES:-$DEFAULT_CASES}" \
     --compare=flax,torch --rounds="${ROUNDS:-1}" --iters=20 --max_time_s=1 \
     --prewarm="${PREWARM:-16}" --output="$OUT/bench.json" --markdown= 2>&1 \
-    | grep -E "^\[|^prewarm|error|FAIL|workers"
+    | grep --line-buffered -E "^\[|^prewarm|error|FAIL|worker processes" \
+    | while IFS= read -r line; do printf '%4d s  %s\n' $(( $(date +%s) - START )) "$line"; done
   echo "benchmark exit ${PIPESTATUS[0]}"
 fi
 echo "all done at $(( $(date +%s) - START )) s"

@@ -166,6 +166,10 @@ def separate_directions(hidden_size: int, kernel: str, backend: str | None = Non
 
 IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas")
 PALLAS_MAX_AUTO_HIDDEN = 128  # measured: slower than the XLA loops at H=256 (LSTM)
+# B * H up to which deep networks run the wavefront on accelerators: it won where each
+# step is a few small kernels (H100, B*H = 4096) and lost at B*H = 131072 (see
+# choose_implementation); the shapes between (d2l, medium) met the targets with it
+WAVEFRONT_MAX_BATCH_UNITS = 32768
 
 
 def choose_implementation(
@@ -196,11 +200,18 @@ def choose_implementation(
     scan under ``jax.checkpoint`` kept 0.29-0.30x in 1.64-1.83x the fused step's time.
 
     Deep unidirectional networks without dropout or remat run ``"wavefront"`` on
-    accelerators: on the H100, 2 layers at H=128 B=32 T=1024, 21.4-22.1 vs 23.4 ms
-    (LSTM) and 17.5-18.3 vs 20.2 ms (GRU) per training step at unroll 8-16. On the
-    2-core CPU the two were level within the machine's noise over d2l, medium and
-    long at 2 and 3 layers (wavefront 0.84-1.20x the fused step's time), so the CPU
-    keeps the layer-by-layer fused loops.
+    accelerators when each step is small (``batch_size * H <=``
+    :data:`WAVEFRONT_MAX_BATCH_UNITS`): on the H100, 2 layers at H=128 B=32 T=1024,
+    21.4-22.1 vs 23.4 ms (LSTM) and 17.5-18.3 vs 20.2 ms (GRU) per training step at
+    unroll 8-16, since the layers' small kernels run side by side. At H=1024 B=128
+    T=128 the wavefront's 2-layer step took 18.7 (LSTM) and 14.9 ms (GRU), over twice
+    the 1-layer step (7.23, 6.45 ms), while layer by layer adds one more loop of the
+    same cost plus the second layer's input projection as one large matmul (the
+    wavefront computes it step by step inside the loop); so such shapes keep the
+    layer-by-layer loops (inferred from those two measurements, not timed side by
+    side). On the 2-core CPU the two were level within the machine's noise over d2l,
+    medium and long at 2 and 3 layers (wavefront 0.84-1.20x the fused step's time),
+    so the CPU keeps the layer-by-layer fused loops.
 
     One unidirectional layer without remat runs ``"pallas"`` on GPUs for the cells
     it supports up to H=128 (H100, training step, fused unroll 8 vs pallas: long
@@ -231,7 +242,8 @@ def choose_implementation(
     ):
         return "pallas"
     wavefront_ok = num_layers > 1 and not (bidirectional or remat or dropout)
-    if wavefront_ok and backend != "cpu":
+    small_steps = batch_size * cell.hidden_size <= WAVEFRONT_MAX_BATCH_UNITS
+    if wavefront_ok and small_steps and backend != "cpu":
         return "wavefront"
     return "fused"
 

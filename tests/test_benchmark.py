@@ -196,6 +196,74 @@ def test_config_selection():
     assert len(cases) == 8
 
 
+def test_cases_flag_runs_exactly_the_listed_cases_in_order():
+    cases = benchmark.parse_cases(
+        ["long:lstm:2:false", "tiny:gru:1:true", "long:lstm:2:no"], ["tiny:8:4:8"]
+    )
+    assert [c.label() for c in cases] == ["long lstm L2", "tiny gru L1 bi"]  # dup dropped
+    assert cases[1].config == benchmark.Config("tiny", 8, 4, 8)
+    for bad, word in (("d2l:gru:x:false", "integers"), ("d2l:gru:1:maybe", "maybe")):
+        with pytest.raises(ValueError, match=word):
+            benchmark.parse_cases([bad], [])
+
+
+class _FakeRunner(benchmark.Runner):
+    """Returns made-up worker results instead of starting processes."""
+
+    def __init__(self):
+        super().__init__({}, 1, 1, lambda s: None, 4)
+
+    def run(self, impl, spec, label):
+        return {"ok": True, "step_s": 0.01, "compile_s": 0.2, "tokens_per_step": 1}
+
+
+def test_run_benchmark_reports_progress_and_the_prewarm_compile():
+    """After each case ``on_case`` gets every row so far (the partial JSON); a case
+    compiled by the prewarm reports that cold compile, the timed load apart."""
+    cases = benchmark.parse_cases(["d2l:gru:1:false", "d2l:lstm:1:false"], [])
+    seen = []
+    prewarmed = {("d2l gru L1", "rnn_jax"): {"ok": True, "compile_s": 7.0}}
+    results = benchmark.run_benchmark(
+        cases, ["rnn_jax", "torch"], _FakeRunner(), 1, prewarmed, lambda r: seen.append(len(r))
+    )
+    assert seen == [2, 4]
+    gru_ours, gru_torch, lstm_ours, _ = results
+    assert gru_ours["compile_s"] == 7.0 and gru_ours["compile_load_s"] == 0.2
+    assert lstm_ours["compile_s"] == 0.2 and "compile_load_s" not in lstm_ours
+    assert "compile_load_s" not in gru_torch
+
+
+def test_prewarm_compiles_first_and_the_timed_workers_load(tmp_path):
+    """--prewarm with --cases: one compile-only worker per case into a cache the timed
+    workers load from (faster than compiling), the temporary cache removed after."""
+    out = tmp_path / "bench.json"
+    proc = _cli(
+        "--cases=tiny:gru:1:false,tiny:rnn:1:false",
+        f"--config_spec=tiny:{H}:4:8",
+        "--rounds=1",
+        "--warmup=1",
+        "--iters=2",
+        "--min_iters=2",
+        "--threads=1",
+        "--prewarm=2",
+        f"--output={out}",
+        "--markdown=",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert "partial" not in report and report["meta"]["options"]["prewarm"] == 2
+    assert [(r["cell"], r["impl"]) for r in report["results"]] == [
+        ("gru", "rnn_jax"),
+        ("rnn", "rnn_jax"),
+    ]
+    for r in report["results"]:
+        assert r["ok"] and 0 < r["compile_load_s"] < r["compile_s"], r
+    assert "[prewarm 2/2] tiny rnn L1 rnn_jax: compile" in proc.stdout
+    assert "Compile (--prewarm=2)" in proc.stdout
+    (cache,) = [w.split("cache ")[1] for w in proc.stdout.splitlines() if "cache /" in w]
+    assert not Path(cache).exists()
+
+
 def _result(impl, step_s, ok=True, **kw):
     case = {
         "config": "d2l",
@@ -336,6 +404,11 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
         (["--remat_report", "--remat_config=huge"], "huge"),
         (["--cpu_devices=3", "--configs=d2l"], "--cpu_devices: 3 devices do not split"),
         (["--flax_cpu_devices=0"], "flax_cpu_devices"),
+        (["--cases=long:lstm:2"], "--cases: expected config:cell:layers:bidirectional"),
+        (["--cases=d2l:gru:1:false,huge:gru:1:false"], "unknown config 'huge'"),
+        (["--cases=d2l:elman:1:false"], "elman"),
+        (["--prewarm=2", "--compile_report"], "--prewarm"),
+        (["--prewarm=-1"], "prewarm"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):

@@ -398,6 +398,8 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(128), 32, "gpu", **deep) == "wavefront"
     assert networks.choose_implementation(cells.gru(128), 32, "tpu", **deep) == "wavefront"
     assert networks.choose_implementation(cells.lstm(128), 32, "cpu", **deep) == "fused"
+    assert networks.choose_implementation(cells.gru(32), 1024, "gpu", **deep) == "wavefront"
+    assert networks.choose_implementation(cells.lstm(1024), 128, "gpu", **deep) == "fused"
     for other in (dict(bidirectional=True), dict(remat=True), dict(dropout=0.1)):
         assert networks.choose_implementation(cells.lstm(8), 4, "gpu", **deep, **other) == "fused"
     assert networks.choose_implementation(cells.lstm(8), 1, "gpu", **deep) == "scan"

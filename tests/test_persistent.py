@@ -96,7 +96,11 @@ def test_pallas_token_ids_remat_and_single_sequence():
 
 
 def test_pallas_bfloat16_matches_the_xla_loops():
-    """The same bfloat16 operands as the fused XLA loops: equal to float32 rounding."""
+    """The same bfloat16 operands as the fused XLA loops: equal to float32 rounding in
+    the interpreter. On a GPU the kernel's dots and cuBLAS's sum in other orders, and a
+    last-bit difference in a carry can round it to the neighbouring bfloat16 in the next
+    step's matmul, so there the two agree to bfloat16 precision only (the test failed
+    at 1e-5 on an H100)."""
     cell = cells.gru(H, reset_after=True)
     params = cell.init(jax.random.key(0), I)
     carry, xs = random(6, (B, H)), random(7, (T, B, I))
@@ -109,7 +113,13 @@ def test_pallas_bfloat16_matches_the_xla_loops():
         return jnp.sum(ys * weights) + jnp.sum(jnp.sin(final))
 
     grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
-    assert_trees_close(grad(params, carry, xs, "pallas"), grad(params, carry, xs, "xla"))
+    fast, ref = grad(params, carry, xs, "pallas"), grad(params, carry, xs, "xla")
+    if jax.default_backend() == "cpu":
+        assert_trees_close(fast, ref)
+    else:
+        for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b)
 
 
 def test_layout():
