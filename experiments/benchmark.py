@@ -615,7 +615,7 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
         row = _case_cells(first)
         ours = group.get("rnn_jax", {})
         impl_used = str(ours.get("implementation", "–"))
-        if ours.get("unroll"):
+        if ours.get("unroll") and impl_used != "pallas":  # one kernel per loop: no unroll
             impl_used += f", unroll {ours['unroll']}"
         if ours.get("matmul_dtype", "float32") != "float32":
             impl_used += f", {ours['matmul_dtype']} matmuls"
