@@ -13,12 +13,13 @@
 #    "config:cell:layers:bidirectional"), with the shipped defaults, every JAX step
 #    compiled first PREWARM at a time into a compilation cache (--prewarm) -> bench.json,
 #    rewritten after every case, so a run cut off by the budget keeps what it finished.
-# Everything lands in $OUT (at most 8 files: log.txt, tests.txt, train.txt, bench.json,
-# levers_N.json).
+# Everything lands in $OUT: log.txt, tests.txt, train.txt, bench.json, levers_N.json (the
+# device tool brings back at most 8 files: at most 3 lever runs).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-rm -f "$OUT"/levers_*.json "$OUT"/bench.json
+rm -f "$OUT"/levers_*.json "$OUT"/bench.json "$OUT"/tests.txt "$OUT"/train.txt "$OUT"/log.txt
+TESTS_S=${TESTS_S:-90}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 START=$(date +%s)
@@ -40,14 +41,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), jax.devices())"
 
 # 0. tests and the main job, side by side (several processes share the GPU: no preallocation)
-if [ "${TESTS_S:-90}" -gt 0 ]; then
-  echo "tests: ${TESTS:-$DEFAULT_TESTS} (cut off after ${TESTS_S:-90} s) and experiments.train"
+if [ "$TESTS_S" -gt 0 ]; then
+  echo "tests: ${TESTS:-$DEFAULT_TESTS} (cut off after $TESTS_S s) and experiments.train"
   (XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
-    timeout "${TESTS_S:-90}" $PY -m pytest -v -p no:cacheprovider -n "${TEST_JOBS:-12}" \
+    timeout "$TESTS_S" $PY -m pytest -v -p no:cacheprovider -n "${TEST_JOBS:-12}" \
     ${TESTS:-$DEFAULT_TESTS} > "$OUT/tests.txt" 2>&1; echo "pytest exit $?" >> "$OUT/tests.txt") &
   tests_pid=$!
-  (cd "$(mktemp -d)" && t0=$(date +%s) && XLA_PYTHON_CLIENT_PREALLOCATE=false \
-    timeout "${TESTS_S:-90}" $PY -m experiments.train > "$OUT/train.txt" 2>&1;
+  (t0=$(date +%s) && cd "$(mktemp -d)" && XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    timeout "$TESTS_S" $PY -m experiments.train > "$OUT/train.txt" 2>&1;
     echo "train exit $? after $(( $(date +%s) - t0 )) s" >> "$OUT/train.txt") &
   wait "$tests_pid" $!  # (a bare wait would also wait for the log's tee)
   grep -E "passed|failed|error|exit" "$OUT/tests.txt" | tail -5
@@ -58,8 +59,9 @@ fi
 
 # 1. levers (each run cut off after LEVERS_S seconds; its JSON is written after every case)
 n=0
-IFS=';' read -ra RUNS <<< "${LEVERS:-}"
-for run in "${RUNS[@]}"; do
+RUNS=()
+[ -n "${LEVERS:-}" ] && IFS=';' read -ra RUNS <<< "$LEVERS"
+for run in ${RUNS[@]+"${RUNS[@]}"}; do
   IFS='|' read -r configs cells layers variants xla <<< "$run"
   configs=${configs// /}; cells=${cells// /}; layers=${layers// /}; variants=${variants// /}
   check=""; [ "$n" -eq 0 ] && [ "${CHECK:-1}" = 1 ] && check="--check"
