@@ -863,12 +863,9 @@ def render_section(report: dict[str, Any]) -> tuple[str, str]:
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Writes ``report`` to ``path`` through a temporary file (a reader never sees half)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from rnn_jax.sweeps import write_atomic
+
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def update_markdown(path: Path, key: str, section: str) -> None:
@@ -882,9 +879,9 @@ def update_markdown(path: Path, key: str, section: str) -> None:
         text = text[:i] + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from rnn_jax.sweeps import write_atomic
+
+    write_atomic(path, text)
 
 
 # --- main ----------------------------------------------------------------------------

@@ -557,9 +557,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_atomic(path: Path, content: str) -> None:
+    """Writes ``content`` to ``path`` through a temporary file beside it: a reader sees
+    the old file or the new one, and a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(content)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
