@@ -7,18 +7,24 @@
 #    "highest" precision) and, beside them, the default training run
 #    (`python -m experiments.train`, the README's main job), both cut off after
 #    TESTS_S seconds -> tests.txt, train.txt.
+# P. PROBE=1: experiments.pallas_probe: `check` once per exchange of the Pallas kernels
+#    (EXCHANGES, each in its own process, cut off after PROBE_CHECK_S seconds: a
+#    broken exchange could spin forever), then `time` over those that passed (cut off
+#    after PROBE_TIME_S); the faster one is exported to the benchmark ->
+#    pallas_probe.jsonl, exchange.env.
 # 1. LEVERS (optional, ';'-separated runs, each "configs|cells|layers|variants[|XLA_FLAGS]"):
 #    experiments.levers, one process per run (--check on the first) -> levers_N.json.
-# 2. experiments.benchmark --compare=flax,torch over CASES in that order (each
+# 2. experiments.benchmark --compare=$COMPARE (default flax,torch) over CASES in that order (each
 #    "config:cell:layers:bidirectional"), with the shipped defaults, every JAX step
 #    compiled first PREWARM at a time into a compilation cache (--prewarm) -> bench.json,
 #    rewritten after every case, so a run cut off by the budget keeps what it finished.
-# Everything lands in $OUT: log.txt, tests.txt, train.txt, bench.json, levers_N.json (the
-# device tool brings back at most 8 files: at most 3 lever runs).
+# Everything lands in $OUT: log.txt, tests.txt, train.txt, bench.json, pallas_probe.jsonl,
+# exchange.env, levers_N.json (the device tool brings back at most 8 files).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-rm -f "$OUT"/levers_*.json "$OUT"/bench.json "$OUT"/tests.txt "$OUT"/train.txt "$OUT"/log.txt
+rm -f "$OUT"/levers_*.json "$OUT"/bench.json "$OUT"/tests.txt "$OUT"/train.txt "$OUT"/log.txt \
+  "$OUT"/pallas_probe.jsonl "$OUT"/exchange.env
 TESTS_S=${TESTS_S:-90}
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -40,7 +46,20 @@ DEFAULT_TESTS="tests/test_persistent.py tests/test_fused.py tests/test_wavefront
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 $PY -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), jax.devices())"
 
-# 0. tests and the main job, side by side (several processes share the GPU: no preallocation)
+# 0. tests and the main job, side by side (several processes share the GPU: no
+#    preallocation), and the Pallas probe's checks (P) beside them
+probe_checks() {
+  for exchange in ${EXCHANGES:-flag counter}; do
+    EXCHANGES=$exchange OUT=$OUT XLA_PYTHON_CLIENT_PREALLOCATE=false \
+      timeout "${PROBE_CHECK_S:-90}" $PY -m experiments.pallas_probe check
+    code=$?
+    echo "probe check $exchange exit $code at $(( $(date +%s) - START )) s"
+    [ "$code" -eq 0 ] && echo "passed $exchange" >> "$OUT/probe_checks.txt"
+  done
+}
+rm -f "$OUT/probe_checks.txt"
+probe_pid=""
+if [ "${PROBE:-0}" = 1 ]; then probe_checks & probe_pid=$!; fi
 if [ "$TESTS_S" -gt 0 ]; then
   echo "tests: ${TESTS:-$DEFAULT_TESTS} (cut off after $TESTS_S s) and experiments.train"
   (XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
@@ -55,6 +74,23 @@ if [ "$TESTS_S" -gt 0 ]; then
   grep -E "FAILED|ERROR" "$OUT/tests.txt" | head -20
   tail -4 "$OUT/train.txt"
   echo "tests and train done at $(( $(date +%s) - START )) s"
+fi
+if [ -n "$probe_pid" ]; then wait "$probe_pid"; fi
+
+# P. the Pallas probe (its checks ran beside the tests)
+if [ "${PROBE:-0}" = 1 ]; then
+  passed=$(grep -h "^passed " "$OUT/probe_checks.txt" 2>/dev/null | cut -d' ' -f2 | paste -sd, -)
+  echo "probe checks passed: ${passed:-none}"
+  if [ -n "$passed" ]; then
+    EXCHANGES=$passed OUT=$OUT timeout "${PROBE_TIME_S:-150}" $PY -m experiments.pallas_probe time
+    echo "probe time exit $? at $(( $(date +%s) - START )) s"
+  fi
+  if [ -f "$OUT/exchange.env" ]; then
+    export "$(cat "$OUT/exchange.env")"
+    echo "benchmark with $(cat "$OUT/exchange.env")"
+  elif [ -n "$passed" ]; then
+    export RNN_JAX_PALLAS_EXCHANGE=${passed%%,*}
+  fi
 fi
 
 # 1. levers (each run cut off after LEVERS_S seconds; its JSON is written after every case)
@@ -78,7 +114,7 @@ done
 # 2. the benchmark with the peers, every case of CASES while time is left
 if [ "$(left)" -gt 60 ]; then
   timeout "$(left)" $PY -m experiments.benchmark --cases="${CASES:-$DEFAULT_CASES}" \
-    --compare=flax,torch --rounds="${ROUNDS:-1}" --iters=20 --max_time_s=1 \
+    --compare="${COMPARE:-flax,torch}" --rounds="${ROUNDS:-1}" --iters=20 --max_time_s=1 \
     --prewarm="${PREWARM:-16}" --output="$OUT/bench.json" --markdown= 2>&1 \
     | grep --line-buffered -E "^\[|^prewarm|error|FAIL|worker processes" \
     | while IFS= read -r line; do printf '%4d s  %s\n' $(( $(date +%s) - START )) "$line"; done

@@ -1,109 +1,182 @@
-"""One-off GPU probe of the Pallas recurrence (rnn_jax.persistent): equivalence with
-the XLA loops at float32 'highest' precision, and the layer's forward+backward time
-at the long shape for a few kernel variants. Prints one line per measurement."""
+"""GPU probe of the Pallas recurrence (rnn_jax.persistent), one JSON line per result.
+
+    python -m experiments.pallas_probe check    # equivalence, exits 1 on a mismatch
+    python -m experiments.pallas_probe time     # forward+backward times
+
+``check``: a network's values and gradients (params, inputs, initial carries) with
+``implementation="pallas"`` against the XLA loops (``"fused"``) at float32 "highest"
+precision, H=128, B=37 (a padded row block), T=50, lengths 0..T, for each exchange
+of ``EXCHANGES`` (``$RNN_JAX_PALLAS_EXCHANGE``: how the programs of a row block
+pass each step's state) over the LSTM, the reset-after GRU and the RNN with one
+direction, and the LSTM and GRU with two (one grid for both directions).
+
+``time``: one training-like forward+backward (a weighted sum of the outputs) at the
+long shape (H=128, B=32, T=1024, 28 float inputs), median of 15 after a warm-up:
+the XLA loops against the kernels with each exchange, for one layer, one
+bidirectional layer and two layers (XLA: the wavefront); and one layer at the
+book's shape (H=32, B=1024, T=32). With ``$OUT``, the exchange that passed the
+check and was faster on the long LSTM and GRU goes to ``$OUT/exchange.env`` as
+``RNN_JAX_PALLAS_EXCHANGE=...`` (read by ``experiments/gpu_check.sh``).
+"""
+
+from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells, fused, persistent
+from rnn_jax import cells, networks
 
-QUICK = os.environ.get("QUICK") == "1"
-rows = []
+EXCHANGES = os.environ.get("EXCHANGES", "flag,counter").split(",")
+OUT = os.environ.get("OUT")
+CELLS = {
+    "lstm": lambda h: cells.lstm(h),
+    "gru": lambda h: cells.gru(h, reset_after=True),
+    "rnn": lambda h: cells.rnn(h),
+}
 
 
-def log(**kw):
-    rows.append(kw)
-    print(json.dumps(kw), flush=True)
+def log(**row):
+    print(json.dumps(row), flush=True)
+    if OUT:
+        with open(os.path.join(OUT, "pallas_probe.jsonl"), "a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
-def make(cell, T, B, I, seed=0):
-    k = jax.random.PRNGKey(seed)
-    p = cell.init(k, I)
-    xs = jax.random.normal(jax.random.fold_in(k, 1), (T, B, I))
-    c0 = jax.tree_util.tree_map(
-        lambda a: 0.3 * jax.random.normal(jax.random.fold_in(k, 2), (B, *a.shape)),
-        cell.initial_carry(),
+def setup(cell_name, hidden, layers, bi, batch, steps, inputs=28, seed=0):
+    cell = CELLS[cell_name](hidden)
+    net = networks.network(cell, layers, bi, implementation="fused")
+    params = net.init(jax.random.key(seed), inputs)
+    key = jax.random.key(seed + 1)
+    xs = jax.random.normal(key, (batch, steps, inputs))
+    carry = jax.tree.map(
+        lambda c: 0.3 * jax.random.normal(jax.random.fold_in(key, 2), (batch, *c.shape)),
+        net.initial_carry(),
     )
-    return p, c0, xs
+    weights = jax.random.normal(
+        jax.random.fold_in(key, 3), (batch, steps, (2 if bi else 1) * hidden)
+    )
+    return cell, params, xs, carry, weights
 
 
-def loss_fn(cell, lengths, **kw):
-    def loss(p, c0, xs):
-        ys, fin = fused.layer(cell, p, c0, xs, lengths, **kw)
-        w = (jnp.arange(ys.size).reshape(ys.shape) % 7) * 0.1
-        return jnp.sum(ys * w) + sum(jnp.sum(jnp.sin(f)) for f in jax.tree_util.tree_leaves(fin))
+def grad_fn(cell, layers, bi, weights, implementation, **kw):
+    net = networks.network(cell, layers, bi, implementation=implementation, **kw)
+
+    def loss(params, xs, carry, lengths):
+        ys, final = net.apply_batch(params, xs, lengths, carry)
+        return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-CELLS = {
-    "lstm": lambda h: cells.lstm(h),
-    "gru_ra": lambda h: cells.gru(h, reset_after=True),
-    "rnn": lambda h: cells.rnn(h),
-}
+def check() -> bool:
+    ok = True
+    cases = [(c, False) for c in CELLS] + [("lstm", True), ("gru", True)]
+    with jax.default_matmul_precision("highest"):
+        for exchange in EXCHANGES:
+            os.environ["RNN_JAX_PALLAS_EXCHANGE"] = exchange
+            for name, bi in cases:
+                cell, params, xs, carry, weights = setup(name, 128, 1, bi, 37, 50)
+                lengths = jnp.asarray([50, 0, 3, 1] + [49] * 33)
+                args = (params, xs, carry, lengths)
+                t = time.time()
+                want = grad_fn(cell, 1, bi, weights, "fused")(*args)
+                got = jax.block_until_ready(grad_fn(cell, 1, bi, weights, "pallas")(*args))
+                err = max(
+                    float(jnp.max(jnp.abs(a - b)) / (1e-6 + jnp.max(jnp.abs(a))))
+                    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)
+                )
+                good = err < 1e-5
+                ok &= good
+                log(
+                    check=name,
+                    bi=bi,
+                    exchange=exchange,
+                    max_rel_err=err,
+                    ok=good,
+                    s=time.time() - t,
+                )
+    return ok
 
-print(jax.devices(), jax.__version__, flush=True)
-t_all = time.time()
-# 1. equivalence at 'highest' precision (IEEE float32 dots in Triton and XLA)
-with jax.default_matmul_precision("highest"):
-    for name in ["lstm", "gru_ra"] if QUICK else list(CELLS):
-        cell = CELLS[name](128)
-        T, B, I = 50, 37, 28
-        p, c0, xs = make(cell, T, B, I)
-        lengths = jnp.array([T, 0, 3, 1] + [T - 1] * (B - 4))
-        t = time.time()
-        try:
-            a = loss_fn(cell, lengths)(p, c0, xs)
-            b = loss_fn(cell, lengths, kernel="pallas")(p, c0, xs)
-            errs = jax.tree_util.tree_map(
-                lambda u, v: float(jnp.max(jnp.abs(u - v)) / (1e-6 + jnp.max(jnp.abs(u)))), a, b
-            )
-            log(check=name, max_rel_err=max(jax.tree_util.tree_leaves(errs)), s=time.time() - t)
-        except Exception as e:  # noqa: BLE001
-            log(check=name, error=f"{type(e).__name__}: {str(e)[:1500]}")
 
-
-# 2. timing at the long shape: forward+backward of one layer
-def bench(name, label, **kw):
-    cell = CELLS[name](128)
-    p, c0, xs = make(cell, 1024, 32, 28)
-    f = loss_fn(cell, None, **kw)
+def median_ms(fn, args, reps=15):
     t = time.time()
-    try:
-        jax.block_until_ready(f(p, c0, xs))
-    except Exception as e:  # noqa: BLE001
-        log(bench=name, variant=label, error=f"{type(e).__name__}: {str(e)[:600]}")
-        return
+    jax.block_until_ready(fn(*args))
     compile_s = time.time() - t
     times = []
-    for _ in range(15):
+    for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(f(p, c0, xs))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    log(bench=name, variant=label, ms=1e3 * float(np.median(times)), compile_s=compile_s)
+    return 1e3 * float(np.median(times)), compile_s
 
 
-for name in ["lstm", "gru_ra"]:
-    bench(name, "xla_u8", unroll=8)
-    for units, warps, dtype in [
-        (16, 1, "float32"),
-        (16, 2, "float32"),
-        (16, 4, "float32"),
-        (32, 1, "float32"),
-        (16, 1, "bfloat16"),
-    ]:
-        if name == "gru_ra" and (warps == 2 or dtype != "float32"):
-            continue
-        persistent.MIN_UNITS, persistent.NUM_WARPS = units, warps
-        bench(name, f"pallas_u{units}_w{warps}_{dtype}", kernel="pallas", matmul_dtype=dtype)
-    persistent.MIN_UNITS, persistent.NUM_WARPS = 16, 4
-print("total_s", time.time() - t_all)
-out = os.environ.get("OUT")
-if out:
-    with open(os.path.join(out, "pallas_probe.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+def timing():
+    best = {}
+    long, d2l = (128, 32, 1024), (32, 1024, 32)
+    if os.environ.get("QUICK") == "1":  # a dry run (the interpreter on a CPU)
+        long, d2l = (32, 8, 16), (16, 32, 8)
+    shapes = [
+        ("long", *long, 1, False),
+        ("long", *long, 1, True),
+        ("long", *long, 2, False),
+        ("d2l", *d2l, 1, False),
+    ]
+    for config, hidden, batch, steps, layers, bi in shapes:
+        for name in ("lstm", "gru"):
+            cell, params, xs, carry, weights = setup(name, hidden, layers, bi, batch, steps)
+            args = (params, xs, carry, None)
+            xla = "wavefront" if layers > 1 else "fused"
+            variants = [(xla, None)] + [("pallas", e) for e in EXCHANGES]
+            for implementation, exchange in variants:
+                if exchange:
+                    os.environ["RNN_JAX_PALLAS_EXCHANGE"] = exchange
+                fn = grad_fn(cell, layers, bi, weights, implementation, unroll=8)
+                try:
+                    ms, compile_s = median_ms(fn, args)
+                except Exception as e:  # noqa: BLE001
+                    log(
+                        config=config,
+                        cell=name,
+                        layers=layers,
+                        bi=bi,
+                        impl=implementation,
+                        exchange=exchange,
+                        error=f"{type(e).__name__}: {str(e)[:400]}",
+                    )
+                    continue
+                log(
+                    config=config,
+                    cell=name,
+                    layers=layers,
+                    bi=bi,
+                    impl=implementation,
+                    exchange=exchange,
+                    ms=round(ms, 3),
+                    compile_s=round(compile_s, 1),
+                )
+                if exchange and config == "long" and layers == 1 and not bi:
+                    best.setdefault(exchange, []).append(ms)
+    return best
+
+
+def main(argv):
+    print(jax.devices(), jax.__version__, flush=True)
+    what = argv[1] if len(argv) > 1 else "check"
+    if what == "check":
+        sys.exit(0 if check() else 1)
+    best = timing()
+    if OUT and best:
+        fastest = min(best, key=lambda e: sum(best[e]))
+        with open(os.path.join(OUT, "exchange.env"), "w") as fh:
+            fh.write(f"RNN_JAX_PALLAS_EXCHANGE={fastest}\n")
+        log(fastest_exchange=fastest, long_one_layer_ms=best)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

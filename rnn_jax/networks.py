@@ -145,8 +145,9 @@ def separate_directions(hidden_size: int, kernel: str, backend: str | None = Non
     """Whether a bidirectional fused layer runs its two directions as two calls of
     :func:`rnn_jax.fused.layer` instead of one call ``vmap``-ed over a direction axis.
 
-    Always for the Pallas kernels (the programs of one kernel wait for each other,
-    so its grid must stay as :func:`rnn_jax.persistent.layout` sized it). On CPU
+    Never for the Pallas kernels: ``vmap``-ed, the two directions run as one kernel
+    whose grid has a direction axis when all its programs fit on the GPU at once
+    (else one after another; :func:`rnn_jax.persistent.layout`). On CPU
     below ``SEPARATE_DIRECTIONS_BELOW_HIDDEN``: measured on the 2-core CPU, training
     step of the language model with one bidirectional layer, three alternating
     rounds, ms (vmap vs two calls): d2l (H=32 B=1024 T=32) LSTM 41-45 vs 35-38, GRU
@@ -159,7 +160,7 @@ def separate_directions(hidden_size: int, kernel: str, backend: str | None = Non
     directions; measured there that way).
     """
     if kernel == "pallas":
-        return True
+        return False
     backend = jax.default_backend() if backend is None else backend
     return backend == "cpu" and hidden_size < SEPARATE_DIRECTIONS_BELOW_HIDDEN
 
@@ -199,8 +200,8 @@ def choose_implementation(
     cut the step's temporary memory to 0.23-0.26x in 1.01-1.22x the time, where the
     scan under ``jax.checkpoint`` kept 0.29-0.30x in 1.64-1.83x the fused step's time.
 
-    Deep unidirectional networks without dropout or remat run ``"wavefront"`` on
-    accelerators when each step is small (``batch_size * H <=``
+    Otherwise, deep unidirectional networks without dropout or remat run
+    ``"wavefront"`` on accelerators when each step is small (``batch_size * H <=``
     :data:`WAVEFRONT_MAX_BATCH_UNITS`): on the H100, 2 layers at H=128 B=32 T=1024,
     21.4-22.1 vs 23.4 ms (LSTM) and 17.5-18.3 vs 20.2 ms (GRU) per training step at
     unroll 8-16, since the layers' small kernels run side by side. At H=1024 B=128
@@ -213,29 +214,33 @@ def choose_implementation(
     medium and long at 2 and 3 layers (wavefront 0.84-1.20x the fused step's time),
     so the CPU keeps the layer-by-layer fused loops.
 
-    One unidirectional layer without remat runs ``"pallas"`` on GPUs for the cells
-    it supports up to H=128 (H100, training step, fused unroll 8 vs pallas: long
-    GRU 10.4 vs 8.60 ms, LSTM 12.4 vs 9.36; d2l GRU 0.88 vs 0.62, LSTM 0.88 vs
-    0.76; but medium, H=256: GRU 1.41 vs 1.42, LSTM 1.43 vs 3.21). Deep or
-    bidirectional networks were not measured with it and keep the XLA loops; so do
-    runs over several devices (``num_devices``, default ``jax.device_count()``: XLA
-    cannot partition a kernel over a sharded batch and would replicate it), AMD
-    GPUs (the kernels' barrier is written for NVIDIA's memory model) and shapes
-    whose grid would not fit the GPU at once (``cores``: its multiprocessors,
-    default the device's; see :func:`rnn_jax.persistent.layout`), where the kernels
-    fall back to a slow form.
+    Without remat, GPUs run ``"pallas"`` for the cells it supports up to H=128
+    (H100, training step of one layer, fused unroll 8 vs pallas: long GRU 10.4 vs
+    8.60 ms, LSTM 12.4 vs 9.36; d2l GRU 0.88 vs 0.62, LSTM 0.88 vs 0.76; but
+    medium, H=256: GRU 1.41 vs 1.42, LSTM 1.43 vs 3.21). Deep networks run it layer
+    by layer (rather than the wavefront), and a bidirectional layer runs its two
+    directions as one grid, so only where twice the programs of one direction fit
+    the GPU at once (long: 2 x 16; not d2l's 2 x 64, which would run one direction
+    after the other). The XLA loops stay for runs over several devices
+    (``num_devices``, default ``jax.device_count()``: XLA cannot partition a
+    kernel over a sharded batch and would replicate it), AMD GPUs (the kernels'
+    barrier is written for NVIDIA's memory model) and shapes whose grid would not
+    fit the GPU at once (``cores``: its multiprocessors, default the device's; see
+    :func:`rnn_jax.persistent.layout`), where the kernels fall back to a slow form.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
         return "scan"
-    single = num_layers == 1 and not (bidirectional or remat)
     if (
-        single
-        and backend == "gpu"
+        backend == "gpu"
+        and not remat
         and cell.hidden_size <= PALLAS_MAX_AUTO_HIDDEN
         and persistent.unsupported(cell) is None
         and persistent.splits(
-            batch_size, cell.hidden_size, persistent.device_cores() if cores is None else cores
+            batch_size,
+            cell.hidden_size,
+            persistent.device_cores() if cores is None else cores,
+            copies=2 if bidirectional else 1,
         )
         and (jax.device_count() if num_devices is None else num_devices) == 1
         and not persistent.on_rocm()

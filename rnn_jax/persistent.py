@@ -37,6 +37,7 @@ GPU host, computing on a CPU device needs ``implementation="fused"``.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +55,17 @@ NUM_WARPS = 4
 NUM_STAGES = 1  # no software pipelining: 3 stages asked for 520 KiB of shared memory
 MIN_UNITS = 16  # hidden units per program when the units are split
 MAX_PROGRAMS = 64  # programs that wait for each other must all be resident
+EXCHANGE = "counter"
+"""How the programs of a row block pass each step's hidden state (forward) or gate
+gradients (backward) to each other (see :func:`exchange`): ``"counter"`` (write,
+barrier on an atomic counter, read back) or ``"flag"`` (every element is its own
+flag: the buffer starts filled with :data:`SENTINEL` and readers reload until no
+element of their tile is the sentinel)."""
+SENTINEL = 0x7FE0DEAD
+"""The float32 bit pattern (a quiet NaN with a payload) of a not yet written element
+of a ``"flag"`` exchange buffer. Arithmetic never produces it (NVIDIA GPUs return the
+canonical NaN) and written values are canonicalised, so a NaN passed through from an
+input cannot be mistaken for it."""
 
 
 def unsupported(cell: Cell) -> str | None:
@@ -225,11 +237,26 @@ def layout(
     return 64, hidden
 
 
-def splits(batch: int, hidden: int, cores: int | None = None) -> bool:
+def splits(batch: int, hidden: int, cores: int | None = None, copies: int = 1) -> bool:
     """Whether the kernels split the units over programs for this shape on a GPU
     (the measured fast form; one program holding every unit re-reads all weights
-    each step: long LSTM 20-25 vs 9.3 ms)."""
-    return hidden <= MIN_UNITS or layout(batch, hidden, False, cores)[1] < hidden
+    each step: long LSTM 20-25 vs 9.3 ms), with ``copies`` calls of them (a ``vmap``,
+    e.g. the two directions of a bidirectional layer) fitting the GPU at once as one
+    grid (see :func:`_batched`)."""
+    if hidden <= MIN_UNITS:
+        return True  # one program per row block holds all units: nobody waits
+    block, units = layout(batch, hidden, False, cores)
+    limit = MAX_PROGRAMS if cores is None else min(MAX_PROGRAMS, cores)
+    return units < hidden and copies * -(-batch // block) * (hidden // units) <= limit
+
+
+def exchange() -> str:
+    """The exchange in use: ``$RNN_JAX_PALLAS_EXCHANGE`` if set (for measuring the
+    two against each other in separate processes), else :data:`EXCHANGE`."""
+    mode = os.environ.get("RNN_JAX_PALLAS_EXCHANGE", EXCHANGE)
+    if mode not in ("counter", "flag"):
+        raise ValueError(f"RNN_JAX_PALLAS_EXCHANGE: expected 'counter' or 'flag', got {mode!r}")
+    return mode
 
 
 def on_rocm() -> bool:
@@ -267,7 +294,28 @@ def _load_l2(ref_view):
     return plgpu.load(ref_view, volatile=True)
 
 
-def _forward_kernel(cell, num_steps, masked, save, block, units, *refs):
+def _sentinel_filled(shape) -> Array:
+    """A float32 array of ``shape`` whose every element has the bits of SENTINEL."""
+    return jax.lax.bitcast_convert_type(jnp.full(shape, SENTINEL, jnp.int32), jnp.float32)
+
+
+def _canonical(x: Array) -> Array:
+    """``x`` with every NaN as the canonical NaN (never the sentinel)."""
+    return jnp.where(x != x, jnp.nan, x)
+
+
+def _await(ref_view):
+    """Load a tile that other programs are writing, again until none of its elements
+    is the sentinel (each element is written once, so a loaded value is final)."""
+
+    def missing(tile):
+        flags = jax.lax.bitcast_convert_type(tile, jnp.int32) == SENTINEL
+        return jnp.max(flags.astype(jnp.int32)) > 0
+
+    return jax.lax.while_loop(missing, lambda _: _load_l2(ref_view), _load_l2(ref_view))
+
+
+def _forward_kernel(cell, num_steps, masked, save, block, units, flag, *refs):
     hidden, nc = cell.hidden_size, (2 if cell.name == "lstm" else 1)
     ns = _num_saved(cell) if save else 0
     num_gates = _num_gates(cell)
@@ -278,12 +326,15 @@ def _forward_kernel(cell, num_steps, masked, save, block, units, *refs):
     carry_refs = [refs.pop(0) for _ in range(nc)]
     valid_ref = refs.pop(0) if masked else None
     extra_ref = refs.pop(0) if has_extra else None
-    count_ref = refs.pop(0) if split else None
+    # split: the barrier counter (counter) or the sentinel-filled [T, B', H] exchange
+    # buffer (flag), an input aliased to the last output (whose ref goes unused)
+    count_ref = refs.pop(0) if split and not flag else None
+    hbuf_ref = refs.pop(0) if split and flag else None
     ys_ref = refs.pop(0)
     final_refs = [refs.pop(0) for _ in range(nc)]
     save_refs = [refs.pop(0) for _ in range(ns)]
-    hbuf_ref = refs.pop(0) if split else None
-    refs.pop(0) if split else None  # the counter's output alias
+    if split and not flag:
+        hbuf_ref = refs.pop(0)  # [2, B', H]: a double buffer
     forward, _ = _step_fns(cell)
     p, j = pl.program_id(0), pl.program_id(1)  # row block, unit split
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
@@ -311,6 +362,9 @@ def _forward_kernel(cell, num_steps, masked, save, block, units, *refs):
         following = load_inputs(jnp.minimum(t + 1, num_steps - 1))
         if not split:
             return new, new[0], following
+        if flag:  # one slot per step, written once: each element is its own flag
+            hbuf_ref[t, rows, own] = _canonical(new[0])
+            return new, _await(hbuf_ref.at[t, rows, :]), following
         slot = jax.lax.rem(t + 1, 2)  # double buffer: nobody still reads the other slot
         hbuf_ref[slot, rows, own] = new[0]
         _barrier(count_ref, p, (t + 1) * (hidden // units))
@@ -323,7 +377,7 @@ def _forward_kernel(cell, num_steps, masked, save, block, units, *refs):
         ref[rows, own] = c
 
 
-def _backward_kernel(cell, num_steps, masked, block, units, *refs):
+def _backward_kernel(cell, num_steps, masked, block, units, flag, *refs):
     hidden, nc, ns = cell.hidden_size, (2 if cell.name == "lstm" else 1), _num_saved(cell)
     num_gates = _num_gates(cell)
     split = units < hidden
@@ -333,7 +387,11 @@ def _backward_kernel(cell, num_steps, masked, block, units, *refs):
     save_refs = [refs.pop(0) for _ in range(ns)]
     dfinal_refs = [refs.pop(0) for _ in range(nc)]
     valid_ref = refs.pop(0) if masked else None
-    count_ref = refs.pop(0) if split else None
+    # split: the barrier counter (counter) or the sentinel-filled dA (and the GRU's
+    # dA_n * R) buffers (flag), inputs aliased to the outputs below
+    count_ref = refs.pop(0) if split and not flag else None
+    if split and flag:
+        refs = refs[1 + gru :]  # written and read through the aliased outputs
     dxp_ref = refs.pop(0)
     dhn_ref = refs.pop(0) if gru else None
     dcarry0_refs = [refs.pop(0) for _ in range(nc)]
@@ -358,18 +416,24 @@ def _backward_kernel(cell, num_steps, masked, block, units, *refs):
         if masked:
             da = [jnp.where(v, d, 0.0) for d in da]
             operands = [jnp.where(v, d, 0.0) for d in operands]
+        if split and flag:
+            da = [_canonical(d) for d in da]
+            operands = [_canonical(d) for d in operands]
         for k in range(num_gates):
             dxp_ref[t, rows, pl.ds(k * hidden + j * units, units)] = da[k]
         if gru:
             dhn_ref[t, rows, own] = operands[2]
         following = load_inputs(jnp.maximum(t - 1, 0))
         if split:
-            _barrier(count_ref, p, (s + 1) * (hidden // units))
+            if not flag:
+                _barrier(count_ref, p, (s + 1) * (hidden // units))
+            read = _await if flag else _load_l2
             operands = [
-                _load_l2(dxp_ref.at[t, rows, pl.ds(k * hidden, hidden)]) for k in range(num_gates)
+                read(dxp_ref.at[t, rows, pl.ds(k * hidden, hidden)])
+                for k in range(2 if gru else num_gates)
             ]
             if gru:
-                operands[2] = _load_l2(dhn_ref.at[t, rows, :])
+                operands.append(read(dhn_ref.at[t, rows, :]))
         dh_prev = sum(_dot(a, w) for a, w in zip(operands, wts, strict=True))
         if dh_direct is not None:
             dh_prev = dh_prev + dh_direct
@@ -384,14 +448,9 @@ def _backward_kernel(cell, num_steps, masked, block, units, *refs):
         ref[rows, own] = d
 
 
-def _call(kernel, grid, out_shapes, args, counter):
-    """``pallas_call`` over ``grid``; with ``counter`` (the number of row blocks),
-    a zeroed int32 barrier counter is the last input, aliased to the last output."""
-    aliases = {}
-    if counter:
-        args = [*args, jnp.zeros((counter,), jnp.int32)]
-        out_shapes = [*out_shapes, jax.ShapeDtypeStruct((counter,), jnp.int32)]
-        aliases = {len(args) - 1: len(out_shapes) - 1}
+def _call(kernel, grid, out_shapes, args, aliases, programs):
+    """``pallas_call`` of ``kernel`` over ``grid``; ``aliases`` maps input to output
+    positions; ``programs``: how many programs wait for each other (0: none)."""
     interpret = _interpret()
     call = pl.pallas_call(
         kernel,
@@ -401,8 +460,8 @@ def _call(kernel, grid, out_shapes, args, counter):
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
     )
-    out = _not_differentiable(_sequential_under_vmap(call))(*args)
-    return out[:-1] if counter else out
+    limit = None if interpret else min(MAX_PROGRAMS, device_cores() or MAX_PROGRAMS)
+    return _not_differentiable(_batched(call, programs, limit))(*args)
 
 
 def _not_differentiable(fn):
@@ -422,22 +481,28 @@ def _not_differentiable(fn):
     return wrapped
 
 
-def _sequential_under_vmap(call):
-    """``call`` with a batching rule that runs the mapped calls one after another
-    (``lax.map``). Pallas' own rule would add the mapped axis to the grid, and the
-    programs of a grid that no longer fits on the GPU at once would wait at the
-    barrier for programs that never start."""
+def _batched(call, programs, limit):
+    """``call`` with a batching rule. Mapped calls run as one kernel with the mapped
+    axis added to the grid (Pallas' own rule) when they can: always if no program
+    waits for another (``programs == 0``), else when all ``axis_size * programs``
+    programs fit on the GPU at once (``limit``; ``None``: no limit). Otherwise they
+    run one after another (``lax.map``): programs of a grid that does not fit would
+    wait at the barrier for programs that never start."""
     fn = jax.custom_batching.custom_vmap(call)
 
     @fn.def_vmap
     def rule(axis_size, in_batched, *args):
-        mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
+        if not programs or limit is None or axis_size * programs <= limit:
+            in_axes = [0 if b else None for b in in_batched]
+            out = _batched(jax.vmap(call, in_axes=in_axes), programs * axis_size, limit)(*args)
+        else:
+            mapped = [a for a, b in zip(args, in_batched, strict=True) if b]
 
-        def one(slices):
-            rest = iter(slices)
-            return fn(*[next(rest) if b else a for a, b in zip(args, in_batched, strict=True)])
+            def one(slices):
+                rest = iter(slices)
+                return fn(*[next(rest) if b else a for a, b in zip(args, in_batched, strict=True)])
 
-        out = jax.lax.map(one, mapped)
+            out = jax.lax.map(one, mapped)
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return fn
@@ -487,6 +552,10 @@ class _Plan(NamedTuple):
     def grid(self) -> tuple[int, int]:  # (row blocks, unit splits)
         return self.rows // self.block, self.hidden // self.units
 
+    @property
+    def programs(self) -> int:  # programs that wait for each other (0: none do)
+        return self.grid[0] * self.grid[1] if self.split else 0
+
 
 def _plan(batch: int, hidden: int, valid: Array | None, num_steps: int) -> _Plan:
     """The layout of one call; :func:`forward` and :func:`backward` share it, so the
@@ -517,12 +586,21 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     seq = jax.ShapeDtypeStruct((num_steps, plan.rows, hidden), jnp.float32)
     tile = jax.ShapeDtypeStruct((plan.rows, hidden), jnp.float32)
     shapes = [seq] + [tile] * nc + [seq] * ns
+    flag = plan.split and exchange() == "flag"
+    aliases = {}
+    if flag:
+        args.append(_sentinel_filled(seq.shape))
+        shapes.append(seq)
+    elif plan.split:
+        args.append(jnp.zeros((plan.grid[0],), jnp.int32))
+        shapes += [jax.ShapeDtypeStruct((2, plan.rows, hidden), jnp.float32)]
+        shapes.append(jax.ShapeDtypeStruct((plan.grid[0],), jnp.int32))
     if plan.split:
-        shapes.append(jax.ShapeDtypeStruct((2, plan.rows, hidden), jnp.float32))
+        aliases = {len(args) - 1: len(shapes) - 1}
     kernel = functools.partial(
-        _forward_kernel, cell, num_steps, plan.vmask is not None, save, plan.block, plan.units
+        _forward_kernel, cell, num_steps, plan.vmask is not None, save, plan.block, plan.units, flag
     )
-    out = _call(kernel, plan.grid, shapes, args, plan.grid[0] if plan.split else 0)
+    out = _call(kernel, plan.grid, shapes, args, aliases, plan.programs)
     ys, final, saved = out[0], out[1 : 1 + nc], out[1 + nc : 1 + nc + ns]
     ys = ys[:, :batch]
     final = _carry_tree(cell, [f[:batch] for f in final])
@@ -549,11 +627,23 @@ def backward(cell, w_t, valid, h_prev, saved, dys, dfinal):
     shapes = [jax.ShapeDtypeStruct((num_steps, plan.rows, width), jnp.float32)]
     if cell.name == "gru":
         shapes.append(seq)
+    flag = plan.split and exchange() == "flag"
+    aliases = {}
+    if flag:  # dA (and dA_n * R) start as sentinels: they are the exchange buffers
+        aliases = {len(args) + i: i for i in range(len(shapes))}
+        args += [_sentinel_filled(s.shape) for s in shapes]
+    elif plan.split:
+        args.append(jnp.zeros((plan.grid[0],), jnp.int32))
     shapes += [jax.ShapeDtypeStruct((plan.rows, hidden), jnp.float32)] * nc
+    if plan.split and not flag:
+        shapes.append(jax.ShapeDtypeStruct((plan.grid[0],), jnp.int32))
+        aliases = {len(args) - 1: len(shapes) - 1}
     kernel = functools.partial(
-        _backward_kernel, cell, num_steps, plan.vmask is not None, plan.block, plan.units
+        _backward_kernel, cell, num_steps, plan.vmask is not None, plan.block, plan.units, flag
     )
-    out = _call(kernel, plan.grid, shapes, args, plan.grid[0] if plan.split else 0)
+    out = _call(kernel, plan.grid, shapes, args, aliases, plan.programs)
+    if plan.split and not flag:
+        out = out[:-1]
     dxp = out[0][:, :batch]
     extras = (out[1][:, :batch],) if cell.name == "gru" else ()
     dcarry0 = _carry_tree(cell, [d[:batch] for d in out[-nc:]])

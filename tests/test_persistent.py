@@ -194,9 +194,9 @@ def test_bad_kernel_and_config():
         config.validate(config.TrainConfig(cell="gru", implementation="pallas", workdir="/tmp/x"))
 
 
-def test_pallas_under_vmap_runs_the_mapped_calls_one_by_one():
-    """An ensemble vmapped over the layer: the same as each member on its own (the
-    kernels' batching rule maps sequentially instead of growing the grid)."""
+def test_pallas_under_vmap_equals_each_member():
+    """An ensemble vmapped over the layer: the same as each member on its own (in the
+    interpreter nobody waits at a barrier, so the mapped calls are one grid)."""
     cell = cells.lstm(H)
     members = jax.vmap(lambda k: cell.init(k, I))(jax.random.split(jax.random.key(0), 2))
     xs, weights = random(9, (T, B, I)), random(10, (T, B, H))
@@ -209,3 +209,48 @@ def test_pallas_under_vmap_runs_the_mapped_calls_one_by_one():
     got = jax.jit(jax.vmap(jax.value_and_grad(lambda p: loss(p, "pallas"))))(members)
     want = jax.vmap(jax.value_and_grad(lambda p: loss(p, "xla")))(members)
     assert_trees_close(got, want)
+
+
+def test_mapped_calls_share_a_grid_only_when_all_programs_fit():
+    """The batching rule of the kernels: one call with the mapped axis in its grid
+    when no program waits for another or when all of them fit at once; one call after
+    another (a scan) when they would not (they would wait for programs that never
+    start), also when vmaps nest."""
+    kernel = lambda x_ref, o_ref: o_ref.__setitem__(..., 2.0 * x_ref[...])  # noqa: E731
+    call = persistent.pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), interpret=True
+    )
+    xs = jnp.arange(4 * 2 * 16, dtype=jnp.float32).reshape(4, 2, 16)
+
+    def program(programs, limit, nest):
+        fn = persistent._batched(call, programs, limit)
+        f = jax.vmap(jax.vmap(fn)) if nest else jax.vmap(fn)
+        x = xs if nest else xs[:, 0]
+        np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), 2 * np.asarray(x))
+        return str(jax.make_jaxpr(f)(x))
+
+    for programs, limit in ((0, 4), (8, None), (8, 32), (8, 64)):
+        assert "scan[" not in program(programs, limit, nest=False)
+    assert "scan[" in program(8, 31, nest=False)  # 4 x 8 > 31
+    assert "scan[" not in program(8, 64, nest=True)  # 2 x 4 x 8 = 64
+    assert "scan[" in program(8, 63, nest=True)  # the outer map runs one by one
+
+
+def test_exchange_sentinel(monkeypatch):
+    """The "flag" exchange's empty-slot pattern, and the canonical NaN written instead
+    of any NaN (so no computed value can look unwritten); a bad
+    $RNN_JAX_PALLAS_EXCHANGE names itself."""
+    bits = lambda x: np.asarray(jax.lax.bitcast_convert_type(x, jnp.int32))  # noqa: E731
+    filled = persistent._sentinel_filled((3, 2))
+    assert filled.dtype == jnp.float32 and np.all(bits(filled) == persistent.SENTINEL)
+    x = jnp.asarray([1.0, -2.0, jnp.inf, 0.0])
+    x = jnp.concatenate([x, filled[0]])
+    out = jax.jit(persistent._canonical)(x)
+    assert not np.any(bits(out) == persistent.SENTINEL)
+    np.testing.assert_array_equal(np.asarray(out)[:4], [1.0, -2.0, np.inf, 0.0])
+    assert np.all(np.isnan(np.asarray(out)[4:]))
+    monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "flag")
+    assert persistent.exchange() == "flag"
+    monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "atomic")
+    with pytest.raises(ValueError, match="RNN_JAX_PALLAS_EXCHANGE.*'atomic'"):
+        persistent.exchange()
