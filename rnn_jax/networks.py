@@ -221,7 +221,9 @@ def choose_implementation(
     by layer (rather than the wavefront), and a bidirectional layer runs its two
     directions as one grid, so only where twice the programs of one direction fit
     the GPU at once (long: 2 x 16; not d2l's 2 x 64, which would run one direction
-    after the other). The XLA loops stay for runs over several devices
+    after the other). H100, forward+backward at H=128 B=32 T=1024, ms: 2 layers,
+    wavefront vs pallas, LSTM 23.3 vs 16.5, GRU 19.1 vs 14.6; bidirectional, fused
+    vs pallas, LSTM 12.7 vs 9.22, GRU 11.7 vs 8.29. The XLA loops stay for runs over several devices
     (``num_devices``, default ``jax.device_count()``: XLA cannot partition a
     kernel over a sharded batch and would replicate it), AMD GPUs (the kernels'
     barrier is written for NVIDIA's memory model) and shapes whose grid would not

@@ -249,8 +249,10 @@ def test_exchange_sentinel(monkeypatch):
     assert not np.any(bits(out) == persistent.SENTINEL)
     np.testing.assert_array_equal(np.asarray(out)[:4], [1.0, -2.0, np.inf, 0.0])
     assert np.all(np.isnan(np.asarray(out)[4:]))
+    monkeypatch.delenv("RNN_JAX_PALLAS_EXCHANGE", raising=False)
+    assert persistent.exchange(8) == "flag" and persistent.exchange(2) == "counter"
     monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "flag")
-    assert persistent.exchange() == "flag"
+    assert persistent.exchange(2) == "flag"
     monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "atomic")
     with pytest.raises(ValueError, match="RNN_JAX_PALLAS_EXCHANGE.*'atomic'"):
         persistent.exchange()
