@@ -2,6 +2,7 @@
 
     python -m experiments.pallas_probe check    # equivalence, exits 1 on a mismatch
     python -m experiments.pallas_probe time     # forward+backward times
+    python -m experiments.pallas_probe tune     # warps and rows per program
 
 ``check``: a network's values and gradients (params, inputs, initial carries) with
 ``implementation="pallas"`` against the XLA loops (``"fused"``) at float32 "highest"
@@ -165,11 +166,48 @@ def timing():
     return best
 
 
+def tune():
+    """The long shape's one layer (forward+backward) over the kernels' warps per
+    program and rows per program (``persistent.NUM_WARPS``, ``persistent.layout``)."""
+    from rnn_jax import persistent
+
+    base_layout = persistent.layout
+    long = (32, 8, 16) if os.environ.get("QUICK") == "1" else (128, 32, 1024)
+    for block in (16, 32):
+
+        def layout(batch, hidden, interpret=False, cores=None, block=block):
+            rows, units = base_layout(batch, hidden, interpret, cores)
+            return (max(rows, block), units) if units < hidden else (rows, units)
+
+        persistent.layout = layout
+        for warps in (1, 2, 4, 8):
+            persistent.NUM_WARPS = warps
+            for name in ("lstm", "gru"):
+                hidden, batch, steps = long
+                cell, params, xs, carry, weights = setup(name, hidden, 1, False, batch, steps)
+                fn = grad_fn(cell, 1, False, weights, "pallas")
+                try:
+                    ms, compile_s = median_ms(fn, (params, xs, carry, None))
+                except Exception as e:  # noqa: BLE001
+                    log(tune=name, block=block, warps=warps, error=f"{type(e).__name__}: {e}"[:400])
+                    continue
+                log(
+                    tune=name,
+                    block=block,
+                    warps=warps,
+                    ms=round(ms, 3),
+                    compile_s=round(compile_s, 1),
+                )
+    persistent.layout, persistent.NUM_WARPS = base_layout, 4
+
+
 def main(argv):
     print(jax.devices(), jax.__version__, flush=True)
     what = argv[1] if len(argv) > 1 else "check"
     if what == "check":
         sys.exit(0 if check() else 1)
+    if what == "tune":
+        return tune()
     best = timing()
     if OUT and best:
         fastest = min(best, key=lambda e: sum(best[e]))

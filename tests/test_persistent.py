@@ -256,3 +256,30 @@ def test_exchange_sentinel(monkeypatch):
     monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "atomic")
     with pytest.raises(ValueError, match="RNN_JAX_PALLAS_EXCHANGE.*'atomic'"):
         persistent.exchange()
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="split programs meet at run time on a GPU only"
+)
+@pytest.mark.parametrize("exchange", ["counter", "flag"])
+def test_split_programs_equal_scan_on_a_gpu(exchange, monkeypatch):
+    """The kernels as GPUs run them: H=64 split over 4 programs per row block that
+    exchange each step's state (``exchange``), both directions of a bidirectional
+    layer as one grid, a padded batch and lengths 0..T, at "highest" precision."""
+    monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", exchange)
+    hidden, batch = 64, 37
+    assert persistent.layout(batch, hidden, cores=persistent.device_cores())[1] < hidden
+    lengths = jnp.asarray([T, 0, 3, 1] + [T - 1] * (batch - 4))
+    for cell, bi in ((cells.lstm(hidden), True), (cells.gru(hidden, reset_after=True), False)):
+        ref = networks.network(cell, 1, bi, implementation="fused")
+        fast = networks.network(cell, 1, bi, implementation="pallas")
+        params = ref.init(jax.random.key(0), I)
+        leaves, tree = jax.tree.flatten(ref.initial_carry())
+        carry = tree.unflatten([random(20 + i, (batch, *v.shape)) for i, v in enumerate(leaves)])
+        xs = random(21, (batch, T, I))
+        weights = random(22, (batch, T, (2 if bi else 1) * hidden))
+        args = (params, xs, carry, lengths)
+        with jax.default_matmul_precision("highest"):
+            want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+            got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
+        assert_trees_close(got, want)
