@@ -147,7 +147,7 @@ def separate_directions(hidden_size: int, kernel: str, backend: str | None = Non
 
     Never for the Pallas kernels: ``vmap``-ed, the two directions run as one kernel
     whose grid has a direction axis when all its programs fit on the GPU at once
-    (else one after another; :func:`rnn_jax.persistent.layout`). On CPU
+    (else one after another; ``rnn_jax.persistent._batched``). On CPU
     below ``SEPARATE_DIRECTIONS_BELOW_HIDDEN``: measured on the 2-core CPU, training
     step of the language model with one bidirectional layer, three alternating
     rounds, ms (vmap vs two calls): d2l (H=32 B=1024 T=32) LSTM 41-45 vs 35-38, GRU
@@ -226,9 +226,11 @@ def choose_implementation(
     vs pallas, LSTM 12.7 vs 9.22, GRU 11.7 vs 8.29. The XLA loops stay for runs over several devices
     (``num_devices``, default ``jax.device_count()``: XLA cannot partition a
     kernel over a sharded batch and would replicate it), AMD GPUs (the kernels'
-    barrier is written for NVIDIA's memory model) and shapes whose grid would not
+    exchange is written for NVIDIA's memory model) and shapes whose grid would not
     fit the GPU at once (``cores``: its multiprocessors, default the device's; see
-    :func:`rnn_jax.persistent.layout`), where the kernels fall back to a slow form.
+    :func:`rnn_jax.persistent.layout`), where the kernels fall back to a slow form
+    (one program holding every unit) or, for the two directions, run one after the
+    other.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:

@@ -3,12 +3,13 @@ r"""The fused layers' loops as single GPU kernels (the ``"pallas"`` implementati
 :mod:`rnn_jax.fused` runs each time step as a few XLA kernels: on a GPU, a step of
 the long shape (H=128, B=32) costs ~10 us of launches and bookkeeping while its
 arithmetic (``[32, 128] @ [128, 512]``) takes well under one. Here the whole loop
-over time is one Pallas (Triton) kernel per block of ``BLOCK`` batch rows: the
-program keeps the carry in registers, runs the T steps in an ``scf.for`` loop and
-reads each step's input projection and writes its outputs and saved gates to
-memory, so a step costs its matmuls and gate arithmetic only. Batch rows do not
-interact, so the ``ceil(B / BLOCK)`` programs run on as many streaming
-multiprocessors.
+over time is one Pallas (Triton) kernel: each program owns a block of batch rows
+and a group of hidden units, keeps its carry and weight columns in registers,
+runs the T steps in an ``scf.for`` loop, reads each step's input projection and
+writes its outputs and saved gates to memory, so a step costs its matmuls, its
+gate arithmetic and one exchange of the row block's state between its programs
+(see :func:`layout`). Batch rows do not interact, so row blocks run independently
+on as many streaming multiprocessors.
 
 The computation is the fused layer's, equation for equation (see
 :mod:`rnn_jax.fused` for the backward passes): the forward kernel computes, per
@@ -69,7 +70,9 @@ barrier on an atomic counter, read back), ``"flag"`` (every element is its own
 flag: the buffer starts filled with :data:`SENTINEL` and readers reload until no
 element of their tile is the sentinel: no atomics, one read instead of an atomic
 add, a spin on the counter and a read) or ``"auto"``: ``"flag"`` when a row block
-has more than :data:`FLAG_MIN_SPLITS` - 1 programs."""
+has more than :data:`FLAG_MIN_SPLITS` - 1 programs. The flags cost memory: the
+forward fills and keeps a ``[T, B, H]`` buffer beside its outputs (also when only
+the values are wanted), the backward fills its ``dA`` output before the loop."""
 FLAG_MIN_SPLITS = 3
 """Measured on an H100 (one layer's forward+backward, ms, counter vs flag): H=128
 B=32 T=1024 (8 programs per row block) LSTM 9.11 vs 8.60, GRU 8.42 vs 7.29, and
@@ -222,9 +225,10 @@ def _step_fns(cell: Cell):
 # [p*BLOCK, (p+1)*BLOCK) and hidden units [j*U, (j+1)*U) of every gate, whose
 # weight columns it loads once. Each step it needs the whole hidden state of its
 # rows (forward) or the whole gate gradients (backward): the programs of a row
-# block write their tiles, meet at a barrier (an atomic counter per row block, so
-# they must be resident together: see :func:`layout`) and read the full rows back
-# from L2. With one split (U = H) there is no barrier.
+# block write their tiles and read the full rows back from L2 once all have
+# written (see :func:`exchange`: a barrier on an atomic counter per row block, or
+# sentinel-filled buffers); either way they wait for each other, so they must be
+# resident together (see :func:`layout`). With one split (U = H) nobody waits.
 
 
 def layout(
@@ -319,8 +323,11 @@ def _sentinel_filled(shape) -> Array:
 
 
 def _canonical(x: Array) -> Array:
-    """``x`` with every NaN as the canonical NaN (never the sentinel)."""
-    return jnp.where(x != x, jnp.nan, x)
+    """``x`` with the sentinel's bit pattern (a NaN that only a NaN input passed
+    through unchanged could carry) replaced by the canonical NaN. Compared as
+    integers: a float test (``x != x``) is one that a compiler assuming no NaNs may
+    fold away."""
+    return jnp.where(jax.lax.bitcast_convert_type(x, jnp.int32) == SENTINEL, jnp.nan, x)
 
 
 def _await(ref_view):
@@ -564,7 +571,7 @@ class _Plan(NamedTuple):
     vmask: Array | None
 
     @property
-    def split(self) -> bool:  # units over several programs, with a barrier
+    def split(self) -> bool:  # units over several programs, exchanging every step
         return self.units < self.hidden
 
     @property

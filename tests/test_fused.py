@@ -388,11 +388,13 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(256), 64, "gpu") == "fused"
     assert networks.choose_implementation(cells.lstm(32), 1024, "tpu") == "fused"
     # bidirectional: both directions' programs must fit at once (2 x 64 for d2l do not)
-    bi = dict(bidirectional=True)
+    bi = dict(bidirectional=True, cores=132)  # an H100's multiprocessors
     assert networks.choose_implementation(cells.lstm(32), 64, "gpu", **bi) == "pallas"
     assert networks.choose_implementation(cells.lstm(128), 32, "gpu", **bi) == "pallas"
     assert networks.choose_implementation(cells.lstm(32), 1024, "gpu", **bi) == "fused"
-    assert networks.choose_implementation(cells.lstm(128), 32, "gpu", cores=31, **bi) == "fused"
+    assert (
+        networks.choose_implementation(cells.lstm(128), 32, "gpu", **bi | {"cores": 31}) == "fused"
+    )
     assert networks.choose_implementation(cells.lstm(32), 64, "gpu", num_devices=4) == "fused"
     # a grid that would not fit the GPU at once: the slow unsplit form, so not auto
     assert networks.choose_implementation(cells.lstm(128), 4096, "gpu") == "fused"
@@ -402,14 +404,14 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.gru(128), 32, "cpu", remat=True) == "fused"
     # deep networks: the Pallas kernels layer by layer on a GPU where they fit, else
     # the wavefront on accelerators when unidirectional, never on the CPU
-    deep = dict(num_layers=2)
+    deep = dict(num_layers=2, cores=132)
     assert networks.choose_implementation(cells.lstm(128), 32, "gpu", **deep) == "pallas"
     gru_after = cells.gru(32, reset_after=True)
     assert networks.choose_implementation(gru_after, 1024, "gpu", **deep) == "pallas"
     assert networks.choose_implementation(cells.gru(128), 32, "gpu", **deep) == "wavefront"
     assert networks.choose_implementation(cells.gru(128), 32, "tpu", **deep) == "wavefront"
     assert networks.choose_implementation(cells.lstm(128), 32, "cpu", **deep) == "fused"
-    small_gpu = dict(cores=4, **deep)
+    small_gpu = deep | {"cores": 4}
     assert networks.choose_implementation(cells.lstm(128), 32, "gpu", **small_gpu) == "wavefront"
     assert networks.choose_implementation(cells.lstm(1024), 128, "gpu", **deep) == "fused"
     assert networks.choose_implementation(cells.lstm(16), 4, "gpu", **deep, dropout=0.1) == "pallas"

@@ -25,8 +25,8 @@ CELLS = {
     "gru_after": lambda: cells.gru(H, reset_after=True),
     "lstm": lambda: cells.lstm(H),
 }
-# every cell one layer forward-only; two directions (two kernel calls per layer)
-# for the LSTM (deeper layers only change the projection outside the kernels,
+# every cell one layer forward-only; two directions (one vmapped kernel call per
+# layer) for the LSTM (deeper layers only change the projection outside the kernels,
 # which tests/test_fused.py covers)
 GRID = [(c, 1, False) for c in CELLS] + [("lstm", 1, True)]
 
@@ -283,3 +283,24 @@ def test_split_programs_equal_scan_on_a_gpu(exchange, monkeypatch):
             want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
             got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
         assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("batch,one_grid", [(37, True), (200, False)])
+def test_bidirectional_lowering_for_a_gpu(batch, one_grid, monkeypatch):
+    """Lowered for CUDA as an H100 would run it (132 multiprocessors; no GPU needed):
+    a bidirectional layer's two directions are one kernel call per pass when both
+    grids fit at once (H=64, B=37: 2 x 12 programs), and a loop of one call per
+    direction when they would not (B=200: 2 x 52 > 64)."""
+    monkeypatch.setattr(persistent, "_interpret", lambda: False)
+    monkeypatch.setattr(persistent, "device_cores", lambda: 132)
+    cell = cells.lstm(64)
+    net = networks.network(cell, 1, True, implementation="pallas")
+    params = net.init(jax.random.key(0), I)
+
+    def loss(params, xs, lengths):
+        return jnp.sum(net.apply_batch(params, xs, lengths)[0])
+
+    args = (params, jnp.zeros((batch, T, I)), jnp.full((batch,), T))
+    text = jax.jit(jax.grad(loss)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+    assert ("stablehlo.while" in text) is not one_grid
