@@ -171,9 +171,10 @@ def _time_steps(step, sync, loss_value, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _rnn_jax_step(spec: dict[str, Any]):
     """The real train step of ``rnn_jax.train``: ``(jitted, state, batch, loss_of, n)``."""
+    import jax
     import jax.numpy as jnp
 
-    from rnn_jax import data, models, networks, train
+    from rnn_jax import data, models, networks, persistent, train
     from rnn_jax.config import TrainConfig
 
     model = models.language_model(
@@ -234,6 +235,11 @@ def _rnn_jax_step(spec: dict[str, Any]):
         "unroll": model.network.unroll,
         "matmul_dtype": model.network.matmul_dtype,
     }
+    if impl == "pallas" and jax.default_backend() == "gpu":  # the interpreter exchanges nothing
+        hidden = model.network.cell.hidden_size
+        units = persistent.layout(spec["batch_size"], hidden, False, persistent.device_cores())[1]
+        if units < hidden:
+            info["pallas_exchange"] = persistent.exchange(hidden // units)
     return train_step, state, batch, loss_of, state["params"], info
 
 

@@ -630,6 +630,8 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
         impl_used = str(ours.get("implementation", "–"))
         if ours.get("unroll") and impl_used != "pallas":  # one kernel per loop: no unroll
             impl_used += f", unroll {ours['unroll']}"
+        if ours.get("pallas_exchange"):
+            impl_used += f", {ours['pallas_exchange']} exchange"
         if ours.get("matmul_dtype", "float32") != "float32":
             impl_used += f", {ours['matmul_dtype']} matmuls"
         if ours.get("devices", 1) > 1:

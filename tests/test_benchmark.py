@@ -351,6 +351,9 @@ def test_speed_table_columns_and_ratios():
     assert cells[:7] == ["d2l", "32", "1024", "32", "gru", "1", "no"]
     assert cells[7:10] == ["fused", "10.0", "3,276,800"]
     assert cells[-2:] == ["2.00x", "0.50x"]  # peer time / rnn_jax time
+    results[0].update(implementation="pallas", unroll=8, pallas_exchange="flag")
+    row = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"]).splitlines()[2]
+    assert [c.strip() for c in row.strip("|").split("|")][7] == "pallas, flag exchange"
 
 
 def test_tables_mark_skipped_and_failed_peers():
