@@ -171,7 +171,6 @@ def _time_steps(step, sync, loss_value, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _rnn_jax_step(spec: dict[str, Any]):
     """The real train step of ``rnn_jax.train``: ``(jitted, state, batch, loss_of, n)``."""
-    import jax
     import jax.numpy as jnp
 
     from rnn_jax import data, models, networks, persistent, train
@@ -235,11 +234,10 @@ def _rnn_jax_step(spec: dict[str, Any]):
         "unroll": model.network.unroll,
         "matmul_dtype": model.network.matmul_dtype,
     }
-    if impl == "pallas" and jax.default_backend() == "gpu":  # the interpreter exchanges nothing
-        hidden = model.network.cell.hidden_size
-        units = persistent.layout(spec["batch_size"], hidden, False, persistent.device_cores())[1]
-        if units < hidden:
-            info["pallas_exchange"] = persistent.exchange(hidden // units)
+    if impl == "pallas":
+        exchange = persistent.plan_exchange(spec["batch_size"], model.network.cell.hidden_size)
+        if exchange:
+            info["pallas_exchange"] = exchange
     return train_step, state, batch, loss_of, state["params"], info
 
 

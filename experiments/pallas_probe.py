@@ -118,6 +118,18 @@ def median_ms(fn, args, reps=15):
     return 1e3 * float(np.median(times)), compile_s
 
 
+def time_variant(fn, args, **row):
+    """Logs ``row`` with the median ms of ``fn(*args)`` (or the error) and returns
+    the ms (``None`` on an error)."""
+    try:
+        ms, compile_s = median_ms(fn, args)
+    except Exception as e:  # noqa: BLE001
+        log(**row, error=f"{type(e).__name__}: {str(e)[:400]}")
+        return None
+    log(**row, ms=round(ms, 3), compile_s=round(compile_s, 1))
+    return ms
+
+
 def timing():
     best = {}
     long, d2l = (128, 32, 1024), (32, 1024, 32)
@@ -139,30 +151,17 @@ def timing():
                 if exchange:
                     os.environ["RNN_JAX_PALLAS_EXCHANGE"] = exchange
                 fn = grad_fn(cell, layers, bi, weights, implementation, unroll=8)
-                try:
-                    ms, compile_s = median_ms(fn, args)
-                except Exception as e:  # noqa: BLE001
-                    log(
-                        config=config,
-                        cell=name,
-                        layers=layers,
-                        bi=bi,
-                        impl=implementation,
-                        exchange=exchange,
-                        error=f"{type(e).__name__}: {str(e)[:400]}",
-                    )
-                    continue
-                log(
+                ms = time_variant(
+                    fn,
+                    args,
                     config=config,
                     cell=name,
                     layers=layers,
                     bi=bi,
                     impl=implementation,
                     exchange=exchange,
-                    ms=round(ms, 3),
-                    compile_s=round(compile_s, 1),
                 )
-                if exchange and config == "long" and layers == 1 and not bi:
+                if ms is not None and exchange and config == "long" and layers == 1 and not bi:
                     best.setdefault(exchange, []).append(ms)
     return best
 
@@ -187,18 +186,7 @@ def tune():
                 hidden, batch, steps = long
                 cell, params, xs, carry, weights = setup(name, hidden, 1, False, batch, steps)
                 fn = grad_fn(cell, 1, False, weights, "pallas")
-                try:
-                    ms, compile_s = median_ms(fn, (params, xs, carry, None))
-                except Exception as e:  # noqa: BLE001
-                    log(tune=name, block=block, warps=warps, error=f"{type(e).__name__}: {e}"[:400])
-                    continue
-                log(
-                    tune=name,
-                    block=block,
-                    warps=warps,
-                    ms=round(ms, 3),
-                    compile_s=round(compile_s, 1),
-                )
+                time_variant(fn, (params, xs, carry, None), tune=name, block=block, warps=warps)
     persistent.layout, persistent.NUM_WARPS = base_layout, 4
 
 

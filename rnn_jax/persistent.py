@@ -231,6 +231,12 @@ def _step_fns(cell: Cell):
 # resident together (see :func:`layout`). With one split (U = H) nobody waits.
 
 
+def _program_limit(cores: int | None) -> int:
+    """How many programs that wait for each other may share a grid: MAX_PROGRAMS,
+    and at most one per multiprocessor (``cores``, when known)."""
+    return MAX_PROGRAMS if cores is None else min(MAX_PROGRAMS, cores)
+
+
 def layout(
     batch: int, hidden: int, interpret: bool = False, cores: int | None = None
 ) -> tuple[int, int]:
@@ -247,7 +253,7 @@ def layout(
     """
     if interpret or hidden <= MIN_UNITS:
         return BLOCK, hidden
-    limit = MAX_PROGRAMS if cores is None else min(MAX_PROGRAMS, cores)
+    limit = _program_limit(cores)
     splits = hidden // MIN_UNITS
     for block in (16, 32, 64):
         if -(-batch // block) * splits <= limit:
@@ -264,7 +270,7 @@ def splits(batch: int, hidden: int, cores: int | None = None, copies: int = 1) -
     if hidden <= MIN_UNITS:
         return True  # one program per row block holds all units: nobody waits
     block, units = layout(batch, hidden, False, cores)
-    limit = MAX_PROGRAMS if cores is None else min(MAX_PROGRAMS, cores)
+    limit = _program_limit(cores)
     return units < hidden and copies * -(-batch // block) * (hidden // units) <= limit
 
 
@@ -486,7 +492,7 @@ def _call(kernel, grid, out_shapes, args, aliases, programs):
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(),
     )
-    limit = None if interpret else min(MAX_PROGRAMS, device_cores() or MAX_PROGRAMS)
+    limit = None if interpret else _program_limit(device_cores())
     return _not_differentiable(_batched(call, programs, limit))(*args)
 
 
@@ -582,6 +588,10 @@ class _Plan(NamedTuple):
     def programs(self) -> int:  # programs that wait for each other (0: none do)
         return self.grid[0] * self.grid[1] if self.split else 0
 
+    @property
+    def exchange(self) -> str | None:  # how they meet each step (None: they do not)
+        return exchange(self.grid[1]) if self.split else None
+
 
 def _plan(batch: int, hidden: int, valid: Array | None, num_steps: int) -> _Plan:
     """The layout of one call; :func:`forward` and :func:`backward` share it, so the
@@ -590,6 +600,12 @@ def _plan(batch: int, hidden: int, valid: Array | None, num_steps: int) -> _Plan
     block, units = layout(batch, hidden, interpret, None if interpret else device_cores())
     pad = -batch % block
     return _Plan(block, units, batch + pad, hidden, _padded_valid(valid, num_steps, batch, pad))
+
+
+def plan_exchange(batch: int, hidden: int) -> str | None:
+    """The exchange the kernels use for a batch and hidden size on this device
+    (``None``: its programs do not meet, as in the interpreter)."""
+    return _plan(batch, hidden, None, 1).exchange
 
 
 def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
@@ -612,7 +628,7 @@ def forward(cell, w_flat, b_hn, carry0, xp, valid, save):
     seq = jax.ShapeDtypeStruct((num_steps, plan.rows, hidden), jnp.float32)
     tile = jax.ShapeDtypeStruct((plan.rows, hidden), jnp.float32)
     shapes = [seq] + [tile] * nc + [seq] * ns
-    flag = plan.split and exchange(plan.grid[1]) == "flag"
+    flag = plan.exchange == "flag"
     aliases = {}
     if flag:
         args.append(_sentinel_filled(seq.shape))
@@ -653,7 +669,7 @@ def backward(cell, w_t, valid, h_prev, saved, dys, dfinal):
     shapes = [jax.ShapeDtypeStruct((num_steps, plan.rows, width), jnp.float32)]
     if cell.name == "gru":
         shapes.append(seq)
-    flag = plan.split and exchange(plan.grid[1]) == "flag"
+    flag = plan.exchange == "flag"
     aliases = {}
     if flag:  # dA (and dA_n * R) start as sentinels: they are the exchange buffers
         aliases = {len(args) + i: i for i in range(len(shapes))}

@@ -251,6 +251,12 @@ def test_exchange_sentinel(monkeypatch):
     assert np.all(np.isnan(np.asarray(out)[4:]))
     monkeypatch.delenv("RNN_JAX_PALLAS_EXCHANGE", raising=False)
     assert persistent.exchange(8) == "flag" and persistent.exchange(2) == "counter"
+    assert persistent.plan_exchange(32, 128) is None  # the interpreter: nobody meets
+    monkeypatch.setattr(persistent, "_interpret", lambda: False)
+    monkeypatch.setattr(persistent, "device_cores", lambda: 132)
+    assert persistent.plan_exchange(32, 128) == "flag"  # 8 programs per row block
+    assert persistent.plan_exchange(1024, 32) == "counter"  # 2
+    assert persistent.plan_exchange(32, 16) is None  # one program holds all units
     monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "flag")
     assert persistent.exchange(2) == "flag"
     monkeypatch.setenv("RNN_JAX_PALLAS_EXCHANGE", "atomic")
