@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from rnn_jax import runs, train
+from rnn_jax import parallel, runs, train
 from rnn_jax.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def run_on_4_devices(config: TrainConfig) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
     }
     subprocess.run(
@@ -153,7 +153,8 @@ for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("
         )
         with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
             lowered = grad.lower(*args)
-        hlo = lowered.compile().as_text()
+        compiled = lowered.compile()
+        hlo = compiled.as_text()
         case = (name, opts, tokens, kw, set_mesh)
         assert "all-gather" not in hlo, case
         per_chunk = loop_all_reduces(hlo)
@@ -161,7 +162,7 @@ for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("
             assert per_chunk > 0, case
         else:
             assert per_chunk == 0, case
-        got = lowered.compile()(*args)
+        got = compiled(*args)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 print("ok")
@@ -179,7 +180,10 @@ def test_fused_gradients_of_a_sharded_batch_gather_nothing():
       partitioner alone puts one in the chunk loop (what the per-device path avoids).
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # no forced device count: the script splits the CPU itself
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(parallel.FORCE_DEVICES_FLAG)
+    )
     out = subprocess.run(
         [sys.executable, "-c", SHARDED_GRADIENTS],
         env=env,

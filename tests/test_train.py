@@ -235,7 +235,11 @@ def test_sampling_uses_the_key_and_text_round_trips():
 
 # --- the launchers, as users run them --------------------------------------------------
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip(),
+}
 TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items() if k != "log_every_s"]
 
 
