@@ -865,7 +865,7 @@ def render_section(report: dict[str, Any]) -> tuple[str, str]:
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
     """Writes ``report`` to ``path`` through a temporary file (a reader never sees half)."""
-    from rnn_jax.sweeps import write_atomic
+    from rnn_jax.files import write_atomic
 
     write_atomic(path, json.dumps(report, indent=2) + "\n")
 
@@ -881,7 +881,7 @@ def update_markdown(path: Path, key: str, section: str) -> None:
         text = text[:i] + section.rstrip("\n") + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    from rnn_jax.sweeps import write_atomic
+    from rnn_jax.files import write_atomic
 
     write_atomic(path, text)
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments.common import parse_flags_or_exit_2
-from rnn_jax import parallel, sweeps
+from rnn_jax import files, parallel, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -188,7 +188,7 @@ def check_or_write_trials(sweep: sweeps.Sweep, sweep_dir: Path, commands: dict) 
     path = sweep_dir / sweeps.TRIALS_FILE
     if not path.exists():  # a new sweep (run directories already there are resumed)
         content = json.dumps(sweeps.trials_json(sweep, commands), indent=2)
-        sweeps.write_atomic(path, content + "\n")
+        files.write_atomic(path, content + "\n")
         return
     saved = sweeps.read_json(path)
     if saved is None or "definition" not in saved:
@@ -279,7 +279,7 @@ def conclude(attempt: Attempt) -> dict:
         "elapsed_s": round(time.monotonic() - attempt.started, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    sweeps.write_atomic(attempt.run_dir / sweeps.STATUS_FILE, json.dumps(record, indent=2) + "\n")
+    files.write_atomic(attempt.run_dir / sweeps.STATUS_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -382,9 +382,9 @@ def write_reports(sweep: sweeps.Sweep, sweep_dir: Path, plots: bool) -> str:
     run directories; returns the summary."""
     rows = [sweeps.result_row(sweep, t, sweep_dir / t.name) for t in sweep.trials]
     groups = sweeps.group_rows(rows, sweep.trials)
-    sweeps.write_atomic(sweep_dir / "results.csv", sweeps.csv_text(rows, sweep.swept))
+    files.write_atomic(sweep_dir / "results.csv", sweeps.csv_text(rows, sweep.swept))
     summary = sweeps.summary_markdown(sweep, groups, str(sweep_dir))
-    sweeps.write_atomic(sweep_dir / "summary.md", summary)
+    files.write_atomic(sweep_dir / "summary.md", summary)
     if plots:
         write_plots(sweep, sweep_dir, rows, groups)
     return summary

@@ -308,9 +308,10 @@ def reverse_valid(xs: Array, length: Array | None) -> Array:
     The map ``t -> L-1-t`` for ``t < L``, ``t -> t`` otherwise, is its own inverse, so
     the same call puts a reversed sequence's outputs back in time order.
     """
+    if length is None:  # a reverse, whose gradient is a reverse (a gather's is a scatter)
+        return jnp.flip(xs, axis=0)
     t = jnp.arange(xs.shape[0])
-    idx = t[::-1] if length is None else jnp.where(t < length, length - 1 - t, t)
-    return xs[idx]
+    return xs[jnp.where(t < length, length - 1 - t, t)]
 
 
 def _scan_layer(cell, params, carry, xs, length, *, both_directions, hoist_input, unroll, remat):

@@ -556,17 +556,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def write_atomic(path: Path, content: str) -> None:
-    """Writes ``content`` to ``path`` through a temporary file beside it: a reader sees
-    the old file or the new one, and a failed write leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(content)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` (lines cut by a kill are skipped)."""
     records = []

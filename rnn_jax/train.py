@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnn_jax import data, models, parallel, text
+from rnn_jax import data, files, models, parallel, text
 from rnn_jax.config import TrainConfig, model_config, resume_conflicts, validate
 
 log = logging.getLogger("rnn_jax")
@@ -425,17 +425,11 @@ def _prepare_workdir(workdir: Path, config: TrainConfig, vocab: text.Vocab) -> N
     _write_json_atomic(config_path, dataclasses.asdict(config))
     vocab_path = workdir / "vocab.json"
     if not vocab_path.exists():
-        _write_atomic(vocab_path, vocab.to_json())
-
-
-def _write_atomic(path: Path, content: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(content)
-    os.replace(tmp, path)
+        files.write_atomic(vocab_path, vocab.to_json())
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -456,7 +450,7 @@ def _load_history(path: Path, upto: int) -> list[dict]:
             continue
         if record.get("step", 0) <= upto:
             records.append(record)
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
