@@ -47,6 +47,10 @@ def pytest_configure(config):
     if not os.environ.get(_ENV):  # the controller, or a run without workers
         os.environ[_ENV] = tempfile.mkdtemp(prefix="rnn_jax_test_jit_")
         config._rnn_jax_cache_owner = True
+        # the subprocesses tests start (launchers, sweeps, claims, 4-device runs) share
+        # one cache of their own: reruns of a configuration load its programs
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[_ENV], "subprocesses")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ[_ENV], worker))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

@@ -236,6 +236,7 @@ def test_run_benchmark_reports_progress_and_the_prewarm_compile():
     assert "compile_load_s" not in gru_torch
 
 
+@pytest.mark.slow
 def test_prewarm_compiles_first_and_the_timed_workers_load(tmp_path):
     """--prewarm with --cases: one compile-only worker per case into a cache the timed
     workers load from (faster than compiling), the temporary cache removed after."""
@@ -431,6 +432,7 @@ def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):
 # --- experiments.levers ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
     out = tmp_path / "levers.json"
     proc = subprocess.run(

@@ -126,6 +126,7 @@ def _run(module: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module,args,outputs",
     [

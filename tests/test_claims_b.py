@@ -147,6 +147,7 @@ def assert_written(proc, outdir: Path, name: str) -> str:
     return md
 
 
+@pytest.mark.slow
 def test_depth_command(tmp_path):
     proc = run_command(
         "depth",
@@ -166,6 +167,7 @@ def test_depth_command(tmp_path):
     assert "Did the claim hold?" in md and "| uniform | 2 |" in md
 
 
+@pytest.mark.slow
 def test_bidirectional_command(tmp_path):
     proc = run_command(
         "bidirectional",
@@ -194,6 +196,7 @@ def test_bidirectional_command(tmp_path):
         assert heading in md
 
 
+@pytest.mark.slow
 def test_tbptt_command(tmp_path):
     proc = run_command(
         "tbptt",

@@ -76,7 +76,7 @@ def assert_matches_scan(ref, fast, params, seed):
     xs, carry = random(seed, (B, T, I)), batch_carry(ref, seed + 1)
     weights = random(seed + 2, (B, T, ref.output_size))
     args = (params, xs, carry, jnp.asarray(LENGTHS))
-    want = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    want = jax.jit(jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2)))(*args)
     got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
     assert_trees_close(got, want)
 
@@ -89,7 +89,7 @@ def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirecti
     weights = random(4, (B, T, ref.output_size))
     lengths = jnp.asarray(LENGTHS)
     args = (params, xs, carry, lengths)
-    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    v_ref, g_ref = jax.jit(jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2)))(*args)
     v_fast, g_fast = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
     np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
     assert_trees_close(g_fast, g_ref)
@@ -124,7 +124,7 @@ def test_fused_token_ids_and_no_lengths(cell_name, bidirectional):
     def loss(net):
         return lambda p: jnp.sum(net.apply_batch(p, ids)[0] * weights)
 
-    assert_trees_close(jax.grad(loss(fast))(params), jax.grad(loss(ref))(params))
+    assert_trees_close(jax.jit(jax.grad(loss(fast)))(params), jax.jit(jax.grad(loss(ref)))(params))
 
 
 @pytest.mark.parametrize("option", [dict(remat=True), dict(unroll=3), dict(remat=True, unroll=2)])
@@ -134,8 +134,8 @@ def test_fused_options_match_scan(cell_name, option):
     fast = networks.network(ref.cell, 2, True, implementation="fused", **option)
     xs, carry, weights = random(7, (B, T, I)), batch_carry(ref, 8), random(9, (B, T, 2 * H))
     args = (params, xs, carry, jnp.asarray(LENGTHS))
-    g_ref = jax.grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
-    g_fast = jax.grad(loss_fn(fast, weights), argnums=(0, 1, 2))(*args)
+    g_ref = jax.jit(jax.grad(loss_fn(ref, weights), argnums=(0, 1, 2)))(*args)
+    g_fast = jax.jit(jax.grad(loss_fn(fast, weights), argnums=(0, 1, 2)))(*args)
     assert_trees_close(g_fast, g_ref)
 
 
@@ -155,8 +155,8 @@ def test_fused_dropout_draws_the_same_masks_as_scan():
     xs, weights = random(10, (B, T, I)), random(11, (B, T, 2 * H))
     key = jax.random.key(12)
     args = (params, xs, None, jnp.asarray(LENGTHS), key)
-    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights))(*args)
-    v_fast, g_fast = jax.value_and_grad(loss_fn(fast, weights))(*args)
+    v_ref, g_ref = jax.jit(jax.value_and_grad(loss_fn(ref, weights)))(*args)
+    v_fast, g_fast = jax.jit(jax.value_and_grad(loss_fn(fast, weights)))(*args)
     np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
     assert_trees_close(g_fast, g_ref)
     assert float(v_fast) != pytest.approx(float(loss_fn(fast, weights)(*args[:4])))  # active
@@ -237,7 +237,7 @@ def test_fused_remat_with_a_padded_last_chunk_equals_scan(cell_name, num_steps=7
     weights = random(22, (B, num_steps, 2 * H))
     for lengths in (None, jnp.asarray([num_steps, 0, 3, num_steps - 1], jnp.int32)):
         args = (params, xs, carry, lengths)
-        v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+        v_ref, g_ref = jax.jit(jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2)))(*args)
         grad = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums=(0, 1, 2)))
         v_fast, g_fast = grad(*args)
         np.testing.assert_allclose(float(v_fast), float(v_ref), **TOL)
@@ -300,7 +300,7 @@ def test_chunked_backward_equals_scan(cell_name, chunk):
 
     for lengths in (jnp.asarray(LENGTHS), None):
         args = (params["layer_0"], random(33, (B, T, I)), carry, lengths)
-        want = jax.value_and_grad(loss(slow), argnums=(0, 1, 2))(*args)
+        want = jax.jit(jax.value_and_grad(loss(slow), argnums=(0, 1, 2)))(*args)
         got = jax.jit(jax.value_and_grad(loss(fast), argnums=(0, 1, 2)))(*args)
         assert_trees_close(got, want)
     vocab = 5
@@ -315,7 +315,7 @@ def test_chunked_backward_equals_scan(cell_name, chunk):
         ys, final = ref.apply_batch({"layer_0": p}, ids, None, (c,))
         return jnp.sum(ys * weights) + jnp.sum(jax.tree.leaves(final)[0])
 
-    want = jax.value_and_grad(slow_ids, argnums=(0, 1))(token_params, carry)
+    want = jax.jit(jax.value_and_grad(slow_ids, argnums=(0, 1)))(token_params, carry)
     got = jax.jit(jax.value_and_grad(fast_ids, argnums=(0, 1)))(token_params, carry)
     assert_trees_close(got, want)
 
@@ -443,8 +443,8 @@ def test_bfloat16_matmuls_stay_close_to_float32(cell_name, implementation, num_l
     )
     xs, carry, weights = random(40, (B, T, I)), batch_carry(ref, 41), random(42, (B, T, H))
     args = (params, xs, carry, jnp.asarray(LENGTHS))
-    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
-    v_low, g_low = jax.value_and_grad(loss_fn(low, weights), argnums=(0, 1, 2))(*args)
+    v_ref, g_ref = jax.jit(jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2)))(*args)
+    v_low, g_low = jax.jit(jax.value_and_grad(loss_fn(low, weights), argnums=(0, 1, 2)))(*args)
     assert low.apply_batch(params, xs, jnp.asarray(LENGTHS), carry)[0].dtype == jnp.float32
     np.testing.assert_allclose(float(v_low), float(v_ref), rtol=2e-2)
     diffs = []

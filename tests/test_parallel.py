@@ -68,7 +68,6 @@ def assert_params_close(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_four_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
     assert jax.device_count() == 1
     one = dataclasses.replace(BASE, workdir=str(tmp_path / "one"))

@@ -255,7 +255,6 @@ def launch(*args, **kw):
     )
 
 
-@pytest.mark.slow
 def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     flags = [*TINY_FLAGS, "--epochs=40", "--checkpoint_every=10", "--sample_chars=5"]
     ref = launch(*flags, f"--workdir={tmp_path / 'ref'}")
@@ -279,7 +278,6 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert_bitwise_equal(a[1], b[1])
 
 
-@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits(tmp_path):
     proc = launch(*TINY_FLAGS, "--epochs=1000", "--log_every_s=0", f"--workdir={tmp_path}")
     for line in proc.stdout:

@@ -47,7 +47,7 @@ def test_wavefront_equals_scan_values_and_gradients(cell_name, num_layers):
     ref, wave, params, carry = nets(cell_name, num_layers)
     xs, weights = random(2, (B, T, I)), random(3, (B, T, H))
     args = (params, xs, carry, jnp.asarray(LENGTHS))
-    v_ref, g_ref = jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2))(*args)
+    v_ref, g_ref = jax.jit(jax.value_and_grad(loss_fn(ref, weights), argnums=(0, 1, 2)))(*args)
     v_wave, g_wave = jax.jit(jax.value_and_grad(loss_fn(wave, weights), argnums=(0, 1, 2)))(*args)
     np.testing.assert_allclose(float(v_wave), float(v_ref), **TOL)
     assert_trees_close(g_wave, g_ref)
@@ -68,7 +68,7 @@ def test_wavefront_token_ids_unroll_and_single_sequence():
     def loss(net):
         return lambda p: jnp.sum(net.apply_batch(p, ids)[0] * weights)
 
-    assert_trees_close(jax.grad(loss(wave))(params), jax.grad(loss(ref))(params))
+    assert_trees_close(jax.jit(jax.grad(loss(wave)))(params), jax.jit(jax.grad(loss(ref)))(params))
     one = jax.tree.map(lambda v: v[0], carry)
     for length in (None, jnp.int32(4), jnp.int32(0)):
         got = wave.apply(params, random(7, (T, I)), length, one)
