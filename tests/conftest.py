@@ -8,12 +8,14 @@ no result changes. Each pytest-xdist worker gets its own subdirectory (no two
 processes write one file); only compiles of at least 0.2 s are stored. Measured on
 the 2-core CPU, whole suite with two workers: a shared directory under JAX's file
 lock and every compile stored was slower (610 vs 564 s: the lock's eviction scan
-reads the whole directory on every store). Subprocesses that tests start do not
-use it.
+reads the whole directory on every store). The subprocesses that tests start
+(launchers, sweeps, claims, 4-device runs) share one directory of their own
+(``$JAX_COMPILATION_CACHE_DIR``, which they inherit): few of them store, and a rerun
+of one configuration loads its programs.
 
 Compiling dominates the suite (its programs are small and run a few times), so
-every test process, and the subprocesses tests start (they inherit ``XLA_FLAGS``
-through :func:`xla_flags`), compiles with XLA's cheaper backend settings
+every test process, and the subprocesses tests start (they inherit ``XLA_FLAGS``;
+a test that adds a flag for one keeps the rest), compiles with XLA's cheaper backend settings
 (``FAST_COMPILE_FLAGS``: LLVM's optimisation level 0 and no expensive LLVM
 passes). They change how the CPU code is optimised, not what it computes (XLA:CPU
 does not reassociate float arithmetic unless fast math is asked for). Measured on the
@@ -35,20 +37,18 @@ FAST_COMPILE_FLAGS = (
 )
 
 
-def xla_flags(*extra: str) -> str:
-    """``$XLA_FLAGS`` with ``extra`` added (for a subprocess's environment)."""
+def _xla_flags(*extra: str) -> str:
+    """``$XLA_FLAGS`` with ``extra`` added."""
     return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
 def pytest_configure(config):
     # before any backend starts: XLA reads its flags once, at the first computation
     flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = xla_flags(*(f for f in FAST_COMPILE_FLAGS if f not in flags))
+    os.environ["XLA_FLAGS"] = _xla_flags(*(f for f in FAST_COMPILE_FLAGS if f not in flags))
     if not os.environ.get(_ENV):  # the controller, or a run without workers
         os.environ[_ENV] = tempfile.mkdtemp(prefix="rnn_jax_test_jit_")
         config._rnn_jax_cache_owner = True
-        # the subprocesses tests start (launchers, sweeps, claims, 4-device runs) share
-        # one cache of their own: reruns of a configuration load its programs
         os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[_ENV], "subprocesses")
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
