@@ -284,7 +284,6 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
     assert "--epochs=2 --lr=" in lines[0] and not sweep_dir.exists()
 
 
-@pytest.mark.slow
 def test_sweep_end_to_end_with_a_failure_a_resume_and_a_skip(tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = [
