@@ -37,15 +37,10 @@ FAST_COMPILE_FLAGS = (
 )
 
 
-def _xla_flags(*extra: str) -> str:
-    """``$XLA_FLAGS`` with ``extra`` added."""
-    return " ".join([os.environ.get("XLA_FLAGS", ""), *extra]).strip()
-
-
 def pytest_configure(config):
     # before any backend starts: XLA reads its flags once, at the first computation
     flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = _xla_flags(*(f for f in FAST_COMPILE_FLAGS if f not in flags))
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in FAST_COMPILE_FLAGS if f not in flags])
     if not os.environ.get(_ENV):  # the controller, or a run without workers
         os.environ[_ENV] = tempfile.mkdtemp(prefix="rnn_jax_test_jit_")
         config._rnn_jax_cache_owner = True
