@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "hoist_input": "auto",  # "auto" | "true" | "false"
     "implementation": "auto",  # rnn_jax: "auto" | "fused" | "scan" | "wavefront"
     "matmul_dtype": "float32",  # rnn_jax: "float32" | "bfloat16"
+    "directions": "auto",  # rnn_jax, bidirectional fused layers: "auto" | "vmap" | "separate"
     "tune_malloc": False,  # rnn_jax.allocator.tune_malloc() before anything runs
     "lr": 1.0,
     "seed": 0,
@@ -189,6 +190,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
             hoist_input=_hoist(spec["hoist_input"]),
             implementation=spec["implementation"],
             matmul_dtype=spec["matmul_dtype"],
+            directions=spec["directions"] if spec["bidirectional"] else "auto",
         )
     )
     config = TrainConfig(
@@ -234,6 +236,13 @@ def _rnn_jax_step(spec: dict[str, Any]):
         "unroll": model.network.unroll,
         "matmul_dtype": model.network.matmul_dtype,
     }
+    net = model.network
+    if net.bidirectional and impl in ("fused", "pallas"):
+        kernel = "pallas" if impl == "pallas" else "xla"
+        separate = networks.separate_directions(
+            net.cell.hidden_size, kernel, directions=net.directions
+        )
+        info["directions"] = "separate" if separate else "vmap"
     if impl == "pallas":
         exchange = persistent.plan_exchange(spec["batch_size"], model.network.cell.hidden_size)
         if exchange:

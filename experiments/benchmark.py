@@ -630,6 +630,8 @@ def speed_table(results: list[dict[str, Any]], impls: list[str]) -> str:
         impl_used = str(ours.get("implementation", "–"))
         if ours.get("unroll") and impl_used != "pallas":  # one kernel per loop: no unroll
             impl_used += f", unroll {ours['unroll']}"
+        if ours.get("directions") == "separate":
+            impl_used += ", directions as two calls"
         if ours.get("pallas_exchange"):
             impl_used += f", {ours['pallas_exchange']} exchange"
         if ours.get("matmul_dtype", "float32") != "float32":
@@ -778,9 +780,10 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
         f"rnn_jax network options: unroll={o['unroll']}, remat={o['remat']}, "
         f"hoist_input={o['hoist_input']}"
         + (f" (used: {o['hoist_input_used']})" if o.get("hoist_input_used") is not None else "")
-        + f", implementation={o.get('implementation', 'auto')} (the column rnn_jax impl "
-        "says which implementation and unroll ran); flax.linen and PyTorch run with their "
-        "defaults.",
+        + f", implementation={o.get('implementation', 'auto')}, "
+        f"directions={o.get('directions', 'auto')} (the column rnn_jax impl says which "
+        "implementation and unroll ran, and when a bidirectional layer's directions ran "
+        "as two calls); flax.linen and PyTorch run with their defaults.",
         f"CPU devices: rnn_jax --cpu_devices={o.get('cpu_devices', '1')}, flax.linen "
         f"--flax_cpu_devices={o.get('flax_cpu_devices', '1')} (auto: one per core, "
         "rnn_jax.parallel.split_cpu, the default of experiments.train; on a CPU the batch "
@@ -977,6 +980,14 @@ def define_flags() -> None:
         ["float32", "bfloat16"],
         "rnn_jax: operand type of the recurrent layers' matmuls (float32 accumulation).",
     )
+    flags.DEFINE_enum(
+        "directions",
+        "auto",
+        ["auto", "vmap", "separate"],
+        "rnn_jax, bidirectional cases: the fused layers' two directions in one vmapped "
+        "call or two calls (auto: networks.separate_directions); unidirectional cases "
+        "ignore it.",
+    )
     common.define_cpu_devices_flag(
         "cpu_devices",
         "auto",
@@ -1149,6 +1160,7 @@ def main(argv: list[str]) -> None:
         "hoist_input": FLAGS.hoist_input,
         "implementation": FLAGS.implementation,
         "matmul_dtype": FLAGS.matmul_dtype,
+        "directions": FLAGS.directions,
         "tune_malloc": FLAGS.tune_malloc,
         "cpu_devices": FLAGS.cpu_devices,
         "flax_cpu_devices": FLAGS.flax_cpu_devices,

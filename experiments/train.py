@@ -97,6 +97,14 @@ flags.DEFINE_enum(
     "Operand type of the recurrent layers' matmuls (float32 accumulation, carries and "
     "gradients either way); bfloat16 needs a fused or wavefront implementation.",
 )
+flags.DEFINE_enum(
+    "directions",
+    _D.directions,
+    ["auto", "vmap", "separate"],
+    "Bidirectional fused layers: both directions in one call vmapped over a direction "
+    "axis, or two separate calls (same values either way); auto: the measured rule "
+    "(rnn_jax.networks.separate_directions), --autotune times both.",
+)
 # optimisation
 flags.DEFINE_enum("optimizer", _D.optimizer, ["sgd", "adam", "adamw"], "Optimizer (the book: sgd).")
 flags.DEFINE_float("lr", _D.lr, "Peak learning rate.")
@@ -129,9 +137,10 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "autotune",
     _D.autotune,
-    "Before training, time the candidate implementations and unrolls of this run's "
-    "training step (compiled once each) and train with the fastest; cached per device, "
-    "jax version, model and shape. --implementation / --unroll, when given, stay fixed.",
+    "Before training, time the candidate implementations, unrolls and (bidirectional) "
+    "direction layouts of this run's training step (compiled once each) and train with "
+    "the fastest; cached per device, jax version, model and shape. --implementation / "
+    "--unroll / --directions, when given, stay fixed.",
 )
 flags.DEFINE_string(
     "autotune_cache",

@@ -4,8 +4,8 @@
 ``unroll=None`` (:func:`rnn_jax.networks.default_unroll`) are fixed rules drawn from
 measurements on a few shapes. :func:`tune` measures instead, for the exact run: it
 compiles the language model's training step (forward, backward, optimiser update)
-once per candidate ``(implementation, unroll)``, times a few steps of each on random
-token ids, and keeps the fastest. The choice is cached in a JSON file keyed by
+once per candidate ``(implementation, unroll, directions)``, times a few steps of
+each on random token ids, and keeps the fastest. The choice is cached in a JSON file keyed by
 everything that decides it (device kind and count, jax version, the model, batch
 and sequence shape, matmul type and the candidate list), so a second run of the
 same shape costs nothing. Every candidate is compiled first, then timed in
@@ -14,12 +14,17 @@ Candidates (:func:`candidates`):
 
 * implementations: ``fused``, ``scan``, ``wavefront`` (deep unidirectional networks
   without dropout or remat), ``pallas`` (on GPUs, for the cells it supports);
-* unrolls: 1 and 2 on CPU, 4, 8 and 16 elsewhere (``pallas`` ignores unroll: 1).
+* unrolls: 1 and 2 on CPU, 4, 8 and 16 elsewhere (``pallas`` ignores unroll: 1);
+* for a bidirectional network, how the fused layers run the two directions:
+  ``vmap`` and ``separate`` (:data:`rnn_jax.networks.DIRECTIONS`; which is faster
+  depends on the CPU, not only on the shape: see
+  :func:`rnn_jax.networks.separate_directions`). ``pallas`` keeps its grid over
+  both directions and ``scan`` its vmapped step.
 
 What the caller fixed stays fixed: a config whose ``implementation`` is not
 ``"auto"`` times only that implementation, a config with ``unroll > 0`` only that
-unroll. The timed batch is one device's share of ``batch_size`` under data
-parallelism.
+unroll, one whose ``directions`` is not ``"auto"`` only that layout. The timed
+batch is one device's share of ``batch_size`` under data parallelism.
 """
 
 from __future__ import annotations
@@ -40,18 +45,38 @@ import numpy as np
 from rnn_jax import data, fused, models, persistent, train
 from rnn_jax.config import TrainConfig, model_config
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the directions of bidirectional layers are tuned too
+
+
+class Candidate(NamedTuple):
+    """One configuration :func:`tune` times."""
+
+    implementation: str
+    unroll: int
+    directions: str = "auto"
+
+    @property
+    def name(self) -> str:
+        """``"impl:unroll"``, with ``":directions"`` when that is not ``"auto"``."""
+        base = f"{self.implementation}:{self.unroll}"
+        return base if self.directions == "auto" else f"{base}:{self.directions}"
 
 
 class Choice(NamedTuple):
-    """The tuned ``implementation`` and ``unroll``, the median step time of every
-    candidate timed (``"impl:unroll" -> ms``; failures as ``None``) and whether it
-    came from the cache."""
+    """The tuned ``implementation``, ``unroll`` and ``directions``, the median step
+    time of every candidate timed (:attr:`Candidate.name` -> ms; failures as
+    ``None``) and whether it came from the cache."""
 
     implementation: str
     unroll: int
     ms: dict[str, float | None]
     cached: bool
+    directions: str = "auto"
+
+    def describe(self) -> str:
+        """``"fused unroll 1"``, ``"fused unroll 1, directions separate"``."""
+        text = f"{self.implementation} unroll {self.unroll}"
+        return text if self.directions == "auto" else f"{text}, directions {self.directions}"
 
 
 def default_cache_path() -> Path:
@@ -63,8 +88,8 @@ def default_cache_path() -> Path:
     return Path(base) / "rnn_jax" / "autotune.json"
 
 
-def candidates(config: TrainConfig, backend: str | None = None) -> list[tuple[str, int]]:
-    """The ``(implementation, unroll)`` pairs :func:`tune` times for ``config``."""
+def candidates(config: TrainConfig, backend: str | None = None) -> list[Candidate]:
+    """The configurations :func:`tune` times for ``config``."""
     backend = backend or jax.default_backend()
     cell = model_config(config, 2).make_cell()
     unrolls = (1, 2) if backend == "cpu" else (4, 8, 16)
@@ -84,8 +109,21 @@ def candidates(config: TrainConfig, backend: str | None = None) -> list[tuple[st
         impls.remove("scan")  # the reference computes float32 only
     if config.implementation != "auto":
         impls = [config.implementation]
-    pairs = [(i, 1 if i == "pallas" else u) for i in impls for u in unrolls]
-    return list(dict.fromkeys(pairs))  # pallas has no unroll: once
+
+    def layouts(impl: str) -> tuple[str, ...]:
+        if config.directions != "auto" and impl != "scan":
+            return (config.directions,)
+        if config.bidirectional and impl == "fused":
+            return ("vmap", "separate")
+        return ("auto",)
+
+    found = [
+        Candidate(i, 1 if i == "pallas" else u, d)
+        for i in impls
+        for u in unrolls
+        for d in layouts(i)
+    ]
+    return list(dict.fromkeys(found))  # pallas has no unroll: once
 
 
 def cache_key(config: TrainConfig, vocab_size: int, rows: int) -> str:
@@ -93,7 +131,7 @@ def cache_key(config: TrainConfig, vocab_size: int, rows: int) -> str:
     device = jax.devices()[0]
     fields = (
         "cell hidden_size num_layers bidirectional reset_after pin_reset pin_update "
-        "activation embed_dim dropout remat matmul_dtype num_steps"
+        "activation embed_dim dropout remat matmul_dtype directions num_steps"
     ).split()
     key = {
         "version": CACHE_VERSION,
@@ -104,7 +142,7 @@ def cache_key(config: TrainConfig, vocab_size: int, rows: int) -> str:
         "vocab_size": vocab_size,
         "rows": rows,
         **{f: getattr(config, f) for f in fields},
-        "candidates": [f"{i}:{u}" for i, u in candidates(config)],
+        "candidates": [c.name for c in candidates(config)],
     }
     return json.dumps(key, sort_keys=True)
 
@@ -180,7 +218,7 @@ def tune(
     min_time_s: float = 0.2,
     echo: Callable[[str], None] = print,
 ) -> Choice:
-    """The fastest ``(implementation, unroll)`` for ``config``'s training step.
+    """The fastest :class:`Candidate` for ``config``'s training step.
 
     Args:
       config: a validated :class:`rnn_jax.config.TrainConfig`.
@@ -205,20 +243,31 @@ def tune(
     path = Path(cache_path) if cache_path else default_cache_path()
     options = candidates(config)
     if len(options) == 1:  # nothing to choose: no compile, no cache entry
-        echo(f"autotune: {options[0][0]} unroll {options[0][1]} (the only candidate)")
-        return Choice(*options[0], {}, False)
+        only = options[0]
+        choice = Choice(only.implementation, only.unroll, {}, False, only.directions)
+        echo(f"autotune: {choice.describe()} (the only candidate)")
+        return choice
     rows = _rows(config)
     key = cache_key(config, vocab_size, rows)
     cache = _read_cache(path, echo)
     hit = cache.get(key)
     if hit and not refresh:
-        echo(f"autotune: {hit['implementation']} unroll {hit['unroll']} (cached in {path})")
-        return Choice(hit["implementation"], hit["unroll"], hit["ms"], True)
-    steps, timings = {}, {}
-    for impl, unroll in options:  # compile every candidate first
-        name = f"{impl}:{unroll}"
+        choice = Choice(
+            hit["implementation"], hit["unroll"], hit["ms"], True, hit.get("directions", "auto")
+        )
+        echo(f"autotune: {choice.describe()} (cached in {path})")
+        return choice
+    steps, timings, by_name = {}, {}, {}
+    for option in options:  # compile every candidate first
+        name = option.name
+        by_name[name] = option
         try:
-            tuned = dataclasses.replace(config, implementation=impl, unroll=unroll)
+            tuned = dataclasses.replace(
+                config,
+                implementation=option.implementation,
+                unroll=option.unroll,
+                directions=option.directions,
+            )
             steps[name] = _compiled_step(tuned, vocab_size, rows)
         except Exception as e:  # noqa: BLE001  a candidate that fails is skipped
             timings[name] = None
@@ -233,10 +282,15 @@ def tune(
     measured = {k: v for k, v in timings.items() if v is not None}
     if not measured:
         raise RuntimeError(f"autotune: every candidate failed: {sorted(timings)}")
-    best = min(measured, key=measured.get)
-    impl, unroll = best.split(":")
-    entry = {"implementation": impl, "unroll": int(unroll), "ms": timings}
+    best = by_name[min(measured, key=measured.get)]
+    choice = Choice(best.implementation, best.unroll, timings, False, best.directions)
+    entry = {
+        "implementation": choice.implementation,
+        "unroll": choice.unroll,
+        "directions": choice.directions,
+        "ms": timings,
+    }
     cache[key] = {**entry, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_cache(path, cache, echo)
-    echo(f"autotune: picked {impl} unroll {unroll} ({measured[best]:.3g} ms/step)")
-    return Choice(impl, int(unroll), timings, False)
+    echo(f"autotune: picked {choice.describe()} ({measured[best.name]:.3g} ms/step)")
+    return choice

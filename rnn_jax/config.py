@@ -99,6 +99,7 @@ class TrainConfig:
     remat: bool = False
     implementation: str = "auto"
     matmul_dtype: str = "float32"
+    directions: str = "auto"  # bidirectional fused layers: networks.DIRECTIONS
     autotune: bool = False  # time the candidates first (rnn_jax.autotune)
     optimizer: str = "adam"
     lr: float = 0.01
@@ -139,6 +140,7 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
         remat=config.remat,
         implementation=config.implementation,
         matmul_dtype=config.matmul_dtype,
+        directions=config.directions,
     )
 
 
@@ -180,6 +182,19 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
             "matmul_dtype",
             f"{config.matmul_dtype} needs --implementation=fused, wavefront or auto; the "
             f"reference scan computes in float32",
+        )
+    _choice(config, "directions", networks.DIRECTIONS)
+    if config.directions != "auto" and not config.bidirectional:
+        raise ConfigError(
+            "directions",
+            f"{config.directions!r} is for bidirectional networks; set --bidirectional "
+            f"or leave it at 'auto'",
+        )
+    if config.directions != "auto" and config.implementation == "scan":
+        raise ConfigError(
+            "directions",
+            f"{config.directions!r} applies to the fused and pallas layers; "
+            f"--implementation=scan always maps its step over both directions",
         )
     _choice(config, "tokens", text.MODES)
     _choice(config, "partition", data.PARTITIONS)

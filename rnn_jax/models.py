@@ -43,8 +43,8 @@ class ModelConfig:
       forget_bias: LSTM forget-gate bias at initialisation.
       embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
       dropout: between layers (and on the last layer's output), training only.
-      unroll, remat, hoist_input, implementation, matmul_dtype: passed to
-        :func:`rnn_jax.networks.network`.
+      unroll, remat, hoist_input, implementation, matmul_dtype, directions: passed
+        to :func:`rnn_jax.networks.network`.
     """
 
     vocab_size: int
@@ -65,6 +65,7 @@ class ModelConfig:
     hoist_input: bool | None = None
     implementation: str = "auto"
     matmul_dtype: str = "float32"
+    directions: str = "auto"
 
     def make_cell(self) -> cells.Cell:
         options = {
@@ -115,6 +116,7 @@ def language_model(config: ModelConfig) -> Model:
         hoist_input=config.hoist_input,
         implementation=config.implementation,
         matmul_dtype=config.matmul_dtype,
+        directions=config.directions,
     )
     v, e = config.vocab_size, config.embed_dim
 

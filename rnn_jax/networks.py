@@ -85,7 +85,8 @@ class Network(NamedTuple):
 
     Attributes:
       cell, num_layers, bidirectional, dropout, unroll, remat, hoist_input,
-        implementation, matmul_dtype, chunk: the options given to :func:`network`.
+        implementation, matmul_dtype, chunk, directions: the options given to
+        :func:`network`.
       output_size: features of ``ys``: H, or 2H when bidirectional.
       init: ``(key, input_size) -> params``.
       initial_carry: ``() -> final``-structured zeros for one sequence.
@@ -111,6 +112,7 @@ class Network(NamedTuple):
     apply: Callable[..., tuple[Array, tuple]]
     apply_batch: Callable[..., tuple[Array, tuple]]
     chunk: int | None = None
+    directions: str = "auto"
 
 
 # Measured on a 2-core CPU (see BUILD.md): computing X W_x + b inside the scan
@@ -141,9 +143,24 @@ SEPARATE_DIRECTIONS_BELOW_HIDDEN = 256
 """:func:`separate_directions` on CPU below this hidden size."""
 
 
-def separate_directions(hidden_size: int, kernel: str, backend: str | None = None) -> bool:
+DIRECTIONS = ("auto", "vmap", "separate")
+"""``network(directions=...)``: how a bidirectional fused layer runs its two
+directions: ``"vmap"`` (one call of :func:`rnn_jax.fused.layer` ``vmap``-ed over a
+direction axis), ``"separate"`` (two calls) or ``"auto"`` (:func:`separate_directions`)."""
+
+
+def separate_directions(
+    hidden_size: int, kernel: str, backend: str | None = None, directions: str = "auto"
+) -> bool:
     """Whether a bidirectional fused layer runs its two directions as two calls of
     :func:`rnn_jax.fused.layer` instead of one call ``vmap``-ed over a direction axis.
+
+    ``directions`` other than ``"auto"`` decides (``"separate"``: two calls). The
+    rule of ``"auto"`` below was measured on one CPU, and another CPU can disagree:
+    on a 2-core Intel Xeon (AVX-512) two calls were faster at H=256 too (training
+    step of the language model, medium, one bidirectional layer, 12 alternating
+    rounds in one process, median ms, vmap vs two calls: LSTM 156 vs 142 and 165 vs
+    146, GRU 149 vs 133). ``rnn_jax.autotune`` times both on the machine at hand.
 
     Never for the Pallas kernels: ``vmap``-ed, the two directions run as one kernel
     whose grid has a direction axis when all its programs fit on the GPU at once
@@ -159,6 +176,10 @@ def separate_directions(hidden_size: int, kernel: str, backend: str | None = Non
     matmuls of the vmap win. Accelerators keep the vmap (one loop for both
     directions; measured there that way).
     """
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions: expected one of {list(DIRECTIONS)}, got {directions!r}")
+    if directions != "auto":
+        return directions == "separate"
     if kernel == "pallas":
         return False
     backend = jax.default_backend() if backend is None else backend
@@ -371,6 +392,7 @@ def network(
     implementation: str = "auto",
     matmul_dtype: str = "float32",
     chunk: int | None = None,
+    directions: str = "auto",
 ) -> Network:
     """Builds a deep, optionally bidirectional network from ``cell``.
 
@@ -408,11 +430,28 @@ def network(
         (:func:`rnn_jax.fused.default_chunk`: on CPU from T=256), 0: one loop.
         Values and gradients are the same either way; the scan and wavefront
         implementations ignore it, and ``remat`` chunks by its own rule.
+      directions: how a bidirectional layer of the fused or pallas implementation
+        runs its two directions: ``"vmap"`` (one call over a direction axis),
+        ``"separate"`` (two calls) or ``"auto"`` (:func:`separate_directions`: the
+        measured rule). Values and gradients are the same either way; the scan
+        implementation always maps its step over the two directions.
     """
     fused.check_chunk(chunk)
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
         raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")
+    if directions not in DIRECTIONS:
+        raise ValueError(f"directions: expected one of {list(DIRECTIONS)}, got {directions!r}")
+    if directions != "auto" and not bidirectional:
+        raise ValueError(
+            f"directions: {directions!r} is for bidirectional networks; this one is "
+            f"unidirectional (use 'auto')"
+        )
+    if directions != "auto" and implementation == "scan":
+        raise ValueError(
+            f"directions: {directions!r} applies to the fused and pallas layers; "
+            f"implementation='scan' always maps its step over both directions"
+        )
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
@@ -609,7 +648,9 @@ def network(
         finals = []
         for layer in range(num_layers):
             p = params[f"layer_{layer}"]
-            if bidirectional and separate_directions(cell.hidden_size, kernel):
+            if bidirectional and separate_directions(
+                cell.hidden_size, kernel, directions=directions
+            ):
                 c = initial_carry[layer]
                 out_f, carry_f = run(p["forward"], c.forward, ys, lengths)
                 rev = _reverse_valid_batch(ys, lengths)
@@ -671,4 +712,5 @@ def network(
         apply=apply,
         apply_batch=apply_batch,
         chunk=chunk,
+        directions=directions,
     )

@@ -267,10 +267,10 @@ def run(
 ) -> Result:
     """Trains (or resumes) the run of ``config`` in ``config.workdir``.
 
-    With ``config.autotune``, first times the candidate implementations and unrolls
-    (:func:`rnn_jax.autotune.tune`, cached in ``autotune_cache``; ``autotune_refresh``
-    times again) and trains with the fastest; the run's ``config.json`` records the
-    choice.
+    With ``config.autotune``, first times the candidate implementations, unrolls and
+    (bidirectional) direction layouts (:func:`rnn_jax.autotune.tune`, cached in
+    ``autotune_cache``; ``autotune_refresh`` times again) and trains with the
+    fastest; the run's ``config.json`` records the choice.
 
     Evaluates every ``eval_every`` steps (default: every epoch) and at the end,
     checkpoints every ``checkpoint_every`` steps and at the end, and on SIGTERM /
@@ -290,7 +290,10 @@ def run(
             config, len(vocab), cache_path=autotune_cache, refresh=autotune_refresh, echo=echo
         )
         config = dataclasses.replace(
-            config, implementation=choice.implementation, unroll=choice.unroll
+            config,
+            implementation=choice.implementation,
+            unroll=choice.unroll,
+            directions=choice.directions,
         )
     workdir = Path(config.workdir)
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)

@@ -18,27 +18,52 @@ SMALL = TrainConfig(hidden_size=16, batch_size=8, num_steps=8)
 
 def test_candidates_per_config_and_backend():
     assert autotune.candidates(SMALL, "cpu") == [
-        ("fused", 1),
-        ("fused", 2),
-        ("scan", 1),
-        ("scan", 2),
+        ("fused", 1, "auto"),
+        ("fused", 2, "auto"),
+        ("scan", 1, "auto"),
+        ("scan", 2, "auto"),
+    ]
+    assert [c.name for c in autotune.candidates(SMALL, "cpu")] == [
+        "fused:1",
+        "fused:2",
+        "scan:1",
+        "scan:2",
     ]
     deep = TrainConfig(num_layers=2)
-    assert ("wavefront", 2) in autotune.candidates(deep, "cpu")
-    assert not any(i == "wavefront" for i, _ in autotune.candidates(TrainConfig(), "cpu"))
+    assert ("wavefront", 2, "auto") in autotune.candidates(deep, "cpu")
+    assert not any(c.implementation == "wavefront" for c in autotune.candidates(TrainConfig()))
     gpu = autotune.candidates(TrainConfig(hidden_size=128), "gpu")
-    assert ("fused", 8) in gpu and ("pallas", 1) in gpu and ("fused", 1) not in gpu
-    assert gpu.count(("pallas", 1)) == 1  # unroll means nothing to the kernels
+    assert ("fused", 8, "auto") in gpu and ("pallas", 1, "auto") in gpu
+    assert ("fused", 1, "auto") not in gpu
+    assert gpu.count(("pallas", 1, "auto")) == 1  # unroll means nothing to the kernels
     reset_before = TrainConfig(cell="gru", hidden_size=128)
-    assert not any(i == "pallas" for i, _ in autotune.candidates(reset_before, "gpu"))
+    assert not any(c.implementation == "pallas" for c in autotune.candidates(reset_before, "gpu"))
     # what the caller fixed stays fixed
     assert autotune.candidates(TrainConfig(implementation="scan"), "cpu") == [
-        ("scan", 1),
-        ("scan", 2),
+        ("scan", 1, "auto"),
+        ("scan", 2, "auto"),
     ]
-    assert autotune.candidates(TrainConfig(unroll=4), "cpu") == [("fused", 4), ("scan", 4)]
+    assert autotune.candidates(TrainConfig(unroll=4), "cpu") == [
+        ("fused", 4, "auto"),
+        ("scan", 4, "auto"),
+    ]
     bf16 = autotune.candidates(TrainConfig(matmul_dtype="bfloat16"), "cpu")
-    assert not any(i == "scan" for i, _ in bf16)
+    assert not any(c.implementation == "scan" for c in bf16)
+
+
+def test_candidates_of_a_bidirectional_network_include_both_direction_layouts():
+    bi = TrainConfig(bidirectional=True, unroll=1)
+    assert [c.name for c in autotune.candidates(bi, "cpu")] == [
+        "fused:1:vmap",
+        "fused:1:separate",
+        "scan:1",  # the scan always maps its step over the directions
+    ]
+    gpu = autotune.candidates(TrainConfig(bidirectional=True, hidden_size=64, unroll=8), "gpu")
+    assert [c.name for c in gpu] == ["fused:8:vmap", "fused:8:separate", "scan:8", "pallas:1"]
+    fixed = TrainConfig(bidirectional=True, unroll=1, directions="separate")
+    assert [c.name for c in autotune.candidates(fixed, "cpu")] == ["fused:1:separate", "scan:1"]
+    assert "directions" in autotune.cache_key(bi, 28, 8)
+    assert autotune.cache_key(bi, 28, 8) != autotune.cache_key(fixed, 28, 8)
 
 
 def fake_steps(monkeypatch, seconds, failing=()):
@@ -46,7 +71,7 @@ def fake_steps(monkeypatch, seconds, failing=()):
     compiled = []
 
     def fake(config, vocab_size, rows):
-        name = f"{config.implementation}:{config.unroll}"
+        name = autotune.Candidate(config.implementation, config.unroll, config.directions).name
         compiled.append(name)
         if name in failing:
             raise RuntimeError(f"cannot run {name}")
@@ -79,6 +104,44 @@ def test_tune_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
     assert len(json.loads(cache.read_text())) == 2
 
 
+def test_tune_picks_the_faster_direction_layout(tmp_path, monkeypatch):
+    bi = TrainConfig(hidden_size=16, batch_size=8, num_steps=8, bidirectional=True, unroll=1)
+    seconds = {"fused:1:vmap": 0.004, "fused:1:separate": 0.002, "scan:1": 0.005}
+    compiled = fake_steps(monkeypatch, seconds)
+    cache, lines = tmp_path / "c.json", []
+    choice = autotune.tune(bi, 28, cache_path=cache, repeats=2, min_time_s=0, echo=lines.append)
+    assert choice[:2] == ("fused", 1) and choice.directions == "separate"
+    assert sorted(compiled) == sorted(seconds)
+    assert "picked fused unroll 1, directions separate" in lines[-1]
+    again = autotune.tune(bi, 28, cache_path=cache, echo=lines.append)
+    assert (again.directions, again.cached) == ("separate", True) and len(compiled) == 3
+    assert "fused unroll 1, directions separate (cached in" in lines[-1]
+
+
+def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
+    """run() trains with the layout the tune picked and records it in config.json."""
+    from rnn_jax import train
+
+    fake_steps(monkeypatch, {"fused:1:vmap": 0.003, "fused:1:separate": 0.0, "scan:1": 0.003})
+    config = TrainConfig(
+        hidden_size=8,
+        bidirectional=True,
+        batch_size=8,
+        num_steps=8,
+        num_train=16,
+        num_val=8,
+        epochs=1,
+        unroll=1,
+        autotune=True,
+        workdir=str(tmp_path / "run"),
+        sample_chars=2,
+    )
+    result = train.run(config, echo=lambda s: None, autotune_cache=tmp_path / "c.json")
+    assert result.exit_code == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["implementation"], saved["directions"]) == ("fused", "separate")
+
+
 def test_tune_skips_failing_candidates_and_survives_a_broken_cache(tmp_path, monkeypatch):
     seconds = {"fused:1": 0.003, "fused:2": 0.001, "scan:1": 0.002, "scan:2": 0.004}
     fake_steps(monkeypatch, seconds, failing=("fused:2",))
@@ -107,7 +170,7 @@ def test_tune_with_one_candidate_times_nothing(tmp_path, monkeypatch):
     compiled = fake_steps(monkeypatch, {})
     fixed = TrainConfig(implementation="fused", unroll=3)
     choice = autotune.tune(fixed, 28, cache_path=tmp_path / "c.json")
-    assert choice == autotune.Choice("fused", 3, {}, False) and compiled == []
+    assert choice == autotune.Choice("fused", 3, {}, False, "auto") and compiled == []
     assert not (tmp_path / "c.json").exists()
 
 

@@ -87,6 +87,7 @@ def test_tiny_run_of_every_implementation(tmp_path):
         "--threads=1",
         "--cpu_devices=2",  # both JAX steps with the batch split over 2 CPU devices
         "--flax_cpu_devices=2",
+        "--directions=vmap",  # (auto runs two calls at this H on CPU)
         f"--output={out}",
         f"--markdown={md}",
     )
@@ -119,6 +120,8 @@ def test_tiny_run_of_every_implementation(tmp_path):
     assert "speedup vs flax" in proc.stdout and "[3/3]" in proc.stdout
     assert workers["rnn_jax"]["devices"] == workers["flax"]["devices"] == 2
     assert ", 2 devices |" in markdown
+    assert workers["rnn_jax"]["directions"] == meta["options"]["directions"] == "vmap"
+    assert "directions as two calls" not in markdown
 
 
 def test_compile_only_worker():
@@ -355,6 +358,11 @@ def test_speed_table_columns_and_ratios():
     results[0].update(implementation="pallas", unroll=8, pallas_exchange="flag")
     row = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"]).splitlines()[2]
     assert [c.strip() for c in row.strip("|").split("|")][7] == "pallas, flag exchange"
+    results[0].update(implementation="fused", unroll=1, directions="separate")
+    del results[0]["pallas_exchange"]
+    row = benchmark.speed_table(results, ["rnn_jax", "flax", "torch"]).splitlines()[2]
+    impl = [c.strip() for c in row.strip("|").split("|")][7]
+    assert impl == "fused, unroll 1, directions as two calls"
 
 
 def test_tables_mark_skipped_and_failed_peers():

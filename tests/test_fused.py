@@ -14,6 +14,7 @@ import pytest
 from jax.test_util import check_grads
 
 from rnn_jax import cells, fused, models, networks
+from rnn_jax.config import ConfigError, TrainConfig, validate
 
 I, H, T, B = 3, 4, 6, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -358,12 +359,15 @@ def test_long_sequences_chunk_by_default_on_cpu():
 
 
 @pytest.mark.parametrize("cell_name", ["gru_after", "lstm"])
-def test_bidirectional_directions_under_vmap_equal_scan(cell_name, monkeypatch):
-    """The fused bidirectional layer with its directions vmapped (on CPU from H=256 on,
-    networks.separate_directions), forced at this small H: a layer vs the scan."""
-    monkeypatch.setattr(networks, "SEPARATE_DIRECTIONS_BELOW_HIDDEN", 0)
-    assert not networks.separate_directions(H, "xla", "cpu")
-    ref, fast, params = nets(cell_name, 1, True)
+def test_bidirectional_directions_under_vmap_equal_scan(cell_name):
+    """The fused bidirectional layer with its directions vmapped (``directions="vmap"``;
+    what "auto" runs on CPU from H=256 on) at this small H: a layer vs the scan. The
+    two calls ("auto" here) are in the GRID test above."""
+    assert networks.separate_directions(H, "xla", "cpu")
+    cell = CELLS[cell_name]()
+    ref, _, params = nets(cell_name, 1, True)
+    fast = networks.network(cell, 1, True, implementation="fused", directions="vmap")
+    assert fast.directions == "vmap"
     assert_matches_scan(ref, fast, params, 60)
 
 
@@ -374,6 +378,47 @@ def test_separate_directions():
     # the kernels: vmapped, so both directions can run as one grid
     assert not networks.separate_directions(128, "pallas", "gpu")
     assert not networks.separate_directions(32, "pallas", "cpu")
+    # an explicit layout wins over the rule, on every backend and kernel
+    assert networks.separate_directions(256, "xla", "cpu", directions="separate")
+    assert networks.separate_directions(32, "pallas", "gpu", directions="separate")
+    assert not networks.separate_directions(128, "xla", "cpu", directions="vmap")
+    with pytest.raises(ValueError, match=r"directions: expected one of .*got 'both'"):
+        networks.separate_directions(128, "xla", "cpu", directions="both")
+
+
+@pytest.mark.parametrize("directions,calls", [("vmap", 1), ("separate", 2), ("auto", 2)])
+def test_directions_run_one_call_or_two(directions, calls):
+    """How many forward loops (the fused layer's scan) one bidirectional layer traces
+    to: the option is honoured (auto: two calls at this H on CPU, one at H=256)."""
+    cell = cells.lstm(8)
+    net = networks.network(cell, 1, True, implementation="fused", directions=directions)
+    params = net.init(jax.random.key(0), 3)
+    jaxpr = str(jax.make_jaxpr(net.apply_batch)(params, jnp.ones((4, 5, 3))))
+    assert jaxpr.count("= scan[") == calls
+    if directions == "auto" and jax.default_backend() == "cpu":
+        wide = networks.network(cells.lstm(256), 1, True, implementation="fused")
+        params = wide.init(jax.random.key(0), 3)
+        jaxpr = str(jax.make_jaxpr(wide.apply_batch)(params, jnp.ones((4, 5, 3))))
+        assert jaxpr.count("= scan[") == 1
+
+
+def test_directions_option_errors():
+    for kwargs, match in (
+        (dict(bidirectional=False, directions="separate"), "for bidirectional networks"),
+        (dict(bidirectional=True, implementation="scan", directions="vmap"), "fused and pallas"),
+        (dict(bidirectional=True, directions="both"), "expected one of"),
+    ):
+        with pytest.raises(ValueError, match=f"directions: .*{match}"):
+            networks.network(cells.gru(8), **kwargs)
+    for kwargs, match in (
+        (dict(directions="vmap"), "for bidirectional networks"),
+        (dict(bidirectional=True, implementation="scan", directions="separate"), "fused and"),
+        (dict(bidirectional=True, directions="both"), "expected one of"),
+    ):
+        with pytest.raises(ConfigError, match=f"--directions: .*{match}"):
+            validate(TrainConfig(workdir="/tmp/x", **kwargs))
+    # auto, or any layout of a bidirectional fused network, passes
+    validate(TrainConfig(workdir="/tmp/x", bidirectional=True, directions="vmap"))
 
 
 def test_choose_implementation():
