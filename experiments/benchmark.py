@@ -276,6 +276,8 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "thread_info",
         "threads",
         "devices",
+        "directions",
+        "pallas_exchange",
     ):
         if extra in ok[0]:
             out[extra] = ok[0][extra]

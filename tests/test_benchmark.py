@@ -121,6 +121,7 @@ def test_tiny_run_of_every_implementation(tmp_path):
     assert workers["rnn_jax"]["devices"] == workers["flax"]["devices"] == 2
     assert ", 2 devices |" in markdown
     assert workers["rnn_jax"]["directions"] == meta["options"]["directions"] == "vmap"
+    assert report["results"][0]["directions"] == "vmap"  # the summary keeps it
     assert "directions as two calls" not in markdown
 
 
