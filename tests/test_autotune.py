@@ -119,10 +119,22 @@ def test_tune_picks_the_faster_direction_layout(tmp_path, monkeypatch):
 
 
 def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
-    """run() trains with the layout the tune picked and records it in config.json."""
+    """run() builds its model with the layout the tune picked and records it in
+    config.json (stopped before compiling: test_train_run_with_autotune_records_the_choice
+    trains to the end)."""
     from rnn_jax import train
 
     fake_steps(monkeypatch, {"fused:1:vmap": 0.003, "fused:1:separate": 0.0, "scan:1": 0.003})
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def make_steps(model, *args, **kwargs):
+        built.append(model.network.directions)
+        raise Stop
+
+    monkeypatch.setattr(train, "make_steps", make_steps)
     config = TrainConfig(
         hidden_size=8,
         bidirectional=True,
@@ -136,8 +148,9 @@ def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
         workdir=str(tmp_path / "run"),
         sample_chars=2,
     )
-    result = train.run(config, echo=lambda s: None, autotune_cache=tmp_path / "c.json")
-    assert result.exit_code == 0
+    with pytest.raises(Stop):
+        train.run(config, echo=lambda s: None, autotune_cache=tmp_path / "c.json")
+    assert built == ["separate"]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["implementation"], saved["directions"]) == ("fused", "separate")
 
