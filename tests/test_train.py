@@ -310,30 +310,54 @@ def text_files(tmp_path_factory):
     return d
 
 
+# Through the launcher, one case per way a bad flag is caught: absl's own parsing
+# (enum, bound, validator), the device count before JAX starts, and a ConfigError
+# from train.run's validation. Every other ConfigError takes the same launcher path
+# and is checked in-process (BAD_CONFIG below).
 BAD = [
     (["--data={d}/missing.txt"], "--data: .*not found"),
-    (["--data={d}"], "--data: .*directory"),
-    (["--data={d}/empty.txt"], "--data: .*empty"),
-    (["--data={d}/latin1.txt"], "--data: .*UTF-8"),
-    (["--data={d}/short.txt"], "--num_steps: the text has 4 tokens, shorter than one window"),
-    (
-        ["--data={d}/medium.txt", "--num_train=5000"],
-        "--num_train: .* windows requested, but the text has only",
-    ),
     (["--cell=transformer"], "cell"),
-    (["--hidden_size=0"], "--hidden_size: expected >= 1, got 0"),
-    (["--lr=-1"], "--lr: expected a learning rate > 0"),
-    (["--batch_size=0"], "--batch_size: expected >= 1"),
-    (["--workdir={d}/a_file"], "--workdir: .*a_file exists and is not a directory"),
-    (["--dropout=1.5"], "--dropout: expected a rate in"),
     (["--unroll=-1"], "--unroll: expected >= 0, got -1"),
-    (
-        ["--partition=sequential", "--batch_size=1024"],
-        "--batch_size: the sequential partition has 0",
-    ),
     (["--cpu_devices=3", "--batch_size=4"], "--cpu_devices: 3 devices do not split --batch_size 4"),
     (["--cpu_devices=many"], "--cpu_devices=many: expected auto or an integer >= 1"),
 ]
+
+BAD_CONFIG = [
+    (dict(data="{d}"), "--data: .*directory"),
+    (dict(data="{d}/empty.txt"), "--data: .*empty"),
+    (dict(data="{d}/latin1.txt"), "--data: .*UTF-8"),
+    (dict(data="{d}/short.txt"), "--num_steps: the text has 4 tokens, shorter than one window"),
+    (
+        dict(data="{d}/medium.txt", num_train=5000),
+        "--num_train: .* windows requested, but the text has only",
+    ),
+    (dict(hidden_size=0), "--hidden_size: expected >= 1, got 0"),
+    (dict(lr=-1.0), "--lr: expected a learning rate > 0"),
+    (dict(batch_size=0), "--batch_size: expected >= 1"),
+    (dict(workdir="{d}/a_file"), "--workdir: .*a_file exists and is not a directory"),
+    (dict(dropout=1.5), "--dropout: expected a rate in"),
+    (
+        dict(partition="sequential", batch_size=1024),
+        "--batch_size: the sequential partition has 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "fields,match", BAD_CONFIG, ids=[f"{next(iter(f))}{i}" for i, (f, _) in enumerate(BAD_CONFIG)]
+)
+def test_bad_config_raises_naming_the_flag_and_writes_nothing(tmp_path, text_files, fields, match):
+    """train.run refuses a bad config with a ConfigError naming the flag, before it
+    writes anything (the launcher prints that one line and exits 2: BAD above)."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"precious": true}\n')
+    before = _snapshot(workdir)
+    fields = {k: v.format(d=text_files) if isinstance(v, str) else v for k, v in fields.items()}
+    config = TrainConfig(**{**TINY, "workdir": str(workdir), **fields})
+    with pytest.raises(ConfigError, match=match):
+        train.run(config, echo=quiet)
+    assert _snapshot(workdir) == before
 
 
 @pytest.mark.parametrize(
