@@ -215,7 +215,7 @@ def test_greedy_generation_equals_a_python_loop_and_is_deterministic(kw):
     out = np.asarray(generate.generate_ids(model, params, prefix, 6))
     seq = list(np.asarray(prefix))
     for _ in range(6):  # rerun the whole model on the text so far, take the argmax
-        logits, _ = model.apply(params, jnp.asarray(seq, jnp.int32)[None])
+        logits, _ = jax.jit(model.apply)(params, jnp.asarray(seq, jnp.int32)[None])
         seq.append(int(jnp.argmax(logits[0, -1])))
     np.testing.assert_array_equal(out, seq[3:])
     np.testing.assert_array_equal(out, generate.generate_ids(model, params, prefix, 6))
