@@ -183,19 +183,11 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
             f"{config.matmul_dtype} needs --implementation=fused, wavefront or auto; the "
             f"reference scan computes in float32",
         )
-    _choice(config, "directions", networks.DIRECTIONS)
-    if config.directions != "auto" and not config.bidirectional:
-        raise ConfigError(
-            "directions",
-            f"{config.directions!r} is for bidirectional networks; set --bidirectional "
-            f"or leave it at 'auto'",
-        )
-    if config.directions != "auto" and config.implementation == "scan":
-        raise ConfigError(
-            "directions",
-            f"{config.directions!r} applies to the fused and pallas layers; "
-            f"--implementation=scan always maps its step over both directions",
-        )
+    problem = networks.directions_problem(
+        config.directions, config.bidirectional, config.implementation
+    )
+    if problem:
+        raise ConfigError("directions", problem)
     _choice(config, "tokens", text.MODES)
     _choice(config, "partition", data.PARTITIONS)
     _choice(config, "optimizer", OPTIMIZERS)

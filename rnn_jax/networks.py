@@ -149,6 +149,23 @@ directions: ``"vmap"`` (one call of :func:`rnn_jax.fused.layer` ``vmap``-ed over
 direction axis), ``"separate"`` (two calls) or ``"auto"`` (:func:`separate_directions`)."""
 
 
+def directions_problem(directions: str, bidirectional: bool, implementation: str) -> str | None:
+    """Why ``directions`` does not fit a network (``None`` if it does): an unknown
+    value, a layout for a unidirectional network, or one for the scan implementation
+    (which always maps its step over both directions). :func:`network` raises it as a
+    ValueError, ``rnn_jax.config.validate`` as a ConfigError naming the flag."""
+    if directions not in DIRECTIONS:
+        return f"expected one of {list(DIRECTIONS)}, got {directions!r}"
+    if directions != "auto" and not bidirectional:
+        return f"{directions!r} is for bidirectional networks; leave it at 'auto' for this one"
+    if directions != "auto" and implementation == "scan":
+        return (
+            f"{directions!r} applies to the fused and pallas layers; the scan "
+            f"implementation always maps its step over both directions"
+        )
+    return None
+
+
 def separate_directions(
     hidden_size: int, kernel: str, backend: str | None = None, directions: str = "auto"
 ) -> bool:
@@ -440,18 +457,8 @@ def network(
     _check_options(cell, num_layers, dropout, unroll)
     if not isinstance(bidirectional, bool):
         raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")
-    if directions not in DIRECTIONS:
-        raise ValueError(f"directions: expected one of {list(DIRECTIONS)}, got {directions!r}")
-    if directions != "auto" and not bidirectional:
-        raise ValueError(
-            f"directions: {directions!r} is for bidirectional networks; this one is "
-            f"unidirectional (use 'auto')"
-        )
-    if directions != "auto" and implementation == "scan":
-        raise ValueError(
-            f"directions: {directions!r} applies to the fused and pallas layers; "
-            f"implementation='scan' always maps its step over both directions"
-        )
+    if problem := directions_problem(directions, bidirectional, implementation):
+        raise ValueError(f"directions: {problem}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
