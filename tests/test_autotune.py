@@ -66,6 +66,13 @@ def test_candidates_of_a_bidirectional_network_include_both_direction_layouts():
     assert autotune.cache_key(bi, 28, 8) != autotune.cache_key(fixed, 28, 8)
 
 
+def tiny_autotuned_run(tmp_path, **kw):
+    """A run small enough to tune and train in seconds, in ``tmp_path / "run"``."""
+    fields = dict(hidden_size=8, batch_size=8, num_steps=8, num_train=16, num_val=8)
+    fields.update(epochs=1, unroll=1, autotune=True, sample_chars=2)
+    return TrainConfig(**fields, workdir=str(tmp_path / "run"), **kw)
+
+
 def fake_steps(monkeypatch, seconds, failing=()):
     """Replace compilation by steps that sleep ``seconds[name]``; count compiles."""
     compiled = []
@@ -135,19 +142,7 @@ def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
         raise Stop
 
     monkeypatch.setattr(train, "make_steps", make_steps)
-    config = TrainConfig(
-        hidden_size=8,
-        bidirectional=True,
-        batch_size=8,
-        num_steps=8,
-        num_train=16,
-        num_val=8,
-        epochs=1,
-        unroll=1,
-        autotune=True,
-        workdir=str(tmp_path / "run"),
-        sample_chars=2,
-    )
+    config = tiny_autotuned_run(tmp_path, bidirectional=True)
     with pytest.raises(Stop):
         train.run(config, echo=lambda s: None, autotune_cache=tmp_path / "c.json")
     assert built == ["separate"]
@@ -230,18 +225,7 @@ def test_train_run_with_autotune_records_the_choice(tmp_path):
     the choice and records it in the run's config.json."""
     from rnn_jax import train
 
-    config = TrainConfig(
-        hidden_size=8,
-        batch_size=8,
-        num_steps=8,
-        num_train=16,
-        num_val=8,
-        epochs=1,
-        unroll=1,
-        autotune=True,
-        workdir=str(tmp_path / "run"),
-        sample_chars=2,
-    )
+    config = tiny_autotuned_run(tmp_path)
     lines = []
     result = train.run(config, echo=lines.append, autotune_cache=tmp_path / "c.json")
     assert result.exit_code == 0
