@@ -136,9 +136,14 @@ def _dsigmoid(s: Array) -> Array:
 #   forward(carry, xp) -> (carry, y, saved): one step, and what its backward needs
 #     besides y and H_{t-1} (which are stacked anyway); the backward loop is bound by
 #     reading these from memory, so they are kept few;
-#   backward(saved, y, h_prev, dcarry) -> (dprev, dxp, extra): dxp is the gradient of
-#     the gate pre-activations <[B, G*H]>, extra what weight_grads needs besides;
-#   weight_grads(hprev, dxp, extra) -> {name: gradient} of the recurrent params, from
+#   backward(saved, y, h_prev, dcarry) -> (dprev, grads): grads, a tuple of arrays
+#     the backward loop stacks over time, from which gate_gradient gives dxp, the
+#     gradient of the gate pre-activations <[B, G*H]>, and weight_grads the rest;
+#     they are arrays the step computes anyway (the first is the input of the
+#     step's matmul), so that stacking them is a plain copy: stacking dxp itself,
+#     where it differs from the matmul's input (the GRU), made XLA:CPU recompute it
+#     inside the write, as scalar code;
+#   weight_grads(hprev, grads) -> {name: gradient} of the recurrent params, from
 #     everything stacked over time, <[T, B, ...]>.
 
 
@@ -163,10 +168,10 @@ def _rnn_kernels(cell: Cell, prep: dict[str, Array]):
 
     def backward(saved, h2, h, dh):
         da = dh * (h2 > 0) if relu else dh * (1.0 - h2 * h2)
-        return _mm(da, w_t), da, ()
+        return _mm(da, w_t), (da,)
 
-    def weight_grads(hprev, da, extra):
-        return {"W_h": _contract(hprev, da, w.dtype)}
+    def weight_grads(hprev, grads):
+        return {"W_h": _contract(hprev, grads[0], w.dtype)}
 
     return forward, backward, weight_grads
 
@@ -216,30 +221,28 @@ def _gru_kernels(cell: Cell, prep: dict[str, Array]):
         dz = dh * (h - n)
         da_n = dh * (1.0 - z) * (1.0 - n * n)
         da_z = jnp.zeros_like(dz) if pin_z is not None else dz * _dsigmoid(z)
+        # grads: (the matmul's input, dA_n[, R*H_{t-1}]); gate_gradient joins
+        # [dA_r, dA_z] (the first block(s) of the matmul's input) and dA_n.
         if reset_after:
             hn = saved[3]
             da_r = jnp.zeros_like(dz) if pin_r is not None else da_n * hn * _dsigmoid(r)
             dhn = da_n * r  # cotangent of H W_hn + b_hn
-            dh_prev = dh * z + _mm(jnp.concatenate([da_r, da_z, dhn], axis=1), w_flat_t)
-            return dh_prev, jnp.concatenate([da_r, da_z, da_n], axis=1), (dhn,)
+            d_all = jnp.concatenate([da_r, da_z, dhn], axis=1)  # of H W_h (+ b_hn)
+            return dh * z + _mm(d_all, w_flat_t), (d_all, da_n)
         drh = _mm(da_n, w_n_t)  # cotangent of R_t * H_{t-1}
         da_r = jnp.zeros_like(dz) if pin_r is not None else drh * h * _dsigmoid(r)
-        dxp = jnp.concatenate([da_r, da_z, da_n], axis=1)
-        dh_prev = dh * z + drh * r + _mm(dxp[:, : 2 * hidden], w_rz_t)
-        return dh_prev, dxp, (r * h,)
+        d_rz = jnp.concatenate([da_r, da_z], axis=1)
+        return dh * z + drh * r + _mm(d_rz, w_rz_t), (d_rz, da_n, r * h)
 
-    def weight_grads(hprev, dxp, extra):
-        d_rz = _contract(hprev, dxp[:, :, : 2 * hidden], w_flat.dtype)
-        if reset_after:
-            (dhn,) = extra
-            d_n = _contract(hprev, dhn, w_flat.dtype)
-            grads = {"b_hn": jnp.sum(dhn, axis=(0, 1))}
-        else:
-            (rh,) = extra
-            d_n = _contract(rh, dxp[:, :, 2 * hidden :], w_flat.dtype)
-            grads = {}
-        d_w = jnp.concatenate([d_rz.reshape(hidden, 2, hidden), d_n[:, None]], axis=1)
-        return {"W_h": d_w, **grads}
+    def weight_grads(hprev, grads):
+        if reset_after:  # one matmul for all three blocks: dHn is the third
+            d_all = grads[0]
+            d_w = _contract(hprev, d_all, w_flat.dtype).reshape(hidden, 3, hidden)
+            return {"W_h": d_w, "b_hn": jnp.sum(d_all[:, :, 2 * hidden :], axis=(0, 1))}
+        d_rz, da_n, rh = grads
+        d_rz = _contract(hprev, d_rz, w_flat.dtype).reshape(hidden, 2, hidden)
+        d_n = _contract(rh, da_n, w_flat.dtype)
+        return {"W_h": jnp.concatenate([d_rz, d_n[:, None]], axis=1)}
 
     return forward, backward, weight_grads
 
@@ -283,10 +286,10 @@ def _lstm_kernels(cell: Cell, prep: dict[str, Array]):
             ],
             axis=1,
         )
-        return LSTMCarry(_mm(da, w_t), dc * f), da, ()
+        return LSTMCarry(_mm(da, w_t), dc * f), (da,)
 
-    def weight_grads(hprev, da, extra):
-        return {"W_h": _contract(hprev, da, w_flat.dtype)}
+    def weight_grads(hprev, grads):
+        return {"W_h": _contract(hprev, grads[0], w_flat.dtype)}
 
     return forward, backward, weight_grads
 
@@ -307,6 +310,23 @@ def kernels(cell: Cell, prep: dict[str, Array]):
     """``(forward, backward, weight_grads)`` of ``cell`` (see above) on :func:`prepare`'s
     weights."""
     return _KERNELS[cell.name](cell, prep)
+
+
+def gate_gradient(cell: Cell, grads: tuple[Array, ...]) -> Array:
+    """``dxp <[..., G*H]>``, the gradient of the gate pre-activations, from the
+    ``grads`` of the kernels' ``backward`` (one step's, or stacked over time)."""
+    if cell.name != "gru":
+        return grads[0]
+    return jnp.concatenate([grads[0][..., : 2 * cell.hidden_size], grads[1]], axis=-1)
+
+
+def _grads_of(cell: Cell, dxp: Array, extras: tuple[Array, ...]) -> tuple[Array, ...]:
+    """The Pallas backward's ``(dxp, extras)`` as the kernels' ``grads`` (the GRU's
+    ``extras`` is ``(dA_n * R,)``, the third block of its ``grads[0]``)."""
+    if cell.name != "gru":
+        return (dxp,)
+    hidden = cell.hidden_size
+    return (jnp.concatenate([dxp[..., : 2 * hidden], extras[0]], axis=-1), dxp[..., 2 * hidden :])
 
 
 def _contract(v: Array, d: Array, dtype: Any = "float32") -> Array:
@@ -440,34 +460,6 @@ def _shift(first: Array, stacked: Array) -> Array:
     return jnp.concatenate([first[None], stacked[:-1]], axis=0)
 
 
-GRU_SPLIT_MIN_ROWS = 32768
-""":func:`_split_gru_gradient` from this many ``B * H`` on."""
-
-
-def _rows_per_device(batch: int) -> int:
-    """One device's rows of a batch the data-parallel mesh in context splits (traced
-    under ``jax.set_mesh``, the partitioner divides the batch later); ``batch``
-    otherwise (one device, or already inside a per-device function)."""
-    mesh = _batch_mesh(batch)
-    return batch if mesh is None else batch // mesh.shape[DATA_AXIS]
-
-
-def _split_gru_gradient(cell: Cell, batch: int) -> bool:
-    """Whether the GRU's backward loop stacks ``dA_t``'s three gate blocks as three
-    arrays (concatenated once after the loop) instead of one ``<[B, 3H]>`` array.
-
-    At H=32 B=1024 (the d2l shape) XLA:CPU fused the whole gate-gradient computation
-    into the step's write of the concatenated ``dA_t`` and emitted it as scalar code
-    (88 us of a ~250 us step); three plain writes cut the training step from
-    15.5-16.9 to 13.9-15.8 ms. At B*H = 16384 (medium) and 4096 (long) that write
-    was a cheap copy, and the split was level or slower (medium 28.3-28.6 vs
-    29.3-34.5 ms, long 75-77 vs 77 ms), so it is used from ``GRU_SPLIT_MIN_ROWS``
-    rows of one device (d2l on 2 CPU devices, 512 rows each: 14.9 ms with the
-    split, 13.0-14.0 without).
-    """
-    return cell.name == "gru" and batch * cell.hidden_size >= GRU_SPLIT_MIN_ROWS
-
-
 def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
     """The backward loop and the recurrent weight gradients; ``h_first`` is the
     hidden state before the first step (the initial carry's).
@@ -484,7 +476,7 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
     if _pallas(opts, rec, h_first, ys):
         w_t = _pallas_weights(rec, opts.matmul_dtype).T
         dxp, dcarry0, extras = persistent.backward(cell, w_t, valid, h_prev, saved, dys, dfinal)
-        grads = weight_grads(h_prev, dxp, extras)
+        grads = weight_grads(h_prev, _grads_of(cell, dxp, extras))
         return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
 
     def body(dcarry, inp):
@@ -493,25 +485,16 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
             d_in = LSTMCarry(dcarry.h + dy_t, dcarry.c)
         else:
             d_in = dcarry + dy_t
-        d_prev, dxp_t, extra_t = backward(saved_t, y_t, h_prev_t, d_in)
-        if split:
-            dxp_t = tuple(_block(dxp_t, k, cell.hidden_size) for k in range(split))
+        d_prev, grads_t = backward(saved_t, y_t, h_prev_t, d_in)
         if valid_t is None:
-            return d_prev, (dxp_t, extra_t)
-        d_prev = _where(valid_t, d_prev, dcarry)
-        return d_prev, (
-            jax.tree_util.tree_map(lambda d: _mask(valid_t, d), dxp_t),
-            tuple(_mask(valid_t, d) for d in extra_t),
-        )
+            return d_prev, grads_t
+        return _where(valid_t, d_prev, dcarry), tuple(_mask(valid_t, d) for d in grads_t)
 
-    split = 3 if _split_gru_gradient(cell, _rows_per_device(dys.shape[1])) else 0
     inputs = (dys, valid, h_prev, ys, saved)
-    dcarry0, (dxp, extra) = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
-    if split:
-        dxp = jnp.concatenate(dxp, axis=-1)
-    grads = weight_grads(h_prev, dxp, extra)
+    dcarry0, stacked = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
+    grads = weight_grads(h_prev, stacked)
     drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
-    return drec, dcarry0, dxp
+    return drec, dcarry0, gate_gradient(cell, stacked)
 
 
 def _recurrence_bwd(cell, opts, res, cts):

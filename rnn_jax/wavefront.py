@@ -112,19 +112,19 @@ def _wave_bwd(cell, opts, res, cts):
             d_in = LSTMCarry(dcarry.h + dy, dcarry.c)
         else:
             d_in = dcarry + dy
-        d_prev, da, extra = backward(prep, saved_s, y_s, h_prev_s, d_in)
+        d_prev, grads = backward(prep, saved_s, y_s, h_prev_s, d_in)
         d_prev = fused._where(valid_s, d_prev, dcarry)
-        da = fused._mask(valid_s, da)
-        extra = tuple(fused._mask(valid_s, e) for e in extra)
-        return (d_prev, da), (da, extra)
+        grads = tuple(fused._mask(valid_s, g) for g in grads)
+        return (d_prev, fused.gate_gradient(cell, grads)), grads
 
     da0 = jnp.zeros((num_layers, *fused._hidden(carry0).shape[1:2], wx.shape[-1]), ys.dtype)
     inputs = (dys, wave_valid, h_prev, ys, saved)
-    (dcarry0, _), (da, extra) = jax.lax.scan(
+    (dcarry0, _), stacked = jax.lax.scan(
         body, (dfinal, da0), inputs, reverse=True, unroll=opts.unroll
     )
-    weight_grads = jax.vmap(lambda p, *a: fused.kernels(cell, p)[2](*a), in_axes=(0, 1, 1, 1))
-    grads = weight_grads(prep, h_prev, da, extra)
+    weight_grads = jax.vmap(lambda p, *a: fused.kernels(cell, p)[2](*a), in_axes=(0, 1, 1))
+    grads = weight_grads(prep, h_prev, stacked)
+    da = fused.gate_gradient(cell, stacked)  # <[S, L, B, G*H]>
     drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
     # layer l >= 1 read, at step s, layer l-1's output of step s-1
     inputs_up = shifted[:, :-1]  # [S, L-1, B, H]

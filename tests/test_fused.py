@@ -104,17 +104,6 @@ def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirecti
         np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(want)[1])
 
 
-@pytest.mark.parametrize("cell_name", ["gru", "gru_after", "gru_pinned"])
-def test_gru_gradient_stacked_per_gate_equals_scan(cell_name, monkeypatch):
-    """The GRU backward loop's per-gate stacking of dA (used from a large B*H on,
-    fused._split_gru_gradient), forced on at this small shape: values and gradients
-    of a bidirectional layer with lengths against the scan."""
-    monkeypatch.setattr(fused, "GRU_SPLIT_MIN_ROWS", 0)
-    assert fused._split_gru_gradient(CELLS[cell_name](), B)
-    ref, fast, params = nets(cell_name, 1, True)
-    assert_matches_scan(ref, fast, params, 50)
-
-
 @pytest.mark.parametrize("cell_name", list(CELLS))
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_fused_token_ids_and_no_lengths(cell_name, bidirectional):

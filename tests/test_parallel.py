@@ -101,10 +101,6 @@ from rnn_jax import cells, fused, parallel
 assert parallel.split_cpu(2) == 2
 mesh = Mesh(np.asarray(jax.devices()), ("data",))
 T, B, H, V = 6, 4, 8, 5
-assert fused._rows_per_device(B) == B  # shape rules see one device's rows ...
-with jax.set_mesh(mesh):
-    assert fused._rows_per_device(B) == B // 2  # ... under the data-parallel mesh
-    assert fused._rows_per_device(5) == 5  # (a batch it cannot split stays whole)
 
 
 def loop_all_reduces(hlo):
