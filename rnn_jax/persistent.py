@@ -23,7 +23,7 @@ The weight gradients stay single large XLA matmuls after the loop
 outside as well. Variable lengths: past ``lengths[b]`` the carry is frozen, the
 output zero and nothing passes gradient, as everywhere.
 
-Scope: the ``rnn`` (tanh, relu), ``gru`` (reset before or after, gates not
+Scope: the ``rnn`` (tanh, relu), ``gru`` (the reset-after form, gates not
 pinned) and ``lstm`` cells, float32 params, hidden sizes that are powers of two
 from 16 to 256 (Triton's block shapes; the per-gate weights are read by one
 program). Matmuls follow JAX's float32 matmul precision like XLA's (TF32 on
