@@ -86,8 +86,11 @@ def make_steps(
     use_dropout = config.dropout > 0
 
     def loss_fn(params, batch, carry, key):
-        logits, final = model.apply(params, batch.x, carry, dropout_key=key)
-        return jnp.sum(models.token_losses(logits, batch.y) * batch.weight[:, None]), final
+        logits, final = model.apply(
+            params, batch.x, carry, dropout_key=key, time_major_logits=True
+        )  # <[T, B, V]>: see models.language_model
+        losses = models.token_losses(logits, batch.y.T)
+        return jnp.sum(losses * batch.weight[None, :]), final
 
     def token_count(weight, num_steps):
         return jnp.sum(weight) * num_steps

@@ -207,6 +207,32 @@ def test_language_model_step_is_the_same_with_either_implementation(remat):
     assert_trees_close(jax.jit(loss(fast))(params), loss(ref)(params))
 
 
+@pytest.mark.parametrize("implementation", ["fused", "scan"])
+def test_time_major_logits_are_the_batch_major_ones_transposed(implementation):
+    """What the training loss uses: the same logits (dropout masks included) and the
+    same gradients, only with the time axis first."""
+    config = dict(vocab_size=11, cell="lstm", hidden_size=8, num_layers=2, dropout=0.2)
+    model = models.language_model(models.ModelConfig(**config, implementation=implementation))
+    params = model.init(jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 11, (5, 7)), jnp.int32)
+    lengths = jnp.asarray([7, 0, 3, 6, 7], jnp.int32)
+    weights = random(3, (5, 7, 11))
+
+    def loss(time_major):
+        def f(p):
+            logits, final = model.apply(
+                p, ids, lengths=lengths, dropout_key=jax.random.key(2), time_major_logits=time_major
+            )
+            if time_major:
+                assert logits.shape == (7, 5, 11)
+                logits = jnp.swapaxes(logits, 0, 1)
+            return jnp.sum(jnp.sin(logits) * weights), (logits, final)
+
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+    assert_trees_close(loss(True)(params), loss(False)(params))
+
+
 def test_remat_chunk_size():
     assert fused.chunk_size(1024) == 32 and fused.chunk_size(1000) == 25
     assert fused.chunk_size(32) == 4 and fused.chunk_size(6) == 2
