@@ -3,6 +3,7 @@
     python -m experiments.pallas_probe check    # equivalence, exits 1 on a mismatch
     python -m experiments.pallas_probe time     # forward+backward times
     python -m experiments.pallas_probe tune     # warps and rows per program
+    python -m experiments.pallas_probe units    # warps and hidden units per program
 
 ``check``: a network's values and gradients (params, inputs, initial carries) with
 ``implementation="pallas"`` against the XLA loops (``"fused"``) at float32 "highest"
@@ -18,6 +19,12 @@ bidirectional layer and two layers (XLA: the wavefront); and one layer at the
 book's shape (H=32, B=1024, T=32). With ``$OUT``, the exchange that passed the
 check and was faster on the long LSTM and GRU goes to ``$OUT/exchange.env`` as
 ``RNN_JAX_PALLAS_EXCHANGE=...`` (read by ``experiments/gpu_check.sh``).
+
+``units``: the long shape's one layer (forward+backward) with 16, 32 and 64 hidden
+units per program (fewer programs meeting every step, more weights each) and 4 or 8
+warps. ``$UNITS`` sets the units per program of every split call (``check`` and
+``time`` too); ``$CHECK_CELLS`` (e.g. ``lstm,gru``) limits ``check`` to those cells,
+one direction.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ def grad_fn(cell, layers, bi, weights, implementation, **kw):
 def check() -> bool:
     ok = True
     cases = [(c, False) for c in CELLS] + [("lstm", True), ("gru", True)]
+    if os.environ.get("CHECK_CELLS"):
+        cases = [(c, False) for c in os.environ["CHECK_CELLS"].split(",")]
     with jax.default_matmul_precision("highest"):
         for exchange in EXCHANGES:
             os.environ["RNN_JAX_PALLAS_EXCHANGE"] = exchange
@@ -190,9 +199,47 @@ def tune():
     persistent.layout, persistent.NUM_WARPS = base_layout, 4
 
 
+def with_units(units: int):
+    """``persistent.layout`` with ``units`` hidden units per program wherever it splits
+    the units over programs (the rows it picks for 16 stay)."""
+    from rnn_jax import persistent
+
+    base = persistent.layout
+
+    def layout(batch, hidden, interpret=False, cores=None):
+        rows, own = base(batch, hidden, interpret, cores)
+        return (rows, min(units, hidden)) if own < hidden else (rows, own)
+
+    return layout
+
+
+def units_tune():
+    """The long shape's one layer over hidden units per program and warps."""
+    from rnn_jax import persistent
+
+    base_layout = persistent.layout
+    long = (32, 8, 16) if os.environ.get("QUICK") == "1" else (128, 32, 1024)
+    for units in (16, 32, 64):
+        persistent.layout = with_units(units)
+        for warps in (4, 8):
+            persistent.NUM_WARPS = warps
+            for name in ("lstm", "gru"):
+                hidden, batch, steps = long
+                cell, params, xs, carry, weights = setup(name, hidden, 1, False, batch, steps)
+                fn = grad_fn(cell, 1, False, weights, "pallas")
+                time_variant(fn, (params, xs, carry, None), tune=name, units=units, warps=warps)
+    persistent.layout, persistent.NUM_WARPS = base_layout, 4
+
+
 def main(argv):
     print(jax.devices(), jax.__version__, flush=True)
     what = argv[1] if len(argv) > 1 else "check"
+    if os.environ.get("UNITS"):
+        from rnn_jax import persistent
+
+        persistent.layout = with_units(int(os.environ["UNITS"]))
+    if what == "units":
+        return units_tune()
     if what == "check":
         sys.exit(0 if check() else 1)
     if what == "tune":
