@@ -153,9 +153,10 @@ def test_vmap_equals_per_example_loop_and_jit_equals_eager(cell_name, num_layers
 OPTIONS = [dict(remat=True), dict(unroll=3), dict(hoist_input=True), dict(remat=True, unroll=2)]
 
 
-# every cell, one layer one way and two layers both ways (the options act on the
-# scan's step, the same for every layer and direction)
-OPTION_GRID = [(c, n, b) for c, n, b in GRID if (n, b) in ((1, False), (2, True))]
+# every cell one layer one way; two layers both ways for the two carry structures
+# (an array, the LSTM's pair): the options act on the scan's step, the same for every
+# layer and direction (CI time: the other cells' deep rows added ~45 s of compiles)
+OPTION_GRID = [(c, 1, False) for c in CELLS] + [("gru_after", 2, True), ("lstm", 2, True)]
 
 
 @pytest.mark.parametrize(
