@@ -4,6 +4,7 @@
     python -m experiments.pallas_probe time     # forward+backward times
     python -m experiments.pallas_probe tune     # warps and rows per program
     python -m experiments.pallas_probe units    # warps and hidden units per program
+    python -m experiments.pallas_probe stack    # deep networks: one kernel for all layers
 
 ``check``: a network's values and gradients (params, inputs, initial carries) with
 ``implementation="pallas"`` against the XLA loops (``"fused"``) at float32 "highest"
@@ -25,6 +26,11 @@ units per program (fewer programs meeting every step, more weights each) and 4 o
 warps. ``$UNITS`` sets the units per program of every split call (``check`` and
 ``time`` too); ``$CHECK_CELLS`` (e.g. ``lstm,gru``) limits ``check`` to those cells,
 one direction.
+
+``stack``: 2- and 3-layer networks at the long shape and 2 layers at the book's,
+layer by layer (``"pallas"``) against all layers in one kernel per pass
+(``RNN_JAX_PALLAS_STACK=1``, :mod:`rnn_jax.persistent_stack`), each checked first
+against the XLA loops at "highest" precision (exits 1 on a mismatch).
 """
 
 from __future__ import annotations
@@ -231,6 +237,52 @@ def units_tune():
     persistent.layout, persistent.NUM_WARPS = base_layout, 4
 
 
+def stack() -> bool:
+    """Deep networks: the stacked kernels' equivalence, then their time."""
+    ok = True
+    long, d2l = (128, 32, 1024), (32, 1024, 32)
+    if os.environ.get("QUICK") == "1":
+        long, d2l = (32, 8, 16), (16, 32, 8)
+    for name, layers in (("lstm", 2), ("gru", 3)):
+        cell, params, xs, carry, weights = setup(name, 64, layers, False, 37, 50)
+        lengths = jnp.asarray([50, 0, 3, 1] + [49] * 33)
+        args = (params, xs, carry, lengths)
+        with jax.default_matmul_precision("highest"):
+            want = grad_fn(cell, layers, False, weights, "fused")(*args)
+            os.environ["RNN_JAX_PALLAS_STACK"] = "1"
+            got = jax.block_until_ready(grad_fn(cell, layers, False, weights, "pallas")(*args))
+            os.environ["RNN_JAX_PALLAS_STACK"] = "0"
+        errs = [
+            float(jnp.max(jnp.abs(a - b)) / (1e-6 + jnp.max(jnp.abs(a))))
+            for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True)
+        ]
+        good = all(np.isfinite(e) and e < 1e-5 for e in errs)
+        ok &= good
+        log(check_stack=name, layers=layers, max_rel_err=max(errs), ok=good)
+    if not ok:
+        return False
+    for config, (hidden, batch, steps), layers in (
+        ("long", long, 2),
+        ("long", long, 3),
+        ("d2l", d2l, 2),
+    ):
+        for name in ("lstm", "gru"):
+            cell, params, xs, carry, weights = setup(name, hidden, layers, False, batch, steps)
+            for stacked in ("0", "1"):
+                os.environ["RNN_JAX_PALLAS_STACK"] = stacked
+                fn = grad_fn(cell, layers, False, weights, "pallas")
+                time_variant(
+                    fn,
+                    (params, xs, carry, None),
+                    config=config,
+                    cell=name,
+                    layers=layers,
+                    stacked=stacked == "1",
+                )
+    os.environ["RNN_JAX_PALLAS_STACK"] = "0"
+    return ok
+
+
 def main(argv):
     print(jax.devices(), jax.__version__, flush=True)
     what = argv[1] if len(argv) > 1 else "check"
@@ -240,6 +292,8 @@ def main(argv):
         persistent.layout = with_units(int(os.environ["UNITS"]))
     if what == "units":
         return units_tune()
+    if what == "stack":
+        sys.exit(0 if stack() else 1)
     if what == "check":
         sys.exit(0 if check() else 1)
     if what == "tune":

@@ -42,7 +42,10 @@ Two implementations compute the same function (tests compare outputs and gradien
   a deep unidirectional network in one loop of T+L-1 steps, layer l at time step
   t-l, the L layer steps batched into one operation;
 * ``"pallas"`` (:mod:`rnn_jax.persistent`, GPUs): the fused layers with each
-  loop over time one Pallas kernel instead of a ``lax.scan`` of XLA ops.
+  loop over time one Pallas kernel instead of a ``lax.scan`` of XLA ops; with
+  ``RNN_JAX_PALLAS_STACK=1`` a deep unidirectional network (no dropout, no remat)
+  runs all its layers in one kernel per pass, concurrently
+  (:mod:`rnn_jax.persistent_stack`, experimental: not yet measured on a GPU).
 
 ``implementation="auto"`` (the default) picks per call of ``apply_batch`` from the
 backend and the shapes, by measurement (see :func:`choose_implementation`).
@@ -67,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells, fused, persistent, wavefront
+from rnn_jax import cells, fused, persistent, persistent_stack, wavefront
 from rnn_jax.cells import Cell
 
 Array = jax.Array
@@ -642,6 +645,16 @@ def network(
                 matmul_dtype=matmul_dtype,
             )
             return jnp.swapaxes(ys, 0, 1), tuple(finals)
+        if impl == "pallas" and _stacked(params, initial_carry, batch, keys):
+            ys, finals = wavefront.network_layers(
+                cell,
+                [params[f"layer_{i}"] for i in range(num_layers)],
+                list(initial_carry),
+                ys,
+                lengths,
+                kernel="pallas",
+            )
+            return jnp.swapaxes(ys, 0, 1), tuple(finals)
         kernel = "pallas" if impl == "pallas" else "xla"
         run = functools.partial(
             fused.layer,
@@ -687,6 +700,20 @@ def network(
                     out_axes=1,
                 )(keys, ys)
         return jnp.swapaxes(ys, 0, 1), tuple(finals)
+
+    def _stacked(params, initial_carry, batch, keys) -> bool:
+        """Whether a deep pallas network runs all its layers as one kernel per pass
+        (:mod:`rnn_jax.persistent_stack`, opt-in until measured on a GPU)."""
+        if num_layers == 1 or bidirectional or remat or matmul_dtype != "float32":
+            return False
+        if keys is not None and dropout > 0:
+            return False
+        leaves = jax.tree_util.tree_leaves((params, initial_carry))
+        if any(leaf.dtype != jnp.float32 for leaf in leaves):
+            return False
+        return persistent_stack.enabled() and persistent_stack.fits(
+            num_layers, batch, cell.hidden_size
+        )
 
     def _check_input_size(params, xs) -> None:
         """Float inputs ``<[..., I]>`` must have the params' input size (token ids any)."""

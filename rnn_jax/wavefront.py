@@ -146,6 +146,7 @@ def network_layers(
     *,
     unroll: int = 1,
     matmul_dtype: str = "float32",
+    kernel: str = "xla",
 ) -> tuple[Array, list[Any]]:
     """All layers of a deep unidirectional network over a time-major batch.
 
@@ -159,6 +160,9 @@ def network_layers(
       unroll: loop steps per iteration of both loops.
       matmul_dtype: the operand type of every matmul (``"float32"`` or
         ``"bfloat16"``; see :func:`rnn_jax.fused.layer`).
+      kernel: ``"xla"`` (the loops above) or ``"pallas"``: both passes as one GPU
+        kernel each with the layers on its grid (:mod:`rnn_jax.persistent_stack`;
+        float32, cells :mod:`rnn_jax.persistent` runs).
 
     Returns:
       ``(ys <float32>[T, B, H], final carries)``: the top layer's outputs (zero past
@@ -189,6 +193,13 @@ def network_layers(
     limit = num_steps if lengths is None else lengths[None, None, :]
     wave_valid = (t[..., None] >= 0) & (t[..., None] < limit)
     wave_valid = jnp.broadcast_to(wave_valid, (*t.shape, batch))
+    if kernel == "pallas":
+        from rnn_jax import persistent_stack
+
+        valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
+        top, final = persistent_stack.network_layers(cell, rec, wx, b, stack(carries), xp0, valid)
+        finals = [jax.tree_util.tree_map(lambda c, i=i: c[i], final) for i in range(num_layers)]
+        return top, finals
     opts = fused.LoopOptions(unroll, matmul_dtype)
     ys, final = _wave(cell, opts, rec, wx, b, stack(carries), xp0, wave_valid)
     top = ys[num_layers - 1 :]
