@@ -12,6 +12,8 @@
 #    broken exchange could spin forever), then `time` over those that passed (cut off
 #    after PROBE_TIME_S); the faster one is exported to the benchmark ->
 #    pallas_probe.jsonl, exchange.env.
+# S. STACK=1: experiments.pallas_probe stack (deep networks: all layers in one kernel
+#    per pass vs one kernel per layer; checked first), cut off after STACK_S -> stack.txt.
 # 1. LEVERS (optional, ';'-separated runs, each "configs|cells|layers|variants[|XLA_FLAGS]"):
 #    experiments.levers, one process per run (--check on the first) -> levers_N.json.
 # 2. experiments.benchmark --compare=$COMPARE (default flax,torch) over CASES in that order (each
@@ -19,7 +21,7 @@
 #    compiled first PREWARM at a time into a compilation cache (--prewarm) -> bench.json,
 #    rewritten after every case, so a run cut off by the budget keeps what it finished.
 # Everything lands in $OUT: log.txt, tests.txt, train.txt, bench.json, pallas_probe.jsonl,
-# exchange.env, levers_N.json (the device tool brings back at most 8 files).
+# exchange.env, stack.txt, levers_N.json (the device tool brings back at most 8 files).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -41,7 +43,7 @@ for config in long large medium d2l; do
   done
 done
 DEFAULT_CASES+=",large:lstm:2:false,large:gru:2:false,large:lstm:1:true,large:gru:1:true"
-DEFAULT_TESTS="tests/test_persistent.py tests/test_fused.py tests/test_wavefront.py tests/test_networks.py tests/test_cells.py tests/test_linen.py"
+DEFAULT_TESTS="tests/test_persistent.py tests/test_persistent_stack.py tests/test_fused.py tests/test_wavefront.py tests/test_networks.py tests/test_cells.py tests/test_linen.py"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 $PY -c "import jax, jaxlib, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'cudnn', torch.backends.cudnn.version(), jax.devices())"
@@ -91,6 +93,13 @@ if [ "${PROBE:-0}" = 1 ]; then
   elif [ -n "$passed" ]; then
     export RNN_JAX_PALLAS_EXCHANGE=${passed%%,*}
   fi
+fi
+
+# S. the stacked kernels (opt-in: RNN_JAX_PALLAS_STACK=1)
+if [ "${STACK:-0}" = 1 ]; then
+  timeout "${STACK_S:-150}" $PY -m experiments.pallas_probe stack 2>&1 | grep -v -i warn \
+    | tee "$OUT/stack.txt"
+  echo "stack probe done at $(( $(date +%s) - START )) s"
 fi
 
 # 1. levers (each run cut off after LEVERS_S seconds; its JSON is written after every case)

@@ -60,24 +60,27 @@ def enabled() -> bool:
     return value == "1"
 
 
-def fits(num_layers: int, batch: int, hidden: int) -> bool:
-    """Whether all programs of the stack's grid fit on the GPU at once (always in the
-    interpreter)."""
+def _layout(num_layers: int, batch: int, hidden: int) -> tuple[int, int, int]:
+    """``(rows per program, hidden units per program, padded batch)``: the one-layer
+    kernels' layout (:func:`rnn_jax.persistent.layout`) sized for L times the batch,
+    since the L layers' programs must all be resident at once."""
     interpret = persistent._interpret()
     cores = None if interpret else persistent.device_cores()
-    block, units = persistent.layout(batch, hidden, interpret, cores)
-    if interpret:
-        return True
-    programs = num_layers * -(-batch // block) * (hidden // units)
-    return programs <= persistent._program_limit(cores)
-
-
-def _layout(batch: int, hidden: int):
-    interpret = persistent._interpret()
-    block, units = persistent.layout(
-        batch, hidden, interpret, None if interpret else persistent.device_cores()
-    )
+    block, units = persistent.layout(num_layers * batch, hidden, interpret, cores)
     return block, units, batch + (-batch % block)
+
+
+def fits(num_layers: int, batch: int, hidden: int) -> bool:
+    """Whether the stack's grid fits on the GPU at once with the units split over
+    programs (always in the interpreter; where the units cannot be split, every
+    program would re-read its weights each step, so the layers run one kernel each)."""
+    if persistent._interpret():
+        return True
+    block, units, rows = _layout(num_layers, batch, hidden)
+    if units == hidden and hidden > persistent.MIN_UNITS:
+        return False
+    programs = num_layers * (rows // block) * (hidden // units)
+    return programs <= persistent._program_limit(persistent.device_cores())
 
 
 def _forward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
@@ -245,7 +248,7 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
     num_layers = rec["W_h"].shape[0]
     num_steps, batch = xp0.shape[:2]
     hidden = cell.hidden_size
-    block, units, rows = _layout(batch, hidden)
+    block, units, rows = _layout(num_layers, batch, hidden)
     pad = rows - batch
     width = wx.shape[-1]
     w = rec["W_h"].reshape(num_layers, hidden, width)  # [L, H, G*H]
@@ -285,7 +288,7 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
     num_layers = rec["W_h"].shape[0]
     num_steps, batch = dys.shape[:2]
     hidden = cell.hidden_size
-    block, units, rows = _layout(batch, hidden)
+    block, units, rows = _layout(num_layers, batch, hidden)
     pad = rows - batch
     width = wx.shape[-1]
     wt = jnp.swapaxes(rec["W_h"].reshape(num_layers, hidden, width), 1, 2)  # [L, G*H, H]

@@ -101,7 +101,10 @@ def test_stack_lowering_for_a_gpu(monkeypatch):
     monkeypatch.setattr(persistent, "_interpret", lambda: False)
     monkeypatch.setattr(persistent, "device_cores", lambda: 132)
     monkeypatch.setenv("RNN_JAX_PALLAS_STACK", "1")
-    assert persistent_stack.fits(2, 37, 64) and not persistent_stack.fits(2, 37 * 4, 64)
+    assert persistent_stack.fits(2, 37, 64) and not persistent_stack.fits(2, 600, 64)
+    # the book's shape (H=32, B=1024): 64 rows per program so that 2 layers fit
+    assert persistent_stack._layout(2, 1024, 32) == (64, 16, 1024)
+    assert persistent_stack.fits(2, 1024, 32) and not persistent_stack.fits(3, 1024, 32)
     for cell in (cells.lstm(64), cells.gru(64, reset_after=True)):
         net = networks.network(cell, 2, False, implementation="pallas")
         params = net.init(jax.random.key(0), I)
