@@ -9,22 +9,23 @@ step apart, each on its own multiprocessors.
 
 Forward, program (l, row block, unit split), per step t and gate block k::
 
-    A_k = [l = 0] XP_t[:, k] + Y^(l-1)_t W_x^(l)[:, k] + b^(l)_k + H^(l)_{t-1} W_h^(l)[:, k]
+    A_k = XP_t[:, k] + H^(0)_{t-1} W_h^(0)[:, k]                          (l = 0)
+    A_k = Y^(l-1)_t W_x^(l)[:, k] + b^(l)_k + H^(l)_{t-1} W_h^(l)[:, k]    (l > 0)
 
-with ``XP`` layer 0's input projection (computed before the kernel, bias included)
-and the input term of layer 0 zero (its ``W_x``, ``b`` slots are zeros). The outputs
-go to a buffer ``<float32>[L+1, T, B', H]`` whose slot 0 is zeros and slot l+1 is
-layer l's outputs, filled with a sentinel before the kernel, so that a reader knows
-which elements are written (:func:`rnn_jax.persistent._await`). Backward, layer l
-(the top layer first) at step t gets the gradient of its output from above::
+with ``XP <float32>[T, B, G*H]`` layer 0's input projection (computed before the
+kernel, bias included). The outputs go to a buffer ``<float32>[L, T, B', H]``
+filled with a sentinel before the kernel, so that layer l+1 knows which elements
+layer l has written (:func:`rnn_jax.persistent._await`). Backward, layer l (the top
+layer first) at step t gets the gradient of its output::
 
-    dY^{(l)}_t = [l = L-1] dY_t + dA^{(l+1)}_t W_x^{(l+1)ᵀ}
+    dY^(L-1)_t = dY_t       dY^(l)_t = Σ_k dA^(l+1)_t[:, k] W_x^(l+1)[:, k]ᵀ  (l < L-1)
 
-through a buffer of gate gradients ``<float32>[L+1, T, B', G*H]`` whose slot L is
-zeros, with ``W_x`` of the slot above the top layer zero. Everything else is the
-one-layer kernels' computation (:mod:`rnn_jax.persistent`, equations in
-:mod:`rnn_jax.fused`): the same step functions, the "flag" exchange between the
-programs of a row block, the weight gradients as XLA matmuls after the loop.
+from a sentinel-filled buffer of gate gradients ``<float32>[L, T, B', G*H]``.
+Everything else is the one-layer kernels' computation (:mod:`rnn_jax.persistent`,
+equations in :mod:`rnn_jax.fused`): the same step functions, the "flag" exchange
+between the programs of a row block, the weight gradients as XLA matmuls after the
+loop: ``dW_h^(l) = Σ H^(l)_{t-1}ᵀ dA^(l)_t``, ``dW_x^(l) = Σ Y^(l-1)_tᵀ dA^(l)_t``,
+``db^(l) = Σ dA^(l)_t`` (l > 0), and ``dXP = dA^(0)``.
 
 Scope: what :mod:`rnn_jax.persistent` runs, unidirectional, without dropout between
 layers, float32 matmuls; every program of the grid must be resident at once
@@ -95,14 +96,13 @@ def _forward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
     valid_ref = refs.pop(0) if masked else None
     extra_ref = refs.pop(0) if gru else None
     refs = refs[1 + split :]  # the sentinel-filled inputs aliased to the outputs below
-    ys_ref = refs.pop(0)  # [L+1, T, B', H]: slot 0 zeros, slot l+1 layer l's outputs
+    ys_ref = refs.pop(0)  # [L, T, B', H]: layer l's outputs, read by layer l+1
     hbuf_ref = refs.pop(0) if split else None  # [L, T, B', H]: the exchange
     final_refs = [refs.pop(0) for _ in range(nc)]
     save_refs = [refs.pop(0) for _ in range(ns)]
     forward, _ = persistent._step_fns(cell)
     layer, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
-    first = (layer == 0).astype(jnp.float32)
     extra = extra_ref[layer, own][None, :] if gru else None
     cols = [pl.ds(k * hidden + j * units, units) for k in range(num_gates)]
     ws = [w_ref[layer, :, c] for c in cols]
@@ -112,13 +112,16 @@ def _forward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
     def mm(a, k):
         return persistent._dot(a, ws[k])
 
+    def projected(t):  # layer 0: the projection computed before the kernel
+        return tuple(xp_ref[t, rows, c] for c in cols)
+
+    def from_below(t):  # layers 1..L-1: from the layer below's output of step t
+        below = persistent._await(ys_ref.at[layer - 1, t, rows, :])
+        return tuple(persistent._dot(below, wxs[k]) + bxs[k] for k in range(num_gates))
+
     def load_inputs(t):  # step t's input, loaded (awaited) during step t-1
         t = jnp.asarray(t, jnp.int32)
-        below = persistent._await(ys_ref.at[layer, t, rows, :])
-        xs = tuple(
-            first * xp_ref[t, rows, cols[k]] + persistent._dot(below, wxs[k]) + bxs[k]
-            for k in range(num_gates)
-        )
+        xs = jax.lax.cond(layer == 0, projected, from_below, t)
         return xs, (valid_ref[t, rows][:, None] != 0) if masked else None
 
     def body(t, state):
@@ -127,13 +130,14 @@ def _forward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
         if masked:
             new = tuple(jnp.where(v, n, o) for n, o in zip(new, carry, strict=True))
             y = jnp.where(v, y, 0.0)
-        ys_ref[layer + 1, t, rows, own] = persistent._canonical(y)
+        ys_ref[layer, t, rows, own] = persistent._canonical(y)
         for ref, s in zip(save_refs, saved, strict=True):
             ref[layer, t, rows, own] = s
+        if split:  # written before waiting for the layer below: peers need it now
+            hbuf_ref[layer, t, rows, own] = persistent._canonical(new[0])
         following = load_inputs(jnp.minimum(t + 1, num_steps - 1))
         if not split:
             return new, new[0], following
-        hbuf_ref[layer, t, rows, own] = persistent._canonical(new[0])
         return new, persistent._await(hbuf_ref.at[layer, t, rows, :]), following
 
     carry0 = tuple(ref[layer, rows, own] for ref in carry_refs)
@@ -155,25 +159,31 @@ def _backward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
     dfinal_refs = [refs.pop(0) for _ in range(nc)]
     valid_ref = refs.pop(0) if masked else None
     refs = refs[1 + gru :]  # the sentinel-filled inputs aliased to the outputs below
-    da_ref = refs.pop(0)  # [L+1, T, B', G*H]: slot l layer l's dA, slot L zeros
+    da_ref = refs.pop(0)  # [L, T, B', G*H]: layer l's dA, read by layer l-1
     dhn_ref = refs.pop(0) if gru else None  # [L, T, B', H]: the GRU's dA_n * R
     dcarry0_refs = [refs.pop(0) for _ in range(nc)]
     _, backward = persistent._step_fns(cell)
     layer = num_layers - 1 - pl.program_id(0)  # the top layer first
     p, j = pl.program_id(1), pl.program_id(2)
     rows, own = pl.ds(p * block, block), pl.ds(j * units, units)
-    top = (layer == num_layers - 1).astype(jnp.float32)
     wts = [wt_ref[layer, pl.ds(k * hidden, hidden), own] for k in range(num_gates)]
     # W_x of the layer above, transposed, per gate block (Triton's blocks are powers
     # of two, G*H is not for the GRU): [H, U] each
     wxts = [wxt_ref[layer, pl.ds(k * hidden, hidden), own] for k in range(num_gates)]
 
-    def load_inputs(t):  # step t's inputs, loaded (awaited) during step t+1
-        t = jnp.asarray(t, jnp.int32)
-        dy = top * dys_ref[t, rows, own]
+    def given(t):  # the top layer: the gradient of the network's outputs
+        return dys_ref[t, rows, own]
+
+    def from_above(t):  # layers 0..L-2: dA of the layer above at step t, times W_xᵀ
+        dy = jnp.zeros((block, units), jnp.float32)
         for k in range(num_gates):
             above = persistent._await(da_ref.at[layer + 1, t, rows, pl.ds(k * hidden, hidden)])
             dy = dy + persistent._dot(above, wxts[k])
+        return dy
+
+    def load_inputs(t):  # step t's inputs, loaded (awaited) during step t+1
+        t = jnp.asarray(t, jnp.int32)
+        dy = jax.lax.cond(layer == num_layers - 1, given, from_above, t)
         saved = tuple(ref[layer, t, rows, own] for ref in save_refs)
         h_prev = hprev_ref[layer, t, rows, own] if gru else None
         v = (valid_ref[t, rows][:, None] != 0) if masked else None
@@ -262,9 +272,7 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
     if cell.name == "gru":
         args.append(rec["b_hn"].reshape(num_layers, hidden))
     seq = (num_steps, rows, hidden)
-    ys_init = jnp.concatenate(
-        [jnp.zeros((1, *seq), jnp.float32), persistent._sentinel_filled((num_layers, *seq))]
-    )
+    ys_init = persistent._sentinel_filled((num_layers, *seq))
     split = units < hidden
     inits = [ys_init] + ([persistent._sentinel_filled((num_layers, *seq))] if split else [])
     aliases = {len(args) + i: i for i in range(len(inits))}
@@ -278,7 +286,7 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
     )
     grid = (num_layers, rows // block, hidden // units)
     out = _call(kernel, grid, shapes, args, aliases)
-    ys = out[0][1:, :, :batch]
+    ys = out[0][:, :, :batch]
     finals = [f[:, :batch] for f in out[len(inits) : len(inits) + nc]]
     return ys, finals, tuple(out[len(inits) + nc :])
 
@@ -301,12 +309,7 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
     if vmask is not None:
         args.append(vmask)
     gru = cell.name == "gru"
-    da_init = jnp.concatenate(
-        [
-            persistent._sentinel_filled((num_layers, num_steps, rows, width)),
-            jnp.zeros((1, num_steps, rows, width), jnp.float32),
-        ]
-    )
+    da_init = persistent._sentinel_filled((num_layers, num_steps, rows, width))
     inits = [da_init] + (
         [persistent._sentinel_filled((num_layers, num_steps, rows, hidden))] if gru else []
     )
@@ -320,7 +323,7 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
     )
     grid = (num_layers, rows // block, hidden // units)
     out = _call(kernel, grid, shapes, args, aliases)
-    da = out[0][:num_layers, :, :batch]
+    da = out[0][:, :, :batch]
     dhn = out[1][:, :, :batch] if gru else None
     dcarry0 = [d[:, :batch] for d in out[len(inits) :]]
     return da, dhn, dcarry0
