@@ -181,28 +181,37 @@ def timing():
     return best
 
 
-def tune():
-    """The long shape's one layer (forward+backward) over the kernels' warps per
-    program and rows per program (``persistent.NUM_WARPS``, ``persistent.layout``)."""
+def _tune_long_layer(layouts, warps_options):
+    """The long shape's one layer (forward+backward), LSTM and GRU, for each
+    ``(fields, layout)`` of ``layouts`` (``persistent.layout`` replaced by ``layout``,
+    ``fields`` logged) and each of ``warps_options`` (``persistent.NUM_WARPS``)."""
     from rnn_jax import persistent
 
     base_layout = persistent.layout
-    long = (32, 8, 16) if os.environ.get("QUICK") == "1" else (128, 32, 1024)
-    for block in (16, 32):
-
-        def layout(batch, hidden, interpret=False, cores=None, block=block):
-            rows, units = base_layout(batch, hidden, interpret, cores)
-            return (max(rows, block), units) if units < hidden else (rows, units)
-
+    hidden, batch, steps = (32, 8, 16) if os.environ.get("QUICK") == "1" else (128, 32, 1024)
+    for fields, layout in layouts:
         persistent.layout = layout
-        for warps in (1, 2, 4, 8):
+        for warps in warps_options:
             persistent.NUM_WARPS = warps
             for name in ("lstm", "gru"):
-                hidden, batch, steps = long
                 cell, params, xs, carry, weights = setup(name, hidden, 1, False, batch, steps)
                 fn = grad_fn(cell, 1, False, weights, "pallas")
-                time_variant(fn, (params, xs, carry, None), tune=name, block=block, warps=warps)
+                time_variant(fn, (params, xs, carry, None), tune=name, **fields, warps=warps)
     persistent.layout, persistent.NUM_WARPS = base_layout, 4
+
+
+def with_rows(block: int):
+    """``persistent.layout`` with at least ``block`` rows per program wherever it
+    splits the units over programs."""
+    from rnn_jax import persistent
+
+    base = persistent.layout
+
+    def layout(batch, hidden, interpret=False, cores=None):
+        rows, units = base(batch, hidden, interpret, cores)
+        return (max(rows, block), units) if units < hidden else (rows, units)
+
+    return layout
 
 
 def with_units(units: int):
@@ -219,22 +228,15 @@ def with_units(units: int):
     return layout
 
 
+def tune():
+    """The long shape's one layer over the kernels' warps per program and rows per
+    program (``persistent.NUM_WARPS``, ``persistent.layout``)."""
+    _tune_long_layer([({"block": b}, with_rows(b)) for b in (16, 32)], (1, 2, 4, 8))
+
+
 def units_tune():
     """The long shape's one layer over hidden units per program and warps."""
-    from rnn_jax import persistent
-
-    base_layout = persistent.layout
-    long = (32, 8, 16) if os.environ.get("QUICK") == "1" else (128, 32, 1024)
-    for units in (16, 32, 64):
-        persistent.layout = with_units(units)
-        for warps in (4, 8):
-            persistent.NUM_WARPS = warps
-            for name in ("lstm", "gru"):
-                hidden, batch, steps = long
-                cell, params, xs, carry, weights = setup(name, hidden, 1, False, batch, steps)
-                fn = grad_fn(cell, 1, False, weights, "pallas")
-                time_variant(fn, (params, xs, carry, None), tune=name, units=units, warps=warps)
-    persistent.layout, persistent.NUM_WARPS = base_layout, 4
+    _tune_long_layer([({"units": u}, with_units(u)) for u in (16, 32, 64)], (4, 8))
 
 
 def stack() -> bool:

@@ -634,7 +634,10 @@ def network(
                 jax.tree_util.tree_map(lambda c: c[0], initial_carry), zero_carry(), "initial_carry"
             )
         ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
-        if impl == "wavefront":
+        kernel = "pallas" if impl == "pallas" else "xla"
+        if impl == "wavefront" or (
+            impl == "pallas" and _stacked(params, initial_carry, batch, keys)
+        ):
             ys, finals = wavefront.network_layers(
                 cell,
                 [params[f"layer_{i}"] for i in range(num_layers)],
@@ -643,19 +646,9 @@ def network(
                 lengths,
                 unroll=unroll,
                 matmul_dtype=matmul_dtype,
+                kernel=kernel,
             )
             return jnp.swapaxes(ys, 0, 1), tuple(finals)
-        if impl == "pallas" and _stacked(params, initial_carry, batch, keys):
-            ys, finals = wavefront.network_layers(
-                cell,
-                [params[f"layer_{i}"] for i in range(num_layers)],
-                list(initial_carry),
-                ys,
-                lengths,
-                kernel="pallas",
-            )
-            return jnp.swapaxes(ys, 0, 1), tuple(finals)
-        kernel = "pallas" if impl == "pallas" else "xla"
         run = functools.partial(
             fused.layer,
             cell,

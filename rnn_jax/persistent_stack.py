@@ -39,15 +39,14 @@ written. Not measured on a GPU yet, so the networks run it only when asked
 from __future__ import annotations
 
 import functools
+import math
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from rnn_jax import fused, persistent
-from rnn_jax.cells import Cell, LSTMCarry
 
 Array = jax.Array
 
@@ -225,34 +224,6 @@ def _backward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
         ref[layer, rows, own] = d
 
 
-def _call(kernel, grid, out_shapes, args, aliases):
-    interpret = persistent._interpret()
-    return pl.pallas_call(
-        kernel,
-        out_shape=out_shapes,
-        grid=grid,
-        input_output_aliases=aliases,
-        interpret=interpret,
-        compiler_params=None if interpret else persistent._compiler_params(),
-    )(*args)
-
-
-def _pad(x: Array, pad: int, axis: int) -> Array:
-    return persistent._pad_rows(x, pad, axis)
-
-
-def _leaves(carry: Any) -> tuple[Array, ...]:
-    return (carry.h, carry.c) if isinstance(carry, LSTMCarry) else (carry,)
-
-
-def _tree(cell: Cell, leaves) -> Any:
-    return LSTMCarry(*leaves) if cell.name == "lstm" else leaves[0]
-
-
-def _valid_mask(valid: Array | None, num_steps: int, batch: int, pad: int) -> Array | None:
-    return persistent._padded_valid(valid, num_steps, batch, pad)
-
-
 def _forward(cell, rec, wx, b, carry0, xp0, valid):
     """``(ys <[L, T, B, H]>, finals <[L, B, H]> leaves, saved <[L, T, B', H]> each)``."""
     num_layers = rec["W_h"].shape[0]
@@ -264,9 +235,9 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
     w = rec["W_h"].reshape(num_layers, hidden, width)  # [L, H, G*H]
     wx_all = jnp.concatenate([jnp.zeros((1, hidden, width), wx.dtype), wx], axis=0)
     bx_all = jnp.concatenate([jnp.zeros((1, width), b.dtype), b], axis=0)
-    vmask = _valid_mask(valid, num_steps, batch, pad)
-    args = [_pad(xp0, pad, 1), w, wx_all, bx_all]
-    args += [_pad(c, pad, 1) for c in _leaves(carry0)]
+    vmask = persistent._padded_valid(valid, num_steps, batch, pad)
+    args = [persistent._pad_rows(xp0, pad, 1), w, wx_all, bx_all]
+    args += [persistent._pad_rows(c, pad, 1) for c in persistent._carry_leaves(carry0)]
     if vmask is not None:
         args.append(vmask)
     if cell.name == "gru":
@@ -277,7 +248,7 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
     inits = [ys_init] + ([persistent._sentinel_filled((num_layers, *seq))] if split else [])
     aliases = {len(args) + i: i for i in range(len(inits))}
     args += inits
-    nc, ns = len(_leaves(carry0)), persistent._num_saved(cell)
+    nc, ns = len(persistent._carry_leaves(carry0)), persistent._num_saved(cell)
     shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in inits]
     shapes += [jax.ShapeDtypeStruct((num_layers, rows, hidden), jnp.float32)] * nc
     shapes += [jax.ShapeDtypeStruct((num_layers, *seq), jnp.float32)] * ns
@@ -285,7 +256,7 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
         _forward_kernel, cell, num_steps, num_layers, vmask is not None, block, units
     )
     grid = (num_layers, rows // block, hidden // units)
-    out = _call(kernel, grid, shapes, args, aliases)
+    out = persistent._call(kernel, grid, shapes, args, aliases, math.prod(grid))
     ys = out[0][:, :, :batch]
     finals = [f[:, :batch] for f in out[len(inits) : len(inits) + nc]]
     return ys, finals, tuple(out[len(inits) + nc :])
@@ -303,9 +274,15 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
     wxt = jnp.concatenate(
         [jnp.swapaxes(wx, 1, 2), jnp.zeros((1, width, hidden), wx.dtype)], axis=0
     )  # [L, G*H, H]: slot l is W_x of layer l+1, transposed; the top's zero
-    vmask = _valid_mask(valid, num_steps, batch, pad)
-    args = [wt, wxt, _pad(dys, pad, 1), _pad(h_prev, pad, 2), *saved]
-    args += [_pad(d, pad, 1) for d in _leaves(dfinal)]
+    vmask = persistent._padded_valid(valid, num_steps, batch, pad)
+    args = [
+        wt,
+        wxt,
+        persistent._pad_rows(dys, pad, 1),
+        persistent._pad_rows(h_prev, pad, 2),
+        *saved,
+    ]
+    args += [persistent._pad_rows(d, pad, 1) for d in persistent._carry_leaves(dfinal)]
     if vmask is not None:
         args.append(vmask)
     gru = cell.name == "gru"
@@ -315,14 +292,14 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
     )
     aliases = {len(args) + i: i for i in range(len(inits))}
     args += inits
-    nc = len(_leaves(dfinal))
+    nc = len(persistent._carry_leaves(dfinal))
     shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in inits]
     shapes += [jax.ShapeDtypeStruct((num_layers, rows, hidden), jnp.float32)] * nc
     kernel = functools.partial(
         _backward_kernel, cell, num_steps, num_layers, vmask is not None, block, units
     )
     grid = (num_layers, rows // block, hidden // units)
-    out = _call(kernel, grid, shapes, args, aliases)
+    out = persistent._call(kernel, grid, shapes, args, aliases, math.prod(grid))
     da = out[0][:, :, :batch]
     dhn = out[1][:, :, :batch] if gru else None
     dcarry0 = [d[:, :batch] for d in out[len(inits) :]]
@@ -332,12 +309,12 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _stack(cell, rec, wx, b, carry0, xp0, valid):
     ys, finals, _ = _forward(cell, rec, wx, b, carry0, xp0, valid)
-    return ys[-1], _tree(cell, finals)
+    return ys[-1], persistent._carry_tree(cell, finals)
 
 
 def _stack_fwd(cell, rec, wx, b, carry0, xp0, valid):
     ys, finals, saved = _forward(cell, rec, wx, b, carry0, xp0, valid)
-    return (ys[-1], _tree(cell, finals)), (rec, wx, carry0, valid, ys, saved)
+    return (ys[-1], persistent._carry_tree(cell, finals)), (rec, wx, carry0, valid, ys, saved)
 
 
 def _stack_bwd(cell, res, cts):
@@ -359,7 +336,7 @@ def _stack_bwd(cell, res, cts):
     # layer l >= 1 reads layer l-1's outputs: dW_x = Σ Y^{(l-1)ᵀ} dA^{(l)}, db = Σ dA^{(l)}
     dwx = jnp.einsum("ltbh,ltbg->lhg", ys[:-1], da[1:])
     db = jnp.sum(da[1:], axis=(1, 2))
-    return drec, dwx, db, _tree(cell, dcarry0), da[0], None
+    return drec, dwx, db, persistent._carry_tree(cell, dcarry0), da[0], None
 
 
 _stack.defvjp(_stack_fwd, _stack_bwd)
