@@ -221,8 +221,8 @@ def with_units(units: int):
 
     base = persistent.layout
 
-    def layout(batch, hidden, interpret=False, cores=None):
-        rows, own = base(batch, hidden, interpret, cores)
+    def layout(batch, hidden, interpret=False, cores=None, copies=1):
+        rows, own = base(batch, hidden, interpret, cores, copies)
         return (rows, min(units, hidden)) if own < hidden else (rows, own)
 
     return layout

@@ -521,6 +521,15 @@ def network(
         c = cell.initial_carry
         return tuple(BiCarry(c(), c()) if bidirectional else c() for _ in range(num_layers))
 
+    def default_carry(params, xs) -> tuple:
+        """:func:`zero_carry` in the type the layers compute in: the result type of
+        the params and of float inputs (float64 under ``jax.enable_x64`` with float64
+        params), so that no scan's carry changes type."""
+        leaves = jax.tree_util.tree_leaves(params)
+        leaves += [] if cells.is_token_input(xs) else [xs]
+        dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        return jax.tree_util.tree_map(lambda c: c.astype(dtype), zero_carry())
+
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
         tokens = cells.is_token_input(xs)
         if jnp.ndim(xs) != (1 if tokens else 2):
@@ -545,7 +554,7 @@ def network(
             _check_length(length, "length", ())
             length = jnp.clip(length, 0, xs.shape[0])
         if initial_carry is None:
-            initial_carry = zero_carry()
+            initial_carry = default_carry(params, xs)
         else:
             _check_carry(initial_carry, zero_carry(), "initial_carry")
 
@@ -627,7 +636,7 @@ def network(
             lengths = jnp.clip(lengths, 0, num_steps)
         if initial_carry is None:
             initial_carry = jax.tree_util.tree_map(
-                lambda c: jnp.broadcast_to(c, (batch, *c.shape)), zero_carry()
+                lambda c: jnp.broadcast_to(c, (batch, *c.shape)), default_carry(params, xs)
             )
         else:
             _check_carry(
@@ -635,9 +644,7 @@ def network(
             )
         ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
         kernel = "pallas" if impl == "pallas" else "xla"
-        if impl == "wavefront" or (
-            impl == "pallas" and _stacked(params, initial_carry, batch, keys)
-        ):
+        if impl == "wavefront" or (impl == "pallas" and _stacked(params, initial_carry, xs, keys)):
             ys, finals = wavefront.network_layers(
                 cell,
                 [params[f"layer_{i}"] for i in range(num_layers)],
@@ -694,19 +701,20 @@ def network(
                 )(keys, ys)
         return jnp.swapaxes(ys, 0, 1), tuple(finals)
 
-    def _stacked(params, initial_carry, batch, keys) -> bool:
+    def _stacked(params, initial_carry, xs, keys) -> bool:
         """Whether a deep pallas network runs all its layers as one kernel per pass
         (:mod:`rnn_jax.persistent_stack`, opt-in until measured on a GPU)."""
-        if num_layers == 1 or bidirectional or remat or matmul_dtype != "float32":
+        if bidirectional or remat or matmul_dtype != "float32":
             return False
         if keys is not None and dropout > 0:
             return False
-        leaves = jax.tree_util.tree_leaves((params, initial_carry))
-        if any(leaf.dtype != jnp.float32 for leaf in leaves):
+        if not persistent_stack.enabled():
             return False
-        return persistent_stack.enabled() and persistent_stack.fits(
-            num_layers, batch, cell.hidden_size
-        )
+        leaves = jax.tree_util.tree_leaves((params, initial_carry))
+        leaves += [] if cells.is_token_input(xs) else [xs]
+        dtypes = [leaf.dtype for leaf in leaves]
+        batch, num_steps = xs.shape[0], xs.shape[1]
+        return persistent_stack.problem(cell, num_layers, num_steps, batch, dtypes) is None
 
     def _check_input_size(params, xs) -> None:
         """Float inputs ``<[..., I]>`` must have the params' input size (token ids any)."""

@@ -238,9 +238,11 @@ def _program_limit(cores: int | None) -> int:
 
 
 def layout(
-    batch: int, hidden: int, interpret: bool = False, cores: int | None = None
+    batch: int, hidden: int, interpret: bool = False, cores: int | None = None, copies: int = 1
 ) -> tuple[int, int]:
-    """``(rows per program, hidden units per program)`` for a batch and hidden size.
+    """``(rows per program, hidden units per program)`` for a batch and hidden size,
+    with ``copies`` grids of it resident at once (the layers of
+    :mod:`rnn_jax.persistent_stack`: L copies of the batch's row blocks).
 
     Units: 16 per program (the smallest Triton dot), so S = H/16 programs share a row
     block's steps and wait for each other at its barrier. They must all be resident
@@ -256,7 +258,7 @@ def layout(
     limit = _program_limit(cores)
     splits = hidden // MIN_UNITS
     for block in (16, 32, 64):
-        if -(-batch // block) * splits <= limit:
+        if copies * -(-batch // block) * splits <= limit:
             return block, MIN_UNITS
     return 64, hidden
 

@@ -62,11 +62,11 @@ def enabled() -> bool:
 
 def _layout(num_layers: int, batch: int, hidden: int) -> tuple[int, int, int]:
     """``(rows per program, hidden units per program, padded batch)``: the one-layer
-    kernels' layout (:func:`rnn_jax.persistent.layout`) sized for L times the batch,
-    since the L layers' programs must all be resident at once."""
+    kernels' layout (:func:`rnn_jax.persistent.layout`) sized for L copies of the
+    batch's row blocks, since the L layers' programs must all be resident at once."""
     interpret = persistent._interpret()
     cores = None if interpret else persistent.device_cores()
-    block, units = persistent.layout(num_layers * batch, hidden, interpret, cores)
+    block, units = persistent.layout(batch, hidden, interpret, cores, copies=num_layers)
     return block, units, batch + (-batch % block)
 
 
@@ -83,9 +83,35 @@ def fits(num_layers: int, batch: int, hidden: int) -> bool:
     return programs <= persistent._program_limit(persistent.device_cores())
 
 
-def _forward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
+def problem(cell, num_layers: int, num_steps: int, batch: int, dtypes=()) -> str | None:
+    """Why the stacked kernels cannot run this network (``None`` if they can): a
+    cell :mod:`rnn_jax.persistent` cannot run, fewer than two layers, no steps, any
+    params or carries (``dtypes``) not float32, or a grid that does not fit at once
+    (:func:`fits`)."""
+    reason = persistent.unsupported(cell)
+    if reason is not None:
+        return reason
+    if num_layers < 2:
+        return f"{num_layers} layer(s): the stack needs at least 2 (one layer: fused.layer)"
+    if num_steps < 1:
+        return "no time steps (T = 0)"
+    if batch < 1:
+        return "an empty batch"
+    odd = sorted({str(jnp.dtype(d)) for d in dtypes} - {"float32"})
+    if odd:
+        return f"params and carries must be float32, got {odd}"
+    if not fits(num_layers, batch, cell.hidden_size):
+        return (
+            f"{num_layers} layers x batch {batch} x hidden {cell.hidden_size}: the grid does "
+            "not fit on the GPU at once; run one kernel per layer"
+        )
+    return None
+
+
+def _forward_kernel(cell, num_steps, num_layers, masked, save, block, units, *refs):
     hidden = cell.hidden_size
-    nc, ns = (2 if cell.name == "lstm" else 1), persistent._num_saved(cell)
+    nc = 2 if cell.name == "lstm" else 1
+    ns = persistent._num_saved(cell) if save else 0
     num_gates = persistent._num_gates(cell)
     split = units < hidden
     gru = cell.name == "gru"
@@ -130,7 +156,7 @@ def _forward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
             new = tuple(jnp.where(v, n, o) for n, o in zip(new, carry, strict=True))
             y = jnp.where(v, y, 0.0)
         ys_ref[layer, t, rows, own] = persistent._canonical(y)
-        for ref, s in zip(save_refs, saved, strict=True):
+        for ref, s in zip(save_refs, saved, strict=False):  # none unless saving
             ref[layer, t, rows, own] = s
         if split:  # written before waiting for the layer below: peers need it now
             hbuf_ref[layer, t, rows, own] = persistent._canonical(new[0])
@@ -224,8 +250,9 @@ def _backward_kernel(cell, num_steps, num_layers, masked, block, units, *refs):
         ref[layer, rows, own] = d
 
 
-def _forward(cell, rec, wx, b, carry0, xp0, valid):
-    """``(ys <[L, T, B, H]>, finals <[L, B, H]> leaves, saved <[L, T, B', H]> each)``."""
+def _forward(cell, rec, wx, b, carry0, xp0, valid, save):
+    """``(ys <[L, T, B, H]>, finals <[L, B, H]> leaves, saved <[L, T, B', H]> each)``;
+    nothing saved (``()``) unless ``save``."""
     num_layers = rec["W_h"].shape[0]
     num_steps, batch = xp0.shape[:2]
     hidden = cell.hidden_size
@@ -248,12 +275,13 @@ def _forward(cell, rec, wx, b, carry0, xp0, valid):
     inits = [ys_init] + ([persistent._sentinel_filled((num_layers, *seq))] if split else [])
     aliases = {len(args) + i: i for i in range(len(inits))}
     args += inits
-    nc, ns = len(persistent._carry_leaves(carry0)), persistent._num_saved(cell)
+    nc = len(persistent._carry_leaves(carry0))
+    ns = persistent._num_saved(cell) if save else 0
     shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in inits]
     shapes += [jax.ShapeDtypeStruct((num_layers, rows, hidden), jnp.float32)] * nc
     shapes += [jax.ShapeDtypeStruct((num_layers, *seq), jnp.float32)] * ns
     kernel = functools.partial(
-        _forward_kernel, cell, num_steps, num_layers, vmask is not None, block, units
+        _forward_kernel, cell, num_steps, num_layers, vmask is not None, save, block, units
     )
     grid = (num_layers, rows // block, hidden // units)
     out = persistent._call(kernel, grid, shapes, args, aliases, math.prod(grid))
@@ -308,12 +336,12 @@ def _backward(cell, rec, wx, h_prev, saved, dys, dfinal, valid):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _stack(cell, rec, wx, b, carry0, xp0, valid):
-    ys, finals, _ = _forward(cell, rec, wx, b, carry0, xp0, valid)
+    ys, finals, _ = _forward(cell, rec, wx, b, carry0, xp0, valid, save=False)
     return ys[-1], persistent._carry_tree(cell, finals)
 
 
 def _stack_fwd(cell, rec, wx, b, carry0, xp0, valid):
-    ys, finals, saved = _forward(cell, rec, wx, b, carry0, xp0, valid)
+    ys, finals, saved = _forward(cell, rec, wx, b, carry0, xp0, valid, save=True)
     return (ys[-1], persistent._carry_tree(cell, finals)), (rec, wx, carry0, valid, ys, saved)
 
 

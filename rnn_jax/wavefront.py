@@ -170,17 +170,40 @@ def network_layers(
     """
     if not fused.supports(cell):
         raise ValueError(f"cell: no fused kernels for {cell.name!r}")
-    num_layers = len(params)
-    if num_layers == 1:
-        ys, final = fused.layer(
-            cell, params[0], carries[0], xs, lengths, unroll=unroll, matmul_dtype=matmul_dtype
-        )
-        return ys, [final]
-    num_steps, batch = xs.shape[0], xs.shape[1]
+    if kernel not in ("xla", "pallas"):
+        raise ValueError(f"kernel: expected 'xla' or 'pallas', got {kernel!r}")
     if matmul_dtype not in fused.MATMUL_DTYPES:
         raise ValueError(
             f"matmul_dtype: expected one of {list(fused.MATMUL_DTYPES)}, got {matmul_dtype!r}"
         )
+    num_layers = len(params)
+    if num_layers == 1:
+        ys, final = fused.layer(
+            cell,
+            params[0],
+            carries[0],
+            xs,
+            lengths,
+            unroll=unroll,
+            matmul_dtype=matmul_dtype,
+            kernel=kernel,
+        )
+        return ys, [final]
+    num_steps, batch = xs.shape[0], xs.shape[1]
+    if kernel == "pallas":
+        from rnn_jax import persistent_stack
+
+        if matmul_dtype != "float32":
+            raise ValueError(
+                f"matmul_dtype: kernel='pallas' runs {num_layers} layers in float32 only "
+                f"(rnn_jax.persistent_stack), got {matmul_dtype!r}"
+            )
+        leaves = jax.tree_util.tree_leaves((params, carries))
+        leaves += [xs] if jnp.issubdtype(xs.dtype, jnp.floating) else []
+        dtypes = [leaf.dtype for leaf in leaves]
+        reason = persistent_stack.problem(cell, num_layers, num_steps, batch, dtypes)
+        if reason is not None:
+            raise ValueError(f"kernel='pallas': {reason}")
     fused.check_bfloat16_inputs(params, carries, matmul_dtype)
     xp0 = fused._project(cell, params[0], xs, matmul_dtype)
     stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
@@ -194,8 +217,6 @@ def network_layers(
     wave_valid = (t[..., None] >= 0) & (t[..., None] < limit)
     wave_valid = jnp.broadcast_to(wave_valid, (*t.shape, batch))
     if kernel == "pallas":
-        from rnn_jax import persistent_stack
-
         valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
         top, final = persistent_stack.network_layers(cell, rec, wx, b, stack(carries), xp0, valid)
         finals = [jax.tree_util.tree_map(lambda c, i=i: c[i], final) for i in range(num_layers)]

@@ -351,3 +351,23 @@ def test_bad_apply_inputs_raise_at_trace_time():
         apply(params, jnp.zeros((T, I)), None, (jnp.zeros(H),))
     with pytest.raises(ValueError, match=r"params: expected keys \['layer_0', 'layer_1'\]"):
         apply({"layer_0": params["layer_0"]}, jnp.zeros((T, I)))
+
+
+def test_float64_params_need_no_float64_carry():
+    """Under ``jax.enable_x64``, float64 params with the default initial carry run in
+    float64 on every implementation (the zero carry takes the params' type; a float32
+    one made every scan refuse its carry's change of type) and agree with each other."""
+    with jax.enable_x64(True):
+        xs = np.random.default_rng(3).normal(size=(2, T, I))
+        got = {}
+        for impl in ("scan", "fused", "wavefront", "pallas"):
+            net = networks.network(cells.lstm(16), 2, False, implementation=impl)
+            params = net.init(jax.random.key(0), I)
+            params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+            ys, final = net.apply_batch(params, xs, jnp.array([T, 2]))
+            one, _ = net.apply(params, xs[0])
+            assert ys.dtype == one.dtype == jnp.float64
+            assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(final))
+            got[impl] = ys
+        for impl, ys in got.items():
+            np.testing.assert_allclose(ys, got["scan"], rtol=1e-12, atol=1e-12, err_msg=impl)

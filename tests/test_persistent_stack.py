@@ -130,3 +130,84 @@ def test_stack_equals_fused_on_a_gpu(monkeypatch):
             got = value_and_grads(cell, layers, "pallas", 37, lengths)
             want = value_and_grads(cell, layers, "fused", 37, lengths)
             assert_trees_close(got, want)
+
+
+def _gru_before():
+    return cells.gru(H, reset_after=False)
+
+
+@pytest.mark.parametrize(
+    "make,layers,kw,match",
+    [
+        (_gru_before, 2, {}, "reset-before"),
+        (lambda: cells.gru(H, reset_after=True, pin_reset=1.0), 2, {}, "pinned"),
+        (lambda: cells.lstm(H), 2, dict(kernel="cuda"), "kernel: expected 'xla' or 'pallas'"),
+        (lambda: cells.lstm(H), 2, dict(matmul_dtype="bfloat16"), "matmul_dtype.*float32 only"),
+    ],
+)
+def test_wavefront_pallas_refuses_what_the_stack_cannot_run(make, layers, kw, match):
+    """``wavefront.network_layers(kernel="pallas")`` checks before any tracing: a cell
+    the kernels do not run, a bad kernel name, bfloat16 matmuls."""
+    from rnn_jax import wavefront
+
+    cell = make()
+    kw = dict(dict(kernel="pallas"), **kw)
+    net = networks.network(cell, layers, False, implementation="fused")
+    params = net.init(jax.random.key(0), I)
+    carries = [jnp.zeros((2, H))] * layers if cell.name != "lstm" else None
+    if carries is None:
+        carries = [jax.tree.map(lambda v: jnp.zeros((2, *v.shape)), net.initial_carry()[0])]
+        carries = carries * layers
+    with pytest.raises(ValueError, match=match):
+        wavefront.network_layers(
+            cell, [params[f"layer_{i}"] for i in range(layers)], carries, random(0, (T, 2, I)), **kw
+        )
+
+
+def test_stack_problems_and_fallbacks(monkeypatch):
+    """``problem`` names why the stack cannot run; the networks then run one kernel per
+    layer: no steps (T = 0), float64 carries; one layer runs the one-layer kernels."""
+    assert persistent_stack.problem(cells.lstm(H), 2, T, B) is None
+    assert "at least 2" in persistent_stack.problem(cells.lstm(H), 1, T, B)
+    assert "T = 0" in persistent_stack.problem(cells.lstm(H), 2, 0, B)
+    assert "float32" in persistent_stack.problem(cells.lstm(H), 2, T, B, [jnp.float16])
+    monkeypatch.setenv("RNN_JAX_PALLAS_STACK", "1")
+    runs = []
+    monkeypatch.setattr(persistent_stack, "_stack", _recording(persistent_stack._stack, runs))
+    net = networks.network(cells.lstm(H), 2, False, implementation="pallas")
+    params = net.init(jax.random.key(0), I)
+    ys, final = net.apply_batch(params, jnp.zeros((3, 0, I)))
+    assert ys.shape == (3, 0, H) and not runs
+    np.testing.assert_array_equal(np.asarray(final[1].h), 0.0)
+    with jax.enable_x64(True):  # float64 inputs: the XLA loops, in float64
+        xs = np.random.default_rng(0).normal(size=(3, T, I))
+        ys, _ = net.apply_batch(jax.tree.map(lambda v: v.astype(jnp.float64), params), xs)
+        assert ys.dtype == jnp.float64 and not runs
+
+
+def test_stack_saves_gates_only_for_a_gradient(monkeypatch):
+    """A forward pass alone writes no saved gates: its kernel has the outputs and the
+    final carries only (the interpreter does not split units: no exchange buffer)."""
+    monkeypatch.setenv("RNN_JAX_PALLAS_STACK", "1")
+    net = networks.network(cells.lstm(H), 2, False, implementation="pallas")
+    params = net.init(jax.random.key(0), I)
+    xs = random(1, (B, T, I))
+
+    def outputs(fn, *args):
+        jaxpr = jax.make_jaxpr(fn)(*args)
+        found = []
+
+        def walk(j):
+            for eqn in j.eqns:
+                if eqn.primitive.name == "pallas_call":
+                    found.append(len(eqn.outvars))
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return found
+
+    assert outputs(lambda p: net.apply_batch(p, xs)[0], params) == [3]  # ys, h, c
+    grad = jax.grad(lambda p: jnp.sum(net.apply_batch(p, xs)[0]))
+    forward, _ = outputs(grad, params)
+    assert forward == 3 + persistent._num_saved(cells.lstm(H))
