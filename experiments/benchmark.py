@@ -26,6 +26,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import shlex
@@ -1094,13 +1095,54 @@ def define_flags() -> None:
 
     flags.register_multi_flags_validator(["cases", "config_spec"], cases_ok)
 
+    def lr_ok(value):
+        if not math.isfinite(value) or value <= 0:
+            raise flags.ValidationError(f"expected a finite learning rate > 0, got {value}")
+        return True
+
+    flags.register_validator("lr", lr_ok)
+
+    def file_path_ok(value):
+        if value and os.path.isdir(value):
+            raise flags.ValidationError(f"{value} is a directory; expected a file path")
+        return True
+
+    flags.register_validator("output", file_path_ok)
+    flags.register_validator("markdown", file_path_ok)
+
+    def implementation_ok(d):
+        """What train.py refuses at once, refused here before any worker starts."""
+        impl = d["implementation"]
+        if d["matmul_dtype"] != "float32" and impl == "scan":
+            raise flags.ValidationError(
+                f"--matmul_dtype: {d['matmul_dtype']} needs --implementation=fused, wavefront "
+                "or auto; the reference scan computes in float32"
+            )
+        if impl == "wavefront":
+            try:
+                both = parse_bools(d["bidirectional"]) if not d["cases"] else []
+                both += [case.bidirectional for case in parse_cases(d["cases"], d["config_spec"])]
+            except ValueError:
+                return True  # the flags' own validators report it
+            if any(both):
+                raise flags.ValidationError(
+                    "--implementation: 'wavefront' runs unidirectional networks; drop the "
+                    "bidirectional cases (--bidirectional=false) or choose another"
+                )
+        return True
+
+    flags.register_multi_flags_validator(
+        ["implementation", "matmul_dtype", "bidirectional", "cases", "config_spec"],
+        implementation_ok,
+    )
+
     def configs_ok(d):
         try:
             selected = selected_configs(d["configs"], d["config_spec"])
         except ValueError as e:
-            raise flags.ValidationError(str(e)) from None
+            raise flags.ValidationError(f"--configs: {e}") from None
         if not selected and not (d["cases"] or d["compile_report"] or d["remat_report"]):
-            raise flags.ValidationError("no configs selected")
+            raise flags.ValidationError("--configs: no configs selected")
         known = all_configs(d["config_spec"])
         for name in ("compile_config", "remat_config"):
             if d[name] not in known:

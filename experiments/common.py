@@ -25,7 +25,13 @@ def parse_flags_or_exit_2(argv):
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        # a multi-flag validator's message starts with every flag it read
+        # ("flags a=1, b=[...]: --b: ..."); one that names its flag needs none of them
+        head, sep, tail = message.partition(": --")
+        if sep and head.startswith("flags "):
+            message = "--" + tail
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     if len(rest) > 1:
         print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)

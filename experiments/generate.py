@@ -7,6 +7,7 @@ Temperature 0 is greedy decoding (the book); > 0 samples from softmax(logits / T
 Generation is one compiled scan (see rnn_jax.generate).
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (temperature > 0).")
 flags.DEFINE_integer("num_samples", 1, "Samples to draw, each with seed + i.")
 
 
+MAX_CHARS = 10_000_000
+
+
 def fail(flag: str, message: str) -> None:
     print(f"error: --{flag}: {message}", file=sys.stderr)
     sys.exit(2)
@@ -34,8 +38,10 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.num_chars < 1:
         fail("num_chars", f"expected >= 1, got {FLAGS.num_chars}")
-    if FLAGS.temperature < 0:
-        fail("temperature", f"expected >= 0, got {FLAGS.temperature}")
+    if FLAGS.num_chars > MAX_CHARS:
+        fail("num_chars", f"expected <= {MAX_CHARS:,} (one compiled scan holds them all)")
+    if not 0 <= FLAGS.temperature < math.inf:  # NaN too
+        fail("temperature", f"expected a finite number >= 0, got {FLAGS.temperature}")
     if FLAGS.num_samples < 1:
         fail("num_samples", f"expected >= 1, got {FLAGS.num_samples}")
     from rnn_jax import runs

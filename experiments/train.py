@@ -170,16 +170,14 @@ def config_from_flags() -> TrainConfig:
 
 def autotune_cache() -> str | None:
     """--autotune_cache, checked (ConfigError naming it) before anything runs."""
-    import pathlib
-
+    from rnn_jax import autotune
     from rnn_jax.config import ConfigError
 
     if not FLAGS.autotune_cache:
         return None
-    if pathlib.Path(FLAGS.autotune_cache).is_dir():
-        raise ConfigError(
-            "autotune_cache", f"{FLAGS.autotune_cache} is a directory; expected a JSON file path"
-        )
+    problem = autotune.check_cache_path(FLAGS.autotune_cache)
+    if problem:
+        raise ConfigError("autotune_cache", problem)
     return FLAGS.autotune_cache
 
 
@@ -209,8 +207,26 @@ def _recurrent_macs() -> int:
 
 
 def main(argv):
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # before the training loop, which saves and exits 130 itself
+        print(
+            "interrupted (SIGINT) before training started; no checkpoint was written",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+def _main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from rnn_jax import parallel  # (rnn_jax.config, above, has imported jax already)
+
+    if problem := parallel.distributed_problem(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    ):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if FLAGS.tune_malloc:  # before JAX starts its thread pools
         from rnn_jax import allocator
 
@@ -233,8 +249,6 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from rnn_jax import parallel
-
     parallel.split_cpu(cpu_devices)
     init_distributed()
     from rnn_jax import train

@@ -186,15 +186,37 @@ def _timed(step: Callable[[], Any], repeats: int, min_time_s: float) -> list[flo
     return times
 
 
-def _read_cache(path: Path, echo: Callable[[str], None]) -> dict[str, Any]:
+def _read_cache(path: Path, echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """The cache's entries (``{}`` if there is no file yet), or ``None`` for a file that
+    is not an autotune cache: it is not fatal, but that file is never written over
+    (the cache is written atomically, so it is someone else's file, not a torn one)."""
     try:
         cache = json.loads(path.read_text())
-        return cache if isinstance(cache, dict) else {}
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:  # a broken cache is rebuilt, never fatal
-        echo(f"autotune: ignoring unreadable cache {path} ({e})")
-        return {}
+    except (OSError, ValueError) as e:
+        echo(f"autotune: ignoring unreadable cache {path} ({e}); it is left as it is")
+        return None
+    if not isinstance(cache, dict):
+        echo(f"autotune: ignoring {path}, not an autotune cache; it is left as it is")
+        return None
+    return cache
+
+
+def check_cache_path(path: str | Path) -> str | None:
+    """Why ``path`` cannot be an autotune cache (``None`` if it can): a folder, or an
+    existing file that is not one (which the cache would write over)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory; expected a JSON file path"
+    if path.exists():
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            return f"{path} exists and is not an autotune cache ({e})"
+        if not isinstance(cache, dict):
+            return f"{path} exists and is not an autotune cache (not a JSON object)"
+    return None
 
 
 def _write_cache(path: Path, cache: dict[str, Any], echo: Callable[[str], None]) -> None:
@@ -250,6 +272,8 @@ def tune(
     rows = _rows(config)
     key = cache_key(config, vocab_size, rows)
     cache = _read_cache(path, echo)
+    writable = cache is not None
+    cache = cache or {}
     hit = cache.get(key)
     if hit and not refresh:
         choice = Choice(
@@ -291,6 +315,7 @@ def tune(
         "ms": timings,
     }
     cache[key] = {**entry, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_cache(path, cache, echo)
+    if writable:
+        _write_cache(path, cache, echo)
     echo(f"autotune: picked {choice.describe()} ({measured[best.name]:.3g} ms/step)")
     return choice

@@ -144,20 +144,50 @@ def model_config(config: TrainConfig, vocab_size: int) -> models.ModelConfig:
     )
 
 
+# Settings whose values may change on resume but which decide the optimizer state's
+# structure (so the checkpoint's): clipping on or off, momentum on or off (sgd), a
+# constant learning rate or a schedule (whose step count is state).
+_STATE_SHAPERS = {
+    "grad_clip": lambda c: c.get("grad_clip", 0) > 0,
+    "momentum": lambda c: c.get("optimizer") == "sgd" and c.get("momentum", 0) > 0,
+    "schedule": lambda c: c.get("schedule") == "constant",
+}
+
+
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"flag: saved -> current"`` for each resume-defining field that differs."""
-    return [
+    """``"flag: saved -> current"`` for each resume-defining field that differs, and
+    for each change that gives the optimizer state another structure (the checkpoint
+    could not be restored)."""
+    conflicts = [
         f"{k}: {saved.get(k)!r} -> {current[k]!r}"
         for k in RESUME_KEYS
         if k in saved and saved[k] != current[k]
     ]
+    for k, shapes in _STATE_SHAPERS.items():
+        if k in saved and shapes(saved) != shapes(current):
+            conflicts.append(
+                f"{k}: {saved[k]!r} -> {current[k]!r} (another optimizer state structure)"
+            )
+    return conflicts
 
 
 def _positive(config: TrainConfig, *names: str, minimum: float = 1) -> None:
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or value < minimum:
+        if isinstance(value, bool) or not value >= minimum:  # NaN too
             raise ConfigError(name, f"expected >= {minimum}, got {value!r}")
+
+
+_FLOATS = ("lr", "momentum", "weight_decay", "grad_clip", "forget_bias", "dropout", "log_every_s")
+
+
+def _finite(config: TrainConfig) -> None:
+    """No NaN or infinite float settings (an infinite ``lr`` would train a step of
+    NaNs, a NaN ``grad_clip`` would switch clipping off and break ``config.json``)."""
+    for name in (*_FLOATS, "pin_reset", "pin_update"):
+        value = getattr(config, name)
+        if value is not None and not np.isfinite(value):
+            raise ConfigError(name, f"expected a finite number, got {value!r}")
 
 
 def _choice(config: TrainConfig, name: str, allowed) -> None:
@@ -172,6 +202,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     Raises:
       ConfigError: naming the first offending field. Nothing is written.
     """
+    _finite(config)
     _choice(config, "cell", tuple(cells.CELLS))
     _choice(config, "activation", tuple(cells.ACTIVATIONS))
     _choice(config, "init", cells.INIT_SCHEMES)
@@ -238,6 +269,19 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         ids, vocab = text.load_corpus(config.data or None, config.tokens, config.min_freq)
     except ValueError as e:
         raise ConfigError("data", str(e)) from None
+    if len(vocab) < 2:
+        flag = "min_freq" if config.min_freq > 0 else "data"
+        raise ConfigError(
+            flag,
+            f"the vocabulary holds only {vocab.to_tokens(list(range(len(vocab))))}: no token "
+            f"of the text occurs at least min_freq={config.min_freq} times",
+        )
+    if not text.tokenize(config.sample_prefix, config.tokens):
+        raise ConfigError(
+            "sample_prefix",
+            f"expected at least one {config.tokens!r} token after preprocessing (the end of "
+            f"run sample continues it), got {config.sample_prefix!r}",
+        )
     needed = config.num_steps + 1
     if len(ids) < needed:
         raise ConfigError(
@@ -250,6 +294,13 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
             "num_train",
             f"num_train + num_val = {config.num_train + config.num_val} windows requested, "
             f"but the text has only {available} windows of {needed} tokens",
+        )
+    if config.partition == "windows" and config.batch_size > config.num_train:
+        raise ConfigError(
+            "batch_size",
+            f"{config.batch_size} rows per batch, but there are only num_train="
+            f"{config.num_train} training windows: the batch would be mostly padding; "
+            f"expected <= {config.num_train}",
         )
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     try:

@@ -36,6 +36,26 @@ FORCE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 CORES_ENV = "RNN_JAX_CPU_CORES"
 
 
+def distributed_problem(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> str | None:
+    """What is wrong with the arguments of a multi-host ``jax.distributed.initialize``
+    (``None``: nothing), as flags: process counts without a coordinator (they would
+    be ignored), fewer than one process, a process id outside ``[0, num_processes)``.
+    ``None`` counts and ids are left to JAX's cluster detection."""
+    n, i = num_processes, process_id
+    if not coordinator_address:
+        if n is not None or i is not None:
+            which = "num_processes" if n is not None else "process_id"
+            return f"--{which}: needs --coordinator_address (host:port of process 0)"
+        return None
+    if n is not None and n < 1:
+        return f"--num_processes: expected >= 1, got {n}"
+    if i is not None and (i < 0 or (n is not None and i >= n)):
+        return f"--process_id: expected 0 <= process_id < num_processes ({n}), got {i}"
+    return None
+
+
 def cpu_cores() -> int:
     """The CPUs this process may use: ``$RNN_JAX_CPU_CORES`` when set (a sweep running
     trials side by side gives each its share), else its affinity mask's CPUs."""

@@ -1,6 +1,7 @@
 """Reading a run directory written by :func:`rnn_jax.train.run`.
 
-Layout: ``config.json`` (resolved flags), ``vocab.json``, ``metrics.jsonl``,
+Layout: ``config.json`` (resolved flags), ``vocab.json``, ``corpus.json`` (the
+token count and SHA-256 of the text), ``metrics.jsonl``,
 ``checkpoints/`` (see :mod:`rnn_jax.checkpoint`), ``curves.png``, ``result.json``.
 """
 
@@ -35,7 +36,12 @@ def load_config(workdir: Path) -> TrainConfig:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{workdir} is not a run directory (no config.json)")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not hold a run's settings")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
@@ -50,7 +56,15 @@ def load(workdir: Path) -> Run:
 
     workdir = Path(workdir)
     config = load_config(workdir)
-    vocab = text.Vocab.from_json((workdir / "vocab.json").read_text())
+    vocab_path = workdir / "vocab.json"
+    if not vocab_path.is_file():
+        raise ValueError(f"{workdir} is not a complete run directory (no vocab.json)")
+    try:
+        vocab = text.Vocab.from_json(vocab_path.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{vocab_path} is not a vocabulary ({e})") from None
+    if not (workdir / "checkpoints").is_dir():  # the checkpointer would create it
+        raise ValueError(f"{workdir / 'checkpoints'} holds no usable checkpoint (no such folder)")
     model = models.language_model(model_config(config, len(vocab)))
     tx = train.make_optimizer(config, 1)  # the schedule's length does not shape the state
     abstract = jax.eval_shape(lambda: train.init_state(model, tx, config))

@@ -243,6 +243,8 @@ def parse_range(name: str, spec: str) -> Range:
     except ValueError:
         what = "integer" if as_int else "number"
         raise SweepError("ranges", f"{name}: {kind} bounds must be {what}s, got {spec!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise SweepError("ranges", f"{name}: expected finite bounds, got {spec!r}")
     if not (low <= high if kind == "int" else low < high) or (kind == "log" and low <= 0):
         need = (
             "0 < LOW < HIGH" if kind == "log" else "LOW <= HIGH" if kind == "int" else "LOW < HIGH"

@@ -20,6 +20,7 @@ evaluate, checkpoint, plot and sample. Launch it with ``python -m experiments.tr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -286,6 +287,9 @@ def run(
     from rnn_jax import checkpoint, generate  # orbax is imported only when training
 
     ids, vocab = validate(config)
+    workdir = Path(config.workdir)
+    corpus = _corpus_record(config, ids)
+    _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
     if config.autotune:
         from rnn_jax import autotune
 
@@ -298,7 +302,6 @@ def run(
             unroll=choice.unroll,
             directions=choice.directions,
         )
-    workdir = Path(config.workdir)
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
     total = steps_per_epoch * config.epochs
@@ -309,7 +312,6 @@ def run(
         kind = mesh.devices.flat[0].platform.upper()
         echo(f"data parallel: {config.batch_size} rows per batch over {mesh.size} {kind} devices")
 
-    _prepare_workdir(workdir, config, vocab)
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
     train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
     state = parallel.place_state(init_state(model, tx, config), mesh)
@@ -319,7 +321,18 @@ def run(
     if restored is not None:
         start, state, _ = restored
         last_saved = start
+        if start > total:
+            from rnn_jax.config import ConfigError
+
+            ckpt.close()
+            raise ConfigError(
+                "epochs",
+                f"{config.epochs} epochs are {total} steps, but the run in {workdir} has "
+                f"trained {start} steps ({start / steps_per_epoch:g} epochs); expected "
+                f"--epochs >= {math.ceil(start / steps_per_epoch)}",
+            )
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
+    _write_workdir(workdir, config, vocab, corpus)  # once the checkpoint has restored
     metrics_path = workdir / "metrics.jsonl"
     history = _load_history(metrics_path, upto=start)
     echo(
@@ -413,25 +426,89 @@ def _mesh(config: TrainConfig):
 # --- run directory -------------------------------------------------------------------
 
 
-def _prepare_workdir(workdir: Path, config: TrainConfig, vocab: text.Vocab) -> None:
-    """Creates the run directory, or checks that a resumed run matches it."""
-    workdir.mkdir(parents=True, exist_ok=True)
+def _corpus_record(config: TrainConfig, ids: np.ndarray) -> dict[str, Any]:
+    """What the run learns from: the token ids' count and SHA-256 (``corpus.json``), so
+    that a resume notices a data file whose text changed under the same path."""
+    digest = hashlib.sha256(np.ascontiguousarray(ids, np.int32).tobytes()).hexdigest()
+    return {"data": config.data, "tokens": len(ids), "sha256": digest}
+
+
+def _read_json(path: Path) -> Any:
+    from rnn_jax.config import ConfigError
+
+    if not path.is_file():
+        raise ConfigError("workdir", f"{path} exists and is not a file")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("workdir", f"{path} is not readable JSON ({e})") from None
+
+
+def _check_workdir(
+    workdir: Path, config: TrainConfig, vocab: text.Vocab, corpus: dict[str, Any]
+) -> None:
+    """Checks, writing nothing, that ``workdir`` is new or holds this run: the same
+    model, data and optimizer-state flags, vocabulary and corpus, and a checkpoint
+    folder that is a folder.
+
+    Raises:
+      ConfigError: naming ``workdir`` (or ``data``) and what differs.
+    """
+    from rnn_jax.config import ConfigError
+
+    def differs(what: str) -> ConfigError:
+        return ConfigError(
+            "workdir",
+            f"{workdir} holds a run with {what}; use another --workdir or the original "
+            f"flags and data",
+        )
+
+    if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
+        raise ConfigError("workdir", f"{workdir / 'checkpoints'} exists and is not a folder")
     config_path = workdir / "config.json"
     if config_path.exists():
-        saved = json.loads(config_path.read_text())
+        saved = _read_json(config_path)
+        if not isinstance(saved, dict):
+            raise ConfigError("workdir", f"{config_path} does not hold a run's settings")
         conflicts = resume_conflicts(saved, dataclasses.asdict(config))
         if conflicts:
-            from rnn_jax.config import ConfigError
-
-            raise ConfigError(
-                "workdir",
-                f"{workdir} holds a run with different model/data flags "
-                f"({'; '.join(conflicts)}); use another --workdir or the original flags",
-            )
-    _write_json_atomic(config_path, dataclasses.asdict(config))
+            raise differs(f"different model/data flags ({'; '.join(conflicts)})")
     vocab_path = workdir / "vocab.json"
-    if not vocab_path.exists():
-        files.write_atomic(vocab_path, vocab.to_json())
+    if vocab_path.exists():
+        try:
+            saved_vocab = text.Vocab.from_json(vocab_path.read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError("workdir", f"{vocab_path} is not a vocabulary ({e})") from None
+        if saved_vocab.to_json() != vocab.to_json():
+            raise ConfigError(
+                "data",
+                f"the text's vocabulary ({len(vocab)} tokens) differs from the one of the run "
+                f"in {workdir} ({len(saved_vocab)} tokens, {vocab_path}): the data changed; "
+                f"use another --workdir",
+            )
+    corpus_path = workdir / "corpus.json"
+    if corpus_path.exists():
+        saved_corpus = _read_json(corpus_path)
+        if not isinstance(saved_corpus, dict) or saved_corpus.get("sha256") != corpus["sha256"]:
+            raise ConfigError(
+                "data",
+                f"the text ({corpus['tokens']} tokens) is not the one the run in {workdir} "
+                f"learned from ({corpus_path}: {saved_corpus!r:.120}): the data changed; use "
+                f"another --workdir",
+            )
+
+
+def _write_workdir(
+    workdir: Path, config: TrainConfig, vocab: text.Vocab, corpus: dict[str, Any]
+) -> None:
+    """Writes the run's ``config.json`` (the settings now in force), and ``vocab.json``
+    and ``corpus.json`` where missing (checked by :func:`_check_workdir`)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(workdir / "config.json", dataclasses.asdict(config))
+    if not (workdir / "vocab.json").exists():
+        files.write_atomic(workdir / "vocab.json", vocab.to_json())
+    if not (workdir / "corpus.json").exists():
+        _write_json_atomic(workdir / "corpus.json", corpus)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

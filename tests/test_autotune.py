@@ -137,11 +137,18 @@ def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    def make_steps(model, *args, **kwargs):
+    make_steps, write_workdir = train.make_steps, train._write_workdir
+
+    def recording_make_steps(model, *args, **kwargs):
         built.append(model.network.directions)
+        return make_steps(model, *args, **kwargs)  # jitted, compiled at the first step
+
+    def write_then_stop(*args):
+        write_workdir(*args)
         raise Stop
 
-    monkeypatch.setattr(train, "make_steps", make_steps)
+    monkeypatch.setattr(train, "make_steps", recording_make_steps)
+    monkeypatch.setattr(train, "_write_workdir", write_then_stop)
     config = tiny_autotuned_run(tmp_path, bidirectional=True)
     with pytest.raises(Stop):
         train.run(config, echo=lambda s: None, autotune_cache=tmp_path / "c.json")
@@ -161,7 +168,7 @@ def test_tune_skips_failing_candidates_and_survives_a_broken_cache(tmp_path, mon
     assert choice.ms["fused:2"] is None
     assert any("ignoring unreadable cache" in s for s in lines)
     assert any("fused:2 failed (RuntimeError: cannot run fused:2)" in s for s in lines)
-    assert json.loads(cache.read_text())  # rewritten
+    assert cache.read_text() == "{not json"  # not an autotune cache: never written over
     fake_steps(monkeypatch, seconds, failing=tuple(seconds))
     with pytest.raises(RuntimeError, match="every candidate failed"):
         autotune.tune(SMALL, 99, cache_path=cache, echo=lines.append)
@@ -197,6 +204,20 @@ def test_default_cache_path(monkeypatch, tmp_path):
     monkeypatch.delenv("RNN_JAX_AUTOTUNE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert autotune.default_cache_path() == tmp_path / "rnn_jax" / "autotune.json"
+
+
+def test_cache_path_check_refuses_what_it_would_write_over(tmp_path):
+    """--autotune_cache (``check_cache_path``): a folder, or a file that is not a cache
+    (it would be overwritten), is refused; a cache or a new path is fine."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert "is a directory" in autotune.check_cache_path(tmp_path)
+    assert "is not an autotune cache" in autotune.check_cache_path(notes)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert "not a JSON object" in autotune.check_cache_path(tmp_path / "list.json")
+    (tmp_path / "c.json").write_text("{}")
+    assert autotune.check_cache_path(tmp_path / "c.json") is None
+    assert autotune.check_cache_path(tmp_path / "new" / "c.json") is None
 
 
 @pytest.mark.parametrize(

@@ -412,7 +412,9 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
 @pytest.mark.parametrize(
     "args, word",
     [
-        (["--configs=d2l,huge"], "huge"),
+        (["--configs=d2l,huge"], "--configs: unknown config 'huge'"),
+        (["--implementation=wavefront"], "--implementation: 'wavefront' runs unidirectional"),
+        (["--lr=nan"], "expected a finite learning rate"),
         (["--cells=gru,elman"], "elman"),
         (["--compare=mxnet"], "mxnet"),
         (["--config_spec=tiny:8:4"], "name:hidden:batch:steps"),

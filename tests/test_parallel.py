@@ -228,3 +228,15 @@ def test_split_cpu_checks_its_argument_and_leaves_a_forced_count(monkeypatch):
     with pytest.raises(RuntimeError, match="jax_num_cpu_devices"):
         parallel.split_cpu(2)
     assert parallel.split_cpu(1) == 1  # ... but asking for what there is is fine
+
+
+def test_distributed_flags_are_checked():
+    """experiments.train's multi-host flags, before jax.distributed.initialize."""
+    assert parallel.distributed_problem(None, None, None) is None
+    assert parallel.distributed_problem("host:1234", None, None) is None  # cluster detection
+    assert parallel.distributed_problem("host:1234", 2, 1) is None
+    assert "needs --coordinator_address" in parallel.distributed_problem(None, 4, 9)
+    assert "--process_id: expected 0 <= process_id < num_processes (2), got 7" in (
+        parallel.distributed_problem("host:1", 2, 7)
+    )
+    assert "--num_processes: expected >= 1, got 0" in parallel.distributed_problem("h:1", 0, 0)

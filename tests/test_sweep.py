@@ -112,6 +112,7 @@ def test_random_search_stops_at_the_distinct_configurations():
         (dict(grid="lr=1", ranges="lr=log:1:2"), "random", "needs --random"),
         (dict(random_count=3, ranges="lr=log:0:1"), "ranges", "0 < LOW < HIGH"),
         (dict(random_count=3, ranges="lr=log:1"), "ranges", "log:LOW:HIGH"),
+        (dict(random_count=3, ranges="lr=log:0.01:inf"), "ranges", "finite bounds"),
         (dict(random_count=3, ranges="lr=normal:1:2"), "ranges", "KIND"),
         (dict(random_count=3, ranges="lr=uniform:a:2"), "ranges", "numbers"),
         (dict(random_count=3, ranges="hidden_size=int:8.5:16"), "ranges", "integers"),
@@ -146,6 +147,7 @@ def test_validation_before_any_trial_names_the_source(tmp_path):
     sweeps.validate_trials(plan(grid="cell=gru,lstm;hidden_size=8,16"), tmp_path)
     cases = [
         (dict(grid="hidden_size=8,-1"), "grid", "--hidden_size: expected >= 1"),
+        (dict(grid="lr=inf,1"), "grid", "--lr: expected a finite number"),
         (dict(grid="lr=1", fixed="num_train=10000000"), "set", "--num_train"),
         (dict(random_count=2, ranges="dropout=uniform:0.5:2"), "ranges", "--dropout"),
         (dict(grid="lr=1", base_args=["--optimizer=rmsprop"]), "base", "--optimizer"),

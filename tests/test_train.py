@@ -149,15 +149,45 @@ def test_more_epochs_continue_a_finished_run(tmp_path):
     resumed = train.run(dataclasses.replace(part, epochs=4), echo=quiet)
     assert resumed.step == full.step == 32
     assert_bitwise_equal(full.params, resumed.params)
+    before = _snapshot(Path(part.workdir))  # fewer epochs than trained: refused, untouched
+    with pytest.raises(ConfigError, match=r"--epochs: 2 epochs are 16 steps, but .* 32 steps"):
+        train.run(part, echo=quiet)
+    assert _snapshot(Path(part.workdir)) == before
 
 
 def test_resume_refuses_changed_model_flags(tmp_path):
-    config = tiny(tmp_path, epochs=1)
+    """A resume is refused, before anything is compiled or written, when the model or
+    data flags differ, when a change would give the optimizer state another structure
+    (its checkpoint could not be restored), and when the data file's text changed
+    under the same path (another vocabulary, or the same one: corpus.json's hash)."""
+    book = tmp_path / "book.txt"
+    book.write_text("the time machine " * 100)
+    config = tiny(tmp_path, epochs=1, data=str(book))
     train.run(config, echo=quiet)
-    with pytest.raises(
-        ConfigError, match=r"--workdir: .*hidden_size: 16 -> 32.*cell: 'lstm' -> 'gru'|cell"
-    ):
-        train.run(dataclasses.replace(config, hidden_size=32, cell="gru"), echo=quiet)
+    workdir = Path(config.workdir)
+    before = _snapshot(workdir)
+    refused = [
+        (
+            dict(hidden_size=32, cell="gru"),
+            r"--workdir: .*cell: 'lstm' -> 'gru'; hidden_size: 16 -> 32",
+        ),
+        (dict(grad_clip=0.0), r"--workdir: .*grad_clip: 1.0 -> 0.0 \(another optimizer state"),
+        (dict(schedule="constant"), r"--workdir: .*schedule: 'cosine' -> 'constant'"),
+    ]
+    for fields, match in refused:
+        with pytest.raises(ConfigError, match=match):
+            train.run(dataclasses.replace(config, **fields), echo=quiet)
+    book.write_text("the machine time " * 100)  # the same letters, another text
+    with pytest.raises(ConfigError, match=r"--data: the text \(1700 tokens\) is not the one"):
+        train.run(config, echo=quiet)
+    book.write_text("a quick brown fox " * 100)
+    with pytest.raises(ConfigError, match=r"--data: the text's vocabulary .* differs"):
+        train.run(config, echo=quiet)
+    assert _snapshot(workdir) == before
+    (workdir / "checkpoints").rename(workdir / "saved")
+    (workdir / "checkpoints").write_text("")
+    with pytest.raises(ConfigError, match=r"--workdir: .*checkpoints exists and is not a folder"):
+        train.run(config, echo=quiet)
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
@@ -336,6 +366,11 @@ BAD_CONFIG = [
     (dict(batch_size=0), "--batch_size: expected >= 1"),
     (dict(workdir="{d}/a_file"), "--workdir: .*a_file exists and is not a directory"),
     (dict(dropout=1.5), "--dropout: expected a rate in"),
+    (dict(lr=float("inf")), "--lr: expected a finite number, got inf"),
+    (dict(grad_clip=float("nan")), "--grad_clip: expected a finite number, got nan"),
+    (dict(sample_prefix=""), "--sample_prefix: expected at least one 'char' token"),
+    (dict(batch_size=1000), "--batch_size: 1000 rows per batch, but there are only num_train=128"),
+    (dict(min_freq=10**8), "--min_freq: the vocabulary holds only"),
     (
         dict(partition="sequential", batch_size=1024),
         "--batch_size: the sequential partition has 0",
@@ -409,3 +444,23 @@ def test_unroll_flag_zero_means_the_backend_default(tmp_path):
     assert model_config(tiny(tmp_path, unroll=4), 28).unroll == 4
     model = models.language_model(model_config(tiny(tmp_path), 28))
     assert model.network.unroll == networks.default_unroll()
+
+
+def test_loading_an_incomplete_run_directory_names_what_is_missing(tmp_path):
+    """``runs.load`` (and so experiments.generate) on a directory that is not a whole
+    run: a clear ValueError naming the file, and nothing created there."""
+    from rnn_jax import runs, text
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not readable JSON"):
+        runs.load(workdir)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(tiny(tmp_path))))
+    with pytest.raises(ValueError, match=r"no vocab.json"):
+        runs.load(workdir)
+    vocab = text.Vocab(text.tokenize("the time machine", "char"), mode="char")
+    (workdir / "vocab.json").write_text(vocab.to_json())
+    with pytest.raises(ValueError, match=r"checkpoints holds no usable checkpoint"):
+        runs.load(workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "vocab.json"]
