@@ -61,6 +61,10 @@ from typing import Any, NamedTuple
 
 from rnn_jax.config import ConfigError, TrainConfig, validate
 
+# Flags of experiments.train's launcher that are not TrainConfig fields but may sit in a
+# base flagfile: every trial's train reads that file itself (and checks them there).
+LAUNCHER_FLAGS = ("cpu_devices", "tune_malloc", "autotune_cache", "autotune_refresh")
+
 RESERVED = {
     "seed": "the trials' seeds are 0 .. N-1 of --seeds=N",
     "workdir": "every trial runs in its own directory under --sweep_dir",
@@ -255,7 +259,8 @@ def parse_range(name: str, spec: str) -> Range:
 
 def parse_flag_args(args: Sequence[str], where: str) -> dict[str, str]:
     """A flagfile's expanded arguments (``--name=value``, ``--name``, ``--noname``) ->
-    name -> value text. ``seed`` and ``workdir`` are dropped: the sweep sets them."""
+    name -> value text. ``seed`` and ``workdir`` are dropped: the sweep sets them;
+    :data:`LAUNCHER_FLAGS` too: they stay in the flagfile, which each trial reads."""
     out = {}
     for arg in args:
         body = arg.lstrip("-")
@@ -268,6 +273,8 @@ def parse_flag_args(args: Sequence[str], where: str) -> dict[str, str]:
                 name, value = name[2:], "false"
             else:
                 value = "true"
+        if name in LAUNCHER_FLAGS or (name.startswith("no") and name[2:] in LAUNCHER_FLAGS):
+            continue  # train's own flags: the trials read them from the flagfile
         if name not in field_types():
             raise SweepError("base", f"{where}: unknown flag --{name} (not a TrainConfig field)")
         try:

@@ -135,6 +135,7 @@ def test_bad_definitions_name_the_flag(kw, flag, fragment):
 
 def test_base_flagfile_arguments():
     args = ["--cell=gru", "--nobidirectional", "--remat", "--workdir=runs/x", "--seed=3"]
+    args += ["--cpu_devices=1", "--notune_malloc"]  # train's launcher flags: left to train
     base = sweeps.parse_flag_args(args, "gru.flags")
     assert base == {"cell": "gru", "bidirectional": "false", "remat": "true"}
     sweep = plan(grid="lr=1", base_args=args, fixed="epochs=2")
