@@ -221,8 +221,8 @@ class _Meter:
     stall the asynchronous dispatch); it also stops on the first non-finite value.
     """
 
-    def __init__(self, steps_per_epoch: int, tokens_per_step: int, step: int):
-        self.steps_per_epoch, self.tokens_per_step = steps_per_epoch, tokens_per_step
+    def __init__(self, steps_per_epoch: int, step: int):
+        self.steps_per_epoch = steps_per_epoch
         self.pending: list[tuple[int, dict]] = []
         self.reset(step)
 
@@ -257,7 +257,8 @@ class _Meter:
             "epoch": round(step / self.steps_per_epoch, 4),
             "train_ppl": perplexity(self.train_loss()),
             "grad_norm": self.sums["grad_norm"] / max(self.steps, 1),
-            "tokens_per_s": (step - self.since_step) * self.tokens_per_step / seconds,
+            # the real tokens trained on (padding rows of a last, short batch not counted)
+            "tokens_per_s": self.sums["count"] / seconds,
             "seconds_per_step": seconds / max(step - self.since_step, 1),
         }
 
@@ -341,7 +342,7 @@ def run(
         f"{_count(state['params']):,} params; {steps_per_epoch} steps/epoch x "
         f"{config.epochs} epochs = {total} steps"
     )
-    meter = _Meter(steps_per_epoch, config.batch_size * config.num_steps, start)
+    meter = _Meter(steps_per_epoch, start)
     t_start, last_log = time.perf_counter(), time.perf_counter()
     wall_offset = history[-1]["wall_s"] if history else 0.0
     status, exit_code = "completed", 0

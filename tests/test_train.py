@@ -464,3 +464,17 @@ def test_loading_an_incomplete_run_directory_names_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoints holds no usable checkpoint"):
         runs.load(workdir)
     assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "vocab.json"]
+
+
+def test_throughput_counts_real_tokens_only(monkeypatch):
+    """tokens_per_s counts the tokens trained on: a last, short batch's padding rows
+    (weight 0, left out of ``count``) are not throughput."""
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    meter = train._Meter(steps_per_epoch=2, step=0)
+    full = {"loss_sum": 10.0, "count": 512.0, "grad_norm": 1.0, "param_norm": 1.0}
+    meter.pending += [(1, full), (2, {**full, "count": 128.0})]  # 16 x 32, then 4 rows of 16
+    meter.flush(None)
+    record = meter.record(2)
+    assert record["tokens_per_s"] == pytest.approx((512 + 128) / 2.0)
+    assert record["seconds_per_step"] == pytest.approx(1.0)
