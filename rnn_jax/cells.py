@@ -114,6 +114,27 @@ def _check_x(params: Params, x: Array, name: str = "x") -> None:
         )
 
 
+def _check_step_x(x: Array) -> None:
+    """One step's input: ``<float32>[I]`` or a token id ``<int32>[]`` (a batched ``x``
+    would be read as gates along its batch axis: wrong numbers, no error)."""
+    tokens = is_token_input(x)
+    if jnp.ndim(x) != (0 if tokens else 1):
+        want = "a token id <int32>[]" if tokens else "one example's <float32>[input_size]"
+        raise ValueError(
+            f"x: expected {want}, got shape {tuple(jnp.shape(x))}; use jax.vmap over the "
+            f"step (or a network's apply_batch) for batches"
+        )
+
+
+def _check_step_state(name: str, value: Array, shape: tuple[int, ...]) -> None:
+    """A step's carry leaf ``<float32>[H]`` or projected input (``[H]``, ``[G, H]``)."""
+    if tuple(jnp.shape(value)) != shape:
+        raise ValueError(
+            f"{name}: expected one example's shape {shape}, got {tuple(jnp.shape(value))}; "
+            f"use jax.vmap over the step (or a network's apply_batch) for batches"
+        )
+
+
 def _gate_stack(init: Initializer, key: Array, rows: int, gates: int, hidden: int) -> Array:
     """``<float32>[rows, gates, hidden]``, each gate's block drawn on its own."""
     keys = jax.random.split(key, gates)
@@ -147,18 +168,29 @@ def _matmul_gates(v: Array, w: Array) -> Array:
     return out.reshape(*out.shape[:-1], g, h)
 
 
+def gather_rows(w: Array, ids: Array) -> Array:
+    """``onehot(ids) @ w`` as a row gather ``<[*ids.shape, *w.shape[1:]]>``, with
+    ``jax.nn.one_hot``'s rule for ids outside ``[0, V)`` (negative ones included): a
+    zero row, and no gradient. (A plain ``w[ids]`` would clamp them to row V-1 or
+    wrap negative ones around, while the one-hot gradient left them out.) Autodiff
+    gives it a scatter-add gradient."""
+    ids = jnp.where(ids < 0, w.shape[0], ids)  # out of range, not wrapped around
+    return jnp.take(w, ids, axis=0, mode="fill", fill_value=0)
+
+
 @jax.custom_vjp
 def lookup_rows(w: Array, ids: Array) -> Array:
-    """``onehot(ids) @ w`` as the row gather ``w[ids]``: ``<[*ids.shape, *w.shape[1:]]>``.
+    """``onehot(ids) @ w`` as the row gather :func:`gather_rows` (out-of-range ids: zero
+    rows): ``<[*ids.shape, *w.shape[1:]]>``.
 
     The gradient is the dense ``onehot(ids)ᵀ @ g`` rather than the scatter-add XLA
     derives for a gather, which is several times slower on CPU when ids repeat.
     """
-    return w[ids]
+    return gather_rows(w, ids)
 
 
 def _lookup_rows_fwd(w: Array, ids: Array) -> tuple[Array, tuple[Array, Array]]:
-    return w[ids], (ids, jnp.zeros((w.shape[0], 0), w.dtype))
+    return gather_rows(w, ids), (ids, jnp.zeros((w.shape[0], 0), w.dtype))
 
 
 def _lookup_rows_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, None]:
@@ -236,10 +268,13 @@ def rnn(
         return xs @ params["W_x"] + params["b"]
 
     def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
+        _check_step_state("carry", h, (hidden_size,))
+        _check_step_state("xp", xp, (hidden_size,))
         h = phi(xp + h @ params["W_h"])
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        _check_step_x(x)
         return step_projected(params, h, project(params, x))
 
     return Cell(
@@ -315,6 +350,8 @@ def gru(
 
     def gates(params: Params, h: Array, xp: Array) -> tuple[Array, Array, Array]:
         """``(R_t, Z_t, H~_t)``."""
+        _check_step_state("carry", h, (hidden_size,))
+        _check_step_state("xp", xp, (3, hidden_size))
         w_h = params["W_h"]
         if reset_after:
             hp = _matmul_gates(h, w_h)  # all three recurrent products at once
@@ -333,9 +370,11 @@ def gru(
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        _check_step_x(x)
         return step_projected(params, h, _project_gated(params, x))
 
     def gate_values(params: Params, h: Array, x: Array) -> dict[str, Array]:
+        _check_step_x(x)
         return dict(zip(("r", "z", "h~"), gates(params, h, _project_gated(params, x)), strict=True))
 
     return Cell(
@@ -396,6 +435,9 @@ def lstm(
 
     def gates(params: Params, carry: LSTMCarry, xp: Array) -> tuple[Array, ...]:
         """``(I_t, F_t, O_t, C~_t)``."""
+        _check_step_state("carry.h", carry.h, (hidden_size,))
+        _check_step_state("carry.c", carry.c, (hidden_size,))
+        _check_step_state("xp", xp, (4, hidden_size))
         pre = xp + _matmul_gates(carry.h, params["W_h"])
         i, f, o = (jax.nn.sigmoid(pre[k]) for k in range(3))
         return i, f, o, jnp.tanh(pre[3])
@@ -407,10 +449,12 @@ def lstm(
         return LSTMCarry(h, c), h
 
     def gate_values(params: Params, carry: LSTMCarry, x: Array) -> dict[str, Array]:
+        _check_step_x(x)
         values = gates(params, carry, _project_gated(params, x))
         return dict(zip(("i", "f", "o", "c~"), values, strict=True))
 
     def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
+        _check_step_x(x)
         return step_projected(params, carry, _project_gated(params, x))
 
     return Cell(

@@ -293,10 +293,21 @@ class Checkpointer:
         Returns:
           True if a checkpoint was written, False if an intact one was kept.
         """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step: expected a non-negative int, got {step!r}")
         step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
         meta = dict(meta) if meta is not None else {}
+        try:  # before anything is written (orbax would fail in a thread, files half done)
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"meta: expected a JSON-serializable dict ({e})") from None
+        empty = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+            if np.size(leaf) == 0
+        ]
+        if empty:
+            raise ValueError(f"state: orbax cannot save arrays of size 0: {', '.join(empty)}")
         if step in self._mngr.all_steps():
             if not force:
                 reason = self.check(step)

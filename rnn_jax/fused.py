@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import persistent
+from rnn_jax import cells, persistent
 from rnn_jax.cells import Cell, LSTMCarry, _check_x
 from rnn_jax.parallel import DATA_AXIS
 
@@ -618,8 +618,8 @@ def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "floa
         # 109.6 vs 104.4, medium GRU 74.7 vs 72.0, long LSTM 245 vs 235. On the AMD
         # EPYC, the profiled scatter-add took 1.0-1.2 ms (d2l) and 5.9 ms (long),
         # the one-hot matmul 3.5 and 8.4 (BUILD.md).
-        xp = params["W_x"][xs] + params["b"]
-        return xp.reshape(*xp.shape[:2], -1)
+        xp = cells.gather_rows(params["W_x"], xs) + params["b"]  # out-of-range ids: zeros
+        return xp.reshape(*xs.shape, math.prod(params["W_x"].shape[1:]))  # (T or B may be 0)
     _check_x(params, xs, "xs")
     w = params["W_x"].reshape(params["W_x"].shape[0], -1)
     return _linear(xs, w, dtype) + params["b"].reshape(-1)

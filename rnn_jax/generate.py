@@ -14,6 +14,7 @@ does, and why its samples are nonsense.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +41,24 @@ def generate_ids(
 ) -> Array:
     """Continues ``prefix <int32>[P]`` (P >= 1) by ``num_tokens`` ids: ``<int32>[num_tokens]``.
 
+    ``temperature`` 0 decodes greedily, > 0 samples from ``softmax(logits / T)``; a
+    Python number must be finite and >= 0 (a traced one <= 0 decodes greedily).
+
     Pure and traceable; compile it with ``model`` and ``num_tokens`` bound, e.g.
     ``jax.jit(functools.partial(generate_ids, model, num_tokens=100))``.
     """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+        raise ValueError(f"num_tokens: expected an int >= 1, got {num_tokens!r}")
     if num_tokens < 1:
         raise ValueError(f"num_tokens: expected >= 1, got {num_tokens}")
+    prefix = prefix if hasattr(prefix, "shape") else np.asarray(prefix)
+    if prefix.ndim != 1 or prefix.shape[0] < 1 or not jnp.issubdtype(prefix.dtype, jnp.integer):
+        raise ValueError(
+            f"prefix: expected token ids <int32>[P] with P >= 1, got "
+            f"{prefix.dtype}{list(prefix.shape)}"
+        )
+    if isinstance(temperature, (int, float)) and not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
     key = jax.random.key(0) if key is None else key
     temperature = jnp.asarray(temperature, jnp.float32)
     keys = jax.random.split(key, num_tokens)

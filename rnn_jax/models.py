@@ -147,7 +147,7 @@ def language_model(config: ModelConfig) -> Model:
             raise ValueError(
                 f"ids: expected <int>[B, T], got {jnp.asarray(ids).dtype}{jnp.shape(ids)}"
             )
-        xs = params["embed"][ids] if e else ids  # the network takes ids as one-hot input
+        xs = cells.gather_rows(params["embed"], ids) if e else ids  # else ids as one-hot input
         k_net = k_out = None
         if dropout_key is not None:
             k_net, k_out = jax.random.split(dropout_key)

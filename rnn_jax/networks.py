@@ -313,7 +313,9 @@ def _check_options(cell, num_layers, dropout, unroll) -> None:
         )
 
 
-def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> None:
+def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> Array:
+    """``length`` (an int, list, numpy or JAX array) as a JAX integer array of
+    ``shape``; values outside ``[0, T]`` are clipped later."""
     if not hasattr(length, "dtype"):
         length = np.asarray(length)
     if tuple(jnp.shape(length)) != shape or not jnp.issubdtype(length.dtype, jnp.integer):
@@ -321,18 +323,32 @@ def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> None:
             f"{name}: expected an integer array of shape {shape}, got "
             f"{length.dtype}{list(jnp.shape(length))}"
         )
+    return jnp.asarray(length)
 
 
-def _check_carry(carry: Any, expected: Any, name: str) -> None:
+def _check_carry(carry: Any, expected: Any, name: str, batch: int | None = None) -> None:
+    """``carry`` has ``expected``'s structure and leaf shapes (with a leading batch
+    axis of ``batch`` when given) and a float type the steps keep (that of
+    ``expected``'s leaves or wider; an int or narrower carry would change type)."""
     got = jax.tree_util.tree_structure(carry)
     want = jax.tree_util.tree_structure(expected)
-    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(carry)]
-    want_shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(expected)]
+    lead = () if batch is None else (batch,)
+    shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(carry)]
+    want_shapes = [lead + tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(expected)]
     if got != want or shapes != want_shapes:
+        axis = "" if batch is None else f" stacked on a leading batch axis of {batch}"
         raise ValueError(
-            f"{name}: expected the structure of net.initial_carry() "
+            f"{name}: expected the structure of net.initial_carry(){axis} "
             f"({want} with shapes {want_shapes}), got {got} with shapes {shapes}"
         )
+    for leaf, ref in zip(
+        jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        dtype, compute = jnp.asarray(leaf).dtype, jnp.asarray(ref).dtype
+        if jnp.result_type(dtype, compute) != dtype:
+            raise ValueError(
+                f"{name}: expected {compute} leaves (the type the layers compute in), got {dtype}"
+            )
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -531,6 +547,7 @@ def network(
         return jax.tree_util.tree_map(lambda c: c.astype(dtype), zero_carry())
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
+        xs = xs if hasattr(xs, "shape") else np.asarray(xs)  # nested lists too
         tokens = cells.is_token_input(xs)
         if jnp.ndim(xs) != (1 if tokens else 2):
             raise ValueError(
@@ -540,10 +557,9 @@ def network(
             )
         if implementation in ("fused", "wavefront", "pallas"):  # a batch of one
             if length is not None:
-                _check_length(length, "length", ())
-                length = jnp.asarray(length)[None]
+                length = _check_length(length, "length", ())[None]
             if initial_carry is not None:
-                _check_carry(initial_carry, zero_carry(), "initial_carry")
+                _check_carry(initial_carry, default_carry(params, xs), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
             keys = None if dropout_key is None else dropout_key[None]
             ys, final = _apply_fused(params, xs[None], length, initial_carry, keys, implementation)
@@ -551,12 +567,11 @@ def network(
         _check_params(params)
         _check_input_size(params, xs)
         if length is not None:
-            _check_length(length, "length", ())
-            length = jnp.clip(length, 0, xs.shape[0])
+            length = jnp.clip(_check_length(length, "length", ()), 0, xs.shape[0])
         if initial_carry is None:
             initial_carry = default_carry(params, xs)
         else:
-            _check_carry(initial_carry, zero_carry(), "initial_carry")
+            _check_carry(initial_carry, default_carry(params, xs), "initial_carry")
 
         finals = []
         ys = xs
@@ -591,6 +606,7 @@ def network(
         return ys, tuple(finals)
 
     def apply_batch(params, xs, lengths=None, initial_carry=None, *, dropout_key=None):
+        xs = xs if hasattr(xs, "shape") else np.asarray(xs)  # nested lists too
         if jnp.ndim(xs) != (2 if cells.is_token_input(xs) else 3):
             raise ValueError(
                 f"xs: expected a batch <float32>[B, T, input_size] (or token ids "
@@ -598,7 +614,10 @@ def network(
             )
         batch = xs.shape[0]
         if lengths is not None:
-            _check_length(lengths, "lengths", (batch,))
+            lengths = _check_length(lengths, "lengths", (batch,))
+        if initial_carry is not None:
+            _check_params(params)
+            _check_carry(initial_carry, default_carry(params, xs), "initial_carry", batch)
         keys = None if dropout_key is None else jax.random.split(dropout_key, batch)
         impl = implementation
         if impl == "auto":
@@ -637,10 +656,6 @@ def network(
         if initial_carry is None:
             initial_carry = jax.tree_util.tree_map(
                 lambda c: jnp.broadcast_to(c, (batch, *c.shape)), default_carry(params, xs)
-            )
-        else:
-            _check_carry(
-                jax.tree_util.tree_map(lambda c: c[0], initial_carry), zero_carry(), "initial_carry"
             )
         ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
         kernel = "pallas" if impl == "pallas" else "xla"

@@ -288,3 +288,24 @@ def test_pinned_gru_gates():
         ValueError, match=r"pin_reset: expected None or a number in \[0, 1\], got 2"
     ):
         cells.gru(H, pin_reset=2)
+
+
+@pytest.mark.parametrize("factory", [cells.rnn, cells.gru, cells.lstm])
+def test_a_step_refuses_batched_inputs_and_carries(factory):
+    """``step`` is one example's step: a batched ``x`` or carry is refused by name (it
+    used to be read with the gates along the batch axis: wrong numbers, no error);
+    ``jax.vmap`` over the step is the batched form."""
+    cell = factory(H)
+    p = cell.init(jax.random.key(0), I)
+    carry = cell.initial_carry()
+    batched = jax.tree.map(lambda c: jnp.zeros((1, *c.shape)), carry)
+    with pytest.raises(ValueError, match=r"x: expected one example's <float32>\[input_size\]"):
+        cell.step(p, carry, jnp.ones((4, I)))
+    with pytest.raises(ValueError, match=r"x: expected a token id"):
+        cell.step(p, carry, jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=r"carry(.h)?: expected one example's shape \(7,\)"):
+        cell.step(p, batched, jnp.ones((I,)))
+    with pytest.raises(ValueError, match=r"xp: expected one example's shape"):
+        cell.step_projected(p, carry, jax.vmap(cell.project, (None, 0))(p, jnp.ones((2, I))))
+    _, y = jax.vmap(cell.step, in_axes=(None, 0, 0))(p, batched, jnp.ones((1, I)))
+    np.testing.assert_allclose(y[0], cell.step(p, carry, jnp.ones((I,)))[1], rtol=1e-6)

@@ -104,6 +104,24 @@ def test_restore_with_explicit_sharding(tmp_path):
     assert all(x.sharding == sharding for x in jax.tree.leaves(restored))
 
 
+def test_save_refuses_bad_steps_and_meta_before_writing(tmp_path):
+    """A float or bool step, meta that JSON cannot hold, a zero-size array: a named
+    ValueError and nothing on disk (orbax failed in its thread, files half written)."""
+    state = make_state()
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        for step, meta, match in [
+            (2.7, None, r"step: expected a non-negative int, got 2.7"),
+            (True, None, r"step: expected a non-negative int, got True"),
+            (1, {"epoch": np.int64(1)}, r"meta: expected a JSON-serializable dict"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                ckpt.save(step, state, meta)
+        with pytest.raises(ValueError, match=r"state: orbax cannot save arrays of size 0"):
+            ckpt.save(1, {**state, "empty": np.zeros((0, 3))})
+        assert ckpt.save(np.int64(1), state, {"epoch": 1})
+    assert sorted(os.listdir(tmp_path / "ck")) == ["1", "1" + MANIFEST_SUFFIX]
+
+
 def test_empty_directory_returns_none(tmp_path):
     with Checkpointer(tmp_path / "none") as ckpt:
         assert ckpt.all_steps() == []

@@ -371,3 +371,48 @@ def test_float64_params_need_no_float64_carry():
             got[impl] = ys
         for impl, ys in got.items():
             np.testing.assert_allclose(ys, got["scan"], rtol=1e-12, atol=1e-12, err_msg=impl)
+
+
+@pytest.mark.parametrize("implementation", ["scan", "fused", "wavefront"])
+def test_token_ids_outside_the_vocabulary_are_zero_one_hot_vectors(implementation):
+    """Ids outside ``[0, V)`` (negative ones too) follow ``jax.nn.one_hot``: a zero input
+    vector, in the values and in the gradients, on every implementation (they used to
+    read row V-1 or wrap around forward, while the gradients left them out)."""
+    net = networks.network(cells.lstm(8), 2, False, implementation=implementation)
+    params = net.init(jax.random.key(0), 4)
+    ids = jnp.array([[5, 1, -1], [0, -7, 3]], jnp.int32)
+
+    def loss(p, xs):
+        return jnp.sum(jnp.sin(net.apply_batch(p, xs)[0]))
+
+    one_hot = jax.nn.one_hot(ids, 4)  # rows of zeros for 5, -1, -7
+    for a, b in zip(
+        jax.tree.leaves(jax.value_and_grad(loss)(params, ids)),
+        jax.tree.leaves(jax.value_and_grad(loss)(params, one_hot)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["scan", "fused", "wavefront"])
+def test_odd_but_valid_inputs_and_clear_errors_for_bad_carries(implementation):
+    """Token ids with T = 0 or B = 0, lengths as a list, xs as nested lists run; an
+    initial carry without its batch axis, of another batch size or an int type is
+    refused by name."""
+    net = networks.network(cells.gru(4), 1, False, implementation=implementation)
+    params = net.init(jax.random.key(0), 6)
+    assert net.apply_batch(params, jnp.zeros((2, 0), jnp.int32))[0].shape == (2, 0, 4)
+    assert net.apply_batch(params, jnp.zeros((0, 3), jnp.int32))[0].shape == (0, 3, 4)
+    xs = np.random.default_rng(0).normal(size=(3, 4, 6)).astype(np.float32)
+    want = net.apply_batch(params, xs, jnp.array([1, 4, 0]))[0]
+    np.testing.assert_allclose(net.apply_batch(params, xs, [1, 4, 0])[0], want, rtol=1e-6)
+    np.testing.assert_allclose(
+        net.apply_batch(params, xs.tolist())[0], net.apply_batch(params, xs)[0], rtol=1e-6
+    )
+    for carry, match in [
+        ((jnp.zeros((4,)),), r"leading batch axis of 3 .*shapes \[\(3, 4\)\]\), got .*\(4,\)"),
+        ((jnp.zeros((5, 4)),), r"leading batch axis of 3"),
+        ((jnp.zeros((3, 4), jnp.int32),), r"expected float32 leaves .* got int32"),
+    ]:
+        with pytest.raises(ValueError, match=r"initial_carry: .*" + match):
+            net.apply_batch(params, xs, None, carry)

@@ -263,6 +263,25 @@ def test_sampling_uses_the_key_and_text_round_trips():
     assert ids.shape == (40,) and a == vocab.join(list("time traveller") + vocab.to_tokens(ids))
 
 
+def test_generation_refuses_what_it_cannot_continue():
+    """An empty, 2-D or float prefix, a NaN / negative temperature, a float count:
+    named errors before tracing (an empty prefix once read logits at position -1)."""
+    model = models.language_model(models.ModelConfig(vocab_size=6, hidden_size=8))
+    params = model.init(jax.random.key(0))
+    bad = [
+        (dict(prefix=jnp.zeros((0,), jnp.int32)), r"prefix: expected .* P >= 1, got int32\[0\]"),
+        (dict(prefix=jnp.zeros((1, 2), jnp.int32)), r"prefix: .*got int32\[1, 2\]"),
+        (dict(prefix=jnp.array([1.0, 2.0])), r"prefix: .*got float32\[2\]"),
+        (dict(temperature=float("nan")), "temperature: expected a finite number >= 0"),
+        (dict(temperature=-1.0), "temperature: expected a finite number >= 0"),
+        (dict(num_tokens=2.0), "num_tokens: expected an int >= 1"),
+    ]
+    for kw, match in bad:
+        kw = {"prefix": jnp.array([1, 2], jnp.int32), "num_tokens": 3, **kw}
+        with pytest.raises(ValueError, match=match):
+            generate.generate_ids(model, params, **kw)
+
+
 # --- the launchers, as users run them --------------------------------------------------
 
 ENV = {
