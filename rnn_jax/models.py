@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rnn_jax import cells, networks
 
@@ -105,10 +106,11 @@ class Model(NamedTuple):
 
 def language_model(config: ModelConfig) -> Model:
     """Builds the model of ``config``; raises ValueError on bad options."""
-    if config.vocab_size < 1:
-        raise ValueError(f"vocab_size: expected >= 1, got {config.vocab_size}")
-    if config.embed_dim < 0:
-        raise ValueError(f"embed_dim: expected >= 0 (0 = one-hot), got {config.embed_dim}")
+    for name, minimum in (("vocab_size", 1), ("embed_dim", 0)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            extra = " (0 = one-hot)" if name == "embed_dim" else ""
+            raise ValueError(f"{name}: expected an int >= {minimum}{extra}, got {value!r}")
     net = networks.network(
         config.make_cell(),
         config.num_layers,

@@ -98,6 +98,11 @@ class Network(NamedTuple):
       apply_batch: the same over a batch: ``xs <float32>[B, T, I]``,
         ``lengths <int32>[B]``, initial carry with a leading batch axis; one dropout
         key is split per example.
+
+    Lengths are clipped to ``[0, T]`` (a negative one is 0: all outputs zero, the
+    initial carry returned). Token ids ``<int32>`` stand for one-hot vectors of size
+    ``input_size``; ids outside ``[0, input_size)`` are zero vectors, as in
+    ``jax.nn.one_hot``.
     """
 
     cell: Cell
@@ -349,6 +354,10 @@ def _check_carry(carry: Any, expected: Any, name: str, batch: int | None = None)
             raise ValueError(
                 f"{name}: expected {compute} leaves (the type the layers compute in), got {dtype}"
             )
+
+
+def _leaves_with_path(tree: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_leaves_with_path(tree)
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -740,11 +749,31 @@ def network(
                 f"xs: expected input_size {expected_in} (from params), got shape {tuple(xs.shape)}"
             )
 
+    @functools.lru_cache(maxsize=8)
+    def _param_shapes(input_size: int) -> dict[str, tuple[int, ...]]:
+        """``{path: shape}`` of ``init``'s params for ``input_size`` (not computed)."""
+        tree = jax.eval_shape(lambda: init(jax.random.key(0), input_size))
+        return {jax.tree_util.keystr(k): v.shape for k, v in _leaves_with_path(tree)}
+
     def _check_params(params) -> None:
         want = {f"layer_{i}" for i in range(num_layers)}
         if not isinstance(params, dict) or set(params) != want:
             got = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise ValueError(f"params: expected keys {sorted(want)} from net.init, got {got}")
+        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
+        w_x = layer0.get("W_x") if isinstance(layer0, dict) else None
+        if w_x is None or jnp.ndim(w_x) < 2:
+            raise ValueError("params: expected layer_0's W_x <[input_size, ...]> from net.init")
+        expected = _param_shapes(int(jnp.shape(w_x)[0]))
+        got = {jax.tree_util.keystr(k): jnp.shape(v) for k, v in _leaves_with_path(params)}
+        if got != expected:
+            diff = sorted(set(got.items()) ^ set(expected.items()))
+            path = diff[0][0]
+            raise ValueError(
+                f"params{path}: expected shape {expected.get(path, 'no such leaf')} (net.init of "
+                f"this {cell.name} network, hidden_size {cell.hidden_size}), got "
+                f"{got.get(path, 'no such leaf')}"
+            )
 
     return Network(
         cell=cell,

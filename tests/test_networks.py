@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from rnn_jax import BiCarry, cells, networks
+from rnn_jax import BiCarry, cells, models, networks
 
 I, H, T = 3, 4, 6
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -360,25 +360,33 @@ def test_float64_params_need_no_float64_carry():
     with jax.enable_x64(True):
         xs = np.random.default_rng(3).normal(size=(2, T, I))
         got = {}
-        for impl in ("scan", "fused", "wavefront", "pallas"):
+        # apply: the scan's own default carry; apply_batch on fused: _apply_fused's
+        # (wavefront and pallas share it; the pallas stack's fallback test runs float64)
+        for impl in ("scan", "fused"):
             net = networks.network(cells.lstm(16), 2, False, implementation=impl)
             params = net.init(jax.random.key(0), I)
             params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
-            ys, final = net.apply_batch(params, xs, jnp.array([T, 2]))
-            one, _ = net.apply(params, xs[0])
-            assert ys.dtype == one.dtype == jnp.float64
+            if impl == "scan":
+                ys = jnp.stack(
+                    [net.apply(params, x, n)[0] for x, n in zip(xs, (T, 2), strict=True)]
+                )
+                final = net.apply(params, xs[0])[1]
+            else:
+                ys, final = net.apply_batch(params, xs, jnp.array([T, 2]))
+            assert ys.dtype == jnp.float64
             assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(final))
             got[impl] = ys
         for impl, ys in got.items():
             np.testing.assert_allclose(ys, got["scan"], rtol=1e-12, atol=1e-12, err_msg=impl)
 
 
-@pytest.mark.parametrize("implementation", ["scan", "fused", "wavefront"])
+@pytest.mark.parametrize("implementation", ["scan", "fused"])
 def test_token_ids_outside_the_vocabulary_are_zero_one_hot_vectors(implementation):
     """Ids outside ``[0, V)`` (negative ones too) follow ``jax.nn.one_hot``: a zero input
-    vector, in the values and in the gradients, on every implementation (they used to
-    read row V-1 or wrap around forward, while the gradients left them out)."""
-    net = networks.network(cells.lstm(8), 2, False, implementation=implementation)
+    vector, in the values and in the gradients, on the scan's per-step lookup and the
+    fused projection (wavefront's and pallas' too) (they used to read row V-1 or wrap
+    around forward, while the gradients left them out)."""
+    net = networks.network(cells.lstm(8), 1, False, implementation=implementation)
     params = net.init(jax.random.key(0), 4)
     ids = jnp.array([[5, 1, -1], [0, -7, 3]], jnp.int32)
 
@@ -416,3 +424,19 @@ def test_odd_but_valid_inputs_and_clear_errors_for_bad_carries(implementation):
     ]:
         with pytest.raises(ValueError, match=r"initial_carry: .*" + match):
             net.apply_batch(params, xs, None, carry)
+
+
+def test_params_of_another_network_are_refused_by_path():
+    """Params whose shapes are not this network's init (another hidden size, a missing
+    leaf) name the leaf, on every implementation, instead of a matmul's shape error."""
+    other = networks.network(cells.lstm(4), 2).init(jax.random.key(0), 2)
+    for implementation in ("scan", "fused", "wavefront"):
+        net = networks.network(cells.lstm(3), 2, implementation=implementation)
+        with pytest.raises(ValueError, match=r"params\['layer_0'\]\['W_h'\]: expected shape"):
+            net.apply_batch(other, jnp.ones((2, 3, 2)))
+    params = net.init(jax.random.key(0), 2)
+    del params["layer_1"]["b"]
+    with pytest.raises(ValueError, match=r"params\['layer_1'\]\['b'\]: .* got no such leaf"):
+        net.apply(params, jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match=r"vocab_size: expected an int >= 1, got 2.5"):
+        models.language_model(models.ModelConfig(vocab_size=2.5))
