@@ -1253,7 +1253,7 @@ def main(argv: list[str]) -> None:
     try:  # a given device count must split every batch, before any worker runs
         for flag in ("cpu_devices", "flax_cpu_devices"):
             for b in sorted(batch_sizes):
-                resolve_cpu_devices(FLAGS[flag].value, b, True, flag=flag)
+                resolve_cpu_devices(FLAGS[flag].value, b, True, flag=flag, switch_off="")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

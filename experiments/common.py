@@ -67,13 +67,19 @@ def define_cpu_devices_flag(name: str = "cpu_devices", default: str = "auto", he
 
 
 def resolve_cpu_devices(
-    value: str, batch_size: int, split: bool, flag: str = "cpu_devices", macs: int | None = None
+    value: str,
+    batch_size: int,
+    split: bool,
+    flag: str = "cpu_devices",
+    macs: int | None = None,
+    switch_off: str = "--data_parallel=false",
 ):
     """How many CPU devices to ask for: ``value`` (``--cpu_devices``), ``auto`` ->
     :func:`rnn_jax.parallel.cpu_device_count` of the batch and the step's recurrent
     work ``macs`` when ``split`` (data parallelism on, one process), else 1.
     ValueError naming the flag when a given count does not divide a valid
-    ``batch_size``."""
+    ``batch_size`` (and, when ``switch_off``, the launcher's flag that turns the split
+    off)."""
     from rnn_jax import parallel
 
     n = parse_cpu_devices(value)
@@ -83,6 +89,6 @@ def resolve_cpu_devices(
     if split and valid_batch and batch_size % n:
         raise ValueError(
             f"--{flag}: {n} devices do not split --batch_size {batch_size}; use a divisor "
-            f"of it, auto, or --data_parallel=false"
+            f"of it or auto" + (f", or {switch_off}" if switch_off else "")
         )
     return n

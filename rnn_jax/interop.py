@@ -171,11 +171,17 @@ def to_torch(params: Any, net: Network) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for layer in range(net.num_layers):
         for sfx, direction in _suffixes(net):
-            p = params[f"layer_{layer}"]
-            p = {
-                k: np.asarray(v, np.float32)
-                for k, v in (p if direction is None else p[direction]).items()
-            }
+            where = f"['layer_{layer}']" + ("" if direction is None else f"['{direction}']")
+            try:
+                p = params[f"layer_{layer}"]
+                p = p if direction is None else p[direction]
+                p = {k: np.asarray(v, np.float32) for k, v in p.items()}
+            except (KeyError, TypeError, AttributeError):
+                kind = "bidirectional" if net.bidirectional else "unidirectional"
+                raise ValueError(
+                    f"params{where}: missing; expected the params of net.init for this {kind} "
+                    f"network of {net.num_layers} layer(s)"
+                ) from None
             if name == "rnn":
                 w_ih, w_hh, b_ih = p["W_x"].T, p["W_h"].T, p["b"]
                 b_hh = np.zeros_like(b_ih)

@@ -306,6 +306,15 @@ def test_reset_before_gru_is_refused():
         interop.to_torch(params, net)
 
 
+def test_to_torch_names_params_of_another_structure():
+    uni = networks.network(cells.lstm(H), 2)
+    bi = networks.network(cells.lstm(H), 2, True)
+    with pytest.raises(ValueError, match=r"params\['layer_0'\]\['forward'\]: missing.*bidir"):
+        interop.to_torch(random_params(uni, 0), bi)
+    with pytest.raises(ValueError, match=r"params\['layer_1'\]: missing"):
+        interop.to_torch({"layer_0": random_params(uni, 0)["layer_0"]}, uni)
+
+
 def test_prefix_selects_a_submodule():
     class Model(tnn.Module):
         def __init__(self):
