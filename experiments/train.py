@@ -209,9 +209,10 @@ def _recurrent_macs() -> int:
 def main(argv):
     try:
         _main(argv)
-    except KeyboardInterrupt:  # before the training loop, which saves and exits 130 itself
+    except KeyboardInterrupt:  # outside the training loop, which saves and exits 130 itself
         print(
-            "interrupted (SIGINT) before training started; no checkpoint was written",
+            "interrupted (SIGINT) outside the training loop; the run directory keeps its "
+            "last checkpoint",
             file=sys.stderr,
         )
         sys.exit(130)

@@ -191,7 +191,8 @@ def _read_cache(path: Path, echo: Callable[[str], None]) -> dict[str, Any] | Non
     is not an autotune cache: it is not fatal, but that file is never written over
     (the cache is written atomically, so it is someone else's file, not a torn one)."""
     try:
-        cache = json.loads(path.read_text())
+        content = path.read_text()
+        cache = json.loads(content) if content.strip() else {}  # an empty file: no cache yet
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
@@ -209,7 +210,7 @@ def check_cache_path(path: str | Path) -> str | None:
     path = Path(path)
     if path.is_dir():
         return f"{path} is a directory; expected a JSON file path"
-    if path.exists():
+    if path.exists() and path.stat().st_size:  # an empty file is a cache not yet written
         try:
             cache = json.loads(path.read_text())
         except (OSError, ValueError) as e:
@@ -272,7 +273,9 @@ def tune(
     rows = _rows(config)
     key = cache_key(config, vocab_size, rows)
     cache = _read_cache(path, echo)
-    writable = cache is not None
+    # a file that is not a cache is never written over, except at the default path,
+    # which is rnn_jax's own (a cache there that cannot be read is rebuilt)
+    writable = cache is not None or not cache_path
     cache = cache or {}
     hit = cache.get(key)
     if hit and not refresh:

@@ -293,9 +293,12 @@ class Checkpointer:
         Returns:
           True if a checkpoint was written, False if an intact one was kept.
         """
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        kind = np.asarray(step).dtype
+        if isinstance(step, bool) or np.ndim(step) != 0 or not np.issubdtype(kind, np.integer):
             raise ValueError(f"step: expected a non-negative int, got {step!r}")
-        step = int(step)
+        step = int(step)  # a Python int, numpy or 0-d JAX integer (e.g. state["step"])
+        if step < 0:
+            raise ValueError(f"step: expected a non-negative int, got {step}")
         meta = dict(meta) if meta is not None else {}
         try:  # before anything is written (orbax would fail in a thread, files half done)
             json.dumps(meta)

@@ -154,16 +154,18 @@ _STATE_SHAPERS = {
 }
 
 
-def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"flag: saved -> current"`` for each resume-defining field that differs, and
-    for each change that gives the optimizer state another structure (the checkpoint
-    could not be restored)."""
+def resume_conflicts(
+    saved: dict[str, Any], current: dict[str, Any], checkpointed: bool = True
+) -> list[str]:
+    """``"flag: saved -> current"`` for each resume-defining field that differs, and,
+    when the run has a checkpoint (``checkpointed``), for each change that gives the
+    optimizer state another structure (the checkpoint could not be restored)."""
     conflicts = [
         f"{k}: {saved.get(k)!r} -> {current[k]!r}"
         for k in RESUME_KEYS
         if k in saved and saved[k] != current[k]
     ]
-    for k, shapes in _STATE_SHAPERS.items():
+    for k, shapes in _STATE_SHAPERS.items() if checkpointed else ():
         if k in saved and shapes(saved) != shapes(current):
             conflicts.append(
                 f"{k}: {saved[k]!r} -> {current[k]!r} (another optimizer state structure)"
@@ -178,12 +180,14 @@ def _positive(config: TrainConfig, *names: str, minimum: float = 1) -> None:
             raise ConfigError(name, f"expected >= {minimum}, got {value!r}")
 
 
-_FLOATS = ("lr", "momentum", "weight_decay", "grad_clip", "forget_bias", "dropout", "log_every_s")
+_FLOATS = ("lr", "momentum", "weight_decay", "grad_clip", "forget_bias", "dropout")
 
 
 def _finite(config: TrainConfig) -> None:
     """No NaN or infinite float settings (an infinite ``lr`` would train a step of
-    NaNs, a NaN ``grad_clip`` would switch clipping off and break ``config.json``)."""
+    NaNs, a NaN ``grad_clip`` would switch clipping off and break ``config.json``);
+    ``log_every_s`` may be ``inf`` (no progress lines between evaluations), not NaN
+    (:func:`_positive`)."""
     for name in (*_FLOATS, "pin_reset", "pin_update"):
         value = getattr(config, name)
         if value is not None and not np.isfinite(value):
@@ -294,13 +298,6 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
             "num_train",
             f"num_train + num_val = {config.num_train + config.num_val} windows requested, "
             f"but the text has only {available} windows of {needed} tokens",
-        )
-    if config.partition == "windows" and config.batch_size > config.num_train:
-        raise ConfigError(
-            "batch_size",
-            f"{config.batch_size} rows per batch, but there are only num_train="
-            f"{config.num_train} training windows: the batch would be mostly padding; "
-            f"expected <= {config.num_train}",
         )
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     try:

@@ -548,11 +548,13 @@ def network(
 
     def default_carry(params, xs) -> tuple:
         """:func:`zero_carry` in the type the layers compute in: the result type of
-        the params and of float inputs (float64 under ``jax.enable_x64`` with float64
-        params), so that no scan's carry changes type."""
+        the params and of float inputs, at least float32 (float64 under
+        ``jax.enable_x64`` with float64 params; float32 for bfloat16 params, as the
+        fused layers compute), so that no scan's carry changes type."""
         leaves = jax.tree_util.tree_leaves(params)
         leaves += [] if cells.is_token_input(xs) else [xs]
         dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+        dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 params: float32 state
         return jax.tree_util.tree_map(lambda c: c.astype(dtype), zero_carry())
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):

@@ -445,6 +445,12 @@ def _read_json(path: Path) -> Any:
         raise ConfigError("workdir", f"{path} is not readable JSON ({e})") from None
 
 
+def _describe_corpus(record: Any) -> str:
+    if not isinstance(record, dict):
+        return "not a corpus record"
+    return f"{record.get('tokens')} tokens, sha256 {str(record.get('sha256'))[:12]}..."
+
+
 def _check_workdir(
     workdir: Path, config: TrainConfig, vocab: text.Vocab, corpus: dict[str, Any]
 ) -> None:
@@ -471,7 +477,9 @@ def _check_workdir(
         saved = _read_json(config_path)
         if not isinstance(saved, dict):
             raise ConfigError("workdir", f"{config_path} does not hold a run's settings")
-        conflicts = resume_conflicts(saved, dataclasses.asdict(config))
+        folder = workdir / "checkpoints"
+        checkpointed = folder.is_dir() and any(folder.iterdir())
+        conflicts = resume_conflicts(saved, dataclasses.asdict(config), checkpointed)
         if conflicts:
             raise differs(f"different model/data flags ({'; '.join(conflicts)})")
     vocab_path = workdir / "vocab.json"
@@ -494,8 +502,8 @@ def _check_workdir(
             raise ConfigError(
                 "data",
                 f"the text ({corpus['tokens']} tokens) is not the one the run in {workdir} "
-                f"learned from ({corpus_path}: {saved_corpus!r:.120}): the data changed; use "
-                f"another --workdir",
+                f"learned from ({corpus_path}: {_describe_corpus(saved_corpus)}): the data "
+                f"changed; use another --workdir",
             )
 
 

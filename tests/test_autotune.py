@@ -218,6 +218,8 @@ def test_cache_path_check_refuses_what_it_would_write_over(tmp_path):
     (tmp_path / "c.json").write_text("{}")
     assert autotune.check_cache_path(tmp_path / "c.json") is None
     assert autotune.check_cache_path(tmp_path / "new" / "c.json") is None
+    (tmp_path / "empty.json").write_text("")  # e.g. from mktemp: a cache not yet written
+    assert autotune.check_cache_path(tmp_path / "empty.json") is None
 
 
 @pytest.mark.parametrize(

@@ -118,7 +118,7 @@ def test_save_refuses_bad_steps_and_meta_before_writing(tmp_path):
                 ckpt.save(step, state, meta)
         with pytest.raises(ValueError, match=r"state: orbax cannot save arrays of size 0"):
             ckpt.save(1, {**state, "empty": np.zeros((0, 3))})
-        assert ckpt.save(np.int64(1), state, {"epoch": 1})
+        assert ckpt.save(jnp.int32(1), state, {"epoch": 1})  # e.g. state["step"]
     assert sorted(os.listdir(tmp_path / "ck")) == ["1", "1" + MANIFEST_SUFFIX]
 
 

@@ -440,3 +440,13 @@ def test_params_of_another_network_are_refused_by_path():
         net.apply(params, jnp.ones((3, 2)))
     with pytest.raises(ValueError, match=r"vocab_size: expected an int >= 1, got 2.5"):
         models.language_model(models.ModelConfig(vocab_size=2.5))
+
+
+def test_bfloat16_params_keep_a_float32_state():
+    """bfloat16 params (e.g. cast for storage) run on the default implementation with
+    float32 carries and outputs, as the fused layers compute."""
+    net = networks.network(cells.lstm(8), 1, False)
+    params = jax.tree.map(lambda v: v.astype(jnp.bfloat16), net.init(jax.random.key(0), 5))
+    for xs in (jnp.ones((2, 4, 5), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32)):
+        ys, final = net.apply_batch(params, xs)
+        assert ys.dtype == jnp.float32 and final[0].h.dtype == jnp.float32

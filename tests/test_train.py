@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from rnn_jax import checkpoint, data, generate, models, networks, text, train
+from rnn_jax import config as config_module
 from rnn_jax.config import ConfigError, TrainConfig, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,9 @@ def test_resume_refuses_changed_model_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"--data: the text's vocabulary .* differs"):
         train.run(config, echo=quiet)
     assert _snapshot(workdir) == before
+    saved = json.loads((workdir / "config.json").read_text())  # no checkpoint yet: allowed
+    assert config_module.resume_conflicts(saved, {**saved, "grad_clip": 0.0}, False) == []
+    config_module.validate(dataclasses.replace(config, log_every_s=float("inf")))  # no logs
     (workdir / "checkpoints").rename(workdir / "saved")
     (workdir / "checkpoints").write_text("")
     with pytest.raises(ConfigError, match=r"--workdir: .*checkpoints exists and is not a folder"):
@@ -388,7 +392,6 @@ BAD_CONFIG = [
     (dict(lr=float("inf")), "--lr: expected a finite number, got inf"),
     (dict(grad_clip=float("nan")), "--grad_clip: expected a finite number, got nan"),
     (dict(sample_prefix=""), "--sample_prefix: expected at least one 'char' token"),
-    (dict(batch_size=1000), "--batch_size: 1000 rows per batch, but there are only num_train=128"),
     (dict(min_freq=10**8), "--min_freq: the vocabulary holds only"),
     (
         dict(partition="sequential", batch_size=1024),
