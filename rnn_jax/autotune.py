@@ -186,21 +186,31 @@ def _timed(step: Callable[[], Any], repeats: int, min_time_s: float) -> list[flo
     return times
 
 
+def _parse_cache(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(entries, None)``: ``{}`` when there is no file or an empty one (a cache not
+    yet written); ``(None, why)`` for a file that is not an autotune cache."""
+    try:
+        content = path.read_text()
+    except FileNotFoundError:
+        return {}, None
+    except OSError as e:
+        return None, str(e)
+    if not content:
+        return {}, None
+    try:
+        cache = json.loads(content)
+    except ValueError as e:
+        return None, str(e)
+    return (cache, None) if isinstance(cache, dict) else (None, "not a JSON object")
+
+
 def _read_cache(path: Path, echo: Callable[[str], None]) -> dict[str, Any] | None:
     """The cache's entries (``{}`` if there is no file yet), or ``None`` for a file that
     is not an autotune cache: it is not fatal, but that file is never written over
     (the cache is written atomically, so it is someone else's file, not a torn one)."""
-    try:
-        content = path.read_text()
-        cache = json.loads(content) if content.strip() else {}  # an empty file: no cache yet
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        echo(f"autotune: ignoring unreadable cache {path} ({e}); it is left as it is")
-        return None
-    if not isinstance(cache, dict):
-        echo(f"autotune: ignoring {path}, not an autotune cache; it is left as it is")
-        return None
+    cache, why = _parse_cache(path)
+    if cache is None:
+        echo(f"autotune: ignoring unreadable cache {path} ({why}); it is left as it is")
     return cache
 
 
@@ -210,14 +220,8 @@ def check_cache_path(path: str | Path) -> str | None:
     path = Path(path)
     if path.is_dir():
         return f"{path} is a directory; expected a JSON file path"
-    if path.exists() and path.stat().st_size:  # an empty file is a cache not yet written
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            return f"{path} exists and is not an autotune cache ({e})"
-        if not isinstance(cache, dict):
-            return f"{path} exists and is not an autotune cache (not a JSON object)"
-    return None
+    _, why = _parse_cache(path)
+    return None if why is None else f"{path} exists and is not an autotune cache ({why})"
 
 
 def _write_cache(path: Path, cache: dict[str, Any], echo: Callable[[str], None]) -> None:

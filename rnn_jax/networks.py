@@ -356,8 +356,12 @@ def _check_carry(carry: Any, expected: Any, name: str, batch: int | None = None)
             )
 
 
-def _leaves_with_path(tree: Any) -> list[tuple[Any, Any]]:
-    return jax.tree_util.tree_leaves_with_path(tree)
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{"['layer_0']['W_x']": shape, ...}`` of a params tree (arrays or ShapeDtypeStructs)."""
+    return {
+        jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", None) or np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def _stack(trees: list[Any]) -> Any:
@@ -736,9 +740,7 @@ def network(
             return False
         if not persistent_stack.enabled():
             return False
-        leaves = jax.tree_util.tree_leaves((params, initial_carry))
-        leaves += [] if cells.is_token_input(xs) else [xs]
-        dtypes = [leaf.dtype for leaf in leaves]
+        dtypes = persistent_stack.input_dtypes(params, initial_carry, xs)
         batch, num_steps = xs.shape[0], xs.shape[1]
         return persistent_stack.problem(cell, num_layers, num_steps, batch, dtypes) is None
 
@@ -755,7 +757,9 @@ def network(
     def _param_shapes(input_size: int) -> dict[str, tuple[int, ...]]:
         """``{path: shape}`` of ``init``'s params for ``input_size`` (not computed)."""
         tree = jax.eval_shape(lambda: init(jax.random.key(0), input_size))
-        return {jax.tree_util.keystr(k): v.shape for k, v in _leaves_with_path(tree)}
+        return {
+            jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(tree)
+        }
 
     def _check_params(params) -> None:
         want = {f"layer_{i}" for i in range(num_layers)}
@@ -767,7 +771,10 @@ def network(
         if w_x is None or jnp.ndim(w_x) < 2:
             raise ValueError("params: expected layer_0's W_x <[input_size, ...]> from net.init")
         expected = _param_shapes(int(jnp.shape(w_x)[0]))
-        got = {jax.tree_util.keystr(k): jnp.shape(v) for k, v in _leaves_with_path(params)}
+        got = {
+            jax.tree_util.keystr(k): jnp.shape(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(params)
+        }
         if got != expected:
             diff = sorted(set(got.items()) ^ set(expected.items()))
             path = diff[0][0]

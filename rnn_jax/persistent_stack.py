@@ -83,6 +83,14 @@ def fits(num_layers: int, batch: int, hidden: int) -> bool:
     return programs <= persistent._program_limit(persistent.device_cores())
 
 
+def input_dtypes(params, carries, xs) -> list:
+    """The dtypes :func:`problem` checks: of the params, the carries and float inputs
+    (token ids are a row lookup before the kernel)."""
+    leaves = jax.tree_util.tree_leaves((params, carries))
+    leaves += [xs] if jnp.issubdtype(xs.dtype, jnp.floating) else []
+    return [leaf.dtype for leaf in leaves]
+
+
 def problem(cell, num_layers: int, num_steps: int, batch: int, dtypes=()) -> str | None:
     """Why the stacked kernels cannot run this network (``None`` if they can): a
     cell :mod:`rnn_jax.persistent` cannot run, fewer than two layers, no steps, any

@@ -32,16 +32,37 @@ class Run(NamedTuple):
         return self.state["params"]
 
 
+def read_json(path: Path) -> Any:
+    """A run directory's JSON file; ValueError naming it if it is not a file of JSON."""
+    if not path.is_file():
+        raise ValueError(f"{path} exists and is not a file")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """A run's ``config.json`` as a dict (ValueError naming the file otherwise)."""
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not hold a run's settings")
+    return saved
+
+
+def read_vocab(path: Path) -> text.Vocab:
+    """A run's ``vocab.json`` (ValueError naming the file if it is not one)."""
+    try:
+        return text.Vocab.from_json(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a vocabulary ({e})") from None
+
+
 def load_config(workdir: Path) -> TrainConfig:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{workdir} is not a run directory (no config.json)")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path} does not hold a run's settings")
+    saved = read_settings(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in saved.items() if k in known})
 
@@ -59,10 +80,7 @@ def load(workdir: Path) -> Run:
     vocab_path = workdir / "vocab.json"
     if not vocab_path.is_file():
         raise ValueError(f"{workdir} is not a complete run directory (no vocab.json)")
-    try:
-        vocab = text.Vocab.from_json(vocab_path.read_text())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{vocab_path} is not a vocabulary ({e})") from None
+    vocab = read_vocab(vocab_path)
     if not (workdir / "checkpoints").is_dir():  # the checkpointer would create it
         raise ValueError(f"{workdir / 'checkpoints'} holds no usable checkpoint (no such folder)")
     model = models.language_model(model_config(config, len(vocab)))

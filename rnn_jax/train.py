@@ -434,17 +434,6 @@ def _corpus_record(config: TrainConfig, ids: np.ndarray) -> dict[str, Any]:
     return {"data": config.data, "tokens": len(ids), "sha256": digest}
 
 
-def _read_json(path: Path) -> Any:
-    from rnn_jax.config import ConfigError
-
-    if not path.is_file():
-        raise ConfigError("workdir", f"{path} exists and is not a file")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError("workdir", f"{path} is not readable JSON ({e})") from None
-
-
 def _describe_corpus(record: Any) -> str:
     if not isinstance(record, dict):
         return "not a corpus record"
@@ -461,50 +450,46 @@ def _check_workdir(
     Raises:
       ConfigError: naming ``workdir`` (or ``data``) and what differs.
     """
+    from rnn_jax import runs  # (imports orbax: only when training)
     from rnn_jax.config import ConfigError
 
-    def differs(what: str) -> ConfigError:
-        return ConfigError(
-            "workdir",
-            f"{workdir} holds a run with {what}; use another --workdir or the original "
-            f"flags and data",
-        )
-
-    if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
-        raise ConfigError("workdir", f"{workdir / 'checkpoints'} exists and is not a folder")
-    config_path = workdir / "config.json"
-    if config_path.exists():
-        saved = _read_json(config_path)
-        if not isinstance(saved, dict):
-            raise ConfigError("workdir", f"{config_path} does not hold a run's settings")
-        folder = workdir / "checkpoints"
+    folder, config_path, vocab_path, corpus_path = (
+        workdir / name for name in ("checkpoints", "config.json", "vocab.json", "corpus.json")
+    )
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("workdir", f"{folder} exists and is not a folder")
+    try:  # what the run directory already holds (None: not written yet)
+        saved = runs.read_settings(config_path) if config_path.exists() else None
+        saved_vocab = runs.read_vocab(vocab_path) if vocab_path.exists() else None
+        saved_corpus = runs.read_json(corpus_path) if corpus_path.exists() else None
+    except ValueError as e:
+        raise ConfigError("workdir", str(e)) from None
+    if saved is not None:
         checkpointed = folder.is_dir() and any(folder.iterdir())
         conflicts = resume_conflicts(saved, dataclasses.asdict(config), checkpointed)
         if conflicts:
-            raise differs(f"different model/data flags ({'; '.join(conflicts)})")
-    vocab_path = workdir / "vocab.json"
-    if vocab_path.exists():
-        try:
-            saved_vocab = text.Vocab.from_json(vocab_path.read_text())
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError("workdir", f"{vocab_path} is not a vocabulary ({e})") from None
-        if saved_vocab.to_json() != vocab.to_json():
             raise ConfigError(
-                "data",
-                f"the text's vocabulary ({len(vocab)} tokens) differs from the one of the run "
-                f"in {workdir} ({len(saved_vocab)} tokens, {vocab_path}): the data changed; "
-                f"use another --workdir",
+                "workdir",
+                f"{workdir} holds a run with different model/data flags "
+                f"({'; '.join(conflicts)}); use another --workdir or the original flags and "
+                f"data",
             )
-    corpus_path = workdir / "corpus.json"
-    if corpus_path.exists():
-        saved_corpus = _read_json(corpus_path)
-        if not isinstance(saved_corpus, dict) or saved_corpus.get("sha256") != corpus["sha256"]:
-            raise ConfigError(
-                "data",
-                f"the text ({corpus['tokens']} tokens) is not the one the run in {workdir} "
-                f"learned from ({corpus_path}: {_describe_corpus(saved_corpus)}): the data "
-                f"changed; use another --workdir",
-            )
+    if saved_vocab is not None and saved_vocab.to_json() != vocab.to_json():
+        raise ConfigError(
+            "data",
+            f"the text's vocabulary ({len(vocab)} tokens) differs from the one of the run "
+            f"in {workdir} ({len(saved_vocab)} tokens, {vocab_path}): the data changed; "
+            f"use another --workdir",
+        )
+    if saved_corpus is not None and (
+        not isinstance(saved_corpus, dict) or saved_corpus.get("sha256") != corpus["sha256"]
+    ):
+        raise ConfigError(
+            "data",
+            f"the text ({corpus['tokens']} tokens) is not the one the run in {workdir} "
+            f"learned from ({corpus_path}: {_describe_corpus(saved_corpus)}): the data "
+            f"changed; use another --workdir",
+        )
 
 
 def _write_workdir(

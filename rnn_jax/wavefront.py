@@ -170,7 +170,7 @@ def network_layers(
     """
     if not fused.supports(cell):
         raise ValueError(f"cell: no fused kernels for {cell.name!r}")
-    if kernel not in ("xla", "pallas"):
+    if kernel not in fused.KERNELS:
         raise ValueError(f"kernel: expected 'xla' or 'pallas', got {kernel!r}")
     if matmul_dtype not in fused.MATMUL_DTYPES:
         raise ValueError(
@@ -198,9 +198,7 @@ def network_layers(
                 f"matmul_dtype: kernel='pallas' runs {num_layers} layers in float32 only "
                 f"(rnn_jax.persistent_stack), got {matmul_dtype!r}"
             )
-        leaves = jax.tree_util.tree_leaves((params, carries))
-        leaves += [xs] if jnp.issubdtype(xs.dtype, jnp.floating) else []
-        dtypes = [leaf.dtype for leaf in leaves]
+        dtypes = persistent_stack.input_dtypes(params, carries, xs)
         reason = persistent_stack.problem(cell, num_layers, num_steps, batch, dtypes)
         if reason is not None:
             raise ValueError(f"kernel='pallas': {reason}")
