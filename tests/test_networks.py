@@ -27,6 +27,13 @@ CELLS = {
 }
 GRID = list(itertools.product(CELLS, [1, 2], [False, True]))
 GRID_IDS = [f"{c}-L{n}-{'bi' if b else 'uni'}" for c, n, b in GRID]
+# rnn_relu differs from rnn only in the activation inside cell.step: the tests of how
+# a network batches its inputs (vmap, token ids) leave it out (CI time)
+BATCH_GRID = [g for g in GRID if g[0] != "rnn_relu"]
+BATCH_IDS = [i for g, i in zip(GRID, GRID_IDS, strict=True) if g[0] != "rnn_relu"]
+# token ids only reach the first layer's input projection: one layer, both ways
+TOKEN_GRID = [g for g in BATCH_GRID if g[1] == 1]
+TOKEN_IDS = [i for g, i in zip(BATCH_GRID, BATCH_IDS, strict=True) if g[1] == 1]
 
 
 def make(cell_name, num_layers, bidirectional, **kw):
@@ -135,7 +142,7 @@ def test_reverse_valid():
     np.testing.assert_array_equal(networks.reverse_valid(xs, None), xs[::-1])
 
 
-@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", BATCH_GRID, ids=BATCH_IDS)
 def test_vmap_equals_per_example_loop_and_jit_equals_eager(cell_name, num_layers, bidirectional):
     net, params = make(cell_name, num_layers, bidirectional)
     xs = random_xs(7, (3, T, I))
@@ -212,7 +219,7 @@ def test_check_grads(cell_name, bidirectional):
         check_grads(jax.jit(f), (params, xs, carry), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("cell_name,num_layers,bidirectional", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("cell_name,num_layers,bidirectional", TOKEN_GRID, ids=TOKEN_IDS)
 def test_token_ids_equal_one_hot_inputs(cell_name, num_layers, bidirectional):
     """Integer inputs are one-hot vectors: same outputs, carries and gradients."""
     net, params = make(cell_name, num_layers, bidirectional)
