@@ -239,9 +239,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
     net = model.network
     if net.bidirectional and impl in ("fused", "pallas"):
         kernel = "pallas" if impl == "pallas" else "xla"
-        separate = networks.separate_directions(
-            net.cell.hidden_size, kernel, directions=net.directions
-        )
+        separate = networks.separate_directions(kernel, directions=net.directions)
         info["directions"] = "separate" if separate else "vmap"
     if impl == "pallas":
         exchange = persistent.plan_exchange(spec["batch_size"], model.network.cell.hidden_size)

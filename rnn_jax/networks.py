@@ -21,8 +21,7 @@ How it computes:
   stacked along a direction axis and the step is ``vmap``-ed over it; the backward
   direction reads the valid part of the sequence reversed (``xs[L-1-t]`` for
   ``t < L``) and its outputs are put back in time order (the fused layers do the
-  same, except on CPU below H=256, where two calls were faster:
-  :func:`separate_directions`);
+  same, except on CPU, where two calls were faster: :func:`separate_directions`);
 * variable length: at steps ``t >= length`` the carry is frozen (``jnp.where``) and
   the output is exactly zero, so padding has no effect on anything;
 * optionally, the input projection ``X W_x + b`` of all steps is one matmul
@@ -147,10 +146,6 @@ def default_unroll(backend: str | None = None) -> int:
     return DEFAULT_UNROLL.get(backend, _ACCELERATOR_UNROLL)
 
 
-SEPARATE_DIRECTIONS_BELOW_HIDDEN = 256
-""":func:`separate_directions` on CPU below this hidden size."""
-
-
 DIRECTIONS = ("auto", "vmap", "separate")
 """``network(directions=...)``: how a bidirectional fused layer runs its two
 directions: ``"vmap"`` (one call of :func:`rnn_jax.fused.layer` ``vmap``-ed over a
@@ -174,32 +169,29 @@ def directions_problem(directions: str, bidirectional: bool, implementation: str
     return None
 
 
-def separate_directions(
-    hidden_size: int, kernel: str, backend: str | None = None, directions: str = "auto"
-) -> bool:
+def separate_directions(kernel: str, backend: str | None = None, directions: str = "auto") -> bool:
     """Whether a bidirectional fused layer runs its two directions as two calls of
     :func:`rnn_jax.fused.layer` instead of one call ``vmap``-ed over a direction axis.
 
-    ``directions`` other than ``"auto"`` decides (``"separate"``: two calls). The
-    rule of ``"auto"`` below was measured on one CPU, and another CPU can disagree:
-    on a 2-core Intel Xeon (AVX-512) two calls were faster at H=256 too (training
-    step of the language model, medium, one bidirectional layer, 12 alternating
-    rounds in one process, median ms, vmap vs two calls: LSTM 156 vs 142 and 165 vs
-    146, GRU 149 vs 133). ``rnn_jax.autotune`` times both on the machine at hand.
+    ``directions`` other than ``"auto"`` decides (``"separate"``: two calls).
+    ``"auto"``: two calls on CPU, the vmap elsewhere; ``rnn_jax.autotune`` times both
+    on the machine at hand.
 
     Never for the Pallas kernels: ``vmap``-ed, the two directions run as one kernel
     whose grid has a direction axis when all its programs fit on the GPU at once
-    (else one after another; ``rnn_jax.persistent._batched``). On CPU
-    below ``SEPARATE_DIRECTIONS_BELOW_HIDDEN``: measured on the 2-core CPU, training
-    step of the language model with one bidirectional layer, three alternating
-    rounds, ms (vmap vs two calls): d2l (H=32 B=1024 T=32) LSTM 41-45 vs 35-38, GRU
-    37 vs 33-35; H=64 B=256 T=64 GRU 38-40 vs 35-40; long (H=128 B=32 T=1024) LSTM
-    231-233 vs 213-217, GRU 195-221 vs 171-174 (there the vmapped chunked loop
-    transposed every chunk's arrays to put the direction axis inside); H=128 B=64
-    T=64 level (28-37 both); but medium (H=256 B=64 T=64) LSTM 64-65 vs 69-70, GRU
-    55-57 vs 60-63, and H=256 B=32 T=256 LSTM 132-153 vs 149-158, where the batched
-    matmuls of the vmap win. Accelerators keep the vmap (one loop for both
-    directions; measured there that way).
+    (else one after another; ``rnn_jax.persistent._batched``). On CPU two calls were
+    faster on every shape measured, on both 2-core CPUs of the development VMs
+    (training step of the language model, one bidirectional layer unless said,
+    alternating rounds in one process, ms, vmap vs two calls). AMD EPYC with
+    AVX-512 (2026-11-29): medium (H=256 B=64 T=64) LSTM 108 vs 101, GRU 86 vs 83,
+    LSTM 2 layers 354 vs 328; H=512 B=64 T=64 LSTM 421 vs 340. Intel Xeon: medium
+    LSTM 156 vs 142 and 165 vs 146, GRU 149 vs 133. An earlier AMD EPYC VM
+    (2026-11-27, before later changes to the loops): d2l (H=32 B=1024 T=32) LSTM
+    41-45 vs 35-38, GRU 37 vs 33-35; long (H=128 B=32 T=1024) LSTM 231-233 vs
+    213-217, GRU 195-221 vs 171-174 (the vmapped chunked loop transposed every
+    chunk's arrays to put the direction axis inside); only there did the vmap win at
+    H=256 (medium LSTM 64-65 vs 69-70, GRU 55-57 vs 60-63). Accelerators keep the
+    vmap (one loop for both directions; measured there that way).
     """
     if directions not in DIRECTIONS:
         raise ValueError(f"directions: expected one of {list(DIRECTIONS)}, got {directions!r}")
@@ -208,7 +200,7 @@ def separate_directions(
     if kernel == "pallas":
         return False
     backend = jax.default_backend() if backend is None else backend
-    return backend == "cpu" and hidden_size < SEPARATE_DIRECTIONS_BELOW_HIDDEN
+    return backend == "cpu"
 
 
 IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas")
@@ -698,9 +690,7 @@ def network(
         finals = []
         for layer in range(num_layers):
             p = params[f"layer_{layer}"]
-            if bidirectional and separate_directions(
-                cell.hidden_size, kernel, directions=directions
-            ):
+            if bidirectional and separate_directions(kernel, directions=directions):
                 c = initial_carry[layer]
                 out_f, carry_f = run(p["forward"], c.forward, ys, lengths)
                 rev = _reverse_valid_batch(ys, lengths)

@@ -393,9 +393,9 @@ def test_long_sequences_chunk_by_default_on_cpu():
 @pytest.mark.parametrize("cell_name", ["gru_after", "lstm"])
 def test_bidirectional_directions_under_vmap_equal_scan(cell_name):
     """The fused bidirectional layer with its directions vmapped (``directions="vmap"``;
-    what "auto" runs on CPU from H=256 on) at this small H: a layer vs the scan. The
-    two calls ("auto" here) are in the GRID test above."""
-    assert networks.separate_directions(H, "xla", "cpu")
+    what "auto" runs on accelerators): a layer vs the scan. The two calls ("auto" on
+    CPU) are in the GRID test above."""
+    assert networks.separate_directions("xla", "cpu")
     cell = CELLS[cell_name]()
     ref, _, params = nets(cell_name, 1, True)
     fast = networks.network(cell, 1, True, implementation="fused", directions="vmap")
@@ -404,34 +404,32 @@ def test_bidirectional_directions_under_vmap_equal_scan(cell_name):
 
 
 def test_separate_directions():
-    assert networks.separate_directions(128, "xla", "cpu")
-    assert not networks.separate_directions(256, "xla", "cpu")
-    assert not networks.separate_directions(32, "xla", "gpu")
+    assert networks.separate_directions("xla", "cpu")
+    assert not networks.separate_directions("xla", "gpu")
+    assert not networks.separate_directions("xla", "tpu")
     # the kernels: vmapped, so both directions can run as one grid
-    assert not networks.separate_directions(128, "pallas", "gpu")
-    assert not networks.separate_directions(32, "pallas", "cpu")
+    assert not networks.separate_directions("pallas", "gpu")
+    assert not networks.separate_directions("pallas", "cpu")
     # an explicit layout wins over the rule, on every backend and kernel
-    assert networks.separate_directions(256, "xla", "cpu", directions="separate")
-    assert networks.separate_directions(32, "pallas", "gpu", directions="separate")
-    assert not networks.separate_directions(128, "xla", "cpu", directions="vmap")
+    assert networks.separate_directions("xla", "cpu", directions="separate")
+    assert networks.separate_directions("pallas", "gpu", directions="separate")
+    assert not networks.separate_directions("xla", "cpu", directions="vmap")
     with pytest.raises(ValueError, match=r"directions: expected one of .*got 'both'"):
-        networks.separate_directions(128, "xla", "cpu", directions="both")
+        networks.separate_directions("xla", "cpu", directions="both")
 
 
 @pytest.mark.parametrize("directions,calls", [("vmap", 1), ("separate", 2), ("auto", 2)])
 def test_directions_run_one_call_or_two(directions, calls):
     """How many forward loops (the fused layer's scan) one bidirectional layer traces
-    to: the option is honoured (auto: two calls at this H on CPU, one at H=256)."""
-    cell = cells.lstm(8)
-    net = networks.network(cell, 1, True, implementation="fused", directions=directions)
-    params = net.init(jax.random.key(0), 3)
-    jaxpr = str(jax.make_jaxpr(net.apply_batch)(params, jnp.ones((4, 5, 3))))
-    assert jaxpr.count("= scan[") == calls
-    if directions == "auto" and jax.default_backend() == "cpu":
-        wide = networks.network(cells.lstm(256), 1, True, implementation="fused")
-        params = wide.init(jax.random.key(0), 3)
-        jaxpr = str(jax.make_jaxpr(wide.apply_batch)(params, jnp.ones((4, 5, 3))))
-        assert jaxpr.count("= scan[") == 1
+    to: the option is honoured (auto: two calls on CPU, at any H)."""
+    if directions == "auto" and jax.default_backend() != "cpu":
+        calls = 1
+    for hidden in (8, 256):
+        cell = cells.lstm(hidden)
+        net = networks.network(cell, 1, True, implementation="fused", directions=directions)
+        params = net.init(jax.random.key(0), 3)
+        jaxpr = str(jax.make_jaxpr(net.apply_batch)(params, jnp.ones((4, 5, 3))))
+        assert jaxpr.count("= scan[") == calls
 
 
 def test_directions_option_errors():
