@@ -7,9 +7,11 @@ A cell is a factory returning a :class:`Cell`, a NamedTuple of pure functions::
     carry = cell.initial_carry()              # zeros for one sequence
     carry, y = cell.step(params, carry, x)    # x: <float32>[input_size]
 
-``step`` is written for one example and uses carry-first order, so
-``functools.partial(cell.step, params)`` is a ``jax.lax.scan`` body as it is, and
-``jax.vmap`` adds a batch axis.
+``step`` uses carry-first order, so ``functools.partial(cell.step, params)`` is a
+``jax.lax.scan`` body as it is. It is written for one example and also takes
+leading batch axes: ``x <float32>[*B, I]`` (token ids ``<int32>[*B]``) with carry
+leaves ``<float32>[*B, H]`` gives outputs ``<float32>[*B, H]``, the same numbers as
+``jax.vmap`` over the examples.
 
 Notation follows the seed (Dive into Deep Learning, "modern" RNNs): ``x`` is X_t,
 ``h`` is H_{t-1}, sigma the logistic sigmoid, ``*`` the elementwise product.
@@ -61,12 +63,15 @@ class Cell(NamedTuple):
       options: the factory's keyword options (``activation``, ``reset_after``, ...).
       init: ``(key, input_size) -> params``.
       initial_carry: ``() -> carry``, zeros for one sequence.
-      step: ``(params, carry, x <float32>[I]) -> (carry, y <float32>[H])``.
+      step: ``(params, carry, x <float32>[I]) -> (carry, y <float32>[H])``; with
+        leading batch axes ``B``, ``x <[*B, I]>`` (ids ``<[*B]>``), carry leaves and
+        ``y`` ``<[*B, H]>``.
       project: ``(params, xs <float32>[..., I]) -> <float32>[..., G, H]``, the input
         projection ``xs @ W_x + b`` (``[..., H]`` for the plain RNN).
-      step_projected: ``(params, carry, xp) -> (carry, y)`` where ``xp`` is one row of
-        ``project``'s output; ``step(p, c, x) == step_projected(p, c, project(p, x))``.
-      gate_values: ``(params, carry, x) -> {gate name: <float32>[H]}``, the activated
+      step_projected: ``(params, carry, xp) -> (carry, y)`` where ``xp`` is
+        ``project``'s output for one step (``<[*B, G, H]>``, the plain RNN's
+        ``<[*B, H]>``); ``step(p, c, x) == step_projected(p, c, project(p, x))``.
+      gate_values: ``(params, carry, x) -> {gate name: <float32>[*B, H]}``, the activated
         gates and candidate of the step ``step(params, carry, x)`` takes (``{}`` for
         the plain RNN); for inspecting what the gates do.
     """
@@ -114,24 +119,26 @@ def _check_x(params: Params, x: Array, name: str = "x") -> None:
         )
 
 
-def _check_step_x(x: Array) -> None:
-    """One step's input: ``<float32>[I]`` or a token id ``<int32>[]`` (a batched ``x``
-    would be read as gates along its batch axis: wrong numbers, no error)."""
-    tokens = is_token_input(x)
-    if jnp.ndim(x) != (0 if tokens else 1):
-        want = "a token id <int32>[]" if tokens else "one example's <float32>[input_size]"
+def _step_batch(xp: Array, block: tuple[int, ...]) -> tuple[int, ...]:
+    """The leading batch axes ``B`` of one step's projected input ``xp <[*B, *block]>``
+    (``block``: ``(H,)`` or ``(G, H)``); ValueError naming ``xp`` for another shape."""
+    shape = tuple(jnp.shape(xp))
+    cut = len(shape) - len(block)
+    if cut < 0 or shape[cut:] != block:
         raise ValueError(
-            f"x: expected {want}, got shape {tuple(jnp.shape(x))}; use jax.vmap over the "
-            f"step (or a network's apply_batch) for batches"
+            f"xp: expected shape [*B, {', '.join(map(str, block))}] (this cell's projected "
+            f"input of one step), got {shape}"
         )
+    return shape[:cut]
 
 
-def _check_step_state(name: str, value: Array, shape: tuple[int, ...]) -> None:
-    """A step's carry leaf ``<float32>[H]`` or projected input (``[H]``, ``[G, H]``)."""
-    if tuple(jnp.shape(value)) != shape:
+def _check_carry(name: str, value: Array, batch: tuple[int, ...], hidden: int) -> None:
+    """A step's carry leaf must be ``<float32>[*B, H]``, with the batch axes of ``x``."""
+    want = (*batch, hidden)
+    if tuple(jnp.shape(value)) != want:
         raise ValueError(
-            f"{name}: expected one example's shape {shape}, got {tuple(jnp.shape(value))}; "
-            f"use jax.vmap over the step (or a network's apply_batch) for batches"
+            f"{name}: expected shape {want} (the batch axes {batch} of x, then "
+            f"hidden_size), got {tuple(jnp.shape(value))}"
         )
 
 
@@ -268,13 +275,11 @@ def rnn(
         return xs @ params["W_x"] + params["b"]
 
     def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
-        _check_step_state("carry", h, (hidden_size,))
-        _check_step_state("xp", xp, (hidden_size,))
+        _check_carry("carry", h, _step_batch(xp, (hidden_size,)), hidden_size)
         h = phi(xp + h @ params["W_h"])
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
-        _check_step_x(x)
         return step_projected(params, h, project(params, x))
 
     return Cell(
@@ -350,18 +355,17 @@ def gru(
 
     def gates(params: Params, h: Array, xp: Array) -> tuple[Array, Array, Array]:
         """``(R_t, Z_t, H~_t)``."""
-        _check_step_state("carry", h, (hidden_size,))
-        _check_step_state("xp", xp, (3, hidden_size))
+        _check_carry("carry", h, _step_batch(xp, (3, hidden_size)), hidden_size)
         w_h = params["W_h"]
         if reset_after:
             hp = _matmul_gates(h, w_h)  # all three recurrent products at once
-            r = pinned(jax.nn.sigmoid(xp[0] + hp[0]), pin_reset)
-            z = pinned(jax.nn.sigmoid(xp[1] + hp[1]), pin_update)
-            h_tilde = jnp.tanh(xp[2] + r * (hp[2] + params["b_hn"]))
+            r = pinned(jax.nn.sigmoid(xp[..., 0, :] + hp[..., 0, :]), pin_reset)
+            z = pinned(jax.nn.sigmoid(xp[..., 1, :] + hp[..., 1, :]), pin_update)
+            h_tilde = jnp.tanh(xp[..., 2, :] + r * (hp[..., 2, :] + params["b_hn"]))
         else:
-            rz = jax.nn.sigmoid(xp[:2] + _matmul_gates(h, w_h[:, :2]))
-            r, z = pinned(rz[0], pin_reset), pinned(rz[1], pin_update)
-            h_tilde = jnp.tanh(xp[2] + (r * h) @ w_h[:, 2])
+            rz = jax.nn.sigmoid(xp[..., :2, :] + _matmul_gates(h, w_h[:, :2]))
+            r, z = pinned(rz[..., 0, :], pin_reset), pinned(rz[..., 1, :], pin_update)
+            h_tilde = jnp.tanh(xp[..., 2, :] + (r * h) @ w_h[:, 2])
         return r, z, h_tilde
 
     def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
@@ -370,11 +374,9 @@ def gru(
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
-        _check_step_x(x)
         return step_projected(params, h, _project_gated(params, x))
 
     def gate_values(params: Params, h: Array, x: Array) -> dict[str, Array]:
-        _check_step_x(x)
         return dict(zip(("r", "z", "h~"), gates(params, h, _project_gated(params, x)), strict=True))
 
     return Cell(
@@ -435,12 +437,12 @@ def lstm(
 
     def gates(params: Params, carry: LSTMCarry, xp: Array) -> tuple[Array, ...]:
         """``(I_t, F_t, O_t, C~_t)``."""
-        _check_step_state("carry.h", carry.h, (hidden_size,))
-        _check_step_state("carry.c", carry.c, (hidden_size,))
-        _check_step_state("xp", xp, (4, hidden_size))
+        batch = _step_batch(xp, (4, hidden_size))
+        _check_carry("carry.h", carry.h, batch, hidden_size)
+        _check_carry("carry.c", carry.c, batch, hidden_size)
         pre = xp + _matmul_gates(carry.h, params["W_h"])
-        i, f, o = (jax.nn.sigmoid(pre[k]) for k in range(3))
-        return i, f, o, jnp.tanh(pre[3])
+        i, f, o = (jax.nn.sigmoid(pre[..., k, :]) for k in range(3))
+        return i, f, o, jnp.tanh(pre[..., 3, :])
 
     def step_projected(params: Params, carry: LSTMCarry, xp: Array) -> tuple[LSTMCarry, Array]:
         i, f, o, c_tilde = gates(params, carry, xp)
@@ -449,12 +451,10 @@ def lstm(
         return LSTMCarry(h, c), h
 
     def gate_values(params: Params, carry: LSTMCarry, x: Array) -> dict[str, Array]:
-        _check_step_x(x)
         values = gates(params, carry, _project_gated(params, x))
         return dict(zip(("i", "f", "o", "c~"), values, strict=True))
 
     def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
-        _check_step_x(x)
         return step_projected(params, carry, _project_gated(params, x))
 
     return Cell(

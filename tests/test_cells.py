@@ -290,22 +290,55 @@ def test_pinned_gru_gates():
         cells.gru(H, pin_reset=2)
 
 
-@pytest.mark.parametrize("factory", [cells.rnn, cells.gru, cells.lstm])
-def test_a_step_refuses_batched_inputs_and_carries(factory):
-    """``step`` is one example's step: a batched ``x`` or carry is refused by name (it
-    used to be read with the gates along the batch axis: wrong numbers, no error);
-    ``jax.vmap`` over the step is the batched form."""
-    cell = factory(H)
-    p = cell.init(jax.random.key(0), I)
-    carry = cell.initial_carry()
-    batched = jax.tree.map(lambda c: jnp.zeros((1, *c.shape)), carry)
-    with pytest.raises(ValueError, match=r"x: expected one example's <float32>\[input_size\]"):
-        cell.step(p, carry, jnp.ones((4, I)))
-    with pytest.raises(ValueError, match=r"x: expected a token id"):
-        cell.step(p, carry, jnp.array([1, 2]))
-    with pytest.raises(ValueError, match=r"carry(.h)?: expected one example's shape \(7,\)"):
-        cell.step(p, batched, jnp.ones((I,)))
-    with pytest.raises(ValueError, match=r"xp: expected one example's shape"):
-        cell.step_projected(p, carry, jax.vmap(cell.project, (None, 0))(p, jnp.ones((2, I))))
-    _, y = jax.vmap(cell.step, in_axes=(None, 0, 0))(p, batched, jnp.ones((1, I)))
-    np.testing.assert_allclose(y[0], cell.step(p, carry, jnp.ones((I,)))[1], rtol=1e-6)
+BATCH_CELLS = {
+    "rnn": lambda: cells.rnn(H),
+    "gru": lambda: cells.gru(H),
+    "gru_after": lambda: cells.gru(H, reset_after=True),
+    "lstm": lambda: cells.lstm(H),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_CELLS))
+def test_a_step_takes_leading_batch_axes(name):
+    """``step`` on ``x <[*B, I]>`` (ids ``<[*B]>``) and carries ``<[*B, H]>`` gives, for
+    every example, the one-example step's numbers (vmapped over each batch axis);
+    ``gate_values`` too. A carry without x's batch axes is refused by name (it used to
+    be read with the gates along the batch axis: wrong numbers, no error)."""
+    cell = BATCH_CELLS[name]()
+    p = random_params(cell)
+    rng = np.random.default_rng(3)
+    for batch in [(3,), (2, 3)]:
+        carry = jax.tree.map(
+            lambda c, batch=batch: jnp.asarray(rng.normal(size=(*batch, *c.shape)), jnp.float32),
+            cell.initial_carry(),
+        )
+        for x in (
+            jnp.asarray(rng.normal(size=(*batch, I)), jnp.float32),
+            jnp.asarray(rng.integers(0, I, batch), jnp.int32),
+        ):
+            one = cell.step
+            gates = cell.gate_values
+            for _ in batch:  # one vmap per batch axis
+                one = jax.vmap(one, in_axes=(None, 0, 0))
+                gates = jax.vmap(gates, in_axes=(None, 0, 0))
+            got, want = cell.step(p, carry, x), one(p, carry, x)
+            assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, **TOL),
+                cell.gate_values(p, carry, x),
+                gates(p, carry, x),
+            )
+    single = cell.initial_carry()
+    leaf = "carry.h" if name == "lstm" else "carry"
+    with pytest.raises(ValueError, match=rf"{leaf}: expected shape \(4, 7\) \(the batch axes"):
+        cell.step(p, single, jnp.ones((4, I)))
+    with pytest.raises(ValueError, match=rf"{leaf}: expected shape \(2, 7\)"):
+        cell.step(p, single, jnp.array([1, 2]))
+    with pytest.raises(ValueError, match=rf"{leaf}: expected shape \(7,\)"):
+        cell.step(p, jax.tree.map(lambda c: c[None], single), jnp.ones((I,)))
+    block = r"7" if name == "rnn" else r"\d, 7"
+    with pytest.raises(ValueError, match=rf"xp: expected shape \[\*B, {block}\]"):
+        cell.step_projected(p, single, jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"x: expected last dimension 5"):
+        cell.step(p, single, jnp.float32(1.0))
