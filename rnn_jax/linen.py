@@ -14,6 +14,7 @@ with the same structure as ``networks.network(...).init`` returns.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.core
@@ -55,17 +56,25 @@ class RNN(nn.Module):
     input_size: int | None = None
 
     def network(self) -> networks.Network:
-        """The :class:`rnn_jax.networks.Network` this module runs."""
-        return networks.network(
-            cells.make(self.cell, self.hidden_size, **dict(self.cell_options)),
+        """The :class:`rnn_jax.networks.Network` this module runs: one object per set
+        of attributes (cached), so that its trace-time work (the check of the params
+        against ``init``'s shapes) is done once, not on every call."""
+        args = (
+            self.cell,
+            self.hidden_size,
+            tuple(self.cell_options),
             self.num_layers,
             self.bidirectional,
-            dropout=self.dropout,
-            unroll=self.unroll,
-            remat=self.remat,
-            hoist_input=self.hoist_input,
-            implementation=self.implementation,
+            self.dropout,
+            self.unroll,
+            self.remat,
+            self.hoist_input,
+            self.implementation,
         )
+        try:
+            return _network(*args)
+        except TypeError:  # an unhashable cell option (e.g. a list): built each time
+            return _network.__wrapped__(*args)
 
     @nn.compact
     def __call__(
@@ -91,3 +100,28 @@ class RNN(nn.Module):
         if xs.ndim == (1 if tokens else 2):  # one sequence
             return net.apply(params, xs, lengths, initial_carry, dropout_key=key)
         return net.apply_batch(params, xs, lengths, initial_carry, dropout_key=key)
+
+
+@functools.lru_cache(maxsize=64)
+def _network(
+    cell,
+    hidden_size,
+    cell_options,
+    num_layers,
+    bidirectional,
+    dropout,
+    unroll,
+    remat,
+    hoist_input,
+    implementation,
+) -> networks.Network:
+    return networks.network(
+        cells.make(cell, hidden_size, **dict(cell_options)),
+        num_layers,
+        bidirectional,
+        dropout=dropout,
+        unroll=unroll,
+        remat=remat,
+        hoist_input=hoist_input,
+        implementation=implementation,
+    )

@@ -211,3 +211,17 @@ def test_unbatched_input():
     # Init from one sequence gives the same parameters.
     shapes = jax.tree.map(lambda s: s.shape, init_shapes(xs[0], LENGTHS[0]))
     assert shapes == jax.tree.map(jnp.shape, variables())
+
+
+def test_the_network_is_built_once_per_set_of_attributes():
+    """``RNN.network()`` is cached by the module's attributes: its trace-time checks
+    (params against ``init``'s shapes, an ``eval_shape``) run once, not on every call."""
+    a, b = RNN("gru", 8, cell_options=(("reset_after", True),)), RNN("gru", 8)
+    assert a.network() is a.network()
+    assert a.network() is RNN("gru", 8, cell_options=(("reset_after", True),)).network()
+    assert a.network() is not b.network()
+    assert a.network().cell.options["reset_after"] and not b.network().cell.options["reset_after"]
+    # an unhashable option value (an array) still works, built each time
+    pinned = RNN("gru", 8, cell_options=(("pin_reset", jnp.asarray(1.0)),))
+    assert pinned.network() is not pinned.network()
+    assert float(pinned.network().cell.options["pin_reset"]) == 1.0
