@@ -116,7 +116,7 @@ for run in ${RUNS[@]+"${RUNS[@]}"}; do
   echo "levers run $n: $configs | $cells | layers $layers | $variants | XLA_FLAGS=${xla:-}"
   XLA_FLAGS="${xla:-${XLA_FLAGS:-}}" timeout "$limit" $PY -m experiments.levers $check \
     --configs="$configs" --cells="$cells" --layers="$layers" --variants="$variants" \
-    --iters=20 --max_time_s=1 --output="$OUT/levers_$n.json"
+    --iters=20 --max_time_s=1 --cpu_devices=1 --output="$OUT/levers_$n.json"
   echo "levers run $n exit $? at $(( $(date +%s) - START )) s"
 done
 

@@ -14,7 +14,10 @@ A variant is ``implementation:unroll`` (implementation ``scan``, ``fused`` or
 input projection outside the loop or not) and ``bf16`` (bfloat16 matmuls), e.g.
 ``fused:8:bf16``. All variants run in this
 one process (only JAX is imported, so no foreign thread pool competes); the peers
-and cold compile times are :mod:`experiments.benchmark`'s job.
+and cold compile times are :mod:`experiments.benchmark`'s job. On a CPU every case
+runs on one device count (``--cpu_devices``, default ``auto``: the benchmark's
+per-case choice, which the cases must then share), since JAX fixes the count when
+its backend starts.
 
 ``--check`` first compares the ``fused`` and ``wavefront`` implementations with
 ``scan`` on this device at ``highest`` matmul precision (values and gradients with
@@ -34,7 +37,7 @@ from typing import Any
 
 from absl import app, flags
 
-from experiments import bench_worker
+from experiments import bench_worker, common
 from experiments.benchmark import (
     CELLS,
     check_choices,
@@ -137,14 +140,61 @@ def check_fused(tol: float = 1e-5, names=CHECK_CELLS) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_devices_for(cases, value: str) -> int:
+    """The one CPU device count all ``cases`` run on in this process: ``value``
+    (``--cpu_devices``: a count, or ``auto``, the count :mod:`experiments.benchmark`'s
+    rnn_jax worker picks per case). JAX fixes the count when its backend starts, so
+    cases whose ``auto`` counts differ, or a count that does not divide a case's
+    batch, raise ValueError naming the flag."""
+    from experiments.common import resolve_cpu_devices
+    from rnn_jax import parallel
+
+    counts = {}
+    for case in cases:
+        spec = case.spec()
+        macs = parallel.recurrent_macs(
+            spec["cell"],
+            spec["hidden_size"],
+            spec["batch_size"],
+            spec["num_steps"],
+            spec["num_layers"],
+            spec["bidirectional"],
+        )
+        counts[case.label()] = resolve_cpu_devices(
+            value, spec["batch_size"], True, "cpu_devices", macs, switch_off=""
+        )
+    if len(set(counts.values())) > 1:
+        each = ", ".join(f"{label}: {n}" for label, n in counts.items())
+        raise ValueError(
+            f"--cpu_devices={value}: the cases want different CPU device counts ({each}), "
+            f"and one process has one count; pass --cpu_devices=N or run them separately"
+        )
+    return next(iter(counts.values()), 1)
+
+
 def main(argv: list[str]) -> None:
     del argv
     FLAGS = flags.FLAGS
     from rnn_jax import allocator
 
     allocator.tune_malloc()  # as every benchmark worker does, before JAX allocates
+    variants = [parse_variant(v) for v in FLAGS.variants]
+    cases = make_cases(
+        selected_configs(FLAGS.configs, FLAGS.config_spec),
+        FLAGS.cells,
+        parse_layers(FLAGS.layers),
+        parse_bools(FLAGS.bidirectional),
+    )
+    try:
+        num_cpu_devices = cpu_devices_for(cases, FLAGS.cpu_devices)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     import jax
 
+    from rnn_jax import parallel
+
+    parallel.split_cpu(num_cpu_devices)  # before the backends start: one count per process
     platform = jax.default_backend()
     device = jax.devices()[0].device_kind
     print(f"device: {platform} {device}; jax {jax.__version__}", flush=True)
@@ -167,13 +217,7 @@ def main(argv: list[str]) -> None:
                 f"max rel diff {row['max_rel_diff']:.2e}"
             )
         failed = not all(row["ok"] for row in report["check"])
-    variants = [parse_variant(v) for v in FLAGS.variants]
-    cases = make_cases(
-        selected_configs(FLAGS.configs, FLAGS.config_spec),
-        FLAGS.cells,
-        parse_layers(FLAGS.layers),
-        parse_bools(FLAGS.bidirectional),
-    )
+    report["cpu_devices"] = len(jax.devices("cpu"))
     print("case | " + " | ".join(FLAGS.variants) + " | fastest (ms)", flush=True)
     for case in cases:
         row = {"case": case.label(), **case.key(), "variants": {}}
@@ -185,6 +229,7 @@ def main(argv: list[str]) -> None:
                     **variant,
                     "iters": FLAGS.iters,
                     "max_time_s": FLAGS.max_time_s,
+                    "cpu_devices": str(num_cpu_devices),
                 }
             )
             result["wall_s"] = time.perf_counter() - t
@@ -229,6 +274,13 @@ def define_flags() -> None:
         "Cells --check compares: rnn, gru, gru_reset_after, lstm.",
     )
     flags.DEFINE_string("output", "levers.json", "JSON file of all results; empty: none.")
+    common.define_cpu_devices_flag(
+        "cpu_devices",
+        "auto",
+        "CPU devices for every case of this process (JAX fixes the count when it starts): "
+        "a count that divides every batch, or auto, experiments.benchmark's per-case "
+        "choice, which must then agree across the cases.",
+    )
 
     flags.register_multi_flags_validator(
         ["configs", "config_spec"],

@@ -517,3 +517,29 @@ def test_levers_bad_variants(text, word):
         "unroll": 8,
         "matmul_dtype": "bfloat16",
     }
+
+
+def test_levers_runs_all_cases_on_one_cpu_device_count(monkeypatch):
+    """JAX fixes the CPU device count when it starts, so levers picks one for the
+    process: a split shape and a tiny one ask for different counts under auto (refused
+    by name), a given count must divide every batch."""
+    from experiments import levers
+    from rnn_jax import parallel
+
+    monkeypatch.setattr(parallel, "cpu_cores", lambda: 2)
+    medium = benchmark.make_cases(
+        benchmark.selected_configs(["medium"], []), ["lstm"], [1], [False]
+    )
+    tiny = benchmark.make_cases(
+        benchmark.selected_configs([], ["tiny:8:4:5"]), ["lstm"], [1], [False]
+    )
+    odd = benchmark.make_cases(benchmark.selected_configs([], ["odd:8:3:5"]), ["gru"], [1], [False])
+    assert levers.cpu_devices_for(medium, "auto") == 2
+    assert levers.cpu_devices_for(tiny, "auto") == 1
+    assert levers.cpu_devices_for(medium + tiny, "1") == 1
+    with pytest.raises(
+        ValueError, match=r"--cpu_devices=auto: .*medium lstm L1: 2, tiny lstm L1: 1"
+    ):
+        levers.cpu_devices_for(medium + tiny, "auto")
+    with pytest.raises(ValueError, match=r"--cpu_devices: 2 devices do not split --batch_size 3"):
+        levers.cpu_devices_for(medium + odd, "2")
