@@ -876,20 +876,79 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
-def update_markdown(path: Path, key: str, section: str) -> None:
-    """Replaces the section ``key`` of ``path`` (or appends it; creates the file)."""
-    begin, end = f"<!-- benchmark-section: {key} -->", f"<!-- /benchmark-section: {key} -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    i = text.find(begin)
-    j = text.find(end, i) if i >= 0 else -1
-    if i >= 0 and j >= 0:
-        tail = text[j + len(end) :]
-        text = text[:i] + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
+def _fail(message: str):
+    from absl import flags
+
+    raise flags.ValidationError(message)
+
+
+def partial_path(output: str) -> Path:
+    """Where a run writes its results after every case: ``<output>.partial`` (renamed
+    over nothing: the output itself is written only when the run finishes, so an
+    interrupted run never replaces a complete file)."""
+    return Path(output + ".partial")
+
+
+def table_cases(section: str) -> list[str]:
+    """The cases a section's tables hold, one label per row: the cells up to the
+    header's ``bidir`` column (training-step tables), or its ``impl`` column, else the
+    first cell (compile and remat reports)."""
+    cases: list[str] = []
+    header: list[str] | None = None
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+            continue
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the separator row
+        for name in ("bidir", "impl"):
+            if name in header:
+                cases.append(" ".join(cells[: header.index(name) + 1]))
+                break
+        else:
+            cases.append(cells[0])
+    return cases
+
+
+def update_markdown(
+    path: Path, key: str, section: str, meta: dict[str, Any] | None = None
+) -> tuple[str, list[str]]:
+    """Replaces the section ``key`` of ``path`` (or appends it; creates the file), unless
+    that section holds cases ``section`` lacks (a run of a subset): then it stays and
+    this run goes into a new section, ``key`` with the run's date. Returns
+    ``(the key written, the cases kept)``."""
     from rnn_jax.files import write_atomic
 
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+
+    def bounds(k: str) -> tuple[int, int]:
+        begin, end = f"<!-- benchmark-section: {k} -->", f"<!-- /benchmark-section: {k} -->"
+        i = text.find(begin)
+        j = text.find(end, i) if i >= 0 else -1
+        return (i, j + len(end)) if i >= 0 and j >= 0 else (-1, -1)
+
+    i, j = bounds(key)
+    kept: list[str] = []
+    if i >= 0:
+        new_cases = set(table_cases(section))
+        kept = [c for c in dict.fromkeys(table_cases(text[i:j])) if c not in new_cases]
+    written = key
+    if kept:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        stamp = (meta or {}).get("date") or now.strftime("%Y-%m-%d %H:%M UTC")
+        written = f"{key} ({stamp})"
+        section = section.replace(key, written)
+        i, j = bounds(written)
+    if i >= 0:
+        text = text[:i] + section.rstrip("\n") + text[j:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
     write_atomic(path, text)
+    return written, kept
 
 
 # --- main ----------------------------------------------------------------------------
@@ -1101,10 +1160,17 @@ def define_flags() -> None:
         return True
 
     flags.register_validator("lr", lr_ok)
+    flags.register_validator(
+        "max_time_s",
+        lambda v: math.isfinite(v) or _fail(f"expected a finite number of seconds, got {v}"),
+    )
 
     def file_path_ok(value):
         if value and os.path.isdir(value):
             raise flags.ValidationError(f"{value} is a directory; expected a file path")
+        parent = os.path.dirname(os.path.abspath(value)) if value else ""
+        if value and not os.path.isdir(parent):
+            raise flags.ValidationError(f"{value}: its directory {parent} does not exist")
         return True
 
     flags.register_validator("output", file_path_ok)
@@ -1308,8 +1374,9 @@ def main(argv: list[str]) -> None:
         return {"meta": meta, **({"partial": True} if partial else {}), **body}
 
     def write_partial(results: list[dict]) -> None:  # a killed run keeps its finished cases
-        if FLAGS.output:
-            write_json(Path(FLAGS.output), full_report({"results": results}, partial=True))
+        if FLAGS.output:  # beside the output, which keeps the last complete run's results
+            report = full_report({"results": results}, partial=True)
+            write_json(partial_path(FLAGS.output), report)
 
     report: dict[str, Any] = {}
     cache_dir = None
@@ -1351,10 +1418,18 @@ def main(argv: list[str]) -> None:
     echo(section)
     if FLAGS.output:
         write_json(Path(FLAGS.output), report)
+        partial_path(FLAGS.output).unlink(missing_ok=True)
         echo(f"wrote {FLAGS.output}")
     if FLAGS.markdown:
-        update_markdown(Path(FLAGS.markdown), key, section)
-        echo(f"updated section {key!r} of {FLAGS.markdown}")
+        written, kept = update_markdown(Path(FLAGS.markdown), key, section, report["meta"])
+        if kept:
+            more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+            echo(
+                f"kept section {key!r} of {FLAGS.markdown}: it holds cases this run did "
+                f"not measure ({', '.join(kept[:3])}{more}); this run is section {written!r}"
+            )
+        else:
+            echo(f"updated section {written!r} of {FLAGS.markdown}")
     failed = [r for r in report.get("results", []) if not r.get("ok") and not r.get("skipped")]
     if failed:
         echo(f"{len(failed)} measurement(s) failed; see the errors above and in the JSON")

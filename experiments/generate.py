@@ -44,11 +44,13 @@ def main(argv):
         fail("temperature", f"expected a finite number >= 0, got {FLAGS.temperature}")
     if FLAGS.num_samples < 1:
         fail("num_samples", f"expected >= 1, got {FLAGS.num_samples}")
+    if not FLAGS.workdir.strip():
+        fail("workdir", "expected the run directory experiments.train wrote, got ''")
     from rnn_jax import runs
 
     try:
         run = runs.load(Path(FLAGS.workdir))
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: no checkpoint fits config.json
         fail("workdir", str(e))
     from rnn_jax import generate
 

@@ -29,10 +29,11 @@ runs this.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from absl import app, flags
@@ -40,14 +41,17 @@ from absl import app, flags
 from experiments import bench_worker, common
 from experiments.benchmark import (
     CELLS,
+    _fail,
     check_choices,
     fmt_ms,
     machine_info,
     make_cases,
     parse_bools,
     parse_layers,
+    partial_path,
     selected_configs,
     versions,
+    write_json,
 )
 from experiments.common import flag_validator, parse_flags_or_exit_2
 
@@ -242,11 +246,23 @@ def main(argv: list[str]) -> None:
         report["results"].append(row)
         cells_ = [fmt_ms(times.get(n)) for n in FLAGS.variants]
         print(f"{case.label()} | " + " | ".join(cells_) + f" | {row['fastest']}", flush=True)
-        if FLAGS.output:  # after every case: a cut-off run keeps what it measured
-            with open(FLAGS.output, "w") as f:
-                json.dump(report, f, indent=1)
+        if FLAGS.output:  # after every case (beside the output): a cut-off run keeps
+            # what it measured, and never replaces a complete file from an earlier run
+            write_json(partial_path(FLAGS.output), {**report, "partial": True})
+    if FLAGS.output:
+        write_json(Path(FLAGS.output), report)
+        partial_path(FLAGS.output).unlink(missing_ok=True)
+    broken = [
+        f"{row['case']} {name}"
+        for row in report["results"]
+        for name, r in row["variants"].items()
+        if not r.get("ok")
+    ]
+    if broken:
+        print(f"error: {len(broken)} variant(s) failed: {', '.join(broken)}", file=sys.stderr)
     if failed:
         print("error: fused or wavefront and scan differ beyond 1e-5 here", file=sys.stderr)
+    if failed or broken:
         sys.exit(1)
 
 
@@ -296,6 +312,36 @@ def define_flags() -> None:
     )
     flags.register_validator("bidirectional", flag_validator(parse_bools))
     flags.register_validator("variants", flag_validator(lambda v: [parse_variant(x) for x in v]))
+
+    def wavefront_ok(d):
+        variants = d["variants"] or []
+        if any(v.split(":")[0] == "wavefront" for v in variants):
+            try:
+                both = parse_bools(d["bidirectional"])
+            except ValueError:
+                return True  # --bidirectional's own validator reports it
+            if any(both):
+                raise flags.ValidationError(
+                    "--variants: wavefront runs unidirectional networks; use "
+                    "--bidirectional=false or drop the wavefront variants"
+                )
+        return True
+
+    flags.register_multi_flags_validator(["variants", "bidirectional"], wavefront_ok)
+    flags.register_validator(
+        "max_time_s",
+        lambda v: math.isfinite(v) or _fail(f"expected a finite number of seconds, got {v}"),
+    )
+
+    def output_ok(value):
+        if value and os.path.isdir(value):
+            raise flags.ValidationError(f"{value} is a directory; expected a file path")
+        parent = os.path.dirname(os.path.abspath(value)) if value else ""
+        if value and not os.path.isdir(parent):
+            raise flags.ValidationError(f"{value}: its directory {parent} does not exist")
+        return True
+
+    flags.register_validator("output", output_ok)
 
 
 if __name__ == "__main__":

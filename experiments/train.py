@@ -186,7 +186,18 @@ def init_distributed() -> None:
     if FLAGS.coordinator_address:
         import jax
 
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        try:
+            jax.distributed.initialize(
+                FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+            )
+        except ValueError as e:  # e.g. no process count given and no cluster to detect it
+            print(
+                f"error: --coordinator_address={FLAGS.coordinator_address}: "
+                f"jax.distributed.initialize refused it ({e}); pass --num_processes and "
+                f"--process_id unless a cluster manager (SLURM, ...) provides them",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 def _recurrent_macs() -> int:

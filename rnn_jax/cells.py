@@ -32,13 +32,35 @@ per gate (Saxe et al. 2014), biases zero, and the LSTM forget-gate bias
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
+
+# The functions the factories below build: a cell whose step, step_projected and
+# project are all among them computes the built-in equations, which the hand-written
+# fused kernels may then replace (:func:`is_builtin`).
+_BUILTIN_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _builtin(cell: Cell) -> Cell:
+    for f in (cell.step, cell.step_projected, cell.project):
+        _BUILTIN_FUNCTIONS.add(f)
+    return cell
+
+
+def is_builtin(cell: Cell) -> bool:
+    """Whether ``cell`` is one of this module's cells as built (not changed with
+    ``_replace``): only then do the fused, wavefront and Pallas kernels, which
+    hard-code the equations, compute the same function as ``cell.step``."""
+    return all(f in _BUILTIN_FUNCTIONS for f in (cell.step, cell.step_projected, cell.project))
+
+
 Params = dict[str, Array]
 Initializer = Callable[..., Array]
 
@@ -97,15 +119,21 @@ class Cell(NamedTuple):
 
 
 def _check_hidden_size(hidden_size: Any) -> int:
-    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
-        raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
-    return hidden_size
+    return _positive_int(hidden_size, "hidden_size")
 
 
 def _check_input_size(input_size: Any) -> int:
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
-        raise ValueError(f"input_size: expected a positive int, got {input_size!r}")
-    return input_size
+    return _positive_int(input_size, "input_size")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as a Python int if it is an integer > 0 (NumPy integers included, not
+    bools), else ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
 
 
 def _check_x(params: Params, x: Array, name: str = "x") -> None:
@@ -156,7 +184,7 @@ def _gated_init(
     bias_init: Initializer,
 ) -> Callable[[Array, int], Params]:
     def init(key: Array, input_size: int) -> Params:
-        _check_input_size(input_size)
+        input_size = _check_input_size(input_size)
         kx, kh, kb = jax.random.split(key, 3)
         g = len(gates)
         return {
@@ -206,7 +234,7 @@ def _lookup_rows_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, None]:
     # contracting the id axes as they are (no flattening reshape) keeps a sharded
     # batch axis sharded: each device sums its rows, then one all-reduce
     axes = tuple(range(ids.ndim))
-    return jax.lax.dot_general(one_hot, g, ((axes, axes), ((), ()))), None
+    return jax.lax.dot_general(one_hot, g, ((axes, axes), ((), ()))).astype(rows.dtype), None
 
 
 lookup_rows.defvjp(_lookup_rows_fwd, _lookup_rows_bwd)
@@ -254,13 +282,13 @@ def rnn(
       input_init, recurrent_init, bias_init: ``jax.nn.initializers``-style functions
         ``(key, shape, dtype) -> array``.
     """
-    _check_hidden_size(hidden_size)
+    hidden_size = _check_hidden_size(hidden_size)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     phi = ACTIVATIONS[activation]
 
     def init(key: Array, input_size: int) -> Params:
-        _check_input_size(input_size)
+        input_size = _check_input_size(input_size)
         kx, kh, kb = jax.random.split(key, 3)
         return {
             "W_x": input_init(kx, (input_size, hidden_size), jnp.float32),
@@ -282,17 +310,19 @@ def rnn(
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
         return step_projected(params, h, project(params, x))
 
-    return Cell(
-        name="rnn",
-        hidden_size=hidden_size,
-        gates=(),
-        options={"activation": activation},
-        init=init,
-        initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
-        step=step,
-        project=project,
-        step_projected=step_projected,
-        gate_values=lambda params, h, x: {},
+    return _builtin(
+        Cell(
+            name="rnn",
+            hidden_size=hidden_size,
+            gates=(),
+            options={"activation": activation},
+            init=init,
+            initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
+            step=step,
+            project=project,
+            step_projected=step_projected,
+            gate_values=lambda params, h, x: {},
+        )
     )
 
 
@@ -336,7 +366,7 @@ def gru(
         open reset gate, R_t = 1, and Z_t = 0 make the GRU a plain tanh RNN; Z_t = 1
         copies the state and skips the input). ``None``: learned, as usual.
     """
-    _check_hidden_size(hidden_size)
+    hidden_size = _check_hidden_size(hidden_size)
     if not isinstance(reset_after, bool):
         raise ValueError(f"reset_after: expected a bool, got {reset_after!r}")
     for name, pin in (("pin_reset", pin_reset), ("pin_update", pin_update)):
@@ -379,17 +409,19 @@ def gru(
     def gate_values(params: Params, h: Array, x: Array) -> dict[str, Array]:
         return dict(zip(("r", "z", "h~"), gates(params, h, _project_gated(params, x)), strict=True))
 
-    return Cell(
-        name="gru",
-        hidden_size=hidden_size,
-        gates=GRU_GATES,
-        options={"reset_after": reset_after, "pin_reset": pin_reset, "pin_update": pin_update},
-        init=init,
-        initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
-        step=step,
-        project=_project_gated,
-        step_projected=step_projected,
-        gate_values=gate_values,
+    return _builtin(
+        Cell(
+            name="gru",
+            hidden_size=hidden_size,
+            gates=GRU_GATES,
+            options={"reset_after": reset_after, "pin_reset": pin_reset, "pin_update": pin_update},
+            init=init,
+            initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
+            step=step,
+            project=_project_gated,
+            step_projected=step_projected,
+            gate_values=gate_values,
+        )
     )
 
 
@@ -425,7 +457,7 @@ def lstm(
     Args:
       forget_bias: initial value of ``b_f`` (added to ``bias_init``'s draw).
     """
-    _check_hidden_size(hidden_size)
+    hidden_size = _check_hidden_size(hidden_size)
     if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool):
         raise ValueError(f"forget_bias: expected a number, got {forget_bias!r}")
     gated_init = _gated_init(LSTM_GATES, hidden_size, input_init, recurrent_init, bias_init)
@@ -457,19 +489,21 @@ def lstm(
     def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
         return step_projected(params, carry, _project_gated(params, x))
 
-    return Cell(
-        name="lstm",
-        hidden_size=hidden_size,
-        gates=LSTM_GATES,
-        options={"forget_bias": float(forget_bias)},
-        init=init,
-        initial_carry=lambda: LSTMCarry(
-            jnp.zeros((hidden_size,), jnp.float32), jnp.zeros((hidden_size,), jnp.float32)
-        ),
-        step=step,
-        project=_project_gated,
-        step_projected=step_projected,
-        gate_values=gate_values,
+    return _builtin(
+        Cell(
+            name="lstm",
+            hidden_size=hidden_size,
+            gates=LSTM_GATES,
+            options={"forget_bias": float(forget_bias)},
+            init=init,
+            initial_carry=lambda: LSTMCarry(
+                jnp.zeros((hidden_size,), jnp.float32), jnp.zeros((hidden_size,), jnp.float32)
+            ),
+            step=step,
+            project=_project_gated,
+            step_projected=step_projected,
+            gate_values=gate_values,
+        )
     )
 
 

@@ -228,6 +228,11 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     _choice(config, "optimizer", OPTIMIZERS)
     _choice(config, "schedule", SCHEDULES)
     _positive(config, "hidden_size", "num_layers", "num_steps", "num_train", "num_val")
+    for name, cap in (("hidden_size", 2**16), ("num_layers", 1024)):
+        # far past any network that fits a machine; larger values overflowed int32
+        # shapes with a traceback instead of this message
+        if getattr(config, name) > cap:
+            raise ConfigError(name, f"expected <= {cap}, got {getattr(config, name)!r}")
     _positive(config, "batch_size", "epochs", "keep_checkpoints", "sample_chars")
     _positive(
         config, "unroll", "min_freq", "embed_dim", "eval_every", "checkpoint_every", minimum=0
@@ -304,4 +309,12 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         data.steps_per_epoch(windows, config.batch_size, config.partition)
     except ValueError as e:
         raise ConfigError("batch_size", str(e)) from None
+    if config.partition == "windows" and config.batch_size > config.num_train:
+        # a batch is rows of distinct training windows: more rows than windows would
+        # only pad (and a huge value ran out of memory after the run directory existed)
+        raise ConfigError(
+            "batch_size",
+            f"expected at most num_train = {config.num_train} (the training windows a "
+            f"batch draws its rows from), got {config.batch_size}",
+        )
     return ids, vocab

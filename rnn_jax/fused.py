@@ -79,8 +79,10 @@ Array = jax.Array
 
 
 def supports(cell: Cell) -> bool:
-    """Whether :func:`layer` has a hand-written backward pass for ``cell``."""
-    return cell.name in ("rnn", "gru", "lstm")
+    """Whether :func:`layer` has a hand-written backward pass for ``cell``: one of
+    :mod:`rnn_jax.cells`' cells as built (a cell whose functions were replaced runs
+    the scan, which calls them)."""
+    return cell.name in ("rnn", "gru", "lstm") and cells.is_builtin(cell)
 
 
 def _flat(w: Array) -> Array:
@@ -452,7 +454,24 @@ def _forward(cell, opts, save, rec, carry0, xp, valid):
 
 def _recurrence_fwd(cell, opts, rec, carry0, xp, valid):
     ys, final, saved = _forward(cell, opts, True, rec, carry0, xp, valid)
-    return (ys, final), (rec, carry0, valid, ys, saved)
+    return (ys, final), (rec, carry0, valid, ys, saved, dtype_marker(xp))
+
+
+def dtype_marker(x: Array) -> Array:
+    """An empty array of ``x``'s type: a residual that carries only the type."""
+    return jnp.zeros((0,), x.dtype)
+
+
+def cast_like(grads: Any, primals: Any) -> Any:
+    """Each gradient leaf in its primal's type (``None`` stays): a custom VJP's
+    cotangents must have the primals' types, or a training loop's carry changes type
+    (bfloat16 params, float32 params under float64 inputs)."""
+    return jax.tree_util.tree_map(
+        lambda g, p: None if g is None else g.astype(p.dtype),
+        grads,
+        primals,
+        is_leaf=lambda x: x is None,
+    )
 
 
 def _shift(first: Array, stacked: Array) -> Array:
@@ -498,9 +517,9 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
 
 
 def _recurrence_bwd(cell, opts, res, cts):
-    rec, carry0, valid, ys, saved = res
+    rec, carry0, valid, ys, saved, xp_type = res
     drec, dcarry0, dxp = _backward(cell, opts, rec, _hidden(carry0), valid, ys, saved, *cts)
-    return drec, dcarry0, dxp, None
+    return cast_like(drec, rec), cast_like(dcarry0, carry0), dxp.astype(xp_type.dtype), None
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -662,16 +681,20 @@ def _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid):
 def _chunked_fwd(cell, opts, num_chunks, recompute, params, carry0, xs, valid):
     if recompute:
         ys, final, starts = _remat_forward(cell, opts, num_chunks, params, carry0, xs, valid)
-        return (ys, final), (params, xs, valid, ys, starts, None)
+        return (ys, final), (params, xs, valid, ys, starts, None, _carry_types(carry0))
     # one forward loop as in the unchunked layer; the saves are read a chunk at a time
     xp = _project(cell, params, xs, opts.matmul_dtype)
     ys, final, saved = _forward(cell, opts, True, _recurrent_params(params), carry0, xp, valid)
     saved = jax.tree_util.tree_map(lambda a: _in_chunks(a, num_chunks), saved)
-    return (ys, final), (params, xs, valid, ys, _hidden(carry0), saved)
+    return (ys, final), (params, xs, valid, ys, _hidden(carry0), saved, _carry_types(carry0))
+
+
+def _carry_types(carry: Any) -> Any:
+    return jax.tree_util.tree_map(dtype_marker, carry)
 
 
 def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
-    params, xs, valid, ys, starts, saved_all = res
+    params, xs, valid, ys, starts, saved_all, carry_types = res
     dys, dfinal = cts
     rec = _recurrent_params(params)
     tokens = not jnp.issubdtype(xs.dtype, jnp.floating)
@@ -691,17 +714,20 @@ def _chunked_bwd(cell, opts, num_chunks, recompute, res, cts):
             _, _, saved = _forward(cell, opts, True, rec, start, xp_c, valid_c)
             start = _hidden(start)
         drec, dstart, dxp_c = _backward(cell, opts, rec, start, valid_c, ys_c, saved, dys_c, dcarry)
-        dproj = project_vjp(dxp_c)
-        dparams = jax.tree_util.tree_map(jnp.add, dparams, dproj[0])
-        dparams = {k: v + drec[k] if k in drec else v for k, v in dparams.items()}
+        dproj = project_vjp(dxp_c.astype(xp_c.dtype))
+        dparams = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), dparams, dproj[0])
+        dparams = {k: v + drec[k].astype(v.dtype) if k in drec else v for k, v in dparams.items()}
         return (dstart, dparams), (None if tokens else dproj[1])
 
     chunks = [_in_chunks(a, num_chunks) for a in (xs, valid, ys, dys)]
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    # the sums over chunks in float32 at least (bfloat16 params: cast once at the end)
+    zeros = jax.tree_util.tree_map(
+        lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params
+    )
     inputs = (*chunks, starts, saved_all)
     (dcarry0, dparams), dxs = jax.lax.scan(body, (dfinal, zeros), inputs, reverse=True)
-    dxs = None if tokens else dxs.reshape(xs.shape)
-    return dparams, dcarry0, dxs, None
+    dxs = None if tokens else dxs.reshape(xs.shape).astype(xs.dtype)
+    return cast_like(dparams, params), cast_like(dcarry0, carry_types), dxs, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -57,8 +57,12 @@ def generate_ids(
             f"prefix: expected token ids <int32>[P] with P >= 1, got "
             f"{prefix.dtype}{list(prefix.shape)}"
         )
-    if isinstance(temperature, (int, float)) and not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if not isinstance(temperature, jax.core.Tracer):  # a concrete value is checked here
+        value = np.asarray(temperature)
+        if value.shape != () or not (
+            np.issubdtype(value.dtype, np.number) and 0 <= float(value) < math.inf
+        ):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
     key = jax.random.key(0) if key is None else key
     temperature = jnp.asarray(temperature, jnp.float32)
     keys = jax.random.split(key, num_tokens)

@@ -310,6 +310,28 @@ def _check_options(cell, num_layers, dropout, unroll) -> None:
         )
 
 
+def _check_xs_dtype(xs: Any) -> None:
+    """Inputs are real floats (features) or integers (token ids): anything else (bool,
+    complex) raises ValueError naming ``xs``."""
+    dtype = jnp.asarray(xs).dtype if not hasattr(xs, "dtype") else xs.dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(
+            f"xs: expected float features or integer token ids, got {dtype}; cast boolean "
+            f"features with xs.astype(jnp.float32)"
+        )
+
+
+def _zero_padding(xs: Array, length: Array) -> Array:
+    """``xs <[T, ...]>`` (one sequence) with the steps from ``length`` on set to zero,
+    so that padding holding NaN or inf reaches no gradient (``0 * nan`` is NaN in a
+    matmul's backward pass even where a mask drops the result). Token ids stay:
+    their lookup multiplies nothing."""
+    if cells.is_token_input(xs):
+        return xs
+    valid = jnp.arange(xs.shape[0]) < length
+    return jnp.where(valid.reshape(-1, *([1] * (xs.ndim - 1))), xs, jnp.zeros_like(xs))
+
+
 def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> Array:
     """``length`` (an int, list, numpy or JAX array) as a JAX integer array of
     ``shape``; values outside ``[0, T]`` are clipped later."""
@@ -488,8 +510,9 @@ def network(
             f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
         )
     if implementation in ("fused", "wavefront") and not fused.supports(cell):
+        what = "" if cells.is_builtin(cell) else " (its functions differ from cells'; use 'scan')"
         raise ValueError(
-            f"implementation: {implementation!r} does not support the cell {cell.name!r}"
+            f"implementation: {implementation!r} does not support the cell {cell.name!r}{what}"
         )
     if implementation == "pallas" and (reason := persistent.unsupported(cell)):
         raise ValueError(f"implementation: 'pallas': {reason}")
@@ -555,6 +578,7 @@ def network(
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
         xs = xs if hasattr(xs, "shape") else np.asarray(xs)  # nested lists too
+        _check_xs_dtype(xs)
         tokens = cells.is_token_input(xs)
         if jnp.ndim(xs) != (1 if tokens else 2):
             raise ValueError(
@@ -571,10 +595,15 @@ def network(
             keys = None if dropout_key is None else dropout_key[None]
             ys, final = _apply_fused(params, xs[None], length, initial_carry, keys, implementation)
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
+        return _apply_scan(params, xs, length, initial_carry, dropout_key)
+
+    def _apply_scan(params, xs, length, initial_carry, dropout_key):
+        """The reference path on one sequence: a ``lax.scan`` per layer."""
         _check_params(params)
         _check_input_size(params, xs)
         if length is not None:
             length = jnp.clip(_check_length(length, "length", ()), 0, xs.shape[0])
+            xs = _zero_padding(xs, length)
         if initial_carry is None:
             initial_carry = default_carry(params, xs)
         else:
@@ -614,6 +643,7 @@ def network(
 
     def apply_batch(params, xs, lengths=None, initial_carry=None, *, dropout_key=None):
         xs = xs if hasattr(xs, "shape") else np.asarray(xs)  # nested lists too
+        _check_xs_dtype(xs)
         if jnp.ndim(xs) != (2 if cells.is_token_input(xs) else 3):
             raise ValueError(
                 f"xs: expected a batch <float32>[B, T, input_size] (or token ids "
@@ -638,19 +668,18 @@ def network(
             )
         if impl in ("fused", "wavefront", "pallas"):
             return _apply_fused(params, xs, lengths, initial_carry, keys, impl)
+        return _scan_batch(params, xs, lengths, initial_carry, keys)
+
+    def _scan_batch(params, xs, lengths, initial_carry, keys):
+        """:func:`_apply_scan` vmapped over the examples of ``xs <[B, T, ...]>``."""
         in_axes = (
             None,
             0,
             None if lengths is None else 0,
             None if initial_carry is None else 0,
+            None if keys is None else 0,
         )
-
-        def one(p, x, n, c, k):
-            return apply(p, x, n, c, dropout_key=k)
-
-        return jax.vmap(one, in_axes=(*in_axes, None if keys is None else 0))(
-            params, xs, lengths, initial_carry, keys
-        )
+        return jax.vmap(_apply_scan, in_axes=in_axes)(params, xs, lengths, initial_carry, keys)
 
     def _apply_fused(params, xs, lengths, initial_carry, keys, impl):
         """The fused, pallas or wavefront path on a batch ``xs <[B, T, ...]>``; ``keys``: one
@@ -658,8 +687,13 @@ def network(
         _check_params(params)
         _check_input_size(params, xs)
         batch, num_steps = xs.shape[0], xs.shape[1]
+        if batch == 0 or num_steps == 0:
+            # nothing to loop over: the hand-written backward passes assume a step
+            # and an example; the scan path gives the empty outputs and carries
+            return _scan_batch(params, xs, lengths, initial_carry, keys)
         if lengths is not None:
             lengths = jnp.clip(lengths, 0, num_steps)
+            xs = jax.vmap(_zero_padding)(xs, lengths)
         if initial_carry is None:
             initial_carry = jax.tree_util.tree_map(
                 lambda c: jnp.broadcast_to(c, (batch, *c.shape)), default_carry(params, xs)

@@ -53,6 +53,7 @@ import jax.custom_batching
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from rnn_jax import cells
 from rnn_jax.cells import Cell, LSTMCarry
 
 Array = jax.Array
@@ -89,6 +90,8 @@ def unsupported(cell: Cell) -> str | None:
     """Why the kernels cannot run ``cell`` (``None`` if they can)."""
     if cell.name not in ("rnn", "gru", "lstm"):
         return f"no kernel for the cell {cell.name!r}"
+    if not cells.is_builtin(cell):
+        return f"the {cell.name!r} cell's functions differ from rnn_jax.cells' (use 'scan')"
     if cell.name == "gru" and not cell.options["reset_after"]:
         return (
             "no kernel for the reset-before GRU (its R_t * H_{t-1} would need a second "

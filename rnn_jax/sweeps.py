@@ -70,6 +70,7 @@ RESERVED = {
     "workdir": "every trial runs in its own directory under --sweep_dir",
 }
 RANGE_KINDS = ("log", "uniform", "int", "choice")
+MAX_TRIALS = 100_000  # a sweep's trials are planned (and written to trials.json) up front
 TRIALS_FILE = "trials.json"
 STATUS_FILE = "sweep_status.json"  # in a trial's run directory: how its last attempt ended
 LOG_FILE = "log.txt"
@@ -141,6 +142,13 @@ def convert(name: str, text: str) -> Any:
 def check_name(name: str, flag: str) -> None:
     if name in RESERVED:
         raise SweepError(flag, f"{name} cannot be set: {RESERVED[name]}")
+    if name in LAUNCHER_FLAGS:
+        raise SweepError(
+            flag,
+            f"{name} is a flag of experiments.train's launcher, not of the run (TrainConfig), "
+            f"so a sweep cannot vary or set it; put it in the --base flagfile, which every "
+            f"trial reads",
+        )
     if name not in field_types():
         close = difflib.get_close_matches(name, list(field_types()), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -429,6 +437,8 @@ def _check_mode(grid: str | None, random_count: int, ranges: str | None, seeds: 
         raise SweepError("grid", "nothing to sweep: give --grid, or --random=N with --ranges")
     if random_count < 0:
         raise SweepError("random", f"expected a number of trials >= 1, got {random_count}")
+    if random_count > MAX_TRIALS:
+        raise SweepError("random", f"expected at most {MAX_TRIALS} trials, got {random_count}")
     if random_count and ranges is None:
         raise SweepError("ranges", "--random needs --ranges, e.g. 'lr=log:0.01:10'")
     if ranges is not None and not random_count:

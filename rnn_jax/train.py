@@ -285,12 +285,47 @@ def run(
       ConfigError: bad configuration, before anything is compiled or written.
       NonFiniteLoss: the loss became NaN or infinite; the last good checkpoint stays.
     """
-    from rnn_jax import checkpoint, generate  # orbax is imported only when training
-
     ids, vocab = validate(config)
     workdir = Path(config.workdir)
     corpus = _corpus_record(config, ids)
     _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
+    lock = _lock_workdir(workdir)  # one process per run directory
+    try:
+        return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
+    finally:
+        lock.close()
+
+
+def _lock_workdir(workdir: Path):
+    """An exclusive lock on ``workdir/.lock`` (creating ``workdir``), held while the
+    run trains: a second process on the same run directory is refused by name
+    instead of racing the first one's checkpoints. Returns the open lock file."""
+    import fcntl
+
+    from rnn_jax.config import ConfigError
+
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        handle = open(workdir / ".lock", "a")
+    except OSError as e:
+        raise ConfigError("workdir", f"cannot write to {workdir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            "workdir",
+            f"another process is training the run in {workdir}; wait for it or use "
+            f"another --workdir",
+        ) from None
+    return handle
+
+
+def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -> Result:
+    """:func:`run` once its checks passed and it holds the run directory's lock."""
+    from rnn_jax import checkpoint, generate  # orbax is imported only when training
+
+    workdir = Path(config.workdir)
     if config.autotune:
         from rnn_jax import autotune
 
@@ -333,7 +368,11 @@ def run(
                 f"--epochs >= {math.ceil(start / steps_per_epoch)}",
             )
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
-    _write_workdir(workdir, config, vocab, corpus)  # once the checkpoint has restored
+    _write_workdir(workdir, config, vocab, corpus, fresh=restored is None)  # once restored
+    result_path = workdir / "result.json"
+    if start < total and result_path.exists():  # a finished run trained further: not final
+        os.replace(result_path, workdir / "result.previous.json")
+        echo(f"moved the earlier result to {workdir / 'result.previous.json'}")
     metrics_path = workdir / "metrics.jsonl"
     history = _load_history(metrics_path, upto=start)
     echo(
@@ -458,6 +497,9 @@ def _check_workdir(
     )
     if folder.exists() and not folder.is_dir():
         raise ConfigError("workdir", f"{folder} exists and is not a folder")
+    if not (folder.is_dir() and any(folder.iterdir())):
+        return  # nothing trained yet (new, or an attempt that stopped before its first
+        # checkpoint): the run starts afresh under these flags and rewrites its files
     try:  # what the run directory already holds (None: not written yet)
         saved = runs.read_settings(config_path) if config_path.exists() else None
         saved_vocab = runs.read_vocab(vocab_path) if vocab_path.exists() else None
@@ -493,15 +535,20 @@ def _check_workdir(
 
 
 def _write_workdir(
-    workdir: Path, config: TrainConfig, vocab: text.Vocab, corpus: dict[str, Any]
+    workdir: Path,
+    config: TrainConfig,
+    vocab: text.Vocab,
+    corpus: dict[str, Any],
+    fresh: bool = False,
 ) -> None:
     """Writes the run's ``config.json`` (the settings now in force), and ``vocab.json``
-    and ``corpus.json`` where missing (checked by :func:`_check_workdir`)."""
+    and ``corpus.json`` where missing (checked by :func:`_check_workdir`) or where the
+    run starts afresh (``fresh``: no checkpoint, so nothing of an earlier attempt stays)."""
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(workdir / "config.json", dataclasses.asdict(config))
-    if not (workdir / "vocab.json").exists():
+    if fresh or not (workdir / "vocab.json").exists():
         files.write_atomic(workdir / "vocab.json", vocab.to_json())
-    if not (workdir / "corpus.json").exists():
+    if fresh or not (workdir / "corpus.json").exists():
         _write_json_atomic(workdir / "corpus.json", corpus)
 
 

@@ -79,18 +79,19 @@ def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
         y = fused._mask(valid_s, y)
         return (new, y), ((y, saved) if save else (y[-1],))
 
-    ys0 = jnp.zeros((num_layers, *fused._hidden(carry0).shape[1:]), xp0.dtype)
+    h0 = fused._hidden(carry0)  # the outputs have the carries' type (float32 for bfloat16)
+    ys0 = jnp.zeros((num_layers, *h0.shape[1:]), h0.dtype)
     (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=opts.unroll)
     return out[0], final, (out[1] if save else None)
 
 
 def _wave_fwd(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
     ys, final, saved = _wave_forward(cell, opts, True, rec, wx, b, carry0, xp0, wave_valid)
-    return (ys[:, -1], final), (rec, wx, b, carry0, wave_valid, ys, saved)
+    return (ys[:, -1], final), (rec, wx, b, carry0, wave_valid, ys, saved, fused.dtype_marker(xp0))
 
 
 def _wave_bwd(cell, opts, res, cts):
-    rec, wx, b, carry0, wave_valid, ys, saved = res
+    rec, wx, b, carry0, wave_valid, ys, saved, xp_type = res
     dys, dfinal = cts  # dys: the top layer's, <[S, B, H]>
     num_steps, num_layers = wave_valid.shape[:2]
     prep = jax.vmap(lambda r: fused.prepare(cell, r, opts.matmul_dtype))(rec)
@@ -131,7 +132,14 @@ def _wave_bwd(cell, opts, res, cts):
     dwx = _bmm("slbh,slbg->lhg", inputs_up, fused.cast(da[:, 1:], opts.matmul_dtype))
     db = jnp.sum(da[:, 1:], axis=(0, 2))
     dxp0 = da[: num_steps - num_layers + 1, 0]
-    return drec, dwx, db, dcarry0, dxp0, None
+    return (
+        fused.cast_like(drec, rec),
+        dwx.astype(wx.dtype),
+        db.astype(b.dtype),
+        fused.cast_like(dcarry0, carry0),
+        dxp0.astype(xp_type.dtype),
+        None,
+    )
 
 
 _wave.defvjp(_wave_fwd, _wave_bwd)

@@ -430,6 +430,7 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
         (["--prewarm=-1"], "prewarm"),
         (["--cases=d2l:gru:1:false", "--compile_report"], "--cases: only for the training"),
         (["--compilation_cache_dir=/tmp/c"], "--compilation_cache_dir: only with --prewarm"),
+        (["--max_time_s=nan"], "finite number of seconds"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):
@@ -543,3 +544,42 @@ def test_levers_runs_all_cases_on_one_cpu_device_count(monkeypatch):
         levers.cpu_devices_for(medium + tiny, "auto")
     with pytest.raises(ValueError, match=r"--cpu_devices: 2 devices do not split --batch_size 3"):
         levers.cpu_devices_for(medium + odd, "2")
+
+
+def _section(key: str, rows: list[str]) -> str:
+    table = [
+        "| config | H | B | T | cell | layers | bidir | rnn_jax ms/step |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    return "\n".join(
+        [f"<!-- benchmark-section: {key} -->", f"## {key}", "", *table]
+        + [f"<!-- /benchmark-section: {key} -->", ""]
+    )
+
+
+def test_markdown_keeps_a_section_whose_cases_a_run_lacks(tmp_path):
+    """A run of a subset of a section's cases never deletes the others: the old
+    section stays and the run gets its own, dated; a run of the same cases or more
+    replaces it; the text around the sections stays."""
+    key = "CPU X (2 cores): training step"
+    a = "| d2l | 32 | 1024 | 32 | gru | 1 | no | 10.0 |"
+    b = "| d2l | 32 | 1024 | 32 | lstm | 1 | no | 11.0 |"
+    path = tmp_path / "B.md"
+    path.write_text("# Benchmarks\n\nHand-written text.\n\n" + _section(key, [a, b]))
+    assert benchmark.table_cases(path.read_text()) == [
+        "d2l 32 1024 32 gru 1 no",
+        "d2l 32 1024 32 lstm 1 no",
+    ]
+    subset = _section(key, ["| d2l | 32 | 1024 | 32 | gru | 1 | no | 9.0 |"])
+    written, kept = benchmark.update_markdown(path, key, subset, {"date": "2026-12-06 21:00 UTC"})
+    assert written == f"{key} (2026-12-06 21:00 UTC)" and kept == ["d2l 32 1024 32 lstm 1 no"]
+    text = path.read_text()
+    assert "Hand-written text." in text and a in text and b in text and "| 9.0 |" in text
+    superset = _section(key, [a.replace("10.0", "8.0"), b.replace("11.0", "7.0")])
+    written, kept = benchmark.update_markdown(path, key, superset, {"date": "2026-12-06 22:00 UTC"})
+    assert written == key and kept == []
+    text = path.read_text()
+    assert a not in text and b not in text and "| 8.0 |" in text and "| 7.0 |" in text
+    assert text.count("benchmark-section: CPU X") == 4  # two sections, begin and end each
+    assert benchmark.partial_path("out/b.json") == Path("out/b.json.partial")

@@ -457,3 +457,157 @@ def test_bfloat16_params_keep_a_float32_state():
     for xs in (jnp.ones((2, 4, 5), jnp.bfloat16), jnp.zeros((2, 4), jnp.int32)):
         ys, final = net.apply_batch(params, xs)
         assert ys.dtype == jnp.float32 and final[0].h.dtype == jnp.float32
+
+
+IMPLEMENTATIONS = ("scan", "fused", "wavefront", "auto")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_empty_sequences_and_batches_have_gradients(implementation):
+    """T = 0 and B = 0 on every implementation: the values and the gradients exist (the
+    hand-written backward passes need a step and an example, so those run the scan),
+    and nothing changes the params: their gradients are exactly zero."""
+    net = networks.network(cells.lstm(4), 2, False, implementation=implementation)
+    params = net.init(jax.random.key(0), I)
+
+    def loss(p, xs):
+        ys, final = net.apply_batch(p, xs)
+        return jnp.sum(ys) + sum(jnp.sum(jnp.sin(c)) for c in jax.tree.leaves(final))
+
+    for shape in ((3, 0, I), (0, 5, I)):
+        xs = jnp.ones(shape)
+        ys, final = net.apply_batch(params, xs)
+        assert ys.shape == (*shape[:2], 4)
+        assert all(c.shape == (shape[0], 4) for c in jax.tree.leaves(final))
+        grads = jax.jit(jax.grad(loss))(params, xs)
+        assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads)), shape
+
+
+@pytest.mark.parametrize("implementation", ["scan", "fused", "wavefront"])
+def test_nan_in_the_padding_reaches_neither_values_nor_gradients(implementation):
+    """Past a sequence's length the inputs are ignored even when they hold NaN or inf:
+    outputs, carries and all gradients equal those with zero padding (the steps past
+    the length are zeroed before the input projection; a mask after it let
+    ``0 * nan`` into the weight gradients)."""
+    bidirectional = implementation != "wavefront"  # the wavefront runs one direction
+    net = networks.network(
+        cells.gru(4, reset_after=True), 2, bidirectional, implementation=implementation
+    )
+    params = net.init(jax.random.key(1), I)
+    lengths = jnp.array([T, 3, 0])
+    xs = jnp.asarray(np.random.default_rng(0).normal(size=(3, T, I)), jnp.float32)
+    pad = jnp.arange(T)[None, :, None] >= lengths[:, None, None]
+    clean = jnp.where(pad, 0.0, xs)
+    dirty = jnp.where(pad, jnp.asarray([jnp.nan, jnp.inf, -jnp.inf])[:, None, None], xs)
+
+    def loss(p, xs):
+        ys, final = net.apply_batch(p, xs, lengths)
+        return jnp.sum(ys**2) + sum(jnp.sum(c) for c in jax.tree.leaves(final))
+
+    want = jax.value_and_grad(loss, argnums=(0, 1))(params, clean)
+    got = jax.value_and_grad(loss, argnums=(0, 1))(params, dirty)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(g, jnp.where(jnp.isfinite(w), w, 0.0), rtol=1e-6, atol=1e-7)
+    # one sequence through apply: the same rule
+    one = jax.grad(lambda p: jnp.sum(net.apply(p, dirty[1], 3)[0] ** 2))(params)
+    ref = jax.grad(lambda p: jnp.sum(net.apply(p, clean[1], 3)[0] ** 2))(params)
+    for g, w in zip(jax.tree.leaves(one), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "cell, implementation, remat",
+    [
+        ("lstm", "scan", False),
+        ("lstm", "fused", False),
+        ("lstm", "fused", True),
+        ("lstm", "wavefront", False),
+        ("gru_after", "fused", False),
+        ("gru_after", "fused", True),
+        ("gru_after", "wavefront", False),
+        ("rnn", "fused", False),
+    ],
+)
+def test_gradients_have_the_params_type(cell, implementation, remat):
+    """bfloat16 params get bfloat16 gradients on every implementation (the custom VJPs
+    computed them in float32), so a ``lax.scan`` training loop over the params keeps
+    its carry's type; tokens and float inputs alike."""
+    net = networks.network(CELLS[cell](), 2, False, implementation=implementation, remat=remat)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), net.init(jax.random.key(0), I))
+    xs = jnp.ones((2, T, I), jnp.bfloat16)
+    ids = jnp.ones((2, T), jnp.int32) % I
+
+    def loss(p, x):
+        return jnp.sum(net.apply_batch(p, x, jnp.array([T, 2]))[0].astype(jnp.float32))
+
+    for x in (xs, ids):
+        grads = jax.grad(loss)(params, x)
+        assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
+
+    def sgd(p, _):
+        g = jax.grad(loss)(p, xs)
+        return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), None
+
+    out, _ = jax.lax.scan(sgd, params, None, length=2)
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(out))
+
+
+def test_float64_inputs_give_float32_params_float32_gradients():
+    """Under ``jax.enable_x64``, float32 params fed float64 inputs get float32
+    gradients on every implementation, as autodiff of the scan gives."""
+    with jax.enable_x64(True):
+        xs = jnp.ones((2, T, I), jnp.float64)
+        for implementation, layers in (("scan", 1), ("fused", 1), ("wavefront", 2)):
+            net = networks.network(cells.gru(4), layers, False, implementation=implementation)
+            params = net.init(jax.random.key(0), I)
+            grads = jax.grad(lambda p, net=net: jnp.sum(net.apply_batch(p, xs)[0]))(params)
+            assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads)), implementation
+
+
+@pytest.mark.parametrize("implementation", ["scan", "fused", "wavefront"])
+def test_boolean_inputs_are_refused_by_name(implementation):
+    net = networks.network(cells.lstm(4), 2, False, implementation=implementation)
+    params = net.init(jax.random.key(0), I)
+    with pytest.raises(
+        ValueError, match="xs: expected float features or integer token ids, got bool"
+    ):
+        net.apply_batch(params, jnp.ones((2, T, I), bool))
+    with pytest.raises(
+        ValueError, match="xs: expected float features or integer token ids, got bool"
+    ):
+        net.apply(params, jnp.ones((T, I), bool))
+
+
+def test_a_cell_with_replaced_functions_runs_its_own_functions():
+    """The fused kernels hard-code the built-in equations: a cell changed with
+    ``_replace`` makes ``auto`` run the scan (which calls the cell's functions), and
+    the kernels refuse it by name."""
+    base = cells.rnn(H)
+
+    def step(p, h, x):
+        return tuple(2 * v for v in base.step(p, h, x))
+
+    def step_projected(p, h, xp):
+        return tuple(2 * v for v in base.step_projected(p, h, xp))
+
+    changed = base._replace(step=step, step_projected=step_projected)
+    assert cells.is_builtin(base) and not cells.is_builtin(changed)
+    xs = jnp.ones((3, T, I))
+    net = networks.network(changed, implementation="auto")
+    params = net.init(jax.random.key(0), I)
+    want = networks.network(changed, implementation="scan").apply_batch(params, xs)[0]
+    np.testing.assert_allclose(net.apply_batch(params, xs)[0], want, **TOL)
+    assert not np.allclose(want, networks.network(base).apply_batch(params, xs)[0])
+    for implementation, layers in (("fused", 1), ("wavefront", 2), ("pallas", 1)):
+        with pytest.raises(ValueError, match="functions differ from"):
+            networks.network(changed, layers, implementation=implementation)
+
+
+def test_numpy_integers_are_sizes():
+    cell = cells.gru(np.int64(H))
+    assert cell.hidden_size == H and type(cell.hidden_size) is int
+    assert cell.init(jax.random.key(0), np.int32(I))["W_x"].shape == (I, 3, H)
+    for bad in (np.bool_(True), np.float32(4.0), np.int64(0)):
+        with pytest.raises(ValueError, match="hidden_size: expected a positive int"):
+            cells.lstm(bad)

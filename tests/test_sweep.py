@@ -97,6 +97,8 @@ def test_random_search_stops_at_the_distinct_configurations():
     [
         (dict(grid="hiden_size=8,16"), "grid", "did you mean hidden_size"),
         (dict(grid="coordinator_address=x"), "grid", "unknown flag"),
+        (dict(grid="cpu_devices=1,2"), "grid", "flag of experiments.train's launcher"),
+        (dict(grid=None, random_count=10**9, ranges="lr=log:0.1:1"), "random", "at most"),
         (dict(grid=""), "grid", "empty grid"),
         (dict(grid="lr"), "grid", "expected name=value"),
         (dict(grid="lr=1,,2"), "grid", "empty value"),

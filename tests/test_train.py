@@ -147,9 +147,13 @@ def test_more_epochs_continue_a_finished_run(tmp_path):
     full = train.run(tiny(tmp_path / "a", epochs=4, schedule="constant"), echo=quiet)
     part = tiny(tmp_path / "b", epochs=2, schedule="constant")
     train.run(part, echo=quiet)
+    first = json.loads((Path(part.workdir) / "result.json").read_text())
     resumed = train.run(dataclasses.replace(part, epochs=4), echo=quiet)
     assert resumed.step == full.step == 32
     assert_bitwise_equal(full.params, resumed.params)
+    # the 2-epoch result is kept beside the new one, not left as the run's result
+    assert json.loads((Path(part.workdir) / "result.previous.json").read_text()) == first
+    assert json.loads((Path(part.workdir) / "result.json").read_text()) != first
     before = _snapshot(Path(part.workdir))  # fewer epochs than trained: refused, untouched
     with pytest.raises(ConfigError, match=r"--epochs: 2 epochs are 16 steps, but .* 32 steps"):
         train.run(part, echo=quiet)
@@ -397,6 +401,8 @@ BAD_CONFIG = [
         dict(partition="sequential", batch_size=1024),
         "--batch_size: the sequential partition has 0",
     ),
+    (dict(hidden_size=99999999999), "--hidden_size: expected <= 65536"),
+    (dict(batch_size=10**9), r"--batch_size: expected at most num_train = \d+ .*got 1000000000"),
 ]
 
 
@@ -500,3 +506,44 @@ def test_throughput_counts_real_tokens_only(monkeypatch):
     record = meter.record(2)
     assert record["tokens_per_s"] == pytest.approx((512 + 128) / 2.0)
     assert record["seconds_per_step"] == pytest.approx(1.0)
+
+
+def test_generate_ids_refuses_a_bad_concrete_temperature():
+    """A concrete temperature, NumPy scalars and 0-d arrays included, must be a finite
+    number >= 0 (only a traced one can decide greedy vs sampling at run time)."""
+    model = models.language_model(models.ModelConfig(vocab_size=5, cell="gru", hidden_size=4))
+    params = model.init(jax.random.key(0))
+    prefix = jnp.array([1])
+    for good in (0.0, 1, np.float32(0.5), jnp.float32(2.0)):
+        assert generate.generate_ids(model, params, prefix, 3, good).shape == (3,)
+    for bad in (np.float32(-1), -1.0, float("nan"), np.inf, np.array([1.0]), "x"):
+        with pytest.raises(ValueError, match="temperature: expected a finite number >= 0"):
+            generate.generate_ids(model, params, prefix, 3, bad)
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
+    """While a process holds a run directory's lock, another run there is refused by
+    name before it restores or writes anything."""
+    config = tiny(tmp_path, epochs=1)
+    lock = train._lock_workdir(Path(config.workdir))
+    try:
+        with pytest.raises(ConfigError, match="--workdir: another process is training the run"):
+            train.run(config, echo=quiet)
+        assert sorted(p.name for p in Path(config.workdir).iterdir()) == [".lock"]
+    finally:
+        lock.close()
+
+
+def test_an_attempt_without_a_checkpoint_does_not_pin_the_flags(tmp_path):
+    """A run directory whose first attempt stopped before its first checkpoint (here: its
+    files written by hand, as a crash leaves them) holds nothing trained, so the
+    corrected command starts afresh and rewrites them instead of refusing the change."""
+    config = tiny(tmp_path, epochs=1)
+    workdir = Path(config.workdir)
+    train._write_workdir(workdir, dataclasses.replace(config, batch_size=999), text.Vocab([]), {})
+    (workdir / "checkpoints").mkdir()
+    result = train.run(config, echo=quiet)
+    assert result.status == "completed"
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["batch_size"] == config.batch_size
+    assert json.loads((workdir / "corpus.json").read_text())["tokens"] > 0
