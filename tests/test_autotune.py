@@ -143,8 +143,8 @@ def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
         built.append(model.network.directions)
         return make_steps(model, *args, **kwargs)  # jitted, compiled at the first step
 
-    def write_then_stop(*args):
-        write_workdir(*args)
+    def write_then_stop(*args, **kwargs):
+        write_workdir(*args, **kwargs)
         raise Stop
 
     monkeypatch.setattr(train, "make_steps", recording_make_steps)
