@@ -229,6 +229,18 @@ class _Meter:
     def reset(self, step: int) -> None:
         self.sums = {"loss_sum": 0.0, "count": 0.0, "grad_norm": 0.0}
         self.steps, self.since_step, self.since = 0, step, time.perf_counter()
+        self.timed_count = 0.0  # tokens since ``since`` (a resume restores sums, not time)
+
+    def state(self) -> dict[str, float]:
+        """The interval's sums so far, for a checkpoint's metadata (call after flush)."""
+        return {**self.sums, "steps": self.steps}
+
+    def restore(self, saved: Any) -> None:
+        """Continues the interval a checkpoint cut: its sums (:meth:`state`), so the
+        first evaluation after a resume averages the same steps as without one."""
+        if isinstance(saved, dict) and set(saved) == {*self.sums, "steps"}:
+            self.sums = {k: float(saved[k]) for k in self.sums}
+            self.steps = int(saved["steps"])
 
     def flush(self, last_saved: int | None) -> None:
         for step, m in jax.device_get(self.pending):
@@ -243,6 +255,7 @@ class _Meter:
                 )
             for k in self.sums:
                 self.sums[k] += float(m[k])
+            self.timed_count += float(m["count"])
             self.steps += 1
         self.pending.clear()
 
@@ -258,7 +271,7 @@ class _Meter:
             "train_ppl": perplexity(self.train_loss()),
             "grad_norm": self.sums["grad_norm"] / max(self.steps, 1),
             # the real tokens trained on (padding rows of a last, short batch not counted)
-            "tokens_per_s": self.sums["count"] / seconds,
+            "tokens_per_s": self.timed_count / seconds,
             "seconds_per_step": seconds / max(step - self.since_step, 1),
         }
 
@@ -353,9 +366,10 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     state = parallel.place_state(init_state(model, tx, config), mesh)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     restored = ckpt.restore_latest(parallel.abstract_state(jax.eval_shape(lambda: state), mesh))
-    start, last_saved = 0, None
+    start, last_saved, saved_meter = 0, None, None
     if restored is not None:
-        start, state, _ = restored
+        start, state, meta = restored
+        saved_meter = meta.get("meter") if isinstance(meta, dict) else None
         last_saved = start
         if start > total:
             from rnn_jax.config import ConfigError
@@ -382,6 +396,7 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         f"{config.epochs} epochs = {total} steps"
     )
     meter = _Meter(steps_per_epoch, start)
+    meter.restore(saved_meter)
     t_start, last_log = time.perf_counter(), time.perf_counter()
     wall_offset = history[-1]["wall_s"] if history else 0.0
     status, exit_code = "completed", 0
@@ -390,7 +405,8 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         nonlocal last_saved
         meter.flush(last_saved)  # never save a state whose loss was not finite
         if last_saved != step:
-            ckpt.save(step, state, {"step": step, "epoch": step // steps_per_epoch})
+            meta = {"step": step, "epoch": step // steps_per_epoch, "meter": meter.state()}
+            ckpt.save(step, state, meta)
             last_saved = step
 
     try:

@@ -138,9 +138,18 @@ def test_crash_then_resume_in_process_is_bitwise_equal(tmp_path):
     assert "resumed from step 15" in lines[0]
     assert resumed.step == full.step == 32
     assert_bitwise_equal(full.params, resumed.params)
-    # metrics.jsonl holds each evaluation once, in order, despite the crash
-    steps = [json.loads(x)["step"] for x in (Path(crashing.workdir) / "metrics.jsonl").open()]
-    assert steps == [8, 16, 24, 32]
+
+    # metrics.jsonl holds each evaluation once, in order, despite the crash, with the
+    # numbers of the uninterrupted run: the checkpoint at step 15 carried the interval's
+    # training sums, so the evaluation at 16 averages steps 9-16, not 16 alone
+    def metrics(run):
+        return [json.loads(x) for x in (Path(run.workdir) / "metrics.jsonl").open()]
+
+    got, want = metrics(crashing), metrics(tiny(tmp_path / "a"))
+    assert [r["step"] for r in got] == [8, 16, 24, 32]
+    for r, w in zip(got, want, strict=True):
+        for k in ("step", "epoch", "train_ppl", "val_ppl", "grad_norm"):
+            assert r[k] == pytest.approx(w[k], rel=1e-6), (r["step"], k)
 
 
 def test_more_epochs_continue_a_finished_run(tmp_path):
