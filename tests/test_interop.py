@@ -352,3 +352,21 @@ def test_conversions_copy_and_accept_low_precision():
         want = interop.from_torch({k: v.float() for k, v in module.state_dict().items()}, net)
         assert all(v.dtype == np.float32 for v in jax.tree.leaves(low))
         jax.tree.map(np.testing.assert_array_equal, low, want)
+
+
+def test_to_torch_refuses_params_of_another_network():
+    """Params of another hidden size, GRU form or direction count are refused by the
+    path that differs, not turned into a state dict of the wrong sizes."""
+    lstm7 = networks.network(cells.lstm(7)).init(jax.random.key(0), 5)
+    gru_before = networks.network(cells.gru(4)).init(jax.random.key(0), 3)
+    bi = networks.network(cells.lstm(7), bidirectional=True).init(jax.random.key(0), 5)
+    cases = [
+        (lstm7, networks.network(cells.lstm(6)), r"\['W_h'\]: expected shape \(6, 4, 6\)"),
+        (gru_before, networks.network(cells.gru(4, reset_after=True)), r"\['b_hn'\]: missing"),
+        (bi, networks.network(cells.lstm(7)), r"\['W_x'\]: missing.*unidirectional lstm"),
+        (lstm7, networks.network(cells.lstm(7), bidirectional=True), r"forward'\]: missing"),
+    ]
+    for params, net, match in cases:
+        with pytest.raises(ValueError, match=match):
+            interop.to_torch(params, net)
+    assert len(interop.to_torch(lstm7, networks.network(cells.lstm(7)))) == 4
