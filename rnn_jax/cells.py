@@ -170,6 +170,25 @@ def _check_carry(name: str, value: Array, batch: tuple[int, ...], hidden: int) -
         )
 
 
+def _check_params(params: Any, name: str, hidden: int, gates: int, extra: tuple = ()) -> None:
+    """A step's params must be this cell's (``init``'s keys, ``W_h`` of
+    ``[H, G, H]``, or ``[H, H]`` for the plain RNN): ValueError naming ``params``
+    otherwise, rather than a KeyError or a shape error about an internal array."""
+    want = ("W_x", "W_h", "b", *extra)
+    if not isinstance(params, dict) or any(k not in params for k in want):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(
+            f"params: expected the {name} cell's params (keys {list(want)} from "
+            f"cell.init), got {got}"
+        )
+    shape = (hidden, gates, hidden) if gates else (hidden, hidden)
+    if tuple(jnp.shape(params["W_h"])) != shape:
+        raise ValueError(
+            f"params: W_h of shape {shape} expected for this {name} cell (hidden_size "
+            f"{hidden}), got {tuple(jnp.shape(params['W_h']))}: params of another cell or size"
+        )
+
+
 def _gate_stack(init: Initializer, key: Array, rows: int, gates: int, hidden: int) -> Array:
     """``<float32>[rows, gates, hidden]``, each gate's block drawn on its own."""
     keys = jax.random.split(key, gates)
@@ -303,11 +322,13 @@ def rnn(
         return xs @ params["W_x"] + params["b"]
 
     def step_projected(params: Params, h: Array, xp: Array) -> tuple[Array, Array]:
+        _check_params(params, "rnn", hidden_size, 0)
         _check_carry("carry", h, _step_batch(xp, (hidden_size,)), hidden_size)
         h = phi(xp + h @ params["W_h"])
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        _check_params(params, "rnn", hidden_size, 0)
         return step_projected(params, h, project(params, x))
 
     return _builtin(
@@ -385,6 +406,7 @@ def gru(
 
     def gates(params: Params, h: Array, xp: Array) -> tuple[Array, Array, Array]:
         """``(R_t, Z_t, H~_t)``."""
+        _check_params(params, "gru", hidden_size, 3, ("b_hn",) if reset_after else ())
         _check_carry("carry", h, _step_batch(xp, (3, hidden_size)), hidden_size)
         w_h = params["W_h"]
         if reset_after:
@@ -404,6 +426,7 @@ def gru(
         return h, h
 
     def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        _check_params(params, "gru", hidden_size, 3, ("b_hn",) if reset_after else ())
         return step_projected(params, h, _project_gated(params, x))
 
     def gate_values(params: Params, h: Array, x: Array) -> dict[str, Array]:
@@ -469,6 +492,12 @@ def lstm(
 
     def gates(params: Params, carry: LSTMCarry, xp: Array) -> tuple[Array, ...]:
         """``(I_t, F_t, O_t, C~_t)``."""
+        _check_params(params, "lstm", hidden_size, 4)
+        if not isinstance(carry, LSTMCarry):
+            raise ValueError(
+                f"carry: expected an LSTMCarry(h, c) (cell.initial_carry(), or "
+                f"LSTMCarry(h, c) of your arrays), got {type(carry).__name__}"
+            )
         batch = _step_batch(xp, (4, hidden_size))
         _check_carry("carry.h", carry.h, batch, hidden_size)
         _check_carry("carry.c", carry.c, batch, hidden_size)
@@ -487,6 +516,7 @@ def lstm(
         return dict(zip(("i", "f", "o", "c~"), values, strict=True))
 
     def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
+        _check_params(params, "lstm", hidden_size, 4)
         return step_projected(params, carry, _project_gated(params, x))
 
     return _builtin(

@@ -342,3 +342,23 @@ def test_a_step_takes_leading_batch_axes(name):
         cell.step_projected(p, single, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match=r"x: expected last dimension 5"):
         cell.step(p, single, jnp.float32(1.0))
+
+
+def test_a_step_names_wrong_params_and_carries():
+    """Params of another cell or size, params missing a key, and an LSTM carry that is
+    not an LSTMCarry are refused by name (not a KeyError, an AttributeError or a shape
+    error about the internal projection)."""
+    lstm, gru, rnn = cells.lstm(4), cells.gru(4, reset_after=True), cells.rnn(4)
+    p_lstm = lstm.init(jax.random.key(0), 3)
+    p_gru = cells.gru(4).init(jax.random.key(0), 3)  # reset-before: no b_hn
+    h, x = jnp.zeros(4), jnp.ones(3)
+    cases = [
+        (lambda: lstm.step(p_lstm, (h, h), x), "carry: expected an LSTMCarry"),
+        (lambda: lstm.step(p_gru, lstm.initial_carry(), x), r"params: W_h of shape \(4, 4, 4\)"),
+        (lambda: gru.step(p_gru, h, x), r"params: expected the gru cell's params .*b_hn"),
+        (lambda: rnn.step(p_lstm, h, x), r"params: W_h of shape \(4, 4\)"),
+        (lambda: cells.lstm(5).step(p_lstm, cells.lstm(5).initial_carry(), x), "hidden_size 5"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
