@@ -294,6 +294,21 @@ def _flax_step(spec: dict[str, Any]):
     return train_step, (params, tx.init(params)), (x, y), float, params, {}
 
 
+def spec_macs(spec: dict[str, Any]) -> int:
+    """The recurrent work per step of a spec's shape (``rnn_jax.parallel.recurrent_macs``),
+    which decides the CPU device split under ``auto``."""
+    from rnn_jax import parallel
+
+    return parallel.recurrent_macs(
+        spec["cell"],
+        spec["hidden_size"],
+        spec["batch_size"],
+        spec["num_steps"],
+        spec["num_layers"],
+        spec["bidirectional"],
+    )
+
+
 def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["device"] == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only effective before jax's import
@@ -304,14 +319,7 @@ def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from rnn_jax import parallel
 
     key = "cpu_devices" if spec["impl"] == "rnn_jax" else "flax_cpu_devices"
-    macs = parallel.recurrent_macs(
-        spec["cell"],
-        spec["hidden_size"],
-        spec["batch_size"],
-        spec["num_steps"],
-        spec["num_layers"],
-        spec["bidirectional"],
-    )
+    macs = spec_macs(spec)
     parallel.split_cpu(resolve_cpu_devices(spec[key], spec["batch_size"], True, key, macs))
     platform = jax.default_backend()  # the backends start here, after split_cpu
     if spec["device"] == "gpu" and platform != "gpu":

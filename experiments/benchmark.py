@@ -876,12 +876,6 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
-def _fail(message: str):
-    from absl import flags
-
-    raise flags.ValidationError(message)
-
-
 def partial_path(output: str) -> Path:
     """Where a run writes its results after every case: ``<output>.partial`` (renamed
     over nothing: the output itself is written only when the run finishes, so an
@@ -1160,21 +1154,11 @@ def define_flags() -> None:
         return True
 
     flags.register_validator("lr", lr_ok)
-    flags.register_validator(
-        "max_time_s",
-        lambda v: math.isfinite(v) or _fail(f"expected a finite number of seconds, got {v}"),
-    )
+    from experiments.common import finite_seconds_ok, output_path_ok
 
-    def file_path_ok(value):
-        if value and os.path.isdir(value):
-            raise flags.ValidationError(f"{value} is a directory; expected a file path")
-        parent = os.path.dirname(os.path.abspath(value)) if value else ""
-        if value and not os.path.isdir(parent):
-            raise flags.ValidationError(f"{value}: its directory {parent} does not exist")
-        return True
-
-    flags.register_validator("output", file_path_ok)
-    flags.register_validator("markdown", file_path_ok)
+    flags.register_validator("max_time_s", finite_seconds_ok)
+    flags.register_validator("output", output_path_ok)
+    flags.register_validator("markdown", output_path_ok)
 
     def implementation_ok(d):
         """What train.py refuses at once, refused here before any worker starts."""

@@ -1,5 +1,7 @@
 """What the launchers share."""
 
+import math
+import os
 import sys
 
 from absl import flags
@@ -92,3 +94,22 @@ def resolve_cpu_devices(
             f"of it or auto" + (f", or {switch_off}" if switch_off else "")
         )
     return n
+
+
+def output_path_ok(value: str) -> bool:
+    """absl validator of an output file flag: empty (none), or a path that is not a
+    directory and whose directory exists, checked before any work (the results of a
+    long run were lost at the end to a missing folder)."""
+    if value and os.path.isdir(value):
+        raise flags.ValidationError(f"{value} is a directory; expected a file path")
+    parent = os.path.dirname(os.path.abspath(value)) if value else ""
+    if value and not os.path.isdir(parent):
+        raise flags.ValidationError(f"{value}: its directory {parent} does not exist")
+    return True
+
+
+def finite_seconds_ok(value: float) -> bool:
+    """absl validator: a finite number of seconds (NaN and inf refused)."""
+    if not math.isfinite(value):
+        raise flags.ValidationError(f"expected a finite number of seconds, got {value}")
+    return True

@@ -29,7 +29,6 @@ runs this.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -41,7 +40,6 @@ from absl import app, flags
 from experiments import bench_worker, common
 from experiments.benchmark import (
     CELLS,
-    _fail,
     check_choices,
     fmt_ms,
     machine_info,
@@ -151,19 +149,11 @@ def cpu_devices_for(cases, value: str) -> int:
     cases whose ``auto`` counts differ, or a count that does not divide a case's
     batch, raise ValueError naming the flag."""
     from experiments.common import resolve_cpu_devices
-    from rnn_jax import parallel
 
     counts = {}
     for case in cases:
         spec = case.spec()
-        macs = parallel.recurrent_macs(
-            spec["cell"],
-            spec["hidden_size"],
-            spec["batch_size"],
-            spec["num_steps"],
-            spec["num_layers"],
-            spec["bidirectional"],
-        )
+        macs = bench_worker.spec_macs(spec)
         counts[case.label()] = resolve_cpu_devices(
             value, spec["batch_size"], True, "cpu_devices", macs, switch_off=""
         )
@@ -328,20 +318,8 @@ def define_flags() -> None:
         return True
 
     flags.register_multi_flags_validator(["variants", "bidirectional"], wavefront_ok)
-    flags.register_validator(
-        "max_time_s",
-        lambda v: math.isfinite(v) or _fail(f"expected a finite number of seconds, got {v}"),
-    )
-
-    def output_ok(value):
-        if value and os.path.isdir(value):
-            raise flags.ValidationError(f"{value} is a directory; expected a file path")
-        parent = os.path.dirname(os.path.abspath(value)) if value else ""
-        if value and not os.path.isdir(parent):
-            raise flags.ValidationError(f"{value}: its directory {parent} does not exist")
-        return True
-
-    flags.register_validator("output", output_ok)
+    flags.register_validator("max_time_s", common.finite_seconds_ok)
+    flags.register_validator("output", common.output_path_ok)
 
 
 if __name__ == "__main__":
