@@ -9,6 +9,7 @@ or written, raising :class:`ConfigError` that names the offending field (flag).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ def resume_conflicts(
     conflicts = [
         f"{k}: {saved.get(k)!r} -> {current[k]!r}"
         for k in RESUME_KEYS
-        if k in saved and saved[k] != current[k]
+        if k in saved and _differ(k, saved[k], current[k])
     ]
     for k, shapes in _STATE_SHAPERS.items() if checkpointed else ():
         if k in saved and shapes(saved) != shapes(current):
@@ -171,6 +172,15 @@ def resume_conflicts(
                 f"{k}: {saved[k]!r} -> {current[k]!r} (another optimizer state structure)"
             )
     return conflicts
+
+
+def _differ(key: str, saved: Any, current: Any) -> bool:
+    """Whether a resume-defining setting changed; ``data`` paths are compared as the
+    files they name (``../x.txt`` and ``/abs/x.txt`` are one file; the corpus hash
+    catches a changed text)."""
+    if key == "data" and saved and current and isinstance(saved, str):
+        return os.path.realpath(saved) != os.path.realpath(current)
+    return saved != current
 
 
 def _positive(config: TrainConfig, *names: str, minimum: float = 1) -> None:

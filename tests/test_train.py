@@ -200,6 +200,10 @@ def test_resume_refuses_changed_model_flags(tmp_path):
     assert _snapshot(workdir) == before
     saved = json.loads((workdir / "config.json").read_text())  # no checkpoint yet: allowed
     assert config_module.resume_conflicts(saved, {**saved, "grad_clip": 0.0}, False) == []
+    # the same file under another spelling of its path is the same data
+    other = str(tmp_path / "." / "sub" / ".." / "book.txt")
+    assert config_module.resume_conflicts(saved, {**saved, "data": other}) == []
+    assert config_module.resume_conflicts(saved, {**saved, "data": str(tmp_path / "b.txt")})
     config_module.validate(dataclasses.replace(config, log_every_s=float("inf")))  # no logs
     (workdir / "checkpoints").rename(workdir / "saved")
     (workdir / "checkpoints").write_text("")
