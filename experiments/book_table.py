@@ -10,6 +10,7 @@ finished runs). Prints a markdown table of final training and validation perplex
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import outdir_ok, parse_flags_or_exit_2
 
 CONFIGS = ["rnn", "gru", "lstm", "deep_gru", "bi_gru"]
 HERE = Path(__file__).resolve().parent
@@ -27,6 +28,16 @@ flags.DEFINE_list("configs", CONFIGS, "Flagfiles of experiments/configs to run."
 flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0 .. seeds-1).")
 flags.DEFINE_string("runs", "runs/book", "Directory of the run directories.")
 flags.DEFINE_string("output", "runs/book/table.md", "Markdown table written here.")
+flags.register_validator("runs", outdir_ok)
+
+
+def _file_ok(value: str) -> bool:
+    if os.path.isdir(value):
+        raise flags.ValidationError(f"{value} is a folder; expected a file path")
+    return outdir_ok(os.path.dirname(os.path.abspath(value)))
+
+
+flags.register_validator("output", _file_ok)
 
 
 def run_one(name: str, seed: int) -> dict:

@@ -113,3 +113,15 @@ def finite_seconds_ok(value: float) -> bool:
     if not math.isfinite(value):
         raise flags.ValidationError(f"expected a finite number of seconds, got {value}")
     return True
+
+
+def outdir_ok(value: str) -> bool:
+    """absl validator of an output folder flag (created when missing): refused up
+    front when it names a file, or a folder under a file, so a finished computation
+    is never lost at the write."""
+    path = os.path.abspath(value or ".")
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise flags.ValidationError(f"{value}: {path} is a file; expected a folder")
+    return True

@@ -583,3 +583,27 @@ def test_markdown_keeps_a_section_whose_cases_a_run_lacks(tmp_path):
     assert a not in text and b not in text and "| 8.0 |" in text and "| 7.0 |" in text
     assert text.count("benchmark-section: CPU X") == 4  # two sections, begin and end each
     assert benchmark.partial_path("out/b.json") == Path("out/b.json.partial")
+
+
+def test_output_flags_are_checked_before_any_work(tmp_path):
+    """The shared validators of the launchers' output flags: a file path needs an
+    existing folder and must not be one; an output folder must not be (or sit under)
+    a file; seconds must be finite."""
+    from absl import flags
+
+    from experiments import common
+
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert common.output_path_ok("") and common.output_path_ok(str(tmp_path / "b.json"))
+    assert common.outdir_ok(str(tmp_path / "new" / "deeper"))
+    assert common.finite_seconds_ok(3.0)
+    for check, value, match in [
+        (common.output_path_ok, str(tmp_path), "is a directory"),
+        (common.output_path_ok, str(tmp_path / "missing" / "b.json"), "does not exist"),
+        (common.outdir_ok, str(a_file), "is a file; expected a folder"),
+        (common.outdir_ok, str(a_file / "sub"), "is a file; expected a folder"),
+        (common.finite_seconds_ok, float("nan"), "finite number of seconds"),
+    ]:
+        with pytest.raises(flags.ValidationError, match=match):
+            check(value)

@@ -37,7 +37,7 @@ import optax
 from absl import app, flags
 
 from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import outdir_ok, parse_flags_or_exit_2
 from rnn_jax import data, models, text
 from rnn_jax.config import TrainConfig, model_config
 
@@ -76,6 +76,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("time_iters", 10, "(c) Timed steps per round (median taken).")
     flags.DEFINE_integer("time_rounds", 5, "(c) Rounds (mean ± std over rounds of the median).")
     flags.DEFINE_string("outdir", str(RESULTS), "Where bidirectional.md / .png are written.")
+    flags.register_validator("outdir", outdir_ok)
     flags.DEFINE_string("note", "", "Extra paragraph for the markdown (e.g. 'reduced settings').")
 
 

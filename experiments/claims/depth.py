@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import outdir_ok, parse_flags_or_exit_2
 from rnn_jax import data, models, text
 
 CEILING = 40.0  # plots draw larger (or diverged) perplexities at this height
@@ -77,6 +77,7 @@ def define_flags() -> None:
         "(letter-frequency) perplexity of the validation text.",
     )
     flags.DEFINE_string("outdir", str(RESULTS), "Where depth.md and depth.png are written.")
+    flags.register_validator("outdir", outdir_ok)
     flags.DEFINE_string("note", "", "Extra paragraph for the markdown (e.g. 'reduced settings').")
 
 

@@ -39,6 +39,7 @@ from absl import logging as absl_logging
 
 from experiments.claims import common
 from experiments.claims.long_range import task_model, train
+from experiments.common import outdir_ok
 from rnn_jax import cells, runs, text
 from rnn_jax import train as lm_train
 from rnn_jax.config import TrainConfig
@@ -399,6 +400,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("passage", PASSAGE, "Text whose gate activations are plotted.")
     flags.DEFINE_string("outdir", str(common.RESULTS), "Where gates.md and the PNGs are written.")
+    flags.register_validator("outdir", outdir_ok)
     flags.DEFINE_string("note", "", "Extra line for the markdown, e.g. 'reduced settings: ...'.")
 
 

@@ -39,6 +39,7 @@ from absl import logging as absl_logging
 
 from experiments.claims import common
 from experiments.claims.long_range import LABELS, TaskModel, seed_params, task_model, train
+from experiments.common import outdir_ok
 from rnn_jax import cells
 
 Array = jax.Array
@@ -326,6 +327,7 @@ def define_flags() -> None:
     flags.DEFINE_float("gain", 1.5, "Scale of the orthogonal recurrent weights in 'gain'.")
     flags.DEFINE_integer("eval_size", 256, "Sequences the gradient norms are averaged over.")
     flags.DEFINE_string("outdir", str(common.RESULTS), "Where gradients.md/png are written.")
+    flags.register_validator("outdir", outdir_ok)
     flags.DEFINE_string("note", "", "Extra line for the markdown, e.g. 'reduced settings: ...'.")
 
 

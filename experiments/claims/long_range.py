@@ -42,6 +42,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments.claims import common
+from experiments.common import outdir_ok
 from rnn_jax import cells, networks, tasks
 
 Array = jax.Array
@@ -420,6 +421,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_symbols", 8, "Copy task: distinct symbols.")
     flags.DEFINE_integer("num_copy", 3, "Copy task: symbols to remember and recall.")
     flags.DEFINE_string("outdir", str(common.RESULTS), "Where long_range.md/png are written.")
+    flags.register_validator("outdir", outdir_ok)
     flags.DEFINE_string("note", "", "Extra line for the markdown, e.g. 'reduced settings: ...'.")
 
 

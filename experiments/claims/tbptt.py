@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import outdir_ok, parse_flags_or_exit_2
 from rnn_jax import models, text
 from rnn_jax.config import TrainConfig, model_config
 
@@ -59,7 +59,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("cell", "gru", ["rnn", "gru", "lstm"], "Recurrent cell.")
     flags.DEFINE_integer("hidden_size", 32, "Hidden units.")
     flags.DEFINE_integer("batch_size", 32, "Windows (sequential: streams) per batch.")
-    flags.DEFINE_integer("num_steps", 32, "Time steps per window; the truncation length.")
+    flags.DEFINE_integer(
+        "num_steps", 32, "Time steps per window; the truncation length.", lower_bound=1
+    )
     flags.DEFINE_integer(
         "num_train",
         10_240,
@@ -72,6 +74,7 @@ def define_flags() -> None:
         "stream_count", 16, "Streams the validation text is cut into (stream eval)."
     )
     flags.DEFINE_string("outdir", str(RESULTS), "Where tbptt.md and tbptt.png are written.")
+    flags.register_validator("outdir", outdir_ok)
     flags.DEFINE_string("note", "", "Extra paragraph for the markdown (e.g. 'reduced settings').")
 
 
