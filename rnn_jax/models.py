@@ -171,6 +171,10 @@ def language_model(config: ModelConfig) -> Model:
 
 
 def token_losses(logits: Array, targets: Array) -> Array:
-    """Cross-entropy ``-log softmax(logits)[target]``: ``<float32>[B, T]``."""
+    """Cross-entropy ``-log softmax(logits)[target]``: ``<float32>[B, T]``.
+
+    A target outside ``[0, V)`` gives NaN there (``take_along_axis`` fills, it does not
+    clamp to a real class), so a bad id shows as a non-finite loss, which training
+    stops at, naming the step, instead of a plausible number."""
     log_probs = jax.nn.log_softmax(logits)
     return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
