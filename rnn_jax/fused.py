@@ -609,18 +609,28 @@ def _linear_bwd(dtype, res, g):
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def check_bfloat16_inputs(params: Any, carry: Any, matmul_dtype: str) -> None:
+def check_bfloat16_inputs(params: Any, carry: Any, matmul_dtype: str, xs: Any = None) -> None:
     """bfloat16 matmuls are defined for float32 params and carries (their results
-    are float32): anything else raises ValueError naming the offender."""
+    are float32) and float inputs of at most float32: anything else raises ValueError
+    naming the offender (float64 ``xs`` first: the default carry takes their type)."""
     if matmul_dtype == "float32":
         return
-    for name, tree in (("params", params), ("carry", carry)):
+
+    def check(name, tree):
         for leaf in jax.tree_util.tree_leaves(tree):
             if jnp.asarray(leaf).dtype != jnp.float32:
                 raise ValueError(
                     f"matmul_dtype: {matmul_dtype!r} needs float32 {name}, got "
                     f"{jnp.asarray(leaf).dtype}"
                 )
+
+    check("params", params)
+    if xs is not None and jnp.issubdtype(xs.dtype, jnp.floating):
+        if jnp.finfo(xs.dtype).bits > 32:
+            raise ValueError(
+                f"matmul_dtype: {matmul_dtype!r} needs float32 or bfloat16 xs, got {xs.dtype}"
+            )
+    check("carry", carry)
 
 
 def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "float32") -> Array:
@@ -823,7 +833,7 @@ def layer(
         raise ValueError(
             f"matmul_dtype: expected one of {list(MATMUL_DTYPES)}, got {matmul_dtype!r}"
         )
-    check_bfloat16_inputs(params, carry, matmul_dtype)
+    check_bfloat16_inputs(params, carry, matmul_dtype, xs)
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "pallas" and (reason := persistent.unsupported(cell)):

@@ -210,7 +210,7 @@ def network_layers(
         reason = persistent_stack.problem(cell, num_layers, num_steps, batch, dtypes)
         if reason is not None:
             raise ValueError(f"kernel='pallas': {reason}")
-    fused.check_bfloat16_inputs(params, carries, matmul_dtype)
+    fused.check_bfloat16_inputs(params, carries, matmul_dtype, xs)
     xp0 = fused._project(cell, params[0], xs, matmul_dtype)
     stack = lambda trees: jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
     rec = stack([fused._recurrent_params(p) for p in params])

@@ -546,3 +546,7 @@ def test_bad_matmul_dtype():
         carry = jax.tree.map(lambda v: jnp.zeros((2, *v.shape)), cell.initial_carry())
         with pytest.raises(ValueError, match="needs float32 params, got float64"):
             fused.layer(cell, params, carry, jnp.zeros((5, 2, 3)), matmul_dtype="bfloat16")
+        # float64 inputs are named as such (the default carry takes their type)
+        net = networks.network(cell, 1, matmul_dtype="bfloat16")
+        with pytest.raises(ValueError, match="needs float32 or bfloat16 xs, got float64"):
+            net.apply_batch(net.init(jax.random.key(0), 3), jnp.zeros((2, 5, 3), jnp.float64))
