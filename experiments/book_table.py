@@ -4,9 +4,10 @@ r"""Reproduces the book's five character language models and tabulates them.
     python -m experiments.book_table --configs=gru,lstm --seeds=1
 
 Each run is ``python -m experiments.train --flagfile=experiments/configs/NAME.flags
---seed=S --workdir=RUNS/NAME_seedS`` in its own process (rerunning resumes or skips
-finished runs). Prints a markdown table of final training and validation perplexity
-(mean ± std over seeds) and seed 0's greedy sample, and writes it to --output.
+--seed=S --workdir=RUNS/NAME_seedS`` in its own process (rerunning resumes, or
+re-checks a finished run against its flags at the cost of a compile). Prints a
+markdown table of final training and validation perplexity (mean ± std over seeds)
+and seed 0's greedy sample, and writes it to --output.
 """
 
 import json
@@ -41,21 +42,26 @@ flags.register_validator("output", _file_ok)
 
 
 def run_one(name: str, seed: int) -> dict:
+    """Trains (or resumes, or, if finished, only re-checks) one run and returns its
+    result. train runs every time: a finished run with the same flags costs a compile
+    and writes the same result, and a run directory made with other flags, or a
+    hand-written result.json, is refused by train instead of tabulated."""
     workdir = Path(FLAGS.runs) / f"{name}_seed{seed}"
-    result = workdir / "result.json"
-    if not result.exists():
-        cmd = [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            f"--flagfile={HERE / 'configs' / f'{name}.flags'}",
-            f"--seed={seed}",
-            f"--workdir={workdir}",
-            "--log_every_s=60",
-        ]
-        print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-    return json.loads(result.read_text())
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--flagfile={HERE / 'configs' / f'{name}.flags'}",
+        f"--seed={seed}",
+        f"--workdir={workdir}",
+        "--log_every_s=60",
+    ]
+    print("$", " ".join(cmd[1:]), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:  # train printed why
+        print(f"error: experiments.train exited with {code} for {workdir}", file=sys.stderr)
+        sys.exit(code if code in (1, 2) else 1)
+    return json.loads((workdir / "result.json").read_text())
 
 
 def mean_std(values: list[float]) -> str:
