@@ -877,9 +877,9 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 
 
 def partial_path(output: str) -> Path:
-    """Where a run writes its results after every case: ``<output>.partial`` (renamed
-    over nothing: the output itself is written only when the run finishes, so an
-    interrupted run never replaces a complete file)."""
+    """Where a run writes its results after every case: ``<output>.partial``. The
+    output itself is written only when the run finishes (and the partial file then
+    removed), so an interrupted run never replaces a complete file."""
     return Path(output + ".partial")
 
 

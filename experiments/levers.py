@@ -148,13 +148,11 @@ def cpu_devices_for(cases, value: str) -> int:
     rnn_jax worker picks per case). JAX fixes the count when its backend starts, so
     cases whose ``auto`` counts differ, or a count that does not divide a case's
     batch, raise ValueError naming the flag."""
-    from experiments.common import resolve_cpu_devices
-
     counts = {}
     for case in cases:
         spec = case.spec()
         macs = bench_worker.spec_macs(spec)
-        counts[case.label()] = resolve_cpu_devices(
+        counts[case.label()] = common.resolve_cpu_devices(
             value, spec["batch_size"], True, "cpu_devices", macs, switch_off=""
         )
     if len(set(counts.values())) > 1:

@@ -129,9 +129,8 @@ def _check_input_size(input_size: Any) -> int:
 def _positive_int(value: Any, name: str) -> int:
     """``value`` as a Python int if it is an integer > 0 (NumPy integers included, not
     bools), else ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if value <= 0:
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not is_int or value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
 

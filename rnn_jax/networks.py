@@ -97,6 +97,9 @@ class Network(NamedTuple):
       apply_batch: the same over a batch: ``xs <float32>[B, T, I]``,
         ``lengths <int32>[B]``, initial carry with a leading batch axis; one dropout
         key is split per example.
+      check_params: ``(params) -> None``; ValueError naming the first path where
+        ``params`` differ from ``init``'s keys and shapes (for the input size of
+        layer 0's ``W_x``). ``apply`` and ``apply_batch`` run it.
 
     Lengths are clipped to ``[0, T]`` (a negative one is 0: all outputs zero, the
     initial carry returned). Token ids ``<int32>`` stand for one-hot vectors of size
@@ -120,6 +123,7 @@ class Network(NamedTuple):
     apply_batch: Callable[..., tuple[Array, tuple]]
     chunk: int | None = None
     directions: str = "auto"
+    check_params: Callable[[Any], None] | None = None
 
 
 # Measured on a 2-core CPU (see BUILD.md): computing X W_x + b inside the scan
@@ -311,12 +315,11 @@ def _check_options(cell, num_layers, dropout, unroll) -> None:
 
 
 def _check_xs_dtype(xs: Any) -> None:
-    """Inputs are real floats (features) or integers (token ids): anything else (bool,
-    complex) raises ValueError naming ``xs``."""
-    dtype = jnp.asarray(xs).dtype if not hasattr(xs, "dtype") else xs.dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    """Inputs (an array or ``np.asarray`` of one) are real floats (features) or
+    integers (token ids): anything else (bool, complex) raises ValueError naming ``xs``."""
+    if not (jnp.issubdtype(xs.dtype, jnp.floating) or jnp.issubdtype(xs.dtype, jnp.integer)):
         raise ValueError(
-            f"xs: expected float features or integer token ids, got {dtype}; cast boolean "
+            f"xs: expected float features or integer token ids, got {xs.dtype}; cast boolean "
             f"features with xs.astype(jnp.float32)"
         )
 
@@ -802,9 +805,10 @@ def network(
         if got != expected:
             diff = sorted(set(got.items()) ^ set(expected.items()))
             path = diff[0][0]
+            missing = "missing: " if path not in got else ""
             raise ValueError(
-                f"params{path}: expected shape {expected.get(path, 'no such leaf')} (net.init of "
-                f"this {cell.name} network, hidden_size {cell.hidden_size}), got "
+                f"params{path}: {missing}expected shape {expected.get(path, 'no such leaf')} "
+                f"(net.init of this {cell.name} network, hidden_size {cell.hidden_size}), got "
                 f"{got.get(path, 'no such leaf')}"
             )
 
@@ -825,4 +829,5 @@ def network(
         apply_batch=apply_batch,
         chunk=chunk,
         directions=directions,
+        check_params=_check_params,
     )

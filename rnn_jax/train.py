@@ -523,8 +523,7 @@ def _check_workdir(
     except ValueError as e:
         raise ConfigError("workdir", str(e)) from None
     if saved is not None:
-        checkpointed = folder.is_dir() and any(folder.iterdir())
-        conflicts = resume_conflicts(saved, dataclasses.asdict(config), checkpointed)
+        conflicts = resume_conflicts(saved, dataclasses.asdict(config))  # checkpointed
         if conflicts:
             raise ConfigError(
                 "workdir",
