@@ -26,6 +26,7 @@ flags.DEFINE_integer("num_samples", 1, "Samples to draw, each with seed + i.")
 
 
 MAX_CHARS = 10_000_000
+MAX_TEMPERATURE = 3.4028234663852886e38  # float32's largest number
 
 
 def fail(flag: str, message: str) -> None:
@@ -42,6 +43,11 @@ def main(argv):
         fail("num_chars", f"expected <= {MAX_CHARS:,} (one compiled scan holds them all)")
     if not 0 <= FLAGS.temperature < math.inf:  # NaN too
         fail("temperature", f"expected a finite number >= 0, got {FLAGS.temperature}")
+    if FLAGS.temperature > MAX_TEMPERATURE:
+        fail(
+            "temperature",
+            f"expected at most {MAX_TEMPERATURE:.4g} (float32), got {FLAGS.temperature:g}",
+        )
     if FLAGS.num_samples < 1:
         fail("num_samples", f"expected >= 1, got {FLAGS.num_samples}")
     if not FLAGS.workdir.strip():
@@ -52,8 +58,15 @@ def main(argv):
         run = runs.load(Path(FLAGS.workdir))
     except (ValueError, RuntimeError) as e:  # RuntimeError: no checkpoint fits config.json
         fail("workdir", str(e))
-    from rnn_jax import generate
+    from rnn_jax import generate, text
 
+    clean = text.preprocess(FLAGS.prefix, run.vocab.mode)
+    if clean != FLAGS.prefix and clean != FLAGS.prefix.lower():
+        print(
+            f"note: --prefix is read as {clean!r} (the corpus' preprocessing, "
+            f"tokens mode {run.vocab.mode!r})",
+            file=sys.stderr,
+        )
     for i in range(FLAGS.num_samples):
         try:
             sample = generate.generate_text(

@@ -24,6 +24,8 @@ from rnn_jax import models, text
 
 Array = jax.Array
 
+_MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+
 
 def _choose(logits: Array, temperature: Array, key: Array) -> Array:
     greedy = jnp.argmax(logits, axis=-1)
@@ -42,7 +44,8 @@ def generate_ids(
     """Continues ``prefix <int32>[P]`` (P >= 1) by ``num_tokens`` ids: ``<int32>[num_tokens]``.
 
     ``temperature`` 0 decodes greedily, > 0 samples from ``softmax(logits / T)``; a
-    Python number must be finite and >= 0 (a traced one <= 0 decodes greedily).
+    concrete number must be in ``[0, 3.4e38]`` (finite in float32, the type it is
+    used in); a traced one <= 0 decodes greedily.
 
     Pure and traceable; compile it with ``model`` and ``num_tokens`` bound, e.g.
     ``jax.jit(functools.partial(generate_ids, model, num_tokens=100))``.
@@ -63,6 +66,11 @@ def generate_ids(
             np.issubdtype(value.dtype, np.number) and 0 <= float(value) < math.inf
         ):
             raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        if float(value) > _MAX_TEMPERATURE:  # float32 would make it inf
+            raise ValueError(
+                f"temperature: expected at most {_MAX_TEMPERATURE:.4g} (float32's largest "
+                f"number), got {float(value):g}"
+            )
     key = jax.random.key(0) if key is None else key
     temperature = jnp.asarray(temperature, jnp.float32)
     keys = jax.random.split(key, num_tokens)

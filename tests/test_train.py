@@ -532,6 +532,10 @@ def test_generate_ids_refuses_a_bad_concrete_temperature():
     for bad in (np.float32(-1), -1.0, float("nan"), np.inf, np.array([1.0]), "x"):
         with pytest.raises(ValueError, match="temperature: expected a finite number >= 0"):
             generate.generate_ids(model, params, prefix, 3, bad)
+    assert generate.generate_ids(model, params, prefix, 3, 3e38).shape == (3,)
+    for huge in (1e39, 1e308):  # finite in float64, inf in float32
+        with pytest.raises(ValueError, match="temperature: expected at most 3.403e.38"):
+            generate.generate_ids(model, params, prefix, 3, huge)
 
 
 def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
@@ -560,3 +564,31 @@ def test_an_attempt_without_a_checkpoint_does_not_pin_the_flags(tmp_path):
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["batch_size"] == config.batch_size
     assert json.loads((workdir / "corpus.json").read_text())["tokens"] > 0
+
+
+def test_generate_launcher_reads_the_prefix_as_the_corpus_and_bounds_temperature(tmp_path):
+    """experiments.generate on a finished run: a prefix the preprocessing changes is
+    reported (so 'Café' read as 'caf ' is not silent) and continued; a temperature
+    beyond float32 is refused by flag before the run is loaded."""
+    import subprocess
+    import sys
+
+    config = tiny(tmp_path, epochs=1)
+    train.run(config, echo=quiet)
+
+    def launch(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.generate", f"--workdir={config.workdir}", *args],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+
+    proc = launch("--prefix=Café 42", "--num_chars=7")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: --prefix is read as 'caf '" in proc.stderr
+    line = proc.stdout.strip("\n")
+    assert line.startswith("caf ") and len(line) == len("caf ") + 7
+    proc = launch("--temperature=1e39")
+    assert proc.returncode == 2
+    assert "error: --temperature: expected at most 3.403e+38" in proc.stderr
