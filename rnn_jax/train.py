@@ -302,6 +302,7 @@ def run(
     workdir = Path(config.workdir)
     corpus = _corpus_record(config, ids)
     _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
+    _check_epochs(workdir, config, ids)
     lock = _lock_workdir(workdir)  # one process per run directory
     try:
         return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
@@ -371,16 +372,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         start, state, meta = restored
         saved_meter = meta.get("meter") if isinstance(meta, dict) else None
         last_saved = start
-        if start > total:
-            from rnn_jax.config import ConfigError
-
+        if start > total:  # only when a newer step than _check_epochs saw was unusable
             ckpt.close()
-            raise ConfigError(
-                "epochs",
-                f"{config.epochs} epochs are {total} steps, but the run in {workdir} has "
-                f"trained {start} steps ({start / steps_per_epoch:g} epochs); expected "
-                f"--epochs >= {math.ceil(start / steps_per_epoch)}",
-            )
+            raise _epochs_error(config, workdir, start, steps_per_epoch)
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
     _write_workdir(workdir, config, vocab, corpus, fresh=restored is None)  # once restored
     result_path = workdir / "result.json"
@@ -547,6 +541,44 @@ def _check_workdir(
             f"learned from ({corpus_path}: {_describe_corpus(saved_corpus)}): the data "
             f"changed; use another --workdir",
         )
+
+
+def _newest_saved_step(folder: Path) -> int | None:
+    """The newest step in a checkpoint folder that finished saving (it has its
+    integrity manifest), from the file names alone; None if there is none."""
+    from rnn_jax.checkpoint import MANIFEST_SUFFIX
+
+    steps = [
+        int(p.name[: -len(MANIFEST_SUFFIX)])
+        for p in folder.glob(f"*{MANIFEST_SUFFIX}")
+        if p.name[: -len(MANIFEST_SUFFIX)].isdigit()
+        and (folder / p.name[: -len(MANIFEST_SUFFIX)]).is_dir()
+    ]
+    return max(steps, default=None)
+
+
+def _epochs_error(config: TrainConfig, workdir: Path, trained: int, steps_per_epoch: int):
+    from rnn_jax.config import ConfigError
+
+    return ConfigError(
+        "epochs",
+        f"{config.epochs} epochs are {steps_per_epoch * config.epochs} steps, but the run in "
+        f"{workdir} has trained {trained} steps ({trained / steps_per_epoch:g} epochs); "
+        f"expected --epochs >= {math.ceil(trained / steps_per_epoch)}",
+    )
+
+
+def _check_epochs(workdir: Path, config: TrainConfig, ids: np.ndarray) -> None:
+    """Refuses ``--epochs`` fewer than the run in ``workdir`` has trained, from its
+    checkpoint names, before anything is restored or compiled (a newest step that
+    turns out unusable on restore is checked again there)."""
+    trained = _newest_saved_step(workdir / "checkpoints")
+    if trained is None:
+        return
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    if trained > steps_per_epoch * config.epochs:
+        raise _epochs_error(config, workdir, trained, steps_per_epoch)
 
 
 def _write_workdir(
