@@ -9,22 +9,22 @@ time of each variant and the fastest::
     python -m experiments.levers --configs=long,large --cells=gru,lstm \
         --variants=scan:1,scan:8,fused:1,fused:8,fused:32
 
-A variant is ``implementation:unroll`` (implementation ``scan``, ``fused`` or
-``wavefront``) with optional further parts: ``hoist`` or ``nohoist`` (the scan's
-input projection outside the loop or not) and ``bf16`` (bfloat16 matmuls), e.g.
-``fused:8:bf16``. All variants run in this
+A variant is ``implementation:unroll`` (implementation ``scan``, ``fused``,
+``wavefront`` or ``pallas``, the last with unroll 1 and no hoist part) with optional
+further parts: ``hoist`` or ``nohoist`` (the scan's input projection outside the
+loop or not) and ``bf16`` (bfloat16 matmuls), e.g. ``fused:8:bf16``. All variants run in this
 one process (only JAX is imported, so no foreign thread pool competes); the peers
 and cold compile times are :mod:`experiments.benchmark`'s job. On a CPU every case
 runs on one device count (``--cpu_devices``, default ``auto``: the benchmark's
 per-case choice, which the cases must then share), since JAX fixes the count when
 its backend starts.
 
-``--check`` first compares the ``fused`` and ``wavefront`` implementations with
-``scan`` on this device at ``highest`` matmul precision (values and gradients with
-variable lengths, every cell: fused on a 2-layer bidirectional network, wavefront
-on a 3-layer one) and exits 1 if they differ by more than 1e-5 relative: the checks
-of ``tests/test_fused.py`` and ``tests/test_wavefront.py``, on whatever accelerator
-runs this.
+``--check`` first compares the ``fused``, ``wavefront`` and ``pallas``
+implementations with ``scan`` on this device at ``highest`` matmul precision
+(values and gradients with variable lengths, every cell: fused on a 2-layer
+bidirectional network, wavefront on a 3-layer one, pallas on one layer) and exits
+1 if they differ by more than 1e-5 relative: the checks of ``tests/test_fused.py``
+and ``tests/test_wavefront.py``, on whatever accelerator runs this.
 """
 
 from __future__ import annotations

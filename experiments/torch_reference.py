@@ -5,8 +5,9 @@ r"""The book's language models in PyTorch, with rnn_jax's data, for a fair compa
 Reads the same flagfile settings (hidden size, layers, lr, epochs, batch, windows) and
 the same batches (``rnn_jax.data``: the same windows, the same shuffles), trains
 ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` + ``nn.Linear`` with PyTorch's default
-initialisation, one-hot input, SGD and ``clip_grad_norm_``, and reports the final
-training and validation perplexity (mean ± std over seeds) as a markdown table.
+initialisation, one-hot input, SGD and ``clip_grad_norm_``, prints each config's
+final validation perplexity (mean and the per-seed values) and writes the final
+training and validation perplexities of every seed to ``--output`` (JSON).
 PyTorch's GRU is the reset-after form. Needs ``pip install torch==2.13.0``.
 """
 

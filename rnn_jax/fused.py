@@ -8,7 +8,7 @@ what cuDNN and oneDNN do instead:
   lookup for token ids) before the loop; each step computes ``H_{t-1} W_h`` and the
   gates, and saves the activated gates;
 * backward loop: from the saved gates, each step computes the gradient of the gate
-  pre-activations ``dA_t <float32>[B, G, H]`` and passes ``dA_t W_hᵀ`` to step t-1:
+  pre-activations ``dA_t <float32>[B, G*H]`` and passes ``dA_t W_hᵀ`` to step t-1:
   one matmul per step, no weight gradient;
 * after the loop, the weight gradients are single large matmuls over all T*B rows:
   ``dW_h = Σ_t H_{t-1}ᵀ dA_t``, ``dW_x = Xᵀ dA``, ``db = Σ dA``.

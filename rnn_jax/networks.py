@@ -29,7 +29,7 @@ How it computes:
 * integer ``xs`` are token ids standing for one-hot vectors (``input_size`` is the
   vocabulary size): layer 0 looks up rows of ``W_x`` instead of multiplying.
 
-Two implementations compute the same function (tests compare outputs and gradients):
+Four implementations compute the same function (tests compare outputs and gradients):
 
 * ``"scan"``, the reference: ``apply`` runs one sequence in a ``lax.scan`` over the
   cell's ``step`` and autodiff derives the backward pass; ``apply_batch`` is

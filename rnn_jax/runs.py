@@ -1,7 +1,7 @@
 """Reading a run directory written by :func:`rnn_jax.train.run`.
 
 Layout: ``config.json`` (resolved flags), ``vocab.json``, ``corpus.json`` (the
-token count and SHA-256 of the text), ``metrics.jsonl``,
+token count and the SHA-256 of the int32 token ids), ``metrics.jsonl``,
 ``checkpoints/`` (see :mod:`rnn_jax.checkpoint`), ``curves.png``, ``result.json``.
 """
 

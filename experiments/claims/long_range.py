@@ -16,8 +16,8 @@ held-out batch:
 
 Each (task, cell, length) is one compiled program run once per seed: the whole
 optimisation is a ``jax.lax.scan`` over steps drawing a fresh batch from the task
-generator every step. Writes ``long_range.md`` and
-``long_range.png`` into ``--outdir``.
+generator every step. Writes ``long_range.md``,
+``long_range.png`` and the raw rows ``long_range.json`` into ``--outdir``.
 
 :func:`task_model` and :func:`train` are reused by the ``gradients`` and ``gates``
 claims; flags are defined only when this file runs as a script, so importing it

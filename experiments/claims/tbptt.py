@@ -53,7 +53,10 @@ def define_flags() -> None:
     """The command-line flags (only when run as a command, so tests can import this)."""
     flags.DEFINE_integer("seeds", 3, "Seeds per partition (0 .. seeds-1).")
     flags.DEFINE_integer(
-        "steps", 3200, "Optimizer steps of every run (a multiple of the sequential epoch length)."
+        "steps",
+        3200,
+        "Optimizer steps of every run: a multiple of the windows epoch "
+        "(num_train / batch_size steps), hence of the sequential one too.",
     )
     flags.DEFINE_integer("eval_points", 20, "Validation evaluations along each run.")
     flags.DEFINE_enum("cell", "gru", ["rnn", "gru", "lstm"], "Recurrent cell.")
