@@ -57,7 +57,8 @@ flags.DEFINE_enum(
     _D.init,
     ["default", "uniform"],
     "default: LeCun-normal input, orthogonal recurrent weights, zero biases; uniform: "
-    "PyTorch's U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.",
+    "PyTorch's U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias (the LSTM's "
+    "--forget_bias is added to b_f under both; 0 for PyTorch's exact init).",
 )
 flags.DEFINE_float("forget_bias", _D.forget_bias, "LSTM forget-gate bias at initialisation.")
 flags.DEFINE_float(

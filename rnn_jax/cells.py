@@ -33,7 +33,7 @@ per gate (Saxe et al. 2014), biases zero, and the LSTM forget-gate bias
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -42,23 +42,69 @@ import numpy as np
 
 Array = jax.Array
 
-# The functions the factories below build: a cell whose step, step_projected and
-# project are all among them computes the built-in equations, which the hand-written
-# fused kernels may then replace (:func:`is_builtin`).
-_BUILTIN_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()
+# The functions the factories below build, each with the facts (name, hidden size,
+# gates, options) of the cell it was built for: a cell whose step, step_projected
+# and project are such functions, built for the cell's own facts, computes the
+# built-in equations, which the hand-written fused kernels may then replace
+# (:func:`is_builtin`). ``project`` of the gated cells is one shared function.
+_BUILT_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SHARED_PROJECT = object()
+
+
+def _facts(cell: Cell) -> tuple:
+    return (cell.name, cell.hidden_size, cell.gates, dict(cell.options))
 
 
 def _builtin(cell: Cell) -> Cell:
-    for f in (cell.step, cell.step_projected, cell.project):
-        _BUILTIN_FUNCTIONS.add(f)
+    for f in (cell.step, cell.step_projected):
+        _BUILT_FOR[f] = _facts(cell)
+    if cell.project not in _BUILT_FOR:
+        _BUILT_FOR[cell.project] = _facts(cell)
     return cell
 
 
+class Options(Mapping):
+    """A cell's factory options: a read-only, hashable mapping (so a :class:`Cell`,
+    and a network built from it, can be a static argument of ``jax.jit``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._items = dict(*args, **kwargs)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and self._items == dict(other.items())
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
 def is_builtin(cell: Cell) -> bool:
-    """Whether ``cell`` is one of this module's cells as built (not changed with
-    ``_replace``): only then do the fused, wavefront and Pallas kernels, which
-    hard-code the equations, compute the same function as ``cell.step``."""
-    return all(f in _BUILTIN_FUNCTIONS for f in (cell.step, cell.step_projected, cell.project))
+    """Whether ``cell`` is one of this module's cells as built: its ``step``,
+    ``step_projected`` and ``project`` are this module's, and its name, hidden size,
+    gates and options those they were built for (not changed with ``_replace``).
+    Only then do the fused, wavefront and Pallas kernels, which hard-code the
+    equations and read ``hidden_size`` and ``options``, compute the same function as
+    ``cell.step``."""
+    try:
+        facts = _facts(cell)
+        return (
+            cell.project in _BUILT_FOR
+            and _BUILT_FOR.get(cell.step) == facts
+            and _BUILT_FOR.get(cell.step_projected) == facts
+        )
+    except TypeError:  # an unhashable function or options that are not a mapping
+        return False
 
 
 Params = dict[str, Array]
@@ -82,7 +128,8 @@ class Cell(NamedTuple):
       hidden_size: H.
       gates: names of the blocks along the gate axis of ``W_x``, ``W_h``, ``b``
         (``()`` for the plain RNN, whose weights have no gate axis).
-      options: the factory's keyword options (``activation``, ``reset_after``, ...).
+      options: the factory's keyword options (``activation``, ``reset_after``, ...), a
+        read-only :class:`Options` mapping.
       init: ``(key, input_size) -> params``.
       initial_carry: ``() -> carry``, zeros for one sequence.
       step: ``(params, carry, x <float32>[I]) -> (carry, y <float32>[H])``; with
@@ -93,15 +140,16 @@ class Cell(NamedTuple):
       step_projected: ``(params, carry, xp) -> (carry, y)`` where ``xp`` is
         ``project``'s output for one step (``<[*B, G, H]>``, the plain RNN's
         ``<[*B, H]>``); ``step(p, c, x) == step_projected(p, c, project(p, x))``.
-      gate_values: ``(params, carry, x) -> {gate name: <float32>[*B, H]}``, the activated
-        gates and candidate of the step ``step(params, carry, x)`` takes (``{}`` for
-        the plain RNN); for inspecting what the gates do.
+      gate_values: ``(params, carry, x) -> {gate name: <float32>[*B, H]}``, keyed by
+        ``gates``: the activated gates and (the last key) the candidate of the step
+        ``step(params, carry, x)`` takes (``{}`` for the plain RNN); for inspecting
+        what the gates do.
     """
 
     name: str
     hidden_size: int
     gates: tuple[str, ...]
-    options: dict[str, Any]
+    options: Mapping[str, Any]
     init: Callable[[Array, int], Params]
     initial_carry: Callable[[], Any]
     step: Callable[[Params, Any, Array], tuple[Any, Array]]
@@ -114,8 +162,45 @@ class Cell(NamedTuple):
         return params["W_x"].shape[0]
 
 
+# A cell is a static value to JAX, not a container of arrays: no leaves (its fields
+# are names and functions), hashable, so it can be a static argument of jax.jit or
+# sit in a pytree of arrays that is mapped over.
+jax.tree_util.register_static(Cell)
+
+
 # ---------------------------------------------------------------------------
 # Validation and initialisation helpers.
+
+
+def _bool_option(value: Any, name: str) -> bool:
+    """``value`` as a Python bool if it is a bool (NumPy's included), else ValueError
+    naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected a bool, got {value!r}")
+    return bool(value)
+
+
+def _number_option(value: Any, name: str, expected: str = "a number") -> float:
+    """``value`` as a Python float if it is a real number (NumPy's and concrete 0-d
+    arrays included, not a bool), else ValueError naming ``name`` and ``expected``."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) or (
+        not isinstance(value, jax.core.Tracer)
+        and isinstance(value, (np.ndarray, jax.Array))
+        and value.shape == ()
+        and (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating))
+    )
+    if not is_number or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def _int_option(value: Any, name: str, minimum: int, expected: str) -> int:
+    """``value`` as a Python int if it is an integer >= ``minimum`` (NumPy's
+    included, not a bool), else ValueError naming ``name`` and ``expected``."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not is_int or value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return int(value)
 
 
 def _check_hidden_size(hidden_size: Any) -> int:
@@ -129,10 +214,7 @@ def _check_input_size(input_size: Any) -> int:
 def _positive_int(value: Any, name: str) -> int:
     """``value`` as a Python int if it is an integer > 0 (NumPy integers included, not
     bools), else ValueError naming ``name``."""
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-    if not is_int or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
+    return _int_option(value, name, 1, "a positive int")
 
 
 def _check_x(params: Params, x: Array, name: str = "x") -> None:
@@ -335,7 +417,7 @@ def rnn(
             name="rnn",
             hidden_size=hidden_size,
             gates=(),
-            options={"activation": activation},
+            options=Options(activation=activation),
             init=init,
             initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
             step=step,
@@ -387,11 +469,14 @@ def gru(
         copies the state and skips the input). ``None``: learned, as usual.
     """
     hidden_size = _check_hidden_size(hidden_size)
-    if not isinstance(reset_after, bool):
-        raise ValueError(f"reset_after: expected a bool, got {reset_after!r}")
+    reset_after = _bool_option(reset_after, "reset_after")
+    pins = []
     for name, pin in (("pin_reset", pin_reset), ("pin_update", pin_update)):
-        if pin is not None and (isinstance(pin, bool) or not 0 <= pin <= 1):
-            raise ValueError(f"{name}: expected None or a number in [0, 1], got {pin!r}")
+        expected = "None or a number in [0, 1]"
+        if pin is not None and not 0 <= (pin := _number_option(pin, name, expected)) <= 1:
+            raise ValueError(f"{name}: expected {expected}, got {pin!r}")
+        pins.append(pin)
+    pin_reset, pin_update = pins
     gated_init = _gated_init(GRU_GATES, hidden_size, input_init, recurrent_init, bias_init)
 
     def init(key: Array, input_size: int) -> Params:
@@ -429,14 +514,14 @@ def gru(
         return step_projected(params, h, _project_gated(params, x))
 
     def gate_values(params: Params, h: Array, x: Array) -> dict[str, Array]:
-        return dict(zip(("r", "z", "h~"), gates(params, h, _project_gated(params, x)), strict=True))
+        return dict(zip(GRU_GATES, gates(params, h, _project_gated(params, x)), strict=True))
 
     return _builtin(
         Cell(
             name="gru",
             hidden_size=hidden_size,
             gates=GRU_GATES,
-            options={"reset_after": reset_after, "pin_reset": pin_reset, "pin_update": pin_update},
+            options=Options(reset_after=reset_after, pin_reset=pin_reset, pin_update=pin_update),
             init=init,
             initial_carry=lambda: jnp.zeros((hidden_size,), jnp.float32),
             step=step,
@@ -480,8 +565,7 @@ def lstm(
       forget_bias: initial value of ``b_f`` (added to ``bias_init``'s draw).
     """
     hidden_size = _check_hidden_size(hidden_size)
-    if not isinstance(forget_bias, (int, float)) or isinstance(forget_bias, bool):
-        raise ValueError(f"forget_bias: expected a number, got {forget_bias!r}")
+    forget_bias = _number_option(forget_bias, "forget_bias")
     gated_init = _gated_init(LSTM_GATES, hidden_size, input_init, recurrent_init, bias_init)
 
     def init(key: Array, input_size: int) -> Params:
@@ -512,7 +596,7 @@ def lstm(
 
     def gate_values(params: Params, carry: LSTMCarry, x: Array) -> dict[str, Array]:
         values = gates(params, carry, _project_gated(params, x))
-        return dict(zip(("i", "f", "o", "c~"), values, strict=True))
+        return dict(zip(LSTM_GATES, values, strict=True))
 
     def step(params: Params, carry: LSTMCarry, x: Array) -> tuple[LSTMCarry, Array]:
         _check_params(params, "lstm", hidden_size, 4)
@@ -523,7 +607,7 @@ def lstm(
             name="lstm",
             hidden_size=hidden_size,
             gates=LSTM_GATES,
-            options={"forget_bias": float(forget_bias)},
+            options=Options(forget_bias=forget_bias),
             init=init,
             initial_carry=lambda: LSTMCarry(
                 jnp.zeros((hidden_size,), jnp.float32), jnp.zeros((hidden_size,), jnp.float32)
@@ -557,7 +641,9 @@ def init_options(scheme: str, hidden_size: int) -> dict[str, Initializer]:
 
     ``"default"``: LeCun-normal input weights, orthogonal recurrent weights, zero
     biases (the factories' defaults). ``"uniform"``: PyTorch's ``nn.RNN/GRU/LSTM``
-    initialisation, :func:`uniform_init` for weights and biases alike.
+    initialisation, :func:`uniform_init` for weights and biases alike. The LSTM's
+    ``forget_bias`` (default 1.0) is added to ``b_f``'s draw under either scheme:
+    PyTorch's exact initialisation is ``"uniform"`` with ``forget_bias=0``.
     """
     if scheme == "default":
         return {}

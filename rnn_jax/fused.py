@@ -113,9 +113,12 @@ class LoopOptions(NamedTuple):
 
 
 def cast(w: Array, dtype: str) -> Array:
-    """``w`` in the matmul type: bfloat16 casts, ``"float32"`` keeps the params' own
-    type (float64 under ``jax.enable_x64`` stays float64)."""
-    return w if dtype == "float32" else w.astype(dtype)
+    """``w`` in the matmul type: bfloat16 casts; ``"float32"`` computes in at least
+    float32, as the scan does: bfloat16 / float16 params are widened to float32,
+    float64 ones (under ``jax.enable_x64``) stay float64."""
+    if dtype == "float32":
+        return w if jnp.finfo(w.dtype).bits >= 32 else w.astype(jnp.float32)
+    return w.astype(dtype)
 
 
 def _mm(a: Array, w: Array) -> Array:
@@ -574,10 +577,12 @@ def default_chunk(num_steps: int, backend: str | None = None) -> int:
     return min(divisors, key=lambda d: (abs(d - 16), d)) if divisors else 0
 
 
-def check_chunk(chunk: Any) -> None:
-    """``chunk`` must be ``None`` or an int >= 0 (ValueError naming it otherwise)."""
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0):
-        raise ValueError(f"chunk: expected None or an int >= 0, got {chunk!r}")
+def check_chunk(chunk: Any) -> int | None:
+    """``chunk`` must be ``None`` or an int >= 0 (NumPy's included; ValueError naming
+    it otherwise); returns it as a Python int."""
+    if chunk is None:
+        return None
+    return cells._int_option(chunk, "chunk", 0, "None or an int >= 0")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -838,7 +843,7 @@ def layer(
         raise ValueError(f"kernel: expected one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "pallas" and (reason := persistent.unsupported(cell)):
         raise ValueError(f"kernel: 'pallas': {reason}")
-    check_chunk(chunk)
+    chunk = check_chunk(chunk)
     num_steps = xs.shape[0]
     if chunk is None:
         chunk = 0 if kernel != "xla" else default_chunk(num_steps)

@@ -15,6 +15,7 @@ with the same structure as ``networks.network(...).init`` returns.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.core
@@ -34,13 +35,15 @@ class RNN(nn.Module):
         :func:`rnn_jax.networks.network`.
       input_size: needed only for integer token-id inputs (one-hot vectors of this
         size); float inputs give it by their last axis.
-      cell_options: extra keyword options of the cell factory as ``(name, value)``
-        pairs, e.g. ``(("reset_after", True),)``.
+      cell_options: extra keyword options of the cell factory, as a mapping
+        (``{"reset_after": True}``) or as ``(name, value)`` pairs
+        (``(("reset_after", True),)``).
 
     Call with ``xs <float32>[B, T, I]`` (or one sequence ``[T, I]``), optional
     ``lengths <int32>[B]`` and initial carry; returns ``(ys, final)`` as
-    ``Network.apply_batch``. Dropout is active when ``deterministic=False`` and
-    draws from the ``"dropout"`` PRNG stream.
+    ``Network.apply_batch``. Dropout (between layers, so only when ``num_layers >
+    1``) is active when ``deterministic=False`` and draws from the ``"dropout"`` PRNG
+    stream.
     """
 
     cell: str = "lstm"
@@ -52,7 +55,7 @@ class RNN(nn.Module):
     remat: bool = False
     hoist_input: bool | None = None
     implementation: str = "auto"
-    cell_options: tuple[tuple[str, Any], ...] = ()
+    cell_options: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
     input_size: int | None = None
 
     def network(self) -> networks.Network:
@@ -62,7 +65,7 @@ class RNN(nn.Module):
         args = (
             self.cell,
             self.hidden_size,
-            tuple(self.cell_options),
+            _option_pairs(self.cell_options),
             self.num_layers,
             self.bidirectional,
             self.dropout,
@@ -96,10 +99,32 @@ class RNN(nn.Module):
         params = self.param("network", lambda key: net.init(key, size))
         if isinstance(params, flax.core.FrozenDict):  # variables passed through flax.core.freeze
             params = params.unfreeze()
-        key = None if deterministic or self.dropout == 0 else self.make_rng("dropout")
+        dropout = self.dropout > 0 and self.num_layers > 1  # between layers
+        key = self.make_rng("dropout") if dropout and not deterministic else None
         if xs.ndim == (1 if tokens else 2):  # one sequence
             return net.apply(params, xs, lengths, initial_carry, dropout_key=key)
         return net.apply_batch(params, xs, lengths, initial_carry, dropout_key=key)
+
+
+def _option_pairs(options: Any) -> tuple[tuple[str, Any], ...]:
+    """``cell_options`` as sorted ``(name, value)`` pairs; ValueError naming it for
+    anything but a mapping or such pairs."""
+    if isinstance(options, Mapping):
+        pairs = tuple(options.items())
+    else:
+        try:
+            pairs = tuple(options)
+        except TypeError:
+            pairs = None
+    ok = pairs is not None and all(
+        isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) for p in pairs
+    )
+    if not ok:
+        raise ValueError(
+            f"cell_options: expected a mapping {{name: value}} or (name, value) pairs of "
+            f"the cell factory's options, e.g. {{'reset_after': True}}; got {options!r}"
+        )
+    return tuple(sorted((tuple(p) for p in pairs), key=lambda p: p[0]))
 
 
 @functools.lru_cache(maxsize=64)

@@ -41,7 +41,8 @@ class ModelConfig:
       activation: plain RNN nonlinearity.
       init: cell initialisation scheme, ``"default"`` or ``"uniform"`` (PyTorch's;
         then the output layer is PyTorch's ``nn.Linear`` default too).
-      forget_bias: LSTM forget-gate bias at initialisation.
+      forget_bias: LSTM forget-gate bias at initialisation, added to ``b_f``'s draw
+        under either scheme (0 for PyTorch's exact initialisation).
       embed_dim: 0 for one-hot input (the book), else a learned embedding of that size.
       dropout: between layers (and on the last layer's output), training only.
       unroll, remat, hoist_input, implementation, matmul_dtype, directions: passed
@@ -102,6 +103,9 @@ class Model(NamedTuple):
     init: Callable[[Array], dict[str, Any]]
     initial_carry: Callable[[int], Any]
     apply: Callable[..., tuple[Array, Any]]
+
+
+jax.tree_util.register_static(Model)  # a static value to JAX, as cells.Cell
 
 
 def language_model(config: ModelConfig) -> Model:

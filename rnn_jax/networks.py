@@ -101,6 +101,9 @@ class Network(NamedTuple):
         ``params`` differ from ``init``'s keys and shapes (for the input size of
         layer 0's ``W_x``). ``apply`` and ``apply_batch`` run it.
 
+    A network is a static value to JAX (hashable, no pytree leaves), like its cell:
+    close over it or pass it to ``jax.jit`` as a static argument.
+
     Lengths are clipped to ``[0, T]`` (a negative one is 0: all outputs zero, the
     initial carry returned). Token ids ``<int32>`` stand for one-hot vectors of size
     ``input_size``; ids outside ``[0, input_size)`` are zero vectors, as in
@@ -124,6 +127,9 @@ class Network(NamedTuple):
     chunk: int | None = None
     directions: str = "auto"
     check_params: Callable[[Any], None] | None = None
+
+
+jax.tree_util.register_static(Network)  # a static value to JAX, as cells.Cell
 
 
 # Measured on a 2-core CPU (see BUILD.md): computing X W_x + b inside the scan
@@ -299,19 +305,19 @@ def choose_implementation(
     return "fused"
 
 
-def _check_options(cell, num_layers, dropout, unroll) -> None:
+def _check_options(cell, num_layers, dropout, unroll) -> tuple[int, float, int | None]:
+    """The options as Python numbers (NumPy scalars accepted); ValueError naming the
+    first bad one."""
     if not isinstance(cell, Cell):
         raise ValueError(f"cell: expected a cells.Cell (e.g. cells.lstm(32)), got {cell!r}")
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
-    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout: expected a number in [0, 1), got {dropout!r}")
-    if unroll is not None and (
-        isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1
-    ):
-        raise ValueError(
-            f"unroll: expected an int >= 1 or None (the backend's default), got {unroll!r}"
-        )
+    num_layers = cells._int_option(num_layers, "num_layers", 1, "an int >= 1")
+    in_range = "a number in [0, 1)"
+    if not 0 <= (dropout := cells._number_option(dropout, "dropout", in_range)) < 1:
+        raise ValueError(f"dropout: expected {in_range}, got {dropout!r}")
+    if unroll is not None:
+        expected = "an int >= 1 or None (the backend's default)"
+        unroll = cells._int_option(unroll, "unroll", 1, expected)
+    return num_layers, dropout, unroll
 
 
 def _check_xs_dtype(xs: Any) -> None:
@@ -502,10 +508,10 @@ def network(
         measured rule). Values and gradients are the same either way; the scan
         implementation always maps its step over the two directions.
     """
-    fused.check_chunk(chunk)
-    _check_options(cell, num_layers, dropout, unroll)
-    if not isinstance(bidirectional, bool):
-        raise ValueError(f"bidirectional: expected a bool, got {bidirectional!r}")
+    chunk = fused.check_chunk(chunk)
+    num_layers, dropout, unroll = _check_options(cell, num_layers, dropout, unroll)
+    bidirectional = cells._bool_option(bidirectional, "bidirectional")
+    remat = cells._bool_option(remat, "remat")
     if problem := directions_problem(directions, bidirectional, implementation):
         raise ValueError(f"directions: {problem}")
     if implementation not in IMPLEMENTATIONS:
@@ -513,7 +519,12 @@ def network(
             f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
         )
     if implementation in ("fused", "wavefront") and not fused.supports(cell):
-        what = "" if cells.is_builtin(cell) else " (its functions differ from cells'; use 'scan')"
+        what = (
+            ""
+            if cells.is_builtin(cell)
+            else " (changed with _replace: its functions, size or options differ from "
+            "those cells built; use 'scan')"
+        )
         raise ValueError(
             f"implementation: {implementation!r} does not support the cell {cell.name!r}{what}"
         )
@@ -793,7 +804,15 @@ def network(
         if not isinstance(params, dict) or set(params) != want:
             got = sorted(params) if isinstance(params, dict) else type(params).__name__
             raise ValueError(f"params: expected keys {sorted(want)} from net.init, got {got}")
-        layer0 = params["layer_0"]["forward"] if bidirectional else params["layer_0"]
+        layer0 = params["layer_0"]
+        if bidirectional:
+            if not (isinstance(layer0, dict) and set(layer0) == {"forward", "backward"}):
+                got = sorted(layer0) if isinstance(layer0, dict) else type(layer0).__name__
+                raise ValueError(
+                    f"params['layer_0']: expected the keys ['backward', 'forward'] of a "
+                    f"bidirectional network's net.init, got {got}"
+                )
+            layer0 = layer0["forward"]
         w_x = layer0.get("W_x") if isinstance(layer0, dict) else None
         if w_x is None or jnp.ndim(w_x) < 2:
             raise ValueError("params: expected layer_0's W_x <[input_size, ...]> from net.init")

@@ -172,8 +172,10 @@ class Vocab:
         reserved: Sequence[str] = (),
         mode: str = "char",
     ):
-        if isinstance(min_freq, bool) or not isinstance(min_freq, int) or min_freq < 0:
+        is_int = isinstance(min_freq, (int, np.integer)) and not isinstance(min_freq, np.bool_)
+        if isinstance(min_freq, bool) or not is_int or min_freq < 0:
             raise ValueError(f"min_freq must be an integer >= 0; got {min_freq!r}")
+        min_freq = int(min_freq)
         counts = collections.Counter(tokens)
         head = _unique([UNK, *reserved])
         kept = [t for t, n in counts.items() if n >= min_freq and t not in head]

@@ -271,7 +271,12 @@ def test_gate_values_match_the_equations():
     np.testing.assert_allclose(
         g["f"], sigmoid(x @ q["W_x"][:, 1] + h @ q["W_h"][:, 1] + q["b"][1]), **TOL
     )
-    assert set(g) == {"i", "f", "o", "c~"}
+    np.testing.assert_allclose(
+        g["c"], np.tanh(x @ q["W_x"][:, 3] + h @ q["W_h"][:, 3] + q["b"][3]), **TOL
+    )
+    # keyed by cell.gates, in their order (the candidate last)
+    assert tuple(g) == cells.lstm(H).gates == ("i", "f", "o", "c")
+    assert tuple(cells.gru(H).gate_values(p, jnp.asarray(h), jnp.asarray(x))) == ("r", "z", "h")
     assert cells.rnn(H).gate_values(None, None, None) == {}
 
 

@@ -225,3 +225,21 @@ def test_the_network_is_built_once_per_set_of_attributes():
     pinned = RNN("gru", 8, cell_options=(("pin_reset", jnp.asarray(1.0)),))
     assert pinned.network() is not pinned.network()
     assert float(pinned.network().cell.options["pin_reset"]) == 1.0
+
+
+def test_cell_options_as_a_mapping_and_dropout_needs_two_layers():
+    """``cell_options`` as a dict works like (name, value) pairs, anything else is
+    refused by name; one layer applies no dropout, so it asks for no dropout RNG."""
+    xs = jnp.ones((2, 3, 4))
+    as_dict = RNN("gru", 5, cell_options={"reset_after": True})
+    as_pairs = RNN("gru", 5, cell_options=(("reset_after", True),))
+    assert as_dict.network().cell.options["reset_after"] is True
+    variables = as_dict.init(jax.random.key(0), xs)
+    np.testing.assert_array_equal(as_dict.apply(variables, xs)[0], as_pairs.apply(variables, xs)[0])
+    with pytest.raises(ValueError, match=r"cell_options: expected a mapping"):
+        RNN("gru", 5, cell_options=("reset_after",)).init(jax.random.key(0), xs)
+    one = RNN("lstm", 5, dropout=0.5)
+    variables = one.init(jax.random.key(0), xs)
+    np.testing.assert_array_equal(
+        one.apply(variables, xs, deterministic=False)[0], one.apply(variables, xs)[0]
+    )

@@ -5,6 +5,7 @@ over the valid steps, calling ``cell.step`` directly; no scan, no masking, no
 reversal trick, no vmap.
 """
 
+import functools
 import itertools
 
 import jax
@@ -459,6 +460,34 @@ def test_bfloat16_params_keep_a_float32_state():
         assert ys.dtype == jnp.float32 and final[0].h.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("cell", [cells.lstm(8), cells.gru(8), cells.rnn(8)])
+def test_bfloat16_params_compute_in_float32_on_every_implementation(cell):
+    """bfloat16 params under the default ``matmul_dtype="float32"``: every
+    implementation computes what the scan does, float32 matmuls of the widened
+    weights (the kernels used to cast the activations to bfloat16 as well). The
+    gradients, in bfloat16 (the params' type), are the float32 params' gradients
+    rounded, within one unit in the last place."""
+    scan = networks.network(cell, 2, implementation="scan")
+    params = jax.tree.map(lambda v: v.astype(jnp.bfloat16), scan.init(jax.random.key(0), I))
+    wide = jax.tree.map(lambda v: v.astype(jnp.float32), params)  # the same values
+    xs = jax.random.normal(jax.random.key(1), (3, T, I))
+    weights = jax.random.normal(jax.random.key(2), (3, T, 8))
+
+    def loss(net, p):
+        return jnp.sum(net.apply_batch(p, xs)[0] * weights)
+
+    want = scan.apply_batch(wide, xs)[0]
+    np.testing.assert_array_equal(scan.apply_batch(params, xs)[0], want)
+    want_grad = jax.grad(functools.partial(loss, scan))(wide)
+    for implementation in ("fused", "wavefront", "auto"):
+        net = networks.network(cell, 2, implementation=implementation)
+        np.testing.assert_allclose(net.apply_batch(params, xs)[0], want, rtol=1e-5, atol=1e-6)
+        grad = jax.grad(functools.partial(loss, net))(params)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad), strict=True):
+            assert a.dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2**-7, atol=1e-6)
+
+
 IMPLEMENTATIONS = ("scan", "fused", "wavefront", "auto")
 
 
@@ -605,8 +634,83 @@ def test_a_cell_with_replaced_functions_runs_its_own_functions():
     np.testing.assert_allclose(net.apply_batch(params, xs)[0], want, **TOL)
     assert not np.allclose(want, networks.network(base).apply_batch(params, xs)[0])
     for implementation, layers in (("fused", 1), ("wavefront", 2), ("pallas", 1)):
-        with pytest.raises(ValueError, match="functions differ from"):
+        with pytest.raises(ValueError, match="changed with _replace: its functions"):
             networks.network(changed, layers, implementation=implementation)
+
+
+def test_a_cell_with_replaced_options_or_size_runs_the_scan():
+    """The kernels read ``hidden_size`` and ``options``, the built functions the
+    values they were built with: a cell whose options or size were replaced is not
+    built-in, so ``auto`` runs its (unchanged) step and the kernels refuse it. The
+    options cannot be changed in place."""
+    relu = cells.rnn(H)._replace(options={"activation": "relu"})
+    wider = cells.lstm(H)._replace(hidden_size=H + 1)
+    assert cells.is_builtin(cells.rnn(H)) and not cells.is_builtin(relu)
+    assert not cells.is_builtin(wider)
+    xs = jax.random.normal(jax.random.key(1), (2, T, I))
+    params = networks.network(relu).init(jax.random.key(0), I)
+    want = networks.network(relu, implementation="scan").apply_batch(params, xs)[0]
+    np.testing.assert_allclose(networks.network(relu).apply_batch(params, xs)[0], want, **TOL)
+    assert float(want.min()) < 0  # the step built for tanh, as the scan runs it
+    with pytest.raises(ValueError, match="changed with _replace"):
+        networks.network(relu, implementation="fused")
+    with pytest.raises(TypeError, match="does not support item assignment"):
+        cells.rnn(H).options["activation"] = "relu"
+
+
+def test_cells_and_networks_are_static_values_to_jax():
+    """A cell, a network and a language model are hashable and have no pytree leaves:
+    a network can be a static argument of jax.jit, or an ordinary one (it is then
+    part of the tree structure), and a pytree holding one maps over its arrays."""
+    net = networks.network(cells.gru(H, reset_after=True), 2, True)
+    params = net.init(jax.random.key(0), I)
+    xs = jnp.ones((2, T, I))
+    want = net.apply_batch(params, xs)[0]
+    static = jax.jit(lambda n, p, x: n.apply_batch(p, x)[0], static_argnums=0)
+    plain = jax.jit(lambda n, p, x: n.apply_batch(p, x)[0])
+    np.testing.assert_array_equal(static(net, params, xs), want)
+    np.testing.assert_array_equal(plain(net, params, xs), want)
+    assert hash(net) == hash(net) and hash(net.cell) == hash(net.cell)
+    assert jax.tree.leaves({"net": net, "x": jnp.ones(2)})[0].shape == (2,)
+    model = models.language_model(models.ModelConfig(vocab_size=5, hidden_size=4))
+    assert jax.tree.leaves(model) == [] and hash(model) == hash(model)
+
+
+def test_numpy_scalars_are_options():
+    """NumPy scalars (e.g. drawn by a sweep) are accepted wherever a Python number or
+    bool is, and kept as Python values."""
+    net = networks.network(
+        cells.lstm(np.int64(H), np.float32(0.5)),
+        np.int64(2),
+        np.bool_(True),
+        dropout=np.float32(0.25),
+        unroll=np.int32(2),
+        chunk=np.int64(4),
+        remat=np.bool_(False),
+    )
+    got = (net.num_layers, net.bidirectional, net.dropout, net.unroll, net.chunk, net.remat)
+    assert got == (2, True, 0.25, 2, 4, False)
+    assert [type(v) for v in got] == [int, bool, float, int, int, bool]
+    assert net.cell.options["forget_bias"] == 0.5
+    gru = cells.gru(H, np.bool_(True), pin_reset=np.float64(1.0))
+    assert gru.options["reset_after"] is True and gru.options["pin_reset"] == 1.0
+    for kw, message in (
+        (dict(num_layers=np.float32(2)), "num_layers: expected an int >= 1"),
+        (dict(num_layers=np.bool_(True)), "num_layers: expected an int >= 1"),
+        (dict(dropout=np.bool_(True)), r"dropout: expected a number in \[0, 1\)"),
+        (dict(unroll=np.int64(0)), "unroll: expected an int >= 1"),
+        (dict(chunk=np.int64(-1)), "chunk: expected None or an int >= 0"),
+        (dict(bidirectional=1), "bidirectional: expected a bool"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            networks.network(cells.lstm(H), **kw)
+
+
+def test_unidirectional_params_on_a_bidirectional_network_are_named():
+    uni = networks.network(cells.lstm(H), 2)
+    bi = networks.network(cells.lstm(H), 2, True)
+    with pytest.raises(ValueError, match=r"params\['layer_0'\]: expected the keys"):
+        bi.apply_batch(uni.init(jax.random.key(0), I), jnp.ones((2, T, I)))
 
 
 def test_numpy_integers_are_sizes():
