@@ -48,7 +48,6 @@ Array = jax.Array
 # built-in equations, which the hand-written fused kernels may then replace
 # (:func:`is_builtin`). ``project`` of the gated cells is one shared function.
 _BUILT_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_SHARED_PROJECT = object()
 
 
 def _facts(cell: Cell) -> tuple:
