@@ -253,31 +253,55 @@ def test_wrong_input_size_is_named_at_trace_time(factory):
         jax.jit(cell.step)(p, cell.initial_carry(), jnp.zeros(4))
 
 
-def test_gate_values_match_the_equations():
+def numpy_gru_gates(p, h, x, reset_after, pin_reset=None, pin_update=None):
+    """``(R_t, Z_t, H~_t)`` written out gate by gate; a pin replaces its gate."""
+    pre = [x @ p["W_x"][:, k] + p["b"][k] for k in range(3)]
+    R = sigmoid(pre[0] + h @ p["W_h"][:, 0]) if pin_reset is None else np.full(H, pin_reset)
+    Z = sigmoid(pre[1] + h @ p["W_h"][:, 1]) if pin_update is None else np.full(H, pin_update)
+    if reset_after:
+        H_tilde = np.tanh(pre[2] + R * (h @ p["W_h"][:, 2] + p["b_hn"]))
+    else:
+        H_tilde = np.tanh(pre[2] + (R * h) @ p["W_h"][:, 2])
+    return R, Z, H_tilde
+
+
+@pytest.mark.parametrize("reset_after", [False, True])
+def test_gate_values_match_the_equations(reset_after):
+    """Every gate and candidate of the GRU (both forms) and the LSTM, keyed by
+    ``cell.gates`` in their order, against the equations written out."""
     x, h = inputs()
-    p = random_params(cells.gru(H))
-    g = cells.gru(H).gate_values(p, jnp.asarray(h), jnp.asarray(x))
-    np.testing.assert_allclose(
-        g["r"], sigmoid(x @ p["W_x"][:, 0] + h @ p["W_h"][:, 0] + p["b"][0]), **TOL
-    )
-    np.testing.assert_allclose(
-        g["z"], sigmoid(x @ p["W_x"][:, 1] + h @ p["W_h"][:, 1] + p["b"][1]), **TOL
-    )
-    q = random_params(cells.lstm(H))
-    c = np.zeros(H, np.float32)
-    g = cells.lstm(H).gate_values(
-        q, cells.LSTMCarry(jnp.asarray(h), jnp.asarray(c)), jnp.asarray(x)
-    )
-    np.testing.assert_allclose(
-        g["f"], sigmoid(x @ q["W_x"][:, 1] + h @ q["W_h"][:, 1] + q["b"][1]), **TOL
-    )
-    np.testing.assert_allclose(
-        g["c"], np.tanh(x @ q["W_x"][:, 3] + h @ q["W_h"][:, 3] + q["b"][3]), **TOL
-    )
-    # keyed by cell.gates, in their order (the candidate last)
-    assert tuple(g) == cells.lstm(H).gates == ("i", "f", "o", "c")
-    assert tuple(cells.gru(H).gate_values(p, jnp.asarray(h), jnp.asarray(x))) == ("r", "z", "h")
+    gru = cells.gru(H, reset_after)
+    p = random_params(gru)
+    g = gru.gate_values(p, jnp.asarray(h), jnp.asarray(x))
+    assert tuple(g) == gru.gates == ("r", "z", "h")
+    for name, want in zip(gru.gates, numpy_gru_gates(p, h, x, reset_after), strict=True):
+        np.testing.assert_allclose(g[name], want, **TOL, err_msg=name)
+    lstm = cells.lstm(H)
+    q = random_params(lstm)
+    c = np.random.default_rng(2).normal(size=H).astype(np.float32)
+    g = lstm.gate_values(q, cells.LSTMCarry(jnp.asarray(h), jnp.asarray(c)), jnp.asarray(x))
+    assert tuple(g) == lstm.gates == ("i", "f", "o", "c")
+    for k, name in enumerate(lstm.gates):
+        act = np.tanh if name == "c" else sigmoid
+        want = act(x @ q["W_x"][:, k] + h @ q["W_h"][:, k] + q["b"][k])
+        np.testing.assert_allclose(g[name], want, **TOL, err_msg=name)
     assert cells.rnn(H).gate_values(None, None, None) == {}
+
+
+@pytest.mark.parametrize("reset_after", [False, True])
+def test_pinned_gates_of_both_gru_forms(reset_after):
+    """Distinct pins (R = 0.3, Z = 0.8), each replacing its own gate, in the step and
+    in gate_values, against the equations written out."""
+    x, h = inputs()
+    cell = cells.gru(H, reset_after, pin_reset=0.3, pin_update=0.8)
+    p = random_params(cell)
+    R, Z, H_tilde = numpy_gru_gates(p, h, x, reset_after, pin_reset=0.3, pin_update=0.8)
+    new_h, _ = cell.step(p, jnp.asarray(h), jnp.asarray(x))
+    np.testing.assert_allclose(new_h, Z * h + (1 - Z) * H_tilde, **TOL)
+    g = cell.gate_values(p, jnp.asarray(h), jnp.asarray(x))
+    np.testing.assert_allclose(g["r"], R, **TOL)
+    np.testing.assert_allclose(g["z"], Z, **TOL)
+    np.testing.assert_allclose(g["h"], H_tilde, **TOL)
 
 
 def test_pinned_gru_gates():

@@ -26,11 +26,16 @@ CELLS = {
     "gru": lambda: cells.gru(H),
     "gru_after": lambda: cells.gru(H, reset_after=True),
     "gru_pinned": lambda: cells.gru(H, pin_reset=1.0, pin_update=0.25),
+    "gru_after_pinned": lambda: cells.gru(H, reset_after=True, pin_reset=0.3, pin_update=0.8),
     "lstm": lambda: cells.lstm(H),
 }
 # every cell one layer forward-only and two layers bidirectional (layer 1 then reads
 # 2H features, and both directions run under vmap); the other mixes add no new path
-GRID = [(c, n, b) for c in CELLS for n, b in ((1, False), (2, True))] + [("lstm", 2, False)]
+# (the pinned reset-after GRU, whose pins act in the loop as in one step: one layer)
+GRID = [(c, n, b) for c in CELLS if c != "gru_after_pinned" for n, b in ((1, False), (2, True))] + [
+    ("gru_after_pinned", 1, False),
+    ("lstm", 2, False),
+]
 GRID_IDS = [f"{c}-L{n}-{'bi' if b else 'uni'}" for c, n, b in GRID]
 
 
@@ -104,7 +109,7 @@ def test_fused_equals_scan_values_and_gradients(cell_name, num_layers, bidirecti
         np.testing.assert_array_equal(np.asarray(got)[1], np.asarray(want)[1])
 
 
-@pytest.mark.parametrize("cell_name", list(CELLS))
+@pytest.mark.parametrize("cell_name", [c for c in CELLS if c != "gru_after_pinned"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_fused_token_ids_and_no_lengths(cell_name, bidirectional):
     ref, fast, params = nets(cell_name, 2, bidirectional)

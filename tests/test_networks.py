@@ -241,6 +241,51 @@ def test_token_ids_equal_one_hot_inputs(cell_name, num_layers, bidirectional):
     np.testing.assert_allclose(ys, out2[0][1], **TOL)
 
 
+@pytest.mark.parametrize(
+    "implementation,bidirectional",
+    [("scan", True), ("fused", True), ("wavefront", False)],
+)
+def test_lengths_are_clipped_to_the_sequence(implementation, bidirectional):
+    """A length above T counts as T and a negative one as 0 (the docstring's rule),
+    on every implementation: the same outputs, final carries and gradients as the
+    clipped lengths."""
+    net, params = make("lstm", 2, bidirectional, implementation=implementation)
+    xs = random_xs(21, (3, T, I))
+    weights = random_xs(22, (3, T, net.output_size))
+
+    def run(lengths):
+        def loss(p, x):
+            ys, final = net.apply_batch(p, x, jnp.asarray(lengths, jnp.int32))
+            return jnp.sum(ys * weights) + sum(jnp.sum(c) for c in jax.tree.leaves(final))
+
+        return net.apply_batch(params, xs, jnp.asarray(lengths, jnp.int32)), jax.grad(
+            loss, argnums=(0, 1)
+        )(params, xs)
+
+    got, want = run([T + 3, -2, 4]), run([T, 0, 4])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    (ys, _), _ = got
+    np.testing.assert_array_equal(ys[1], 0.0)  # length 0: every output zero
+
+
+@pytest.mark.parametrize("implementation", ["scan", "fused"])
+def test_dropout_spares_the_last_layer(implementation):
+    """Dropout acts between layers only (PyTorch's rule): one layer with a key gives
+    the outputs without one, and the top layer of two has no dropped (exactly
+    zero) outputs in the valid steps."""
+    net, params = make("gru", 1, True, dropout=0.5, implementation=implementation)
+    xs = random_xs(14, (4, T, I))
+    key = jax.random.key(15)
+    np.testing.assert_array_equal(
+        net.apply_batch(params, xs, dropout_key=key)[0], net.apply_batch(params, xs)[0]
+    )
+    net, params = make("gru", 2, True, dropout=0.5, implementation=implementation)
+    dropped, _ = net.apply_batch(params, xs, dropout_key=key)
+    assert np.abs(np.asarray(dropped - net.apply_batch(params, xs)[0])).max() > 1e-3
+    assert np.count_nonzero(np.asarray(dropped) == 0.0) == 0
+
+
 def test_dropout_between_layers():
     net, params = make("gru", 3, False, dropout=0.5)
     xs = random_xs(11, (8, T, I))
