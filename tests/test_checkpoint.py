@@ -157,6 +157,23 @@ def test_flipped_byte_falls_back_to_previous_step(tmp_path, caplog):
     assert any("20" in r.getMessage() and "SHA-256 mismatch" in r.getMessage() for r in warnings)
 
 
+def test_a_deleted_file_falls_back_to_previous_step(tmp_path, caplog):
+    """A file of the newest step gone (the manifest untouched): the step fails its
+    check by name, even when orbax alone could still restore it, and the previous
+    step is restored."""
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [10, 20])
+        root = os.path.join(tmp_path, "20")
+        gone = min(data_files(root), key=os.path.getsize)
+        os.remove(gone)
+        assert ckpt.check(20).startswith("files missing from the checkpoint")
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            step, restored, _ = ckpt.restore_latest(abstract(states[10]))
+    assert step == 10
+    assert_bitwise_equal(restored, states[10])
+    assert any("20" in r.getMessage() and "missing" in r.getMessage() for r in caplog.records)
+
+
 def test_missing_manifest_falls_back(tmp_path, caplog):
     with Checkpointer(tmp_path) as ckpt:
         states = save_steps(ckpt, [1, 2])

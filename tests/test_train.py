@@ -93,6 +93,55 @@ def test_one_step_changes_every_parameter_and_lowers_the_loss(tmp_path, kw):
         np.testing.assert_allclose(metrics["loss_sum"], before[0], rtol=1e-6)
 
 
+def test_sequential_training_carries_the_state_and_resets_it_each_epoch(tmp_path):
+    """partition="sequential": each step starts from the previous step's final state,
+    and from zeros at the start of every epoch. Checked over an epoch boundary
+    against the model run by hand, with the cross-entropy written out."""
+    config = tiny(tmp_path, cell="gru", partition="sequential", num_train=512)  # 4 steps/epoch
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    spe = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    assert spe >= 2
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, 100)
+    train_step, _ = train.make_steps(model, tx, config, spe)
+    state = train.init_state(model, tx, config)
+    carry = None
+    for step in range(spe + 2):
+        epoch, i = divmod(step, spe)
+        batch = data.train_batch(windows, config.batch_size, config.seed, epoch, i, "sequential")
+        if i == 0:
+            carry = model.initial_carry(config.batch_size)
+        logits, final = model.apply(state["params"], batch.x, carry)
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(log_p, batch.y[..., None], axis=-1)[..., 0]
+        want = -jnp.sum(picked * batch.weight[:, None])
+        state, metrics = train_step(state, batch)
+        np.testing.assert_allclose(metrics["loss_sum"], want, rtol=1e-5, err_msg=f"step {step}")
+        for got, expected in zip(
+            jax.tree.leaves(state["carry"]), jax.tree.leaves(final), strict=True
+        ):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        carry = final
+
+
+def test_dropout_draws_new_masks_every_step(tmp_path):
+    """With dropout, the step number picks the masks: the same params and batch at
+    two steps give two losses; at the same step, the same loss."""
+    config = tiny(tmp_path, dropout=0.3)
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, 100)
+    train_step, _ = train.make_steps(model, tx, config, 8)
+    state = train.init_state(model, tx, config)
+    batch = data.train_batch(windows, config.batch_size, 0, 0, 0, config.partition)
+    loss = [
+        float(train_step({**state, "step": jnp.int32(k)}, batch)[1]["loss_sum"]) for k in (0, 1, 0)
+    ]
+    assert loss[0] == loss[2] and abs(loss[0] - loss[1]) > 1e-3 * abs(loss[0])
+
+
 def test_weighted_loss_ignores_padding_rows(tmp_path):
     config = tiny(tmp_path, num_train=20)  # 20 windows, batch 16: the second batch has 12 pads
     ids, vocab = text.load_corpus()
@@ -124,13 +173,14 @@ def test_short_run_lowers_validation_perplexity(tmp_path):
 
 
 def test_crash_then_resume_in_process_is_bitwise_equal(tmp_path):
-    full = train.run(tiny(tmp_path / "a", epochs=4), echo=quiet)  # cosine schedule: the default
+    # the cosine schedule (the default), and dropout: the masks follow the step
+    full = train.run(tiny(tmp_path / "a", epochs=4, dropout=0.1), echo=quiet)
 
     def crash_at_step_16(line):
         if line.startswith("step 16/"):
             raise RuntimeError("simulated crash")
 
-    crashing = tiny(tmp_path / "b", epochs=4, checkpoint_every=5)
+    crashing = tiny(tmp_path / "b", epochs=4, checkpoint_every=5, dropout=0.1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.run(crashing, echo=crash_at_step_16)
     lines = []
@@ -226,7 +276,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     lines = []
     result = train.run(config, echo=lines.append)
     assert "resumed from step 12" in lines[0]
-    assert "16" in caplog.text
+    assert "Skipping checkpoint step 16: SHA-256 mismatch" in caplog.text
     assert result.step == 16
 
 
