@@ -2,8 +2,8 @@ r"""Grid or random search over the flags of experiments.train, one process per t
 
     # 3 cells x 4 learning rates x 2 depths, 2 seeds each, 2 trials at a time
     python -m experiments.sweep --base=experiments/configs/gru.flags \
-        --set="epochs=2;num_train=500" --seeds=2 --parallel=2 --sweep_dir=runs/cells \
-        --grid="cell=rnn,gru,lstm;lr=0.5,1,2,4;num_layers=1,2"
+        --set="epochs=2;num_train=2048;batch_size=256" --seeds=2 --parallel=2 \
+        --sweep_dir=runs/cells --grid="cell=rnn,gru,lstm;lr=0.5,1,2,4;num_layers=1,2"
 
     # 20 random configurations (reproducible: --sweep_seed), log-uniform learning rates
     python -m experiments.sweep --base=experiments/configs/gru.flags --random=20 \
