@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -158,6 +159,99 @@ def test_weighted_loss_ignores_padding_rows(tmp_path):
     want = models.token_losses(logits, batch.y[real]).sum()
     np.testing.assert_allclose(loss_sum, want, rtol=1e-6)
     assert float(count) == 4 * config.num_steps
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_learning_rate_schedules_follow_their_formulas(tmp_path, schedule):
+    """SGD on a unit gradient moves a parameter by the step's learning rate: warmup
+    from 0 over ``warmup_steps``, then constant, half-cosine or linear decay to 0 at
+    ``total`` steps (the formulas written out here)."""
+    lr, warmup, total = 2.0, 4, 12
+    config = tiny(tmp_path, optimizer="sgd", momentum=0.0, lr=lr, schedule=schedule,
+                  warmup_steps=warmup, grad_clip=0.0)  # fmt: skip
+
+    def want(k):
+        if schedule == "constant":
+            return lr
+        if k < warmup:
+            return lr * k / warmup
+        frac = (k - warmup) / (total - warmup)
+        return lr * (0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1 - frac)
+
+    tx = train.make_optimizer(config, total)
+    params = {"w": jnp.zeros(())}
+    opt_state = tx.init(params)
+    for k in range(total):
+        updates, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+        np.testing.assert_allclose(-float(updates["w"]), want(k), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_and_clipping_follow_their_formulas(tmp_path):
+    """adamw decays a parameter by ``lr * weight_decay * w`` (a zero gradient: Adam's
+    own step is zero); ``grad_clip`` scales a gradient of global norm 5 to norm 1."""
+    config = tiny(tmp_path, optimizer="adamw", lr=0.1, weight_decay=0.5, schedule="constant",
+                  grad_clip=0.0)  # fmt: skip
+    tx = train.make_optimizer(config, 10)
+    params = {"w": jnp.array([2.0, -4.0])}
+    updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-0.1, 0.2], rtol=1e-6)
+    config = tiny(tmp_path, optimizer="sgd", momentum=0.0, lr=1.0, schedule="constant",
+                  grad_clip=1.0)  # fmt: skip
+    tx = train.make_optimizer(config, 10)
+    grads = {"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}  # global norm 5
+    updates, _ = tx.update(grads, tx.init(grads), grads)
+    np.testing.assert_allclose(updates["a"], [-0.6], rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], [[-0.8]], rtol=1e-6)
+
+
+def test_a_step_on_a_partial_batch_is_the_mean_over_its_real_tokens(tmp_path):
+    """The gradient is the mean token loss's over the real rows only (padding rows
+    neither count nor contribute): one SGD step at lr 1 moves the params by minus the
+    gradient of that mean, computed here from the model and the cross-entropy
+    written out."""
+    config = tiny(tmp_path, num_train=20, optimizer="sgd", momentum=0.0, lr=1.0,
+                  schedule="constant", grad_clip=0.0)  # fmt: skip
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, 10)
+    train_step, _ = train.make_steps(model, tx, config, 2)
+    state = train.init_state(model, tx, config)
+    batch = data.train_batch(windows, 16, 0, 0, 1)  # 4 real rows, 12 padding rows
+    real = batch.weight > 0
+    assert real.sum() == 4
+
+    def mean_loss(params):
+        logits, _ = model.apply(params, batch.x[real])
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(log_p, batch.y[real][..., None], axis=-1))
+
+    grads = jax.grad(mean_loss)(state["params"])
+    new_state, _ = train_step(state, batch)
+    want = jax.tree.map(lambda p, g: p - g, state["params"], grads)
+    for got, expected in zip(
+        jax.tree.leaves(new_state["params"]), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_perplexity_is_the_mean_over_all_tokens(tmp_path):
+    """evaluate() over a split whose last batch is partial: exp of the mean token
+    loss over every window, from one model call with the cross-entropy written out
+    (not a mean of batch means)."""
+    config = tiny(tmp_path, num_val=20)
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    model = models.language_model(model_config(config, len(vocab)))
+    _, eval_step = train.make_steps(model, train.make_optimizer(config, 10), config, 8)
+    params = model.init(jax.random.key(3))
+    start = config.num_train  # the validation windows follow the training ones
+    xs = np.stack([ids[i : i + config.num_steps] for i in range(start, start + 20)])
+    ys = np.stack([ids[i + 1 : i + config.num_steps + 1] for i in range(start, start + 20)])
+    log_p = jax.nn.log_softmax(model.apply(params, jnp.asarray(xs))[0], axis=-1)
+    mean = -jnp.mean(jnp.take_along_axis(log_p, jnp.asarray(ys)[..., None], axis=-1))
+    got = train.evaluate(eval_step, params, windows, 16, "val")
+    np.testing.assert_allclose(got, math.exp(float(mean)), rtol=1e-5)
 
 
 def test_short_run_lowers_validation_perplexity(tmp_path):
