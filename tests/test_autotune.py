@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -257,3 +258,35 @@ def test_train_run_with_autotune_records_the_choice(tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["autotune"] is True and saved["unroll"] == 1
     assert f"picked {saved['implementation']} unroll 1" in picked[0]
+
+
+def test_every_setting_that_changes_the_timed_program_changes_the_cache_key():
+    """A cached choice is reused only for the same program: the cell and its
+    options, the sizes, the layout options, the vocabulary and one device's rows
+    each give a key of their own."""
+    base = autotune.cache_key(SMALL, 28, 8)
+    changed = dict(
+        cell="gru",
+        hidden_size=17,
+        num_layers=2,
+        bidirectional=True,
+        reset_after=True,
+        pin_reset=0.5,
+        pin_update=0.5,
+        activation="relu",
+        embed_dim=4,
+        dropout=0.1,
+        remat=True,
+        matmul_dtype="bfloat16",
+        directions="separate",
+        num_steps=9,
+    )
+    keys = {
+        name: autotune.cache_key(replace(SMALL, **{name: v}), 28, 8) for name, v in changed.items()
+    }
+    keys["vocab_size"] = autotune.cache_key(SMALL, 29, 8)
+    keys["rows"] = autotune.cache_key(SMALL, 28, 16)
+    assert base not in keys.values(), [k for k, v in keys.items() if v == base]
+    assert len(set(keys.values())) == len(keys)
+    # settings that do not change the program share the key
+    assert autotune.cache_key(replace(SMALL, lr=0.5, seed=3, epochs=7), 28, 8) == base

@@ -200,14 +200,15 @@ def test_eval_unknown_split():
 # --- sequential batches -----------------------------------------------------
 
 
-def test_sequential_steps_per_epoch_is_constant():
-    w = windows(num_train=43)
-    assert data.steps_per_epoch(w, 2, "sequential") == 43 // (2 * T) == 4
+@pytest.mark.parametrize("num_train", [43, 49])  # 49: one token short of a 5th batch
+def test_sequential_steps_per_epoch_is_constant(num_train):
+    w = windows(num_train=num_train)
+    assert data.steps_per_epoch(w, 2, "sequential") == num_train // (2 * T) == 4
     for epoch in range(20):  # all offsets 0..T-1 come up
         for step in range(4):
             b = data.train_batch(w, 2, 9, epoch, step, "sequential")
             assert b.x.shape == b.y.shape == (2, T)
-            assert b.y.max() < 43 + T  # only the tokens the training windows cover
+            assert b.y.max() < num_train + T  # only the tokens the training windows cover
 
 
 def test_sequential_offsets_cover_all_values():

@@ -34,6 +34,8 @@ def test_adding_marker_positions_cover_both_halves():
     first = np.argmax(np.asarray(xs[:, :5, 1]), axis=1)
     second = 5 + np.argmax(np.asarray(xs[:, 5:, 1]), axis=1)
     assert set(first) == set(range(5)) and set(second) == set(range(5, 10))
+    # drawn independently: every (first, second) pair occurs (25 pairs, 2000 draws)
+    assert len(set(zip(first.tolist(), second.tolist(), strict=True))) == 25
 
 
 def test_adding_baseline_is_the_variance_of_the_target():

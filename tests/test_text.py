@@ -81,6 +81,8 @@ def test_load_corpus_unknown_mode():
 def test_vocab_order_is_frequency_then_alphabetical():
     vocab = text.Vocab(list("bbbaacdd"))
     assert vocab.tokens == ["<unk>", "b", "a", "d", "c"]
+    # ties in the order of first appearance are still sorted alphabetically
+    assert text.Vocab(list("ddbbcca")).tokens == ["<unk>", "b", "c", "d", "a"]
 
 
 def test_vocab_reserved_tokens_follow_unk():
