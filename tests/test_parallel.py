@@ -166,6 +166,15 @@ for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("
         got = compiled(*args)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+# the training state: replicated, but the carried state (sequential partition) follows
+# the batch, placed and restored alike
+state = {"params": {"w": np.zeros(3)}, "carry": np.zeros((B, H)), "step": np.int32(0)}
+placed = parallel.place_state(state, mesh)
+assert placed["carry"].sharding.spec == P("data"), placed["carry"].sharding
+assert placed["params"]["w"].sharding.spec == P() and placed["step"].sharding.spec == P()
+abstract = parallel.abstract_state(jax.eval_shape(lambda: state), mesh)
+assert abstract["carry"].sharding.spec == P("data") and abstract["params"]["w"].sharding.spec == P()
 print("ok")
 """
 
