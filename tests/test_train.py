@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,30 @@ def restore_params(config):
         return ckpt.restore_latest(abstract)
 
 
+class Steps(NamedTuple):
+    ids: np.ndarray
+    windows: data.Windows
+    spe: int
+    model: models.Model
+    train_step: Any
+    eval_step: Any
+    state: dict
+
+
+def steps(config, total_steps=100):
+    """The bundled corpus' windows, ``config``'s model and its compiled steps, and a
+    fresh training state."""
+    ids, vocab = text.load_corpus()
+    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
+    spe = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    model = models.language_model(model_config(config, len(vocab)))
+    tx = train.make_optimizer(config, total_steps)
+    train_step, eval_step = train.make_steps(model, tx, config, spe)
+    return Steps(
+        ids, windows, spe, model, train_step, eval_step, train.init_state(model, tx, config)
+    )
+
+
 def assert_bitwise_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -74,13 +99,7 @@ def assert_bitwise_equal(a, b):
 )
 def test_one_step_changes_every_parameter_and_lowers_the_loss(tmp_path, kw):
     config = tiny(tmp_path, **kw)
-    ids, vocab = text.load_corpus()
-    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
-    spe = data.steps_per_epoch(windows, config.batch_size, config.partition)
-    model = models.language_model(model_config(config, len(vocab)))
-    tx = train.make_optimizer(config, 100)
-    train_step, eval_step = train.make_steps(model, tx, config, spe)
-    state = train.init_state(model, tx, config)
+    _, windows, _, _, train_step, eval_step, state = steps(config)
     batch = data.train_batch(windows, config.batch_size, 0, 0, 0, config.partition)
     before = eval_step(state["params"], batch)
     new_state, metrics = train_step(state, batch)
@@ -99,14 +118,8 @@ def test_sequential_training_carries_the_state_and_resets_it_each_epoch(tmp_path
     and from zeros at the start of every epoch. Checked over an epoch boundary
     against the model run by hand, with the cross-entropy written out."""
     config = tiny(tmp_path, cell="gru", partition="sequential", num_train=512)  # 4 steps/epoch
-    ids, vocab = text.load_corpus()
-    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
-    spe = data.steps_per_epoch(windows, config.batch_size, config.partition)
+    _, windows, spe, model, train_step, _, state = steps(config)
     assert spe >= 2
-    model = models.language_model(model_config(config, len(vocab)))
-    tx = train.make_optimizer(config, 100)
-    train_step, _ = train.make_steps(model, tx, config, spe)
-    state = train.init_state(model, tx, config)
     carry = None
     for step in range(spe + 2):
         epoch, i = divmod(step, spe)
@@ -130,12 +143,7 @@ def test_dropout_draws_new_masks_every_step(tmp_path):
     """With dropout, the step number picks the masks: the same params and batch at
     two steps give two losses; at the same step, the same loss."""
     config = tiny(tmp_path, dropout=0.3)
-    ids, vocab = text.load_corpus()
-    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
-    model = models.language_model(model_config(config, len(vocab)))
-    tx = train.make_optimizer(config, 100)
-    train_step, _ = train.make_steps(model, tx, config, 8)
-    state = train.init_state(model, tx, config)
+    _, windows, _, _, train_step, _, state = steps(config)
     batch = data.train_batch(windows, config.batch_size, 0, 0, 0, config.partition)
     loss = [
         float(train_step({**state, "step": jnp.int32(k)}, batch)[1]["loss_sum"]) for k in (0, 1, 0)
@@ -211,12 +219,7 @@ def test_a_step_on_a_partial_batch_is_the_mean_over_its_real_tokens(tmp_path):
     written out."""
     config = tiny(tmp_path, num_train=20, optimizer="sgd", momentum=0.0, lr=1.0,
                   schedule="constant", grad_clip=0.0)  # fmt: skip
-    ids, vocab = text.load_corpus()
-    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
-    model = models.language_model(model_config(config, len(vocab)))
-    tx = train.make_optimizer(config, 10)
-    train_step, _ = train.make_steps(model, tx, config, 2)
-    state = train.init_state(model, tx, config)
+    _, windows, _, model, train_step, _, state = steps(config)
     batch = data.train_batch(windows, 16, 0, 0, 1)  # 4 real rows, 12 padding rows
     real = batch.weight > 0
     assert real.sum() == 4
@@ -240,10 +243,7 @@ def test_evaluation_perplexity_is_the_mean_over_all_tokens(tmp_path):
     loss over every window, from one model call with the cross-entropy written out
     (not a mean of batch means)."""
     config = tiny(tmp_path, num_val=20)
-    ids, vocab = text.load_corpus()
-    windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
-    model = models.language_model(model_config(config, len(vocab)))
-    _, eval_step = train.make_steps(model, train.make_optimizer(config, 10), config, 8)
+    ids, windows, _, model, _, eval_step, _ = steps(config)
     params = model.init(jax.random.key(3))
     start = config.num_train  # the validation windows follow the training ones
     xs = np.stack([ids[i : i + config.num_steps] for i in range(start, start + 20)])
