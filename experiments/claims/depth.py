@@ -441,9 +441,10 @@ def markdown(rows: list[dict], s: dict, fail_ppl: float, seconds: float, note: s
                 ]
                 lines.append(f"| {init} | {depth} | {clip_name(clip)} | " + " | ".join(vals) + " |")
     copied = sum(r["copied"] for r in rows)
+    unclipped = sum(r["clip"] == 0 for r in rows)
     lines += [
         "",
-        f"({copied} of {len(rows)} unclipped runs never reached the clipping threshold "
+        f"({copied} of {unclipped} unclipped runs never reached the clipping threshold "
         "in their clipped twin and are copies of it.)",
         "",
         "![validation perplexity against learning rate per depth](depth.png)",
