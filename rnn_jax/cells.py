@@ -42,12 +42,19 @@ import numpy as np
 
 Array = jax.Array
 
-# The functions the factories below build, each with the facts (name, hidden size,
-# gates, options) of the cell it was built for: a cell whose step, step_projected
-# and project are such functions, built for the cell's own facts, computes the
-# built-in equations, which the hand-written fused kernels may then replace
-# (:func:`is_builtin`). ``project`` of the gated cells is one shared function.
+# The step functions the factories below build, each with the facts (name, hidden
+# size, gates, options) of the cell it was built for, and their projections (the
+# gated cells share one): a cell whose step and step_projected were built for its
+# own facts and whose project is one of these computes the built-in equations,
+# which the hand-written fused kernels may then replace (:func:`is_builtin`).
 _BUILT_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PROJECTS: weakref.WeakSet = weakref.WeakSet()
+
+# why the kernels refuse a cell that is_builtin rejects
+CHANGED_CELL = (
+    "changed with _replace: its functions, size or options differ from those "
+    "rnn_jax.cells built; use 'scan'"
+)
 
 
 def _facts(cell: Cell) -> tuple:
@@ -55,10 +62,8 @@ def _facts(cell: Cell) -> tuple:
 
 
 def _builtin(cell: Cell) -> Cell:
-    for f in (cell.step, cell.step_projected):
-        _BUILT_FOR[f] = _facts(cell)
-    if cell.project not in _BUILT_FOR:
-        _BUILT_FOR[cell.project] = _facts(cell)
+    _BUILT_FOR[cell.step] = _BUILT_FOR[cell.step_projected] = _facts(cell)
+    _PROJECTS.add(cell.project)
     return cell
 
 
@@ -98,7 +103,7 @@ def is_builtin(cell: Cell) -> bool:
     try:
         facts = _facts(cell)
         return (
-            cell.project in _BUILT_FOR
+            cell.project in _PROJECTS
             and _BUILT_FOR.get(cell.step) == facts
             and _BUILT_FOR.get(cell.step_projected) == facts
         )
@@ -203,17 +208,11 @@ def _int_option(value: Any, name: str, minimum: int, expected: str) -> int:
 
 
 def _check_hidden_size(hidden_size: Any) -> int:
-    return _positive_int(hidden_size, "hidden_size")
+    return _int_option(hidden_size, "hidden_size", 1, "a positive int")
 
 
 def _check_input_size(input_size: Any) -> int:
-    return _positive_int(input_size, "input_size")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    """``value`` as a Python int if it is an integer > 0 (NumPy integers included, not
-    bools), else ValueError naming ``name``."""
-    return _int_option(value, name, 1, "a positive int")
+    return _int_option(input_size, "input_size", 1, "a positive int")
 
 
 def _check_x(params: Params, x: Array, name: str = "x") -> None:

@@ -519,12 +519,7 @@ def network(
             f"implementation: expected one of {list(IMPLEMENTATIONS)}, got {implementation!r}"
         )
     if implementation in ("fused", "wavefront") and not fused.supports(cell):
-        what = (
-            ""
-            if cells.is_builtin(cell)
-            else " (changed with _replace: its functions, size or options differ from "
-            "those cells built; use 'scan')"
-        )
+        what = "" if cells.is_builtin(cell) else f" ({cells.CHANGED_CELL})"
         raise ValueError(
             f"implementation: {implementation!r} does not support the cell {cell.name!r}{what}"
         )

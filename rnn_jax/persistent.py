@@ -91,10 +91,7 @@ def unsupported(cell: Cell) -> str | None:
     if cell.name not in ("rnn", "gru", "lstm"):
         return f"no kernel for the cell {cell.name!r}"
     if not cells.is_builtin(cell):
-        return (
-            f"the {cell.name!r} cell was changed with _replace: its functions, size or "
-            f"options differ from those rnn_jax.cells built (use 'scan')"
-        )
+        return f"the {cell.name!r} cell was {cells.CHANGED_CELL}"
     if cell.name == "gru" and not cell.options["reset_after"]:
         return (
             "no kernel for the reset-before GRU (its R_t * H_{t-1} would need a second "

@@ -548,13 +548,8 @@ def _newest_saved_step(folder: Path) -> int | None:
     integrity manifest), from the file names alone; None if there is none."""
     from rnn_jax.checkpoint import MANIFEST_SUFFIX
 
-    steps = [
-        int(p.name[: -len(MANIFEST_SUFFIX)])
-        for p in folder.glob(f"*{MANIFEST_SUFFIX}")
-        if p.name[: -len(MANIFEST_SUFFIX)].isdigit()
-        and (folder / p.name[: -len(MANIFEST_SUFFIX)]).is_dir()
-    ]
-    return max(steps, default=None)
+    names = (p.name[: -len(MANIFEST_SUFFIX)] for p in folder.glob(f"*{MANIFEST_SUFFIX}"))
+    return max((int(n) for n in names if n.isdigit() and (folder / n).is_dir()), default=None)
 
 
 def _epochs_error(config: TrainConfig, workdir: Path, trained: int, steps_per_epoch: int):
