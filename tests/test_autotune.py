@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from dataclasses import replace
 
 import pytest
@@ -75,16 +76,25 @@ def tiny_autotuned_run(tmp_path, **kw):
 
 
 def fake_steps(monkeypatch, seconds, failing=()):
-    """Replace compilation by steps that sleep ``seconds[name]``; count compiles."""
+    """Replace compilation by steps that take ``seconds[name]`` on a fake clock (a
+    real sleep overshoots by milliseconds on a loaded machine, enough to reorder
+    the candidates); count compiles."""
     compiled = []
+    now = [0.0]
 
     def fake(config, vocab_size, rows):
         name = autotune.Candidate(config.implementation, config.unroll, config.directions).name
         compiled.append(name)
         if name in failing:
             raise RuntimeError(f"cannot run {name}")
-        return lambda: time.sleep(seconds[name])
 
+        def step():
+            now[0] += seconds[name]
+
+        return step
+
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0], strftime=time.strftime)
+    monkeypatch.setattr(autotune, "time", clock)
     monkeypatch.setattr(autotune, "_compiled_step", fake)
     return compiled
 
