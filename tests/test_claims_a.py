@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.claims import gradients, long_range
+from experiments.claims import common, gradients, long_range
 from rnn_jax import cells, tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +188,104 @@ def test_bad_flag_exits_2(module, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "seeds" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def _norms(kept_per_seed, t=5):
+    """``<float>[S, T]`` norms whose distance-(T-1) / distance-0 ratios are ``kept``."""
+    v = np.ones((len(kept_per_seed), t))
+    v[:, 0] = kept_per_seed
+    return v
+
+
+def test_gradients_verdict_uses_geometric_means_and_every_seed():
+    # the plain RNN's ratios span 8 orders of magnitude: their arithmetic mean
+    # (3.3e-2) is above the LSTM's 1e-3, their geometric mean (4.6e-7) far below
+    rnn_init = [1e-1, 1e-9, 1e-9]
+    settings = {"length": 5, "seeds": [0, 1, 2], "cells": ["rnn", "lstm"], "gains": [1.5, 3.0]}
+    res = {
+        "rnn": {
+            "init": _norms(rnn_init),
+            "x1.5": _norms([0.5, 45.0, 1.3]),  # grows in 2 of 3 seeds only: not exploding
+            "x3": _norms([1e12, 4e12, 2e12]),
+            "trained": _norms([1e-2, 1e-7, 1e-16]),
+        },
+        "lstm": {
+            "init": _norms([1e-3] * 3),
+            "x1.5": _norms([1e-3] * 3),
+            "x3": _norms([0.1, 5.0, 40.0]),
+            "trained": _norms([0.3] * 3),
+        },
+    }
+    assert gradients.kept(res["rnn"]["init"]) == pytest.approx(rnn_init)
+    assert common.geo_mean(rnn_init) == pytest.approx(1e-19 ** (1 / 3))
+    text = gradients.verdict(res, settings)
+    # at init the LSTM keeps more than the plain RNN in 2 of the 3 seeds
+    assert "**Vanishing: held.**" in text and "in 2 of 3 seeds; " in text
+    assert "(x3)" in text and "x1.5:" not in text.split("**Exploding")[1]
+    assert "**Exploding: held, as mitigation.**" in text and "growing in 2 of 3 seeds" in text
+    # no gain at which every seed grows: not tested, whatever the means say
+    settings["gains"] = [1.5]
+    del res["rnn"]["x3"], res["lstm"]["x3"]
+    assert "**Exploding: not tested.**" in gradients.verdict(res, settings)
+    # the LSTM keeping less than the plain RNN in both conditions
+    res["lstm"]["init"] = res["lstm"]["trained"] = _norms([1e-30] * 3)
+    text = gradients.verdict(res, settings)
+    assert "**Vanishing: not held.**" in text and "mitigated" not in text
+
+
+def test_geo_mean_and_range():
+    assert common.geo_mean([1e-2, 1.0, 1e2]) == pytest.approx(1.0)
+    assert common.geo_mean([0.0, 3.0]) == 0.0
+    assert common.geo_range([1e-2, 1e2]) == "1.0e+00 [1.0e-02, 1.0e+02]"
+    assert common.geo_range([2.0]) == "2.0e+00"
+    for bad in ([], [-1.0, 2.0], [float("nan")], [0.0, float("inf")]):
+        with pytest.raises(ValueError, match="non-negative"):
+            common.geo_mean(bad)
+
+
+def test_update_gate_at_markers_counts_the_units_that_skip():
+    """A GRU whose unit 0 has its update gate open (Z = sigmoid(10)) except at the
+    markers (sigmoid(-10)) and whose unit 1 sits at Z = 0.5: unit 0 keeps its state
+    over the stretch after the first marker, unit 1 does not."""
+    from experiments.claims import gates
+
+    cell = cells.gru(2)
+    layer = jax.tree.map(jnp.zeros_like, cell.init(jax.random.key(0), 2))
+    z = cell.gates.index("z")
+    layer["b"] = layer["b"].at[z, 0].set(10.0)
+    layer["W_x"] = layer["W_x"].at[1, z, 0].set(-20.0)  # input channel 1: the marker
+    xs, _ = tasks.adding(0, 16, 12)
+    out = gates.update_gate_at_markers(cell, {"net": {"layer_0": layer}}, xs)
+    s_hi, s_lo = 1 / (1 + np.exp(-10.0)), 1 / (1 + np.exp(10.0))
+    assert out["z_marked"] == pytest.approx((s_lo + 0.5) / 2, rel=1e-5)
+    assert out["z_unmarked"] == pytest.approx((s_hi + 0.5) / 2, rel=1e-5)
+    assert (out["open_marked"], out["open_unmarked"]) == (0.0, 0.5)
+    assert out["units_keeping"] == 1
+    # a marker-blind open gate keeps the state as well; a half-open one never does
+    layer["W_x"] = jnp.zeros_like(layer["W_x"])
+    assert gates.update_gate_at_markers(cell, {"net": {"layer_0": layer}}, xs)["units_keeping"] == 1
+    layer["b"] = jnp.zeros_like(layer["b"])
+    assert gates.update_gate_at_markers(cell, {"net": {"layer_0": layer}}, xs)["units_keeping"] == 0
+
+
+def test_skip_verdict_needs_skipping_units_in_every_seed_and_none_at_init():
+    from experiments.claims import gates
+
+    def rows(keeping, at_init):
+        return [
+            {
+                "variant": "learned",
+                "length": 100,
+                "hidden_size": 32,
+                "units_keeping": k,
+                "units_keeping_init": i,
+                "z_marked": 0.5,
+                "z_unmarked": 0.6,
+            }
+            for k, i in zip(keeping, at_init, strict=True)
+        ]
+
+    assert "skip: held.**" in gates.skip_verdict(rows([2, 1, 3], [0, 0, 0]), 100)
+    assert "skip: not clearly.**" in gates.skip_verdict(rows([2, 0, 3], [0, 0, 0]), 100)
+    assert "skip: not clearly.**" in gates.skip_verdict(rows([2, 1, 3], [0, 1, 0]), 100)
+    assert "not measured" in gates.skip_verdict(rows([2], [0]), 50)

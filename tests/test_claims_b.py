@@ -219,3 +219,76 @@ def test_tbptt_refuses_unequal_token_budgets(tmp_path):
     proc = run_command("tbptt", "--num_train=100", f"--outdir={tmp_path}")
     assert proc.returncode == 2 and "multiple" in proc.stderr
     assert not (tmp_path / "tbptt.md").exists()
+
+
+def _tbptt_results(val, stream):
+    """Two partitions' runs from ``{partition: [(val_ppl, stream_ppl), ...]}``."""
+    curve = [(100, 9.0, 8.0), (200, 8.0, 7.0)]
+    return {
+        p: [
+            {"val_ppl": v, "stream_ppl": st, "train_ppl": 5.0, "curve": curve}
+            for v, st in zip(val[p], stream[p], strict=True)
+        ]
+        for p in tbptt.PARTITIONS
+    }
+
+
+def test_tbptt_verdict_judges_the_carry_gain_seed_by_seed():
+    # the window model is better overall, but carrying helps the sequential one more
+    # in every seed: the claim (it learns to use context beyond a window) held
+    res = _tbptt_results(
+        {"windows": [7.0, 7.2, 7.1], "sequential": [9.0, 9.4, 9.2]},
+        {"windows": [6.5, 6.7, 6.6], "sequential": [7.5, 7.6, 7.7]},
+    )
+    gains = tbptt.carry_gains(res, "sequential")
+    np.testing.assert_allclose(gains, np.log([9.0 / 7.5, 9.4 / 7.6, 9.2 / 7.7]), rtol=1e-12)
+    text = tbptt.verdict(res)
+    assert "**The claim held**" in text and "in 3 of 3 seeds" in text
+    assert "the window model is better at the same number of tokens" in text
+    # one seed where the window model gains more: no clear difference
+    res["sequential"][1]["stream_ppl"] = 9.39
+    assert "**No clear difference**" in tbptt.verdict(res)
+    # the window model gains more in every seed
+    for r in res["sequential"]:
+        r["stream_ppl"] = r["val_ppl"] * 0.99
+    assert "**The claim did not hold**" in tbptt.verdict(res)
+
+
+def _depth_rows(val):
+    """Runs of one seed from ``{(depth, lr, clip): val_ppl}``; inf = diverged."""
+    return [
+        {
+            "init": "u",
+            "depth": d,
+            "lr": lr,
+            "clip": c,
+            "val_ppl": v,
+            "train_ppl": v,
+            "diverged": not math.isfinite(v),
+        }
+        for (d, lr, c), v in val.items()
+    ]
+
+
+def test_depth_verdict_tells_slow_from_unstable():
+    s = {"inits": ["u"], "clips": [1.0, 0.0], "depths": [1, 3], "epochs": 10, "steps": 400}
+    val = {(1, lr, c): 10.0 for lr in (1.0, 8.0) for c in (1.0, 0.0)}
+    # depth 3 is slow at lr 1 (above the unigram, not diverged) and fine at lr 8
+    val.update({(3, 1.0, 1.0): 17.0, (3, 1.0, 0.0): 17.0, (3, 8.0, 1.0): 12.0, (3, 8.0, 0.0): 12.0})
+    summary = depth.summarize(_depth_rows(val), fail_ppl=16.0)
+    assert summary[("u", 3)]["slow"] == 0.5 and summary[("u", 3)]["diverged"] == 0.0
+    assert summary[("u", 3)]["by_clip"][0.0]["stable_lrs"] == [1.0, 8.0]
+    text = depth.verdict(summary, s)
+    assert "**Learning rate: partly held**" in text and "50% slow runs" in text
+    assert "**Clipping: not a depth effect**" in text
+    # depth 3 now diverges at lr 8 without clipping: less stable, and clipping matters
+    val[(3, 8.0, 0.0)] = math.inf
+    summary = depth.summarize(_depth_rows(val), fail_ppl=16.0)
+    assert summary[("u", 3)]["by_clip"][0.0]["stable_lrs"] == [1.0]
+    text = depth.verdict(summary, s)
+    assert "**Learning rate: held**" in text and "**Clipping: held**" in text
+    # as many converging points at depth 3 as at depth 1: did not hold
+    val.update({k: 10.0 for k in val})
+    assert "**Learning rate: did not hold**" in depth.verdict(
+        depth.summarize(_depth_rows(val), fail_ppl=16.0), s
+    )

@@ -606,8 +606,9 @@ def _markdown_b(b) -> list[str]:
         "has its target outside the input; there the bidirectional model scores "
         f"{bi_last:.2f} against the unidirectional model's {uni_last:.2f}. Generation "
         "is always in that situation (the next character is not written yet), and "
-        "rerunning the network on the text so far does not help: the samples above "
-        "show what the bidirectional model does without the answer in its input. "
+        "rerunning the network on the text so far does not help. The greedy samples "
+        "above are not evidence either way (greedy decoding of models this small falls "
+        "into loops, unidirectional or not); the last-position perplexity is. "
         + (
             "**The claim held**: a far lower perplexity than the unidirectional model "
             "wherever the target is visible, and a worse one where it is not, which is "

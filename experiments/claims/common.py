@@ -1,4 +1,5 @@
-"""Small helpers shared by the claims scripts: result paths, mean ± std, plotting setup.
+"""Small helpers shared by the claims scripts: result paths, mean ± std, geometric
+means, plotting setup.
 
 Nothing here defines absl flags, so any script (or test) may import it.
 """
@@ -11,6 +12,8 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,6 +32,31 @@ def mean_std(values: Iterable[float], fmt: str = ".3f") -> str:
         out += f" ± {statistics.stdev(finite):{fmt}}"
     if len(finite) < len(values):
         out += f" ({len(values) - len(finite)}/{len(values)} non-finite)"
+    return out
+
+
+def geo_mean(values: Iterable[float]) -> float:
+    """Geometric mean of non-negative values (0 if one is 0, ``inf`` if one is
+    infinite): the average of quantities that span orders of magnitude, where an
+    arithmetic mean is just the largest value over the count."""
+    values = np.asarray(list(values), dtype=np.float64)
+    if (
+        values.size == 0
+        or np.any(~(values >= 0))
+        or (np.any(values == 0) and np.any(np.isinf(values)))
+    ):
+        raise ValueError(f"geo_mean: expected non-negative values, got {values.tolist()}")
+    with np.errstate(divide="ignore"):
+        return float(np.exp(np.mean(np.log(values))))
+
+
+def geo_range(values: Iterable[float], fmt: str = ".1e") -> str:
+    """``"g [lo, hi]"``: geometric mean and the smallest and largest value (just
+    ``"g"`` for one value)."""
+    values = [float(v) for v in values]
+    out = f"{geo_mean(values):{fmt}}"
+    if len(values) > 1:
+        out += f" [{min(values):{fmt}}, {max(values):{fmt}}]"
     return out
 
 

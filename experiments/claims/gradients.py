@@ -9,8 +9,8 @@ GRU and the LSTM, on the adding problem (``rnn_jax.tasks.adding``; the loss is t
 squared error of the sum predicted from H_T only). Three conditions:
 
 * at initialisation (rnn_jax's default: orthogonal recurrent weights);
-* at initialisation with the recurrent weights scaled by ``--gain`` (> 1: the regime
-  where a plain RNN's gradients can explode);
+* at initialisation with the recurrent weights scaled by each of ``--gains`` (> 1:
+  the regime where a plain RNN's gradients can explode);
 * after training on the task (``experiments.claims.long_range.train``).
 
 dL/dH_t comes from :func:`hidden_state_gradients`: the cell's step runs in a
@@ -18,7 +18,8 @@ dL/dH_t comes from :func:`hidden_state_gradients`: the cell's step runs in a
 state after every step, and the gradient w.r.t. the deltas is dL/dH_t (the total
 derivative, through every later step). For the LSTM the perturbation is on H_t (the
 memory cell C_t is left alone; dL/dH_t still flows through it). Norms are averaged
-over a batch of sequences and then over seeds. Writes ``gradients.md``,
+over a batch of sequences; over seeds they are summarised by geometric means (they
+span orders of magnitude). Writes ``gradients.md``,
 ``gradients.png`` and the raw norms ``gradients.json`` into ``--outdir``.
 """
 
@@ -113,7 +114,17 @@ def gradient_norms(model: TaskModel, params: dict[str, Any], xs: Array, targets:
     return jnp.mean(jax.vmap(one)(xs, targets), axis=0)
 
 
-CONDITIONS = ("init", "gain", "trained")
+def conditions(gains: list[float]) -> list[str]:
+    """``["init", "x1.5", ..., "trained"]``: one condition per recurrent-weight gain."""
+    return ["init", *(f"x{g:g}" for g in gains), "trained"]
+
+
+def title(cond: str) -> str:
+    if cond == "init":
+        return "at initialisation"
+    if cond == "trained":
+        return "after training"
+    return f"at init, recurrent weights {cond}"
 
 
 def measure(settings: dict[str, Any], echo: Callable[[str], None] = print) -> dict:
@@ -122,8 +133,15 @@ def measure(settings: dict[str, Any], echo: Callable[[str], None] = print) -> di
     out = {}
     for name in s["cells"]:
         model = task_model("adding", cells.make(name, s["hidden_size"]))
-        gain = jax.nn.initializers.orthogonal(scale=s["gain"])
-        scaled = task_model("adding", cells.make(name, s["hidden_size"], recurrent_init=gain))
+        scaled = {
+            f"x{g:g}": task_model(
+                "adding",
+                cells.make(
+                    name, s["hidden_size"], recurrent_init=jax.nn.initializers.orthogonal(scale=g)
+                ),
+            )
+            for g in s["gains"]
+        }
         result = train(
             model,
             s["seeds"],
@@ -133,53 +151,48 @@ def measure(settings: dict[str, Any], echo: Callable[[str], None] = print) -> di
             lr=s["lr"],
         )
         xs, y = model.batch(jax.random.key(20_000), s["eval_size"], s["length"])
-        # one compilation serves all three conditions: the scaled model differs
-        # from ``model`` only in its initialisation
+        # one compilation serves every condition: the scaled models differ from
+        # ``model`` only in their initialisation
         norms = jax.jit(functools.partial(gradient_norms, model))
-        per = {c: [] for c in CONDITIONS}
+        per = {c: [] for c in conditions(s["gains"])}
         for k, seed in enumerate(s["seeds"]):
             per["init"].append(norms(seed_params(result["init"], k), xs, y))
             per["trained"].append(norms(seed_params(result["params"], k), xs, y))
-            per["gain"].append(norms(scaled.init(jax.random.key(seed)), xs, y))
+            for cond, m in scaled.items():
+                per[cond].append(norms(m.init(jax.random.key(seed)), xs, y))
         out[name] = {c: np.asarray(jnp.stack(v)) for c, v in per.items()}
         out[name]["mse"] = result["metric"]
         echo(
-            f"{name:4s}: trained MSE {common.mean_std(result['metric'])}; ||dL/dH_t|| at "
-            "distance 0 / T-1: "
+            f"{name:4s}: trained MSE {common.mean_std(result['metric'])}; kept over T-1 "
+            "steps (geometric mean over seeds): "
             + ", ".join(
-                f"{c} {out[name][c][:, -1].mean():.2e} / {out[name][c][:, 0].mean():.2e}"
-                for c in CONDITIONS
+                f"{c} {common.geo_mean(kept(out[name][c])):.1e}" for c in conditions(s["gains"])
             )
             + f" ({result['seconds']:.0f} s)"
         )
     return out
 
 
-TITLES = {
-    "init": "at initialisation",
-    "gain": "at init, recurrent weights x{gain:g}",
-    "trained": "after training",
-}
-
-
 def plot(res: dict, settings: dict[str, Any], path: Path) -> None:
     plt = common.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), sharey=True)
+    conds = conditions(settings["gains"])
+    fig, axes = plt.subplots(1, len(conds), figsize=(3.6 * len(conds), 4), sharey=True)
     t = settings["length"]
     distance = np.arange(t)[::-1]  # step t is T-1-t steps from the loss
-    for ax, cond in zip(axes, CONDITIONS, strict=True):
+    for ax, cond in zip(axes, conds, strict=True):
         for name in settings["cells"]:
-            v = res[name][cond]
-            mean = v.mean(axis=0)
-            (line,) = ax.plot(distance, mean, label=LABELS[name])
+            v = np.asarray(res[name][cond], dtype=np.float64)
+            with np.errstate(divide="ignore"):
+                centre = np.exp(np.log(v).mean(axis=0))
+            (line,) = ax.plot(distance, centre, label=LABELS[name])
             if v.shape[0] > 1:
                 lo, hi = v.min(axis=0), v.max(axis=0)
                 ax.fill_between(distance, lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_yscale("log")
         ax.set_xlabel("distance from the loss, T-1-t (steps)")
-        ax.set_title(TITLES[cond].format(gain=settings["gain"]))
+        ax.set_title(title(cond))
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("||dL/dH_t|| (mean over batch and seeds)")
+    axes[0].set_ylabel("||dL/dH_t|| (batch mean; geometric mean over seeds)")
     axes[0].legend()
     fig.suptitle(f"adding problem, T = {t}, loss at the last step only (band: min-max over seeds)")
     fig.tight_layout()
@@ -191,9 +204,17 @@ def _at(v: np.ndarray, d: int) -> np.ndarray:
     return v[:, v.shape[1] - 1 - d]
 
 
+def kept(v: np.ndarray) -> np.ndarray:
+    """Per seed, the share of the gradient kept over the whole sequence:
+    ||dL/dH_0|| / ||dL/dH_{T-1}|| (> 1: it grew with distance)."""
+    v = np.asarray(v, dtype=np.float64)
+    return _at(v, v.shape[1] - 1) / _at(v, 0)
+
+
 def markdown(res: dict, s: dict[str, Any], seconds: float, note: str) -> str:
     t = s["length"]
     dists = sorted({0, 10, 50, t - 1} & set(range(t)))
+    gains = ", ".join(f"{g:g}" for g in s["gains"])
     lines = [
         "# Vanishing and exploding gradients: ||dL/dH_t|| against distance",
         "",
@@ -208,65 +229,65 @@ def markdown(res: dict, s: dict[str, Any], seconds: float, note: str) -> str:
         "is the squared error at the last step only. dL/dH_t is the gradient w.r.t. a "
         "zero perturbation delta_t added to the hidden state after each step of a "
         "`lax.scan` (for the LSTM on H_t, not C_t); its norm is averaged over "
-        f"{s['eval_size']} sequences, then mean ± std over seeds {s['seeds']}. "
-        "Conditions: rnn_jax's default initialisation (orthogonal recurrent weights, "
-        "LSTM forget bias 1); the same with recurrent weights scaled by "
-        f"{s['gain']:g}; after training ({s['steps']} Adam steps, lr {s['lr']:g}, batch "
-        f"{s['batch_size']}, clipping at norm 1). "
+        f"{s['eval_size']} sequences. Conditions: rnn_jax's default initialisation "
+        "(orthogonal recurrent weights, LSTM forget bias 1); the same with the recurrent "
+        f"weights scaled by {gains}; after training ({s['steps']} Adam steps, lr "
+        f"{s['lr']:g}, batch {s['batch_size']}, clipping at norm 1). Seeds {s['seeds']}. "
+        "The norms span many orders of magnitude across seeds, so every cell below is the "
+        "geometric mean over seeds with the smallest and largest seed in brackets (an "
+        "arithmetic mean would be the largest seed's value over the seed count). "
         f"`python -m experiments.claims.gradients` ({seconds:.0f} s on this machine).",
         "",
-        "Trained held-out MSE (baseline 0.167): "
+        "Trained held-out MSE (baseline 0.167, mean ± std over seeds): "
         + ", ".join(f"{LABELS[n]} {common.mean_std(res[n]['mse'])}" for n in s["cells"])
         + ".",
         "",
     ]
-    for cond in CONDITIONS:
+    for cond in conditions(s["gains"]):
         lines += [
-            f"## {TITLES[cond].format(gain=s['gain']).capitalize()}",
+            f"## {title(cond).capitalize()}",
             "",
             "| cell | "
             + " | ".join(f"distance {d}" for d in dists)
-            + f" | ratio distance {t - 1} / distance 0 |",
+            + f" | kept over {t - 1} steps: distance {t - 1} / distance 0 |",
             "|---|" + "---|" * (len(dists) + 1),
         ]
         for name in s["cells"]:
             v = res[name][cond]
-            row = [common.mean_std(_at(v, d), ".2e") for d in dists]
-            ratio = _at(v, t - 1) / _at(v, 0)
-            lines.append(f"| {LABELS[name]} | " + " | ".join(row) + f" | {_fmt_ratio(ratio)} |")
+            row = [common.geo_range(_at(v, d), ".2e") for d in dists]
+            lines.append(
+                f"| {LABELS[name]} | " + " | ".join(row) + f" | {common.geo_range(kept(v))} |"
+            )
         lines.append("")
     lines += ["![||dL/dH_t|| against distance](gradients.png)", ""]
     lines += ["## Did the claim hold?", "", verdict(res, s), ""]
     return "\n".join(lines)
 
 
-def _fmt_ratio(r: np.ndarray) -> str:
-    seeds = ", ".join(f"{x:.1e}" for x in r)
-    return common.mean_std(r, ".2e") + (f" (seeds: {seeds})" if len(r) > 1 else "")
-
-
-def _ratio(res, name, cond, t) -> float:
-    """Mean over seeds of ||dL/dH_0|| / ||dL/dH_{T-1}|| (distance T-1 over distance 0)."""
-    v = res[name][cond]
-    return float(np.mean(_at(v, t - 1) / _at(v, 0)))
-
-
 def verdict(res: dict, s: dict[str, Any]) -> str:
+    """Vanishing: does the LSTM keep more of the gradient than the plain RNN (geometric
+    means over seeds, at init and after training)? Exploding: at every gain where the
+    plain RNN's gradient grows with distance in every seed, does the LSTM's grow less?"""
     t = s["length"]
     if "lstm" not in res or "rnn" not in res:
         return "Needs both the plain RNN and the LSTM to judge."
-    ratios = {c: {n: _ratio(res, n, c, t) for n in s["cells"]} for c in CONDITIONS}
+    conds = conditions(s["gains"])
+    per_seed = {c: {n: kept(res[n][c]) for n in s["cells"]} for c in conds}
+    g = {c: {n: common.geo_mean(per_seed[c][n]) for n in s["cells"]} for c in conds}
     parts = [
-        f"Gradient kept over {t - 1} steps, ||dL/dH_0|| / ||dL/dH_{t - 1}|| (mean over "
-        "seeds; t = 0 is the step farthest from the loss): "
+        f"Gradient kept over {t - 1} steps, ||dL/dH_0|| / ||dL/dH_{t - 1}|| (geometric "
+        "mean over seeds; t = 0 is the step farthest from the loss): "
         + "; ".join(
-            f"{TITLES[c].format(gain=s['gain'])}: "
-            + ", ".join(f"{LABELS[n]} {ratios[c][n]:.1e}" for n in s["cells"])
-            for c in CONDITIONS
+            f"{title(c)}: " + ", ".join(f"{LABELS[n]} {g[c][n]:.1e}" for n in s["cells"])
+            for c in conds
         )
         + "."
     ]
-    vanish = {c: ratios[c]["lstm"] > ratios[c]["rnn"] for c in ("init", "trained")}
+    vanish = {c: g[c]["lstm"] > g[c]["rnn"] for c in ("init", "trained")}
+    seeds_more = {
+        c: int(np.sum(per_seed[c]["lstm"] > per_seed[c]["rnn"])) for c in ("init", "trained")
+    }
+    n = len(s["seeds"])
     parts.append(
         "**Vanishing: "
         + (
@@ -280,37 +301,64 @@ def verdict(res: dict, s: dict[str, Any]) -> str:
         + (
             "both at initialisation and after training"
             if all(vanish.values())
-            else "only " + " and ".join(TITLES[c] for c, ok in vanish.items() if ok)
+            else "only " + " and ".join(title(c) for c, ok in vanish.items() if ok)
             if any(vanish.values())
             else "in neither condition"
         )
-        + f" (factor {ratios['init']['lstm'] / ratios['init']['rnn']:.1e} at init, "
-        f"{ratios['trained']['lstm'] / ratios['trained']['rnn']:.1e} after training); it "
-        "still decays, so the problem is mitigated rather than removed."
+        + f" (factor {g['init']['lstm'] / g['init']['rnn']:.1e} at init, in "
+        f"{seeds_more['init']} of {n} seeds; {g['trained']['lstm'] / g['trained']['rnn']:.1e} "
+        f"after training, in {seeds_more['trained']} of {n} seeds)"
+        + (
+            "; it still decays, so the problem is mitigated rather than removed."
+            if any(vanish.values()) and g["init"]["lstm"] < 1
+            else "."
+        )
     )
-    rnn_explodes = ratios["gain"]["rnn"] > 1
-    lstm_explodes = ratios["gain"]["lstm"] > 1
-    if rnn_explodes:
+    gain_conds = conds[1:-1]
+    exploding = [c for c in gain_conds if np.all(per_seed[c]["rnn"] > 1)]
+    if not exploding:
         parts.append(
-            ("**Exploding: held.** " if not lstm_explodes else "**Exploding: not held.** ")
-            + f"With recurrent weights x{s['gain']:g} the plain RNN's gradient grows with "
-            f"distance (x{ratios['gain']['rnn']:.1e} over {t - 1} steps), the LSTM's "
-            + ("does not" if not lstm_explodes else "grows too")
-            + f" (x{ratios['gain']['lstm']:.1e})."
+            "**Exploding: not tested.** At no gain did the plain RNN's gradient grow with "
+            "distance in every seed ("
+            + ", ".join(f"{c}: {common.geo_range(per_seed[c]['rnn'])}" for c in gain_conds)
+            + "); try larger --gains."
         )
     else:
+        less = {c: g[c]["lstm"] < g[c]["rnn"] for c in exploding}
+        grows = {c: int(np.sum(per_seed[c]["lstm"] > 1)) for c in exploding}
+        head = (
+            "held"
+            if all(less.values()) and not any(grows.values())
+            else "held, as mitigation"
+            if all(less.values())
+            else "not held"
+        )
         parts.append(
-            f"**Exploding: not tested.** With recurrent weights x{s['gain']:g} the plain "
-            f"RNN's gradient did not grow with distance (x{ratios['gain']['rnn']:.1e}); "
-            "try a larger --gain."
+            f"**Exploding: {head}.** Where the plain RNN's gradient grows with distance in "
+            "every seed ("
+            + ", ".join(exploding)
+            + "), the LSTM's "
+            + "; ".join(
+                f"{c}: x{g[c]['lstm']:.1e} against x{g[c]['rnn']:.1e}"
+                + (f", growing in {grows[c]} of {n} seeds" if grows[c] else ", decaying")
+                for c in exploding
+            )
+            + "."
+            + (
+                " In some seeds the LSTM's gradient grows too (at most x"
+                f"{max(float(per_seed[c]['lstm'].max()) for c in exploding):.1e}), far less "
+                "than the plain RNN's: mitigated, not prevented."
+                if head == "held, as mitigation"
+                else ""
+            )
         )
     if "gru" in res:
-        gru_init = ratios["init"]["gru"]
-        least = gru_init < min(ratios["init"]["rnn"], ratios["init"]["lstm"])
+        gru_init = g["init"]["gru"]
+        least = gru_init < min(g["init"]["rnn"], g["init"]["lstm"])
         parts.append(
             f"The GRU (not part of this claim) keeps x{gru_init:.1e} at initialisation"
             + (" (the least of the three)" if least else "")
-            + f" and x{ratios['trained']['gru']:.1e} after training, consistent with a "
+            + f" and x{g['trained']['gru']:.1e} after training, consistent with a "
             "learned update gate carrying the state."
         )
     return " ".join(parts)
@@ -324,7 +372,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 64, "Training batch size.")
     flags.DEFINE_integer("hidden_size", 32, "Hidden units H.")
     flags.DEFINE_float("lr", 3e-3, "Adam peak learning rate (cosine decay to 10%).")
-    flags.DEFINE_float("gain", 1.5, "Scale of the orthogonal recurrent weights in 'gain'.")
+    flags.DEFINE_list(
+        "gains",
+        ["1.5", "2", "3"],
+        "Scales of the orthogonal recurrent weights, one condition each (> 1: where a "
+        "plain RNN's gradients can explode).",
+    )
     flags.DEFINE_integer("eval_size", 256, "Sequences the gradient norms are averaged over.")
     flags.DEFINE_string("outdir", str(common.RESULTS), "Where gradients.md/png are written.")
     flags.register_validator("outdir", outdir_ok)
@@ -339,8 +392,14 @@ def main(argv):
     for name in ("length", "seeds", "steps", "batch_size", "hidden_size", "eval_size"):
         if FLAGS[name].value < (2 if name == "length" else 1):
             problems.append(f"--{name}: too small ({FLAGS[name].value})")
-    if not FLAGS.lr > 0 or not FLAGS.gain > 0:
-        problems.append("--lr and --gain: expected > 0")
+    try:
+        gains = [float(g) for g in FLAGS.gains]
+    except ValueError:
+        gains = []
+    if not gains or not all(np.isfinite(g) and g > 0 for g in gains):
+        problems.append(f"--gains: expected positive numbers, got {','.join(FLAGS.gains)!r}")
+    if not FLAGS.lr > 0:
+        problems.append("--lr: expected > 0")
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         sys.exit(2)
@@ -352,7 +411,7 @@ def main(argv):
         "batch_size": FLAGS.batch_size,
         "hidden_size": FLAGS.hidden_size,
         "lr": FLAGS.lr,
-        "gain": FLAGS.gain,
+        "gains": sorted(set(gains)),
         "eval_size": FLAGS.eval_size,
     }
     start = time.perf_counter()
