@@ -139,6 +139,8 @@ def _run(module: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess
                 "--cells=rnn,gru",
                 "--hidden_size=4",
                 "--eval_size=16",
+                "--lrs=0.003,0.01",
+                "--tune_length=8",
             ],
             ["long_range.md", "long_range.png"],
         ),
@@ -289,3 +291,18 @@ def test_skip_verdict_needs_skipping_units_in_every_seed_and_none_at_init():
     assert "skip: not clearly.**" in gates.skip_verdict(rows([2, 0, 3], [0, 0, 0]), 100)
     assert "skip: not clearly.**" in gates.skip_verdict(rows([2, 1, 3], [0, 1, 0]), 100)
     assert "not measured" in gates.skip_verdict(rows([2], [0]), 50)
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_matched_hidden_sizes_are_the_nearest_to_the_lstms_parameters(task):
+    sizes = long_range.matched_hidden_sizes(task, ["rnn", "gru", "lstm"], 32)
+    assert sizes["lstm"] == 32 and sizes["rnn"] > sizes["gru"] > 32
+    target = long_range.num_params(task, "lstm", 32)
+    for name, h in sizes.items():
+        got = abs(long_range.num_params(task, name, h) - target)
+        for other in (h - 1, h + 1):
+            assert got <= abs(long_range.num_params(task, name, other) - target), (name, other)
+    # the count itself, written out: the adding model's LSTM is 4 gates of
+    # (2 inputs + 32 recurrent + 1 bias) x 32 units, plus the head's 32 weights and bias
+    if task == "adding":
+        assert target == 4 * (2 + 32 + 1) * 32 + 32 + 1

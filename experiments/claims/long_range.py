@@ -49,6 +49,7 @@ Array = jax.Array
 FLAGS = flags.FLAGS
 TASKS = ("adding", "copy")
 EVAL_SEED = 10_000  # the held-out batch: the same for every run, never trained on
+TUNE_SEED = 10_001  # the batch the learning rate is chosen on (not the one reported)
 
 
 class TaskModel(NamedTuple):
@@ -131,12 +132,14 @@ def train(
     lr: float = 3e-3,
     clip: float = 1.0,
     eval_size: int = 1000,
+    eval_seed: int = EVAL_SEED,
 ) -> dict[str, Any]:
     """Trains ``model`` once per seed (one jitted program, compiled once, per seed).
 
     Seed ``s`` initialises with ``key(s)`` and draws its training batches from
     ``fold_in(key(s), 1)``; every seed is scored on the same held-out batch of
-    ``eval_size`` sequences (seed :data:`EVAL_SEED`). Optimiser: clip by global norm
+    ``eval_size`` sequences (seed ``eval_seed``: :data:`EVAL_SEED`, or
+    :data:`TUNE_SEED` when choosing the learning rate). Optimiser: clip by global norm
     ``clip``, then Adam with learning rate ``lr`` decayed by a cosine to 10% of it.
 
     Returns:
@@ -149,7 +152,7 @@ def train(
         optax.clip_by_global_norm(clip),
         optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.1)),
     )
-    eval_xs, eval_y = model.batch(jax.random.key(EVAL_SEED), eval_size, length)
+    eval_xs, eval_y = model.batch(jax.random.key(eval_seed), eval_size, length)
 
     def one_seed(key):
         params = model.init(key)
@@ -192,42 +195,104 @@ CELL_NAMES = ("rnn", "gru", "lstm")
 LABELS = {"rnn": "plain RNN", "gru": "GRU", "lstm": "LSTM"}
 
 
-def run_grid(settings: dict[str, Any], echo: Callable[[str], None] = print) -> list[dict]:
-    """One :func:`train` per (task, cell, length); a row per (task, cell, length, seed)."""
-    rows = []
-    for task in settings["tasks"]:
-        for name in settings["cells"]:
-            cell = cells.make(name, settings["hidden_size"])
-            model = task_model(
-                task, cell, num_symbols=settings["num_symbols"], num_copy=settings["num_copy"]
-            )
-            for length in settings["lengths"]:
+def num_params(task: str, name: str, hidden_size: int, num_symbols: int = 8) -> int:
+    """Parameters of the task model (cell and head) of cell ``name`` at ``hidden_size``."""
+    model = task_model(task, cells.make(name, hidden_size), num_symbols=num_symbols)
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def matched_hidden_sizes(
+    task: str, names: list[str], hidden_size: int, num_symbols: int = 8
+) -> dict[str, int]:
+    """Hidden size per cell so that every task model has about as many parameters as
+    the largest cell's (the LSTM's) at ``hidden_size``: the nearest size for the
+    others (a plain RNN of 32 units has a quarter of an LSTM's recurrent weights)."""
+    target = max(num_params(task, n, hidden_size, num_symbols) for n in names)
+    out = {}
+    for n in names:
+        h = hidden_size
+        while num_params(task, n, h + 1, num_symbols) <= target:
+            h += 1
+        above, below = num_params(task, n, h + 1, num_symbols), num_params(task, n, h, num_symbols)
+        out[n] = h + 1 if above - target < target - below else h
+    return out
+
+
+def run_grid(
+    settings: dict[str, Any], echo: Callable[[str], None] = print
+) -> tuple[list[dict], list[dict]]:
+    """Per (task, cell): the hidden size (matched parameters or not) and the learning
+    rate (the best of ``lrs`` at ``tune_length`` on a separate batch), then one
+    :func:`train` per length. Returns ``(rows, tuning)``: a row per (task, cell,
+    length, seed), and a row per (task, cell, lr) tried."""
+    s = settings
+    rows, tuning = [], []
+    for task in s["tasks"]:
+        sizes = (
+            matched_hidden_sizes(task, s["cells"], s["hidden_size"], s["num_symbols"])
+            if s["match_params"]
+            else {n: s["hidden_size"] for n in s["cells"]}
+        )
+        for name in s["cells"]:
+            h = sizes[name]
+            cell = cells.make(name, h)
+            model = task_model(task, cell, num_symbols=s["num_symbols"], num_copy=s["num_copy"])
+            params = num_params(task, name, h, s["num_symbols"])
+            lr = s["lrs"][0]
+            if len(s["lrs"]) > 1:
+                scores = {}
+                for candidate in s["lrs"]:
+                    out = train(
+                        model,
+                        s["seeds"],
+                        s["tune_length"],
+                        steps=s["steps"],
+                        batch_size=s["batch_size"],
+                        lr=candidate,
+                        eval_size=s["eval_size"],
+                        eval_seed=TUNE_SEED,
+                    )
+                    scores[candidate] = float(np.mean(out["metric"]))
+                    tuning.append(
+                        {"task": task, "cell": name, "lr": candidate, "metric": scores[candidate]}
+                    )
+                    echo(
+                        f"{task:6s} {name:4s} tune lr {candidate:g} at T={s['tune_length']}: "
+                        f"{common.mean_std(out['metric'])} ({out['seconds']:.1f} s)"
+                    )
+                pick = min if task == "adding" else max
+                lr = pick(s["lrs"], key=lambda c: scores[c])
+            for length in s["lengths"]:
                 out = train(
                     model,
-                    settings["seeds"],
+                    s["seeds"],
                     length,
-                    steps=settings["steps"],
-                    batch_size=settings["batch_size"],
-                    lr=settings["lr"],
-                    eval_size=settings["eval_size"],
+                    steps=s["steps"],
+                    batch_size=s["batch_size"],
+                    lr=lr,
+                    eval_size=s["eval_size"],
                 )
                 echo(
-                    f"{task:6s} {name:4s} T={length:4d}: "
+                    f"{task:6s} {name:4s} H={h} lr={lr:g} T={length:4d}: "
                     f"{'MSE' if task == 'adding' else 'accuracy'} "
                     f"{common.mean_std(out['metric'])} ({out['seconds']:.1f} s)"
                 )
-                for k, seed in enumerate(settings["seeds"]):
+                for k, seed in enumerate(s["seeds"]):
                     rows.append(
                         {
                             "task": task,
                             "cell": name,
                             "length": length,
                             "seed": seed,
+                            "hidden_size": h,
+                            "params": params,
+                            "lr": lr,
                             "metric": float(out["metric"][k]),
                             "final_train_loss": float(np.mean(out["losses"][k, -50:])),
                         }
                     )
-    return rows
+    return rows, tuning
 
 
 def _values(rows, **match) -> list[float]:
@@ -245,7 +310,7 @@ def plot(rows: list[dict], settings: dict[str, Any], path: Path) -> None:
             ax.errorbar(
                 lengths,
                 [np.mean(v) for v in vals],
-                yerr=[np.std(v) for v in vals],
+                yerr=[_sd(v) for v in vals],
                 marker="o",
                 capsize=3,
                 label=LABELS[name],
@@ -274,7 +339,9 @@ def solved(task: str, value: float, baseline: float) -> bool:
     return value < 0.1 * baseline if task == "adding" else value > 0.9
 
 
-def markdown(rows: list[dict], settings: dict[str, Any], seconds: float, note: str) -> str:
+def markdown(
+    rows: list[dict], settings: dict[str, Any], seconds: float, note: str, tuning: list[dict] = ()
+) -> str:
     s = settings
     lines = [
         "# Long-range dependencies: plain RNN vs GRU vs LSTM",
@@ -293,16 +360,31 @@ def markdown(rows: list[dict], settings: dict[str, Any], seconds: float, note: s
         f"({s['num_copy']} symbols out of {s['num_symbols']}, a blank delay, a recall "
         f"marker, then the {s['num_copy']} symbols must be emitted in order; loss "
         f"cross-entropy; chance accuracy 1/{s['num_symbols']} = {1 / s['num_symbols']:.3f}). "
-        f"One recurrent layer of hidden size {s['hidden_size']} (`rnn_jax.networks`, "
-        "default init: LeCun-normal input, orthogonal recurrent weights, LSTM forget "
-        "bias 1) and a linear head; Adam, learning rate "
-        f"{s['lr']:g} with cosine decay to 10%, gradient clipping at global norm 1, "
+        "One recurrent layer (`rnn_jax.networks`, default init: LeCun-normal input, "
+        "orthogonal recurrent weights, LSTM forget bias 1) and a linear head; "
+        + (
+            "hidden sizes chosen so that every model has about as many parameters as the "
+            f"LSTM with {s['hidden_size']} units (table below)"
+            if s["match_params"]
+            else f"hidden size {s['hidden_size']} for every cell"
+        )
+        + "; Adam with "
+        + (
+            "the learning rate chosen per task and cell from "
+            f"{{{', '.join(f'{x:g}' for x in s['lrs'])}}} "
+            f"by the mean held-out metric at T = {s['tune_length']} on a separate batch "
+            "(not the one reported)"
+            if len(s["lrs"]) > 1
+            else f"learning rate {s['lrs'][0]:g}"
+        )
+        + ", cosine decay to 10%, gradient clipping at global norm 1, "
         f"{s['steps']} steps of batch {s['batch_size']} (a fresh batch every step), "
         f"seeds {s['seeds']}. Scored on one held-out batch of {s['eval_size']} "
         f"sequences. Lengths T = {', '.join(map(str, s['lengths']))}. "
         f"`python -m experiments.claims.long_range` ({seconds:.0f} s on this machine).",
         "",
     ]
+    lines += sizes_table(rows, tuning, s)
     for task in s["tasks"]:
         baseline = tasks.ADDING_BASELINE_MSE if task == "adding" else 1.0 / s["num_symbols"]
         what = "MSE (baseline 0.167)" if task == "adding" else "recall accuracy"
@@ -335,6 +417,28 @@ def markdown(rows: list[dict], settings: dict[str, Any], seconds: float, note: s
     return "\n".join(lines)
 
 
+def sizes_table(rows: list[dict], tuning: list[dict], s: dict[str, Any]) -> list[str]:
+    """Hidden size, parameters and learning rate per (task, cell), with the tuning
+    metric of every learning rate tried."""
+    tried = len(s["lrs"]) > 1
+    lines = [
+        "## Sizes and learning rates",
+        "",
+        "| task | cell | hidden size | parameters | learning rate |"
+        + "".join(f" lr {x:g} at T = {s['tune_length']} |" for x in s["lrs"] if tried),
+        "|---|---|---|---|---|" + "---|" * (len(s["lrs"]) if tried else 0),
+    ]
+    for task in s["tasks"]:
+        for name in s["cells"]:
+            r = next(r for r in rows if r["task"] == task and r["cell"] == name)
+            tune = {t["lr"]: t["metric"] for t in tuning if (t["task"], t["cell"]) == (task, name)}
+            lines.append(
+                f"| {task} | {LABELS[name]} | {r['hidden_size']} | {r['params']:,} | {r['lr']:g} |"
+                + "".join(f" {tune[x]:.3f} |" for x in s["lrs"] if tried)
+            )
+    return [*lines, ""]
+
+
 def longest_solved(rows, task, name, lengths, baseline) -> int | None:
     best = None
     for t in lengths:
@@ -355,8 +459,13 @@ def compare(rows: list[dict], task: str, cell: str, length: int) -> str:
     diff = statistics.mean(a) - statistics.mean(b)
     if task == "adding":
         diff = -diff  # lower MSE is better
-    margin = max(float(np.std(a)), float(np.std(b)), 0.005 if task == "adding" else 0.02)
+    margin = max(_sd(a), _sd(b), 0.005 if task == "adding" else 0.02)
     return "better" if diff > margin else "worse" if diff < -margin else "same"
+
+
+def _sd(values: list[float]) -> float:
+    """The sample std, as the tables show it (0 for one value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _solves(length: int) -> str:
@@ -415,8 +524,22 @@ def define_flags() -> None:
     flags.DEFINE_integer("seeds", 3, "Seeds per (task, cell, length): 0 .. seeds-1.")
     flags.DEFINE_integer("steps", 1000, "Adam steps per run.")
     flags.DEFINE_integer("batch_size", 64, "Sequences per training batch.")
-    flags.DEFINE_integer("hidden_size", 32, "Hidden units H of the recurrent layer.")
-    flags.DEFINE_float("lr", 3e-3, "Adam peak learning rate (cosine decay to 10%).")
+    flags.DEFINE_integer(
+        "hidden_size", 32, "Hidden units H of the LSTM (of every cell with --nomatch_params)."
+    )
+    flags.DEFINE_list(
+        "lrs",
+        ["1e-3", "3e-3", "1e-2"],
+        "Adam peak learning rates (cosine decay to 10%); with more than one, each task "
+        "and cell uses the best at --tune_length on a separate batch.",
+    )
+    flags.DEFINE_integer("tune_length", 100, "Sequence length the learning rate is chosen at.")
+    flags.DEFINE_bool(
+        "match_params",
+        True,
+        "Give every cell about the parameter count of the LSTM with --hidden_size units "
+        "(else the same hidden size for all).",
+    )
     flags.DEFINE_integer("eval_size", 1000, "Held-out sequences the metric is computed on.")
     flags.DEFINE_integer("num_symbols", 8, "Copy task: distinct symbols.")
     flags.DEFINE_integer("num_copy", 3, "Copy task: symbols to remember and recall.")
@@ -434,12 +557,16 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     start = time.perf_counter()
-    rows = run_grid(settings, echo=lambda m: print(m, flush=True))
+    rows, tuning = run_grid(settings, echo=lambda m: print(m, flush=True))
     seconds = time.perf_counter() - start
     outdir = Path(FLAGS.outdir)
     plot(rows, settings, outdir / "long_range.png")
-    common.write_text(outdir / "long_range.md", markdown(rows, settings, seconds, FLAGS.note))
-    common.write_json(outdir / "long_range.json", {"settings": settings, "rows": rows})
+    common.write_text(
+        outdir / "long_range.md", markdown(rows, settings, seconds, FLAGS.note, tuning)
+    )
+    common.write_json(
+        outdir / "long_range.json", {"settings": settings, "rows": rows, "tuning": tuning}
+    )
     print(f"wrote {outdir / 'long_range.md'} and {outdir / 'long_range.png'} ({seconds:.0f} s)")
 
 
@@ -453,11 +580,17 @@ def _settings() -> dict[str, Any]:
         raise ValueError("--lengths: the copy task needs T >= 2 * num_copy + 1")
     if min(lengths) < 2:
         raise ValueError("--lengths: expected lengths >= 2")
+    if FLAGS.tune_length < (2 * FLAGS.num_copy + 1 if "copy" in FLAGS.tasks else 2):
+        raise ValueError(f"--tune_length: too short ({FLAGS.tune_length})")
+    try:
+        lrs = [float(x) for x in FLAGS.lrs]
+    except ValueError:
+        raise ValueError(f"--lrs: expected numbers, got {','.join(FLAGS.lrs)!r}") from None
+    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
+        raise ValueError(f"--lrs: expected numbers > 0, got {','.join(FLAGS.lrs)!r}")
     for name in ("seeds", "steps", "batch_size", "hidden_size", "eval_size", "num_symbols"):
         if FLAGS[name].value < 1:
             raise ValueError(f"--{name}: expected >= 1, got {FLAGS[name].value}")
-    if not math.isfinite(FLAGS.lr) or FLAGS.lr <= 0:
-        raise ValueError(f"--lr: expected > 0, got {FLAGS.lr}")
     return {
         "tasks": list(FLAGS.tasks),
         "cells": list(FLAGS.cells),
@@ -466,7 +599,9 @@ def _settings() -> dict[str, Any]:
         "steps": FLAGS.steps,
         "batch_size": FLAGS.batch_size,
         "hidden_size": FLAGS.hidden_size,
-        "lr": FLAGS.lr,
+        "lrs": sorted(set(lrs)),
+        "tune_length": FLAGS.tune_length,
+        "match_params": FLAGS.match_params,
         "eval_size": FLAGS.eval_size,
         "num_symbols": FLAGS.num_symbols,
         "num_copy": FLAGS.num_copy,
