@@ -263,6 +263,12 @@ def test_update_gate_at_markers_counts_the_units_that_skip():
     assert out["z_unmarked"] == pytest.approx((s_hi + 0.5) / 2, rel=1e-5)
     assert (out["open_marked"], out["open_unmarked"]) == (0.0, 0.5)
     assert out["units_keeping"] == 1
+    # unit 0 keeps sigmoid(10) per unmarked step after the first marker: the median
+    # sequence's product of them
+    marked = np.asarray(xs[..., 1]) > 0.5
+    stretch = (np.cumsum(marked, axis=1) >= 1) & ~marked
+    want = s_hi ** np.median(stretch.sum(axis=1))
+    assert out["best_unit_keeps"] == pytest.approx(want, rel=1e-5)
     # a marker-blind open gate keeps the state as well; a half-open one never does
     layer["W_x"] = jnp.zeros_like(layer["W_x"])
     assert gates.update_gate_at_markers(cell, {"net": {"layer_0": layer}}, xs)["units_keeping"] == 1
@@ -281,6 +287,8 @@ def test_skip_verdict_needs_skipping_units_in_every_seed_and_none_at_init():
                 "hidden_size": 32,
                 "units_keeping": k,
                 "units_keeping_init": i,
+                "best_unit_keeps": 0.9 if k else 0.1,
+                "best_unit_keeps_init": 1e-20,
                 "z_marked": 0.5,
                 "z_unmarked": 0.6,
             }
