@@ -1,7 +1,9 @@
 """What the launchers share."""
 
+import contextlib
 import math
 import os
+import signal
 import sys
 
 from absl import flags
@@ -125,3 +127,30 @@ def outdir_ok(value: str) -> bool:
     if not os.path.isdir(path):
         raise flags.ValidationError(f"{value}: {path} is a file; expected a folder")
     return True
+
+
+@contextlib.contextmanager
+def deferred_sigint(message: str):
+    """Ctrl-C inside the block is noted, not raised; after the block a noted Ctrl-C
+    prints ``message`` and exits 130.
+
+    For a launcher's imports: a KeyboardInterrupt raised while JAX imports is
+    swallowed by JAX's gc callback (the run then goes on as if nothing happened) or
+    turned into an ImportError by jaxlib. Only where Ctrl-C raises KeyboardInterrupt
+    (the main thread, Python's default handler); elsewhere the block runs as it is.
+    """
+    noted = []
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            raise ValueError("not Python's default SIGINT handler")
+        signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    except ValueError:  # not the main thread, or SIGINT handled or ignored already
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if noted:
+        print(message, file=sys.stderr)
+        sys.exit(130)

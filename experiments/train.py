@@ -12,11 +12,18 @@ stderr and exit code 2, before anything is compiled or written.
 import dataclasses
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from experiments.common import deferred_sigint
 
-from experiments.common import define_cpu_devices_flag, parse_flags_or_exit_2, resolve_cpu_devices
-from rnn_jax.config import TrainConfig
+with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+    from absl import app, flags  # (importing JAX below takes a second or two)
+    from absl import logging as absl_logging
+
+    from experiments.common import (
+        define_cpu_devices_flag,
+        parse_flags_or_exit_2,
+        resolve_cpu_devices,
+    )
+    from rnn_jax.config import TrainConfig
 
 _D = TrainConfig()
 FLAGS = flags.FLAGS
