@@ -73,6 +73,7 @@ def test_depth_summary_counts_failed_and_diverged_runs():
     ]
     for r in rows:
         r["train_ppl"] = r["val_ppl"]
+        r["train_curve"] = [r["val_ppl"]]
     s = depth.summarize(rows, fail_ppl=16.0)[("u", 1)]
     assert s["best"] == (1.0, 1.0)
     assert s["failed"] == 0.5 and s["diverged"] == 0.25
@@ -261,13 +262,23 @@ def test_tbptt_verdict_judges_the_carry_gain_seed_by_seed():
     # all-positions gains favour the sequential model, but past the zero-state start
     # (second half of the positions) the window model gains as much: not held
     res = _tbptt_results(
-        {"windows": [7.0, 7.2], "sequential": [9.0, 9.4]},
-        {"windows": [6.5, 6.7], "sequential": [7.5, 7.6]},
-        {"windows": [6.0, 6.2], "sequential": [7.0, 7.2]},
-        {"windows": [5.9, 6.1], "sequential": [6.95, 7.15]},
+        {"windows": [7.0, 7.2, 7.1], "sequential": [9.0, 9.4, 9.2]},
+        {"windows": [6.5, 6.7, 6.6], "sequential": [7.5, 7.6, 7.7]},
+        {"windows": [6.0, 6.2, 6.1], "sequential": [7.0, 7.2, 7.1]},
+        {"windows": [5.9, 6.1, 6.0], "sequential": [6.95, 7.15, 7.05]},
     )
     assert (tbptt.carry_gains(res, "sequential") > tbptt.carry_gains(res, "windows")).all()
     assert "**The claim did not hold**" in tbptt.verdict(res)
+    # carrying hurts both, the sequential model less: not "held"
+    for p, worse in (("windows", 1.05), ("sequential", 1.01)):
+        for r in res[p]:
+            r["late_stream_ppl"] = r["late_window_ppl"] * worse
+    late = {p: tbptt.carry_gains(res, p, late=True) for p in tbptt.PARTITIONS}
+    assert (late["sequential"] > late["windows"]).all()
+    text = tbptt.verdict(res)
+    assert "**The claim did not hold**" in text and "p = 0.125" in text
+    # two seeds are too few for a verdict
+    assert "**Too few seeds to judge**" in tbptt.verdict({p: r[:2] for p, r in res.items()})
 
 
 def test_tbptt_position_losses_equal_a_loop_over_windows_and_the_stream_perplexity():
@@ -290,43 +301,92 @@ def test_tbptt_position_losses_equal_a_loop_over_windows_and_the_stream_perplexi
     assert math.exp(mean) == pytest.approx(
         tbptt.stream_perplexity(model, params, ids, 2, T), rel=1e-5
     )
+    # one chunk per stream: no carried state to score
+    with pytest.raises(ValueError, match="one chunk"):
+        tbptt.stream_position_losses(model, params, ids, 8, T)
 
 
-def _depth_rows(val):
-    """Runs of one seed from ``{(depth, lr, clip): val_ppl}``; inf = diverged."""
+def _depth_rows(val, stalled=()):
+    """Runs of two seeds from ``{(depth, lr, clip): val_ppl}``; inf = diverged; the
+    training perplexity falls to the end except at the points in ``stalled``."""
     return [
         {
             "init": "u",
             "depth": d,
             "lr": lr,
             "clip": c,
+            "seed": seed,
             "val_ppl": v,
             "train_ppl": v,
             "diverged": not math.isfinite(v),
+            "train_curve": [v, v] if (d, lr, c) in stalled else [v + 1, v],
         }
         for (d, lr, c), v in val.items()
+        for seed in (0, 1)
     ]
 
 
 def test_depth_verdict_tells_slow_from_unstable():
     s = {"inits": ["u"], "clips": [1.0, 0.0], "depths": [1, 3], "epochs": 10, "steps": 400}
     val = {(1, lr, c): 10.0 for lr in (1.0, 8.0) for c in (1.0, 0.0)}
-    # depth 3 is slow at lr 1 (above the unigram, not diverged) and fine at lr 8
+    # depth 3 fails at lr 1 (above the unigram, not diverged, still improving) and is
+    # fine at lr 8: slower, not less stable
     val.update({(3, 1.0, 1.0): 17.0, (3, 1.0, 0.0): 17.0, (3, 8.0, 1.0): 12.0, (3, 8.0, 0.0): 12.0})
     summary = depth.summarize(_depth_rows(val), fail_ppl=16.0)
     assert summary[("u", 3)]["slow"] == 0.5 and summary[("u", 3)]["diverged"] == 0.0
     assert summary[("u", 3)]["by_clip"][0.0]["stable_lrs"] == [1.0, 8.0]
+    assert summary[("u", 3)]["by_clip"][0.0]["falling_lrs"] == [1.0, 8.0]
     text = depth.verdict(summary, s)
-    assert "**Learning rate: partly held**" in text and "50% slow runs" in text
-    assert "**Clipping: not a depth effect**" in text
-    # depth 3 now diverges at lr 8 without clipping: less stable, and clipping matters
+    assert "**Learning rate: partly held**" in text and "slow: lr 1 clip 1, lr 1 clip none" in text
+    assert "**Clipping: not tested**" in text  # nothing diverged
+    # the same lost points stalled (training perplexity flat): held
+    stalled = {(3, 1.0, 1.0), (3, 1.0, 0.0)}
+    text = depth.verdict(depth.summarize(_depth_rows(val, stalled), fail_ppl=16.0), s)
+    assert "**Learning rate: held**" in text and "stalled: lr 1 clip 1" in text
+    # depth 3 diverges at lr 8 without clipping (both seeds: 2 runs of 4): diverged, and
+    # clipping prevents more divergence at depth 3 than at depth 1
     val[(3, 8.0, 0.0)] = math.inf
     summary = depth.summarize(_depth_rows(val), fail_ppl=16.0)
     assert summary[("u", 3)]["by_clip"][0.0]["stable_lrs"] == [1.0]
     text = depth.verdict(summary, s)
-    assert "**Learning rate: held**" in text and "**Clipping: held**" in text
+    assert "**Learning rate: held**" in text and "diverged: lr 8 clip none" in text
+    assert "**Clipping: held**" in text
+    # the same divergence at depth 1 too: clipping is not a depth effect
+    val[(1, 8.0, 0.0)] = math.inf
+    text = depth.verdict(depth.summarize(_depth_rows(val), fail_ppl=16.0), s)
+    assert "**Clipping: not a depth effect**" in text
     # as many converging points at depth 3 as at depth 1: did not hold
     val.update({k: 10.0 for k in val})
     assert "**Learning rate: did not hold**" in depth.verdict(
         depth.summarize(_depth_rows(val), fail_ppl=16.0), s
     )
+
+
+def test_depth_init_verdict_needs_a_gap_that_grows_with_depth():
+    s = {"inits": ["u", "d"], "clips": [1.0], "depths": [1, 3], "epochs": 10, "steps": 400}
+    rows = []
+    for init, good in (("u", {1: 2, 3: 0}), ("d", {1: 2, 3: 1})):
+        for d in (1, 3):
+            for k, lr in enumerate((1.0, 2.0)):
+                v = 10.0 if k < good[d] else 17.0
+                rows.append(
+                    {
+                        "init": init,
+                        "depth": d,
+                        "lr": lr,
+                        "clip": 1.0,
+                        "seed": 0,
+                        "val_ppl": v,
+                        "train_ppl": v,
+                        "diverged": False,
+                        "train_curve": [v + 1, v],
+                    }
+                )
+    text = depth.init_comparison(depth.summarize(rows, fail_ppl=16.0), s)
+    assert "`d` is the better start" in text and "**initialisation: held**" in text
+    # equal at depth 1 and at depth 3: not held
+    for r in rows:
+        if r["init"] == "u" and r["depth"] == 3:
+            r["val_ppl"] = 10.0 if r["lr"] == 1.0 else 17.0
+    text = depth.init_comparison(depth.summarize(rows, fail_ppl=16.0), s)
+    assert "**initialisation: not held**" in text

@@ -39,7 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
+from experiments.claims.common import (
+    RESULTS,
+    mean_std,
+    pyplot,
+    save_figure,
+    write_json,
+    write_text,
+)
 from experiments.common import outdir_ok, parse_flags_or_exit_2
 from rnn_jax import data, models, text
 
@@ -300,6 +307,17 @@ def summarize(rows: list[dict], fail_ppl: float) -> dict:
                     for (lr, c2), runs in points.items()
                     if c2 == c and not any(r["diverged"] for r in runs)
                 ),
+                # every seed's training perplexity still falling in the last epoch
+                # (one epoch: unknown, counted as falling): slow rather than stalled
+                "falling_lrs": sorted(
+                    lr
+                    for (lr, c2), runs in points.items()
+                    if c2 == c
+                    and all(
+                        len(r["train_curve"]) < 2 or r["train_curve"][-1] < r["train_curve"][-2]
+                        for r in runs
+                    )
+                ),
             }
         summary[key] = {
             "best": best,
@@ -307,7 +325,7 @@ def summarize(rows: list[dict], fail_ppl: float) -> dict:
             "best_train": [r["train_ppl"] for r in points[best]],
             "failed": sum(is_failed(r, fail_ppl) for r in mine) / len(mine),
             "diverged": sum(r["diverged"] for r in mine) / len(mine),
-            # neither diverged nor better than the unigram: slow, not unstable
+            # neither diverged nor better than the unigram (slow or stalled)
             "slow": sum(is_failed(r, fail_ppl) and not r["diverged"] for r in mine) / len(mine),
             "good_points": sum(
                 not any(is_failed(r, fail_ppl) for r in runs) for runs in points.values()
@@ -392,8 +410,11 @@ def markdown(rows: list[dict], s: dict, fail_ppl: float, seconds: float, note: s
         "perplexity above 28 (ended worse than uniform guessing). *Failed*: diverged, "
         "or validation perplexity above "
         f"{fail_ppl:.2f}, the unigram perplexity of the validation text (no better "
-        "than letter frequencies); *converged*: not failed; *slow*: failed without "
-        "diverging (unstable and slow runs are told apart). Each run computes what "
+        "than letter frequencies); *converged*: not failed. A grid point that converges "
+        "at the shallowest depth but not the deepest is *diverged* there (a seed "
+        "diverged), *stalled* (no seed diverged, a seed's training perplexity no longer "
+        "falling in the last epoch) or *slow* (every seed still improving). Each run "
+        "computes what "
         "`rnn_jax.train.run` computes "
         "with the same flags (checked in tests/test_claims_b.py), one compiled step per "
         f"depth. Command: `python -m experiments.claims.depth`; {seconds:.0f} s.",
@@ -403,7 +424,7 @@ def markdown(rows: list[dict], s: dict, fail_ppl: float, seconds: float, note: s
         "| init | depth | best lr | best clip | val ppl | train ppl | grid points that "
         "converge (every seed) | lrs that converge, clipped | lrs that converge, unclipped "
         "| largest lr without divergence, clipped / unclipped | failed runs | diverged "
-        "runs | slow runs |",
+        "runs | failed, not diverged |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     clip_on = max(s["clips"])
@@ -481,6 +502,78 @@ def _largest(lrs: list[float]) -> str:
     return f"{max(lrs):g}" if lrs else "none"
 
 
+def _learning_rate_verdict(init: str, first: dict, last: dict, ds: list[int], s: dict) -> str:
+    """Deeper converges in fewer grid points, and why the lost points fail at the
+    deepest depth: diverged (a seed blew up) or stalled (training perplexity no longer
+    falling) support the claim; slow (still falling when the budget ran out) means a
+    longer budget, not a more careful setting."""
+    if last["good_points"] >= first["good_points"]:
+        return (
+            f"**Learning rate: did not hold** for init `{init}`: depth {ds[-1]} converges in "
+            f"{last['good_points']} grid points, depth {ds[0]} in {first['good_points']}."
+        )
+    kinds: dict[str, list[str]] = {"diverged": [], "stalled": [], "slow": []}
+    for c, fc in first["by_clip"].items():
+        lc = last["by_clip"][c]
+        for lr in sorted(set(fc["good_lrs"]) - set(lc["good_lrs"])):
+            kind = (
+                "diverged"
+                if lr not in lc["stable_lrs"]
+                else "slow"
+                if lr in lc["falling_lrs"]
+                else "stalled"
+            )
+            kinds[kind].append(f"lr {lr:g} clip {clip_name(c)}")
+    lost = "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items() if v)
+    head = (
+        f"**Learning rate: held** for init `{init}`"
+        if kinds["diverged"] or kinds["stalled"]
+        else f"**Learning rate: partly held** for init `{init}`"
+    )
+    text = (
+        f"{head}: depth {ds[-1]} converges in {last['good_points']} grid points against "
+        f"{first['good_points']} at depth {ds[0]}; the settings it loses, at depth {ds[-1]} "
+        f"({lost})"
+    )
+    if kinds["diverged"] or kinds["stalled"]:
+        return text + ": the deeper model needs a more careful choice."
+    return (
+        text + ": every setting lost was still improving when the "
+        f"{s['epochs']} epochs ran out, so depth asks for a longer budget here, not a more "
+        "careful setting."
+    )
+
+
+def _clipping_verdict(init: str, summary: dict, ds: list[int], clip_on: float) -> str:
+    """Held when clipping prevents more divergence at the deepest depth than at the
+    shallowest, by two runs at least (one run in 15 is noise)."""
+
+    def rates(d):
+        b = summary[(init, d)]["by_clip"]
+        return b[0.0]["diverged"], b[clip_on]["diverged"], b[0.0]["n"]
+
+    cuts = {d: rates(d)[0] - rates(d)[1] for d in ds}
+    n = rates(ds[0])[2]
+    numbers = ", ".join(f"depth {d} {rates(d)[0]:.0%} / {rates(d)[1]:.0%}" for d in ds)
+    if all(rates(d)[0] == 0 for d in ds):
+        head, why = "not tested", "no run diverged without clipping: nothing to prevent"
+    elif (cuts[ds[-1]] - cuts[ds[0]]) * n >= 2:
+        head, why = (
+            "held",
+            f"clipping prevents more divergence at depth {ds[-1]} than at depth {ds[0]}",
+        )
+    else:
+        head, why = (
+            "not a depth effect",
+            f"clipping prevents about as much divergence at depth {ds[0]} as at depth "
+            f"{ds[-1]} (or more), within two runs of {n}",
+        )
+    return (
+        f"**Clipping: {head}** for init `{init}`: diverged runs without / with clipping "
+        f"{numbers}; {why}."
+    )
+
+
 def verdict(summary: dict, s: dict) -> str:
     """A plain-words reading of the numbers, computed from them. The claim has three
     parts, read separately: the learning rate (do deeper models converge in fewer
@@ -515,7 +608,7 @@ def verdict(summary: dict, s: dict) -> str:
                 )
                 for d in ds
             )
-            + "; runs that neither diverged nor converged (slow): "
+            + "; runs that failed without diverging: "
             + ", ".join(f"depth {d} {summary[(init, d)]['slow']:.0%}" for d in ds)
             + "."
         )
@@ -525,55 +618,9 @@ def verdict(summary: dict, s: dict) -> str:
                 f"init `{init}`."
             )
             continue
-        shrinks = last["good_points"] < first["good_points"]
-        less_stable = any(
-            max(last["by_clip"][c]["stable_lrs"], default=0.0)
-            < max(first["by_clip"][c]["stable_lrs"], default=0.0)
-            for c in first["by_clip"]
-        )
-        if shrinks and less_stable:
-            parts.append(
-                "**Learning rate: held** for init "
-                f"`{init}`: deeper models converge in fewer settings ({first['good_points']} "
-                f"-> {last['good_points']} grid points from depth {ds[0]} to {ds[-1]}) and "
-                "diverge at smaller learning rates."
-            )
-        elif shrinks:
-            parts.append(
-                f"**Learning rate: partly held** for init `{init}`: deeper models converge in "
-                f"fewer settings within {s['epochs']} epochs ({first['good_points']} -> "
-                f"{last['good_points']} grid points), but they do not diverge at smaller "
-                "learning rates: the settings they lose are the small rates at which they "
-                f"learn too slowly ({first['slow']:.0%} -> {last['slow']:.0%} slow runs), so "
-                "depth asks for a larger step or a longer budget, not a more careful one."
-            )
-        else:
-            parts.append(
-                f"**Learning rate: did not hold** for init `{init}`: depth {ds[-1]} converges "
-                f"in as many grid points as depth {ds[0]}."
-            )
+        parts.append(_learning_rate_verdict(init, first, last, ds, s))
         if 0.0 in first["by_clip"] and clip_on > 0:
-            cut = {
-                d: summary[(init, d)]["by_clip"][0.0]["diverged"]
-                - summary[(init, d)]["by_clip"][clip_on]["diverged"]
-                for d in ds
-            }
-            grows = cut[ds[-1]] > cut[ds[0]]
-            parts.append(
-                f"**Clipping: {'held' if grows and cut[ds[-1]] > 0 else 'not a depth effect'}"
-                f"** for init `{init}`: diverged runs without / with clipping "
-                + ", ".join(
-                    f"depth {d} {summary[(init, d)]['by_clip'][0.0]['diverged']:.0%} / "
-                    f"{summary[(init, d)]['by_clip'][clip_on]['diverged']:.0%}"
-                    for d in ds
-                )
-                + (
-                    "; clipping prevents more divergence in the deepest model than in the "
-                    "shallowest."
-                    if grows
-                    else f"; clipping helps depth {ds[0]} as much as depth {ds[-1]} or more."
-                )
-            )
+            parts.append(_clipping_verdict(init, summary, ds, clip_on))
     if len(s["inits"]) > 1:
         parts.append(init_comparison(summary, s))
     parts.append(
@@ -599,20 +646,26 @@ def init_comparison(summary: dict, s: dict) -> str:
                 f"{best(i, depth):.2f} ({summary[(i, depth)]['good_points']} points)" for i in inits
             )
         )
-    deepest = s["depths"][-1]
+    shallowest, deepest = s["depths"][0], s["depths"][-1]
     order = sorted(inits, key=lambda i: best(i, deepest))
+
+    def gap(depth):  # converging grid points: the better start at depth minus the other
+        others = max(summary[(i, depth)]["good_points"] for i in order[1:])
+        return summary[(order[0], depth)]["good_points"] - others
+
+    held = gap(deepest) > 0 and gap(deepest) > gap(shallowest)
     return (
         "Initialisation, best validation perplexity and grid points that converge, "
         + " vs ".join(f"`{i}`" for i in inits)
         + ": "
         + "; ".join(rows)
-        + f". At depth {deepest} `{order[0]}` is the better start"
+        + f". At depth {deepest} `{order[0]}` is the better start, converging in "
+        f"{gap(deepest):+d} grid points against the other (depth {shallowest}: "
+        f"{gap(shallowest):+d}): **initialisation: "
         + (
-            " and converges where the other does not: **initialisation: held**, it matters "
-            "more as depth grows."
-            if summary[(order[0], deepest)]["good_points"]
-            > max(summary[(i, deepest)]["good_points"] for i in order[1:])
-            else "."
+            "held**, it matters more as depth grows."
+            if held
+            else "not held**: its advantage does not grow with depth."
         )
     )
 
@@ -667,7 +720,6 @@ def main(argv):
     seconds = time.perf_counter() - t0
     outdir = Path(FLAGS.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    plot(rows, outdir / "depth.png", fail_ppl)
     settings = {
         "cell": FLAGS.cell,
         "hidden_size": FLAGS.hidden_size,
@@ -683,6 +735,9 @@ def main(argv):
         "num_val": FLAGS.num_val,
         "steps": FLAGS.epochs * math.ceil(FLAGS.num_train / FLAGS.batch_size),
     }
+    # the raw runs first: they survive a failure in the reporting
+    write_json(outdir / "depth.json", {"settings": settings, "fail_ppl": fail_ppl, "rows": rows})
+    plot(rows, outdir / "depth.png", fail_ppl)
     md = markdown(rows, settings, fail_ppl, seconds, FLAGS.note)
     write_text(outdir / "depth.md", md)
     print(md)

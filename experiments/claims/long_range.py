@@ -50,6 +50,7 @@ FLAGS = flags.FLAGS
 TASKS = ("adding", "copy")
 EVAL_SEED = 10_000  # the held-out batch: the same for every run, never trained on
 TUNE_SEED = 10_001  # the batch the learning rate is chosen on (not the one reported)
+TUNE_SEED_OFFSET = 1_000  # tuning runs use seeds 1000, 1001, ...: other inits, other batches
 
 
 class TaskModel(NamedTuple):
@@ -223,9 +224,11 @@ def run_grid(
     settings: dict[str, Any], echo: Callable[[str], None] = print
 ) -> tuple[list[dict], list[dict]]:
     """Per (task, cell): the hidden size (matched parameters or not) and the learning
-    rate (the best of ``lrs`` at ``tune_length`` on a separate batch), then one
-    :func:`train` per length. Returns ``(rows, tuning)``: a row per (task, cell,
-    length, seed), and a row per (task, cell, lr) tried."""
+    rate (the lowest held-out loss among ``lrs`` at ``tune_length``, with seeds of
+    their own, so other initialisations and training batches, scored on a batch of
+    its own: the reported runs are not selected on), then one :func:`train` per
+    length. Returns ``(rows, tuning)``: a row per (task, cell, length, seed), and a
+    row per (task, cell, lr) tried (its mean held-out loss and metric)."""
     s = settings
     rows, tuning = [], []
     for task in s["tasks"]:
@@ -245,7 +248,7 @@ def run_grid(
                 for candidate in s["lrs"]:
                     out = train(
                         model,
-                        s["seeds"],
+                        [TUNE_SEED_OFFSET + k for k in s["seeds"]],
                         s["tune_length"],
                         steps=s["steps"],
                         batch_size=s["batch_size"],
@@ -253,16 +256,25 @@ def run_grid(
                         eval_size=s["eval_size"],
                         eval_seed=TUNE_SEED,
                     )
-                    scores[candidate] = float(np.mean(out["metric"]))
+                    # the loss, not the metric: accuracy at chance is flat in the lr; a
+                    # diverged run (NaN) scores worst
+                    loss = float(np.mean(out["eval_loss"]))
+                    scores[candidate] = loss if math.isfinite(loss) else math.inf
                     tuning.append(
-                        {"task": task, "cell": name, "lr": candidate, "metric": scores[candidate]}
+                        {
+                            "task": task,
+                            "cell": name,
+                            "lr": candidate,
+                            "loss": scores[candidate],
+                            "metric": float(np.mean(out["metric"])),
+                        }
                     )
                     echo(
                         f"{task:6s} {name:4s} tune lr {candidate:g} at T={s['tune_length']}: "
-                        f"{common.mean_std(out['metric'])} ({out['seconds']:.1f} s)"
+                        f"loss {loss:.4f}, {common.mean_std(out['metric'])} "
+                        f"({out['seconds']:.1f} s)"
                     )
-                pick = min if task == "adding" else max
-                lr = pick(s["lrs"], key=lambda c: scores[c])
+                lr = min(s["lrs"], key=lambda c: scores[c])
             for length in s["lengths"]:
                 out = train(
                     model,
@@ -364,7 +376,7 @@ def markdown(
         "orthogonal recurrent weights, LSTM forget bias 1) and a linear head; "
         + (
             "hidden sizes chosen so that every model has about as many parameters as the "
-            f"LSTM with {s['hidden_size']} units (table below)"
+            f"{_largest_cell(s)} with {s['hidden_size']} units (table below)"
             if s["match_params"]
             else f"hidden size {s['hidden_size']} for every cell"
         )
@@ -372,8 +384,9 @@ def markdown(
         + (
             "the learning rate chosen per task and cell from "
             f"{{{', '.join(f'{x:g}' for x in s['lrs'])}}} "
-            f"by the mean held-out metric at T = {s['tune_length']} on a separate batch "
-            "(not the one reported)"
+            f"by the mean held-out loss at T = {s['tune_length']}, over runs with seeds of "
+            f"their own ({TUNE_SEED_OFFSET} + seed: other initialisations and training "
+            "batches) scored on a batch of its own, so the reported runs are not selected on"
             if len(s["lrs"]) > 1
             else f"learning rate {s['lrs'][0]:g}"
         )
@@ -419,24 +432,36 @@ def markdown(
 
 def sizes_table(rows: list[dict], tuning: list[dict], s: dict[str, Any]) -> list[str]:
     """Hidden size, parameters and learning rate per (task, cell), with the tuning
-    metric of every learning rate tried."""
+    loss (and metric) of every learning rate tried."""
     tried = len(s["lrs"]) > 1
     lines = [
         "## Sizes and learning rates",
         "",
         "| task | cell | hidden size | parameters | learning rate |"
-        + "".join(f" lr {x:g} at T = {s['tune_length']} |" for x in s["lrs"] if tried),
+        + "".join(
+            f" lr {x:g}: loss (metric) at T = {s['tune_length']} |" for x in s["lrs"] if tried
+        ),
         "|---|---|---|---|---|" + "---|" * (len(s["lrs"]) if tried else 0),
     ]
     for task in s["tasks"]:
         for name in s["cells"]:
             r = next(r for r in rows if r["task"] == task and r["cell"] == name)
-            tune = {t["lr"]: t["metric"] for t in tuning if (t["task"], t["cell"]) == (task, name)}
+            tune = {t["lr"]: t for t in tuning if (t["task"], t["cell"]) == (task, name)}
             lines.append(
                 f"| {task} | {LABELS[name]} | {r['hidden_size']} | {r['params']:,} | {r['lr']:g} |"
-                + "".join(f" {tune[x]:.3f} |" for x in s["lrs"] if tried)
+                + "".join(
+                    f" {tune[x]['loss']:.4f} ({tune[x]['metric']:.3f}) |" for x in s["lrs"] if tried
+                )
             )
     return [*lines, ""]
+
+
+def _largest_cell(s: dict[str, Any]) -> str:
+    """The cell whose parameter count the others are matched to."""
+    task = s["tasks"][0]
+    return LABELS[
+        max(s["cells"], key=lambda n: num_params(task, n, s["hidden_size"], s["num_symbols"]))
+    ]
 
 
 def longest_solved(rows, task, name, lengths, baseline) -> int | None:
@@ -525,7 +550,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 1000, "Adam steps per run.")
     flags.DEFINE_integer("batch_size", 64, "Sequences per training batch.")
     flags.DEFINE_integer(
-        "hidden_size", 32, "Hidden units H of the LSTM (of every cell with --nomatch_params)."
+        "hidden_size",
+        32,
+        "Hidden units of the largest cell, the LSTM by default (of every cell with "
+        "--nomatch_params).",
     )
     flags.DEFINE_list(
         "lrs",
