@@ -353,3 +353,16 @@ def test_gradients_verdict_needs_most_seeds_and_survives_zero_norms():
     )
     text = gradients.verdict(res, settings)
     assert "**Exploding: held.**" in text and "against xinf" in text
+
+
+@pytest.mark.parametrize(
+    "module,flag", [("gradients", "--gains=2,-1"), ("long_range", "--lrs=0.01,nan")]
+)
+def test_bad_number_list_exits_2_naming_the_flag(module, flag, tmp_path):
+    result = _run(module, tmp_path, flag)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{flag.split('=')[0]}: expected numbers > 0" in result.stderr
+    assert not list(tmp_path.iterdir())
+    assert common.positive_floats(["1e-3", "2"], "x") == [1e-3, 2.0]
+    with pytest.raises(ValueError, match="--x: expected numbers > 0"):
+        common.positive_floats([], "x")

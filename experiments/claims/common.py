@@ -96,3 +96,15 @@ def int_list(values: Iterable[str], name: str) -> list[int]:
         return [int(v) for v in values]
     except ValueError:
         raise ValueError(f"--{name}: expected comma-separated integers, got {values!r}") from None
+
+
+def positive_floats(values: Iterable[str], name: str) -> list[float]:
+    """Parses a list flag of finite numbers > 0; raises ValueError naming the flag."""
+    values = list(values)
+    try:
+        out = [float(v) for v in values]
+    except ValueError:
+        out = []
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise ValueError(f"--{name}: expected numbers > 0, got {','.join(values)!r}")
+    return out

@@ -416,11 +416,10 @@ def main(argv):
         if FLAGS[name].value < (2 if name == "length" else 1):
             problems.append(f"--{name}: too small ({FLAGS[name].value})")
     try:
-        gains = [float(g) for g in FLAGS.gains]
-    except ValueError:
+        gains = common.positive_floats(FLAGS.gains, "gains")
+    except ValueError as e:
         gains = []
-    if not gains or not all(np.isfinite(g) and g > 0 for g in gains):
-        problems.append(f"--gains: expected positive numbers, got {','.join(FLAGS.gains)!r}")
+        problems.append(str(e))
     if not FLAGS.lr > 0:
         problems.append("--lr: expected > 0")
     if problems:

@@ -559,7 +559,8 @@ def define_flags() -> None:
         "lrs",
         ["1e-3", "3e-3", "1e-2"],
         "Adam peak learning rates (cosine decay to 10%); with more than one, each task "
-        "and cell uses the best at --tune_length on a separate batch.",
+        "and cell uses the one of lowest held-out loss at --tune_length, in runs with "
+        "seeds and a held-out batch of their own.",
     )
     flags.DEFINE_integer("tune_length", 100, "Sequence length the learning rate is chosen at.")
     flags.DEFINE_bool(
@@ -610,12 +611,7 @@ def _settings() -> dict[str, Any]:
         raise ValueError("--lengths: expected lengths >= 2")
     if FLAGS.tune_length < (2 * FLAGS.num_copy + 1 if "copy" in FLAGS.tasks else 2):
         raise ValueError(f"--tune_length: too short ({FLAGS.tune_length})")
-    try:
-        lrs = [float(x) for x in FLAGS.lrs]
-    except ValueError:
-        raise ValueError(f"--lrs: expected numbers, got {','.join(FLAGS.lrs)!r}") from None
-    if not lrs or not all(math.isfinite(x) and x > 0 for x in lrs):
-        raise ValueError(f"--lrs: expected numbers > 0, got {','.join(FLAGS.lrs)!r}")
+    lrs = common.positive_floats(FLAGS.lrs, "lrs")
     for name in ("seeds", "steps", "batch_size", "hidden_size", "eval_size", "num_symbols"):
         if FLAGS[name].value < 1:
             raise ValueError(f"--{name}: expected >= 1, got {FLAGS[name].value}")
