@@ -1,7 +1,7 @@
 r"""Claim (seed, section 1): gated RNNs capture dependencies across long time-step
 distances better than a plain RNN.
 
-    python -m experiments.claims.long_range                 # a few minutes on 2 CPU cores
+    python -m experiments.claims.long_range                 # about 13 minutes on 2 CPU cores
     python -m experiments.claims.long_range --seeds=1 --steps=20 --lengths=10,20
 
 Trains a plain RNN, a GRU and an LSTM (one layer, ``rnn_jax.networks.network``, a
