@@ -12,7 +12,7 @@ with ``--optimizer=sgd --schedule=constant --grad_clip=C --lr=LR --seed=S`` (sam
 initialisation, the same batches from ``rnn_jax.data.train_batch``, the same loss
 and clipping arithmetic; tests/test_claims_b.py checks one run against
 ``train.run``), but in one process with one compiled step per depth (learning rate
-and clipping threshold are traced arguments), so the grid fits a few CPU minutes.
+and clipping threshold are traced arguments), so the grid fits in about 20 CPU minutes.
 
 A run whose clipping never engaged (gradient norm always below the threshold)
 computed exactly what the unclipped run computes, so the unclipped run is copied
@@ -21,9 +21,13 @@ an epoch's training perplexity went above ``STOP_PPL`` (the run stops there), or
 its last epoch's training perplexity is above the vocabulary size (it ended worse
 than guessing uniformly); it *failed* when it diverged or ended with a
 validation perplexity above ``--fail_ppl`` (by default the unigram perplexity of
-the validation text, about 16.6: no better than letter frequencies). Writes
-``depth.md`` and ``depth.png`` (validation perplexity against learning rate, one
-panel per depth and initialisation, with and without clipping) into ``--outdir``.
+the validation text, about 16.6: no better than letter frequencies). A grid point
+that converges at the shallowest depth but not the deepest is *diverged*,
+*stalled* (training perplexity flat in the last epoch) or *slow* (still falling)
+there; the verdict reads the learning rate, clipping and the initialisation
+separately. Writes ``depth.json`` (every run), ``depth.md`` and ``depth.png``
+(validation perplexity against learning rate, one panel per depth and
+initialisation, with and without clipping) into ``--outdir``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Three measurements with GRU ablations (``rnn_jax.cells.gru``'s ``pin_reset`` /
 update gate never keeps the old state); both (which is exactly a plain tanh RNN):
 
 1. the adding problem (long-range memory; ``experiments.claims.long_range.train``)
-   at a couple of lengths: held-out MSE;
+   at a couple of lengths: held-out MSE, and for the learned GRU whether its update
+   gate skips the stretch after the first marker (:func:`update_gate_at_markers`);
 2. the character language model on The Time Machine (mostly short-range
    structure; short runs of ``rnn_jax.train.run``): validation perplexity;
 3. the gate activations R_t and Z_t of a trained GRU language model (the learned

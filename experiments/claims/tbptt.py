@@ -1,6 +1,6 @@
 r"""Truncated backpropagation through time: carried state vs independent windows.
 
-    python -m experiments.claims.tbptt                 # 1-2 min on 2 CPU cores
+    python -m experiments.claims.tbptt                 # about 2 min on 2 CPU cores
     python -m experiments.claims.tbptt --seeds=1 --steps=320 --eval_points=4
 
 The book trains its language models either on shuffled, independent windows (the
@@ -17,9 +17,14 @@ exactly ``1 / num_steps`` of a windows epoch).
 Validation perplexity is measured two ways on the same held-out text:
 
 * *windows*: what ``train.run`` reports, every validation window from a zero state;
-* *stream*: the validation text cut into a few long streams read chunk by chunk with
-  the state carried across chunks (how a sequentially trained model is meant to be
-  used), scored on every character.
+* *stream*: the validation text as one long stream (``--stream_count``) read chunk
+  by chunk with the state carried across chunks (how a sequentially trained model is
+  meant to be used), scored on every character.
+
+The claim is about what carried state buys: the verdict compares, seed by seed, how
+much carrying lowers each model's loss past the zero-state start of the windows
+(the windows' positions >= T/2 against the stream's later chunks), not which model
+is better overall.
 
 Writes ``tbptt.md`` and ``tbptt.png`` (validation perplexity against training tokens
 seen, and the final numbers) into ``--outdir``.
