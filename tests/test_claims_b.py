@@ -295,8 +295,9 @@ def test_tbptt_position_losses_equal_a_loop_over_windows_and_the_stream_perplexi
     T = 4
     per_position = tbptt.window_position_losses(model, params, ids, T)
     want = np.zeros(T)
+    apply = jax.jit(model.apply)
     for start in range(len(ids) - T):  # every window, one at a time, from zero state
-        logits, _ = model.apply(params, ids[None, start : start + T])
+        logits, _ = apply(params, ids[None, start : start + T])
         want += np.asarray(models.token_losses(logits, ids[None, start + 1 : start + T + 1]))[0]
     np.testing.assert_allclose(per_position, want / (len(ids) - T), rtol=1e-5)
     first, later = tbptt.stream_position_losses(model, params, ids, 2, T)
