@@ -1,5 +1,6 @@
 """The long_range, gradients and gates claims: the dL/dH_t helper, and tiny end-to-end runs."""
 
+import math
 import os
 import subprocess
 import sys
@@ -303,7 +304,10 @@ def test_skip_verdict_needs_skipping_units_in_every_seed_and_none_at_init():
 
     assert "used by the trained GRU: yes.**" in gates.skip_verdict(rows([2, 1, 3], [0, 0, 0]), 100)
     no = gates.skip_verdict(rows([2, 0, 3], [0, 0, 0]), 100)
-    assert "used by the trained GRU: not clearly.**" in no and "candidate state" in no
+    assert "used by the trained GRU: not clearly.**" in no
+    assert "candidate state" not in no  # two seeds have skipping units
+    none = gates.skip_verdict(rows([0, 0, 0], [0, 0, 0]), 100)
+    assert "not clearly.**" in none and "candidate state" in none
     assert "not clearly.**" in gates.skip_verdict(rows([2, 1, 3], [0, 1, 0]), 100)
     # the candidate-state sentence only when the model solved the task
     unsolved = rows([0, 0, 0], [0, 0, 0])
@@ -366,3 +370,67 @@ def test_bad_number_list_exits_2_naming_the_flag(module, flag, tmp_path):
     assert common.positive_floats(["1e-3", "2"], "x") == [1e-3, 2.0]
     with pytest.raises(ValueError, match="--x: expected numbers > 0"):
         common.positive_floats([], "x")
+
+
+def test_long_range_tunes_on_other_seeds_by_the_held_out_loss(monkeypatch):
+    """The learning rate is chosen by the lowest held-out loss (a diverged NaN loss
+    scores worst) in runs on seeds 1000 + k and the tuning batch; the reported runs
+    use seeds k, the evaluation batch and the chosen rate."""
+    calls = []
+    # copy task: accuracy would prefer 0.003 (0.5) over 0.01 (0.4), the loss 0.01
+    loss = {0.001: float("nan"), 0.003: 1.9, 0.01: 1.5}
+    acc = {0.001: 0.9, 0.003: 0.5, 0.01: 0.4}
+
+    def fake_train(model, seeds, length, *, steps, batch_size, lr, eval_size, eval_seed=None):
+        calls.append((list(seeds), length, lr, eval_seed))
+        k = len(seeds)
+        return {
+            "metric": np.full(k, acc[lr]),
+            "eval_loss": np.full(k, loss[lr]),
+            "losses": np.zeros((k, steps)),
+            "seconds": 0.0,
+        }
+
+    monkeypatch.setattr(long_range, "train", fake_train)
+    settings = {
+        "tasks": ["copy"],
+        "cells": ["rnn"],
+        "lengths": [10, 20],
+        "seeds": [0, 1],
+        "steps": 3,
+        "batch_size": 4,
+        "hidden_size": 4,
+        "lrs": [0.001, 0.003, 0.01],
+        "tune_length": 20,
+        "match_params": False,
+        "eval_size": 8,
+        "num_symbols": 8,
+        "num_copy": 3,
+    }
+    rows, tuning = long_range.run_grid(settings, echo=lambda m: None)
+    tune_calls, grid_calls = calls[:3], calls[3:]
+    assert all(c[0] == [1000, 1001] and c[1] == 20 for c in tune_calls)
+    assert all(c[3] == long_range.TUNE_SEED for c in tune_calls)
+    assert [c[2] for c in tune_calls] == [0.001, 0.003, 0.01]
+    assert grid_calls == [([0, 1], 10, 0.01, None), ([0, 1], 20, 0.01, None)]
+    assert {r["lr"] for r in rows} == {0.01} and len(rows) == 4
+    assert [t["loss"] for t in tuning][1:] == [1.9, 1.5] and math.isinf(tuning[0]["loss"])
+
+
+def test_gradients_verdict_says_far_only_at_a_hundredfold_gap():
+    settings = {"length": 5, "seeds": [0, 1, 2], "cells": ["rnn", "lstm"], "gains": [3.0]}
+    res = {
+        "rnn": {
+            "init": _norms([1e-9] * 3),
+            "x3": _norms([50.0, 60.0, 40.0]),
+            "trained": _norms([1e-9] * 3),
+        },
+        "lstm": {
+            "init": _norms([1e-3] * 3),
+            "x3": _norms([2.0, 3.0, 0.5]),
+            "trained": _norms([1e-3] * 3),
+        },
+    }
+    text = gradients.verdict(res, settings)
+    assert "**Exploding: held, as mitigation.**" in text
+    assert "less than the plain RNN's" in text and "far less" not in text

@@ -268,6 +268,14 @@ def unigram_ppl(num_steps: int, num_train: int, num_val: int) -> float:
 # --- reporting ------------------------------------------------------------------------
 
 
+FALLING = 0.01  # a last epoch that lowers the training perplexity by more: still learning
+
+
+def _falling(curve: list[float]) -> bool:
+    """The training perplexity fell by more than ``FALLING`` (relative) in the last epoch."""
+    return len(curve) < 2 or curve[-1] < (1 - FALLING) * curve[-2]
+
+
 def is_failed(run: dict, fail_ppl: float) -> bool:
     return run["diverged"] or not run["val_ppl"] <= fail_ppl
 
@@ -301,6 +309,7 @@ def summarize(rows: list[dict], fail_ppl: float) -> dict:
                 "n": len(sub),
                 "failed": sum(is_failed(r, fail_ppl) for r in sub) / len(sub),
                 "diverged": sum(r["diverged"] for r in sub) / len(sub),
+                "diverged_runs": sum(r["diverged"] for r in sub),
                 "good_lrs": sorted(
                     lr
                     for (lr, c2), runs in points.items()
@@ -311,15 +320,17 @@ def summarize(rows: list[dict], fail_ppl: float) -> dict:
                     for (lr, c2), runs in points.items()
                     if c2 == c and not any(r["diverged"] for r in runs)
                 ),
-                # every seed's training perplexity still falling in the last epoch
-                # (one epoch: unknown, counted as falling): slow rather than stalled
+                # every failed, not diverged seed's training perplexity still falling
+                # by more than FALLING in the last epoch (one epoch: unknown, counted
+                # as falling): slow rather than stalled
                 "falling_lrs": sorted(
                     lr
                     for (lr, c2), runs in points.items()
                     if c2 == c
                     and all(
-                        len(r["train_curve"]) < 2 or r["train_curve"][-1] < r["train_curve"][-2]
+                        _falling(r["train_curve"])
                         for r in runs
+                        if is_failed(r, fail_ppl) and not r["diverged"]
                     )
                 ),
             }
@@ -330,7 +341,8 @@ def summarize(rows: list[dict], fail_ppl: float) -> dict:
             "failed": sum(is_failed(r, fail_ppl) for r in mine) / len(mine),
             "diverged": sum(r["diverged"] for r in mine) / len(mine),
             # neither diverged nor better than the unigram (slow or stalled)
-            "slow": sum(is_failed(r, fail_ppl) and not r["diverged"] for r in mine) / len(mine),
+            "failed_not_diverged": sum(is_failed(r, fail_ppl) and not r["diverged"] for r in mine)
+            / len(mine),
             "good_points": sum(
                 not any(is_failed(r, fail_ppl) for r in runs) for runs in points.values()
             ),
@@ -447,7 +459,8 @@ def markdown(rows: list[dict], s: dict, fail_ppl: float, seconds: float, note: s
             f"| {init} | {depth} | {lr:g} | {clip_name(clip)} | {mean_std(d['best_val'], '.2f')} "
             f"| {mean_std(d['best_train'], '.2f')} | {d['good_points']}/{d['points']} "
             f"| {good.get(clip_on, '-') if clip_on > 0 else '-'} | {good.get(0.0, '-')} "
-            f"| {stable} | {d['failed']:.0%} | {d['diverged']:.0%} | {d['slow']:.0%} |"
+            f"| {stable} | {d['failed']:.0%} | {d['diverged']:.0%} "
+            f"| {d['failed_not_diverged']:.0%} |"
         )
     lines += [
         "",
@@ -556,12 +569,16 @@ def _clipping_verdict(init: str, summary: dict, ds: list[int], clip_on: float) -
         b = summary[(init, d)]["by_clip"]
         return b[0.0]["diverged"], b[clip_on]["diverged"], b[0.0]["n"]
 
-    cuts = {d: rates(d)[0] - rates(d)[1] for d in ds}
+    def runs(d):  # diverged runs without and with clipping (integers: no rounding)
+        b = summary[(init, d)]["by_clip"]
+        return b[0.0]["diverged_runs"], b[clip_on]["diverged_runs"]
+
+    cuts = {d: runs(d)[0] - runs(d)[1] for d in ds}  # runs clipping saved
     n = rates(ds[0])[2]
     numbers = ", ".join(f"depth {d} {rates(d)[0]:.0%} / {rates(d)[1]:.0%}" for d in ds)
-    if all(rates(d)[0] == 0 for d in ds):
+    if all(runs(d)[0] == 0 for d in ds):
         head, why = "not tested", "no run diverged without clipping: nothing to prevent"
-    elif (cuts[ds[-1]] - cuts[ds[0]]) * n >= 2:
+    elif cuts[ds[-1]] - cuts[ds[0]] >= 2:
         head, why = (
             "held",
             f"clipping prevents more divergence at depth {ds[-1]} than at depth {ds[0]}",
@@ -613,7 +630,7 @@ def verdict(summary: dict, s: dict) -> str:
                 for d in ds
             )
             + "; runs that failed without diverging: "
-            + ", ".join(f"depth {d} {summary[(init, d)]['slow']:.0%}" for d in ds)
+            + ", ".join(f"depth {d} {summary[(init, d)]['failed_not_diverged']:.0%}" for d in ds)
             + "."
         )
         if first["good_points"] == 0:
@@ -635,7 +652,10 @@ def verdict(summary: dict, s: dict) -> str:
 
 
 def init_comparison(summary: dict, s: dict) -> str:
-    """One sentence per depth comparing the initialisations' best runs."""
+    """Best validation perplexity and converging grid points per depth and
+    initialisation, and the verdict: held when the better start at the deepest depth
+    converges in two grid points more than the other and that advantage grew by two
+    since the shallowest depth (one grid point is within seed noise)."""
 
     def best(init, depth):
         vals = summary[(init, depth)]["best_val"]
@@ -643,14 +663,14 @@ def init_comparison(summary: dict, s: dict) -> str:
 
     inits = s["inits"]
     rows = []
-    for depth in s["depths"]:
+    for depth in sorted(s["depths"]):
         rows.append(
             f"depth {depth}: "
             + " vs ".join(
                 f"{best(i, depth):.2f} ({summary[(i, depth)]['good_points']} points)" for i in inits
             )
         )
-    shallowest, deepest = s["depths"][0], s["depths"][-1]
+    shallowest, deepest = min(s["depths"]), max(s["depths"])
     # the better start at the deepest depth: more converging points, then the lower best
     order = sorted(inits, key=lambda i: (-summary[(i, deepest)]["good_points"], best(i, deepest)))
 
@@ -658,21 +678,27 @@ def init_comparison(summary: dict, s: dict) -> str:
         others = max(summary[(i, depth)]["good_points"] for i in order[1:])
         return summary[(order[0], depth)]["good_points"] - others
 
-    grows = gap(deepest) - gap(shallowest)  # in grid points; one is within seed noise
-    held = gap(deepest) > 0 and grows >= 2
-    partly = gap(deepest) > 0 and grows == 1
+    # in grid points; one is within seed noise
+    grows = gap(deepest) - gap(shallowest)
+    held = gap(deepest) >= 2 and grows >= 2
+    partly = not held and gap(deepest) >= 1 and grows >= 1
     return (
         "Initialisation, best validation perplexity and grid points that converge, "
         + " vs ".join(f"`{i}`" for i in inits)
         + ": "
         + "; ".join(rows)
-        + f". At depth {deepest} `{order[0]}` is the better start, converging in "
-        f"{gap(deepest):+d} grid points against the other (depth {shallowest}: "
-        f"{gap(shallowest):+d}): **initialisation: "
+        + (
+            f". At depth {deepest} `{order[0]}` is the better start, converging in "
+            f"{gap(deepest):+d} grid points against the other"
+            if gap(deepest) > 0
+            else f". At depth {deepest} no initialisation converges in more grid points"
+        )
+        + f" (depth {shallowest}: {gap(shallowest):+d}): **initialisation: "
         + (
             "held**, it matters more as depth grows."
             if held
-            else "partly held**: its advantage grows with depth by one grid point only."
+            else "partly held**: its advantage at depth "
+            f"{deepest} or its growth with depth is one grid point only."
             if partly
             else "not held**: its advantage does not grow with depth."
         )

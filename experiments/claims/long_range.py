@@ -589,12 +589,13 @@ def main(argv):
     rows, tuning = run_grid(settings, echo=lambda m: print(m, flush=True))
     seconds = time.perf_counter() - start
     outdir = Path(FLAGS.outdir)
+    # the raw numbers first: they survive a failure in the reporting
+    common.write_json(
+        outdir / "long_range.json", {"settings": settings, "rows": rows, "tuning": tuning}
+    )
     plot(rows, settings, outdir / "long_range.png")
     common.write_text(
         outdir / "long_range.md", markdown(rows, settings, seconds, FLAGS.note, tuning)
-    )
-    common.write_json(
-        outdir / "long_range.json", {"settings": settings, "rows": rows, "tuning": tuning}
     )
     print(f"wrote {outdir / 'long_range.md'} and {outdir / 'long_range.png'} ({seconds:.0f} s)")
 
