@@ -44,14 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.claims.common import (
-    RESULTS,
-    mean_std,
-    pyplot,
-    save_figure,
-    write_json,
-    write_text,
-)
+from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_json, write_text
 from experiments.common import outdir_ok, parse_flags_or_exit_2
 from rnn_jax import models, text
 from rnn_jax.config import TrainConfig, model_config
