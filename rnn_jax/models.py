@@ -119,7 +119,8 @@ def language_model(config: ModelConfig) -> Model:
         config.make_cell(),
         config.num_layers,
         config.bidirectional,
-        dropout=config.dropout,
+        # between layers; the model applies its own after the last one (below)
+        dropout=config.dropout if config.num_layers > 1 else 0.0,
         unroll=config.unroll,
         remat=config.remat,
         hoist_input=config.hoist_input,

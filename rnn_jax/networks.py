@@ -62,6 +62,7 @@ initial carry. ``apply`` accepts an initial carry in the same structure.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -510,6 +511,14 @@ def network(
     """
     chunk = fused.check_chunk(chunk)
     num_layers, dropout, unroll = _check_options(cell, num_layers, dropout, unroll)
+    if num_layers == 1 and dropout > 0:
+        warnings.warn(
+            f"dropout={dropout} with num_layers=1 does nothing: it acts between layers "
+            "(after every layer but the last, as PyTorch's nn.LSTM); apply "
+            "networks.apply_dropout to the outputs for dropout after the last layer",
+            UserWarning,
+            stacklevel=2,
+        )
     bidirectional = cells._bool_option(bidirectional, "bidirectional")
     remat = cells._bool_option(remat, "remat")
     if problem := directions_problem(directions, bidirectional, implementation):

@@ -239,7 +239,8 @@ def test_cell_options_as_a_mapping_and_dropout_needs_two_layers():
     with pytest.raises(ValueError, match=r"cell_options: expected a mapping"):
         RNN("gru", 5, cell_options=("reset_after",)).init(jax.random.key(0), xs)
     one = RNN("lstm", 5, dropout=0.5)
-    variables = one.init(jax.random.key(0), xs)
+    with pytest.warns(UserWarning, match="num_layers=1 does nothing"):  # as PyTorch warns
+        variables = one.init(jax.random.key(0), xs)
     np.testing.assert_array_equal(
         one.apply(variables, xs, deterministic=False)[0], one.apply(variables, xs)[0]
     )

@@ -274,7 +274,8 @@ def test_dropout_spares_the_last_layer(implementation):
     """Dropout acts between layers only (PyTorch's rule): one layer with a key gives
     the outputs without one, and the top layer of two has no dropped (exactly
     zero) outputs in the valid steps."""
-    net, params = make("gru", 1, True, dropout=0.5, implementation=implementation)
+    with pytest.warns(UserWarning, match=r"dropout=0.5 with num_layers=1 does nothing"):
+        net, params = make("gru", 1, True, dropout=0.5, implementation=implementation)
     xs = random_xs(14, (4, T, I))
     key = jax.random.key(15)
     np.testing.assert_array_equal(
@@ -284,6 +285,26 @@ def test_dropout_spares_the_last_layer(implementation):
     dropped, _ = net.apply_batch(params, xs, dropout_key=key)
     assert np.abs(np.asarray(dropped - net.apply_batch(params, xs)[0])).max() > 1e-3
     assert np.count_nonzero(np.asarray(dropped) == 0.0) == 0
+
+
+def test_a_language_model_of_one_layer_with_dropout_does_not_warn():
+    """The language model applies dropout after its last layer itself, so one layer
+    with dropout is meaningful there: it builds its network without the (ignored)
+    between-layer rate, and no warning."""
+    import warnings
+
+    from rnn_jax import models
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = models.language_model(
+            models.ModelConfig(vocab_size=7, cell="gru", hidden_size=4, dropout=0.5)
+        )
+    assert model.network.dropout == 0.0 and model.network.num_layers == 1
+    params = model.init(jax.random.key(0))
+    ids = jnp.zeros((2, 3), jnp.int32)
+    dropped, _ = model.apply(params, ids, dropout_key=jax.random.key(1))
+    assert np.count_nonzero(np.asarray(dropped - model.apply(params, ids)[0])) > 0
 
 
 def test_dropout_between_layers():
