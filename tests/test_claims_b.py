@@ -308,16 +308,28 @@ def test_tbptt_position_losses_equal_a_loop_over_windows_and_the_stream_perplexi
         logits, _ = apply(params, ids[None, start : start + T])
         want += np.asarray(models.token_losses(logits, ids[None, start + 1 : start + T + 1]))[0]
     np.testing.assert_allclose(per_position, want / (len(ids) - T), rtol=1e-5)
-    first, later = tbptt.stream_position_losses(model, params, ids, 2, T)
-    x, _ = tbptt.stream_split(ids, 2, T)
+    # the streams' chunk losses against each stream read alone, chunk by chunk, its
+    # state carried by hand
+    losses = tbptt.stream_chunk_losses(model, params, ids, 2, T)
+    x, y = tbptt.stream_split(ids, 2, T)
     chunks = x.shape[1] // T  # per stream: the first chunk, then chunks - 1 later ones
+    want = np.zeros((chunks, T))
+    for row in range(2):
+        carry = model.initial_carry(1)
+        for k in range(chunks):
+            cols = slice(k * T, (k + 1) * T)
+            logits, carry = apply(params, x[None, row, cols], carry)
+            want[k] += np.asarray(models.token_losses(logits, y[None, row, cols]))[0]
+    np.testing.assert_allclose(losses, want, rtol=1e-5)
+    first, later = losses[0] / 2, tbptt.later_chunk_losses(losses, 2)
+    np.testing.assert_allclose(later, want[1:].mean(axis=0) / 2, rtol=1e-5)
     mean = (first.sum() + later.sum() * (chunks - 1)) / (chunks * T)
     assert math.exp(mean) == pytest.approx(
         tbptt.stream_perplexity(model, params, ids, 2, T), rel=1e-5
     )
     # one chunk per stream: no carried state to score
     with pytest.raises(ValueError, match="one chunk"):
-        tbptt.stream_position_losses(model, params, ids, 8, T)
+        tbptt.later_chunk_losses(tbptt.stream_chunk_losses(model, params, ids, 8, T), 8)
 
 
 def _depth_rows(val, stalled=()):

@@ -127,6 +127,13 @@ def steps_per_epoch(partition: str) -> int:
     return FLAGS.num_train // (FLAGS.batch_size * FLAGS.num_steps)
 
 
+def stream_length(num_tokens: int, num_streams: int, num_steps: int) -> int:
+    """Characters per stream when ``num_tokens`` are cut into ``num_streams``
+    contiguous streams of whole chunks of ``num_steps`` (each needs its next
+    character as a target; the tail that does not fill a chunk is dropped)."""
+    return (num_tokens - 1) // num_streams // num_steps * num_steps
+
+
 def stream_split(ids: np.ndarray, num_streams: int, num_steps: int) -> tuple[np.ndarray, ...]:
     """Cuts ``ids`` into ``num_streams`` contiguous rows of a whole number of chunks.
 
@@ -134,7 +141,7 @@ def stream_split(ids: np.ndarray, num_streams: int, num_steps: int) -> tuple[np.
     the next character of ``x``; the tail that does not fill a chunk is dropped.
     """
     ids = np.asarray(ids, np.int32)
-    per_stream = (len(ids) - 1) // num_streams // num_steps * num_steps
+    per_stream = stream_length(len(ids), num_streams, num_steps)
     if per_stream == 0:
         raise ValueError(
             f"{len(ids)} tokens are too few for {num_streams} streams of {num_steps} steps"
@@ -144,22 +151,48 @@ def stream_split(ids: np.ndarray, num_streams: int, num_steps: int) -> tuple[np.
     return ids[cols], ids[cols + 1]
 
 
-def stream_perplexity(model: models.Model, params, ids: np.ndarray, num_streams: int, T: int):
-    """Perplexity over ``ids`` read as ``num_streams`` streams, the state carried
-    from chunk to chunk of ``T`` steps (zero only at the start of each stream)."""
+def stream_chunk_losses(model: models.Model, params, ids, num_streams: int, T: int):
+    """``<float64>[chunks, T]``: the loss summed over the streams at each position of
+    each chunk, ``ids`` read as ``num_streams`` streams with the state carried from
+    chunk to chunk of ``T`` steps (zero only at the start of each stream)."""
     x, y = stream_split(ids, num_streams, T)
 
     @jax.jit
     def chunk(params, carry, xc, yc):
         logits, carry = model.apply(params, xc, carry)
-        return carry, jnp.sum(models.token_losses(logits, yc))
+        return carry, jnp.sum(models.token_losses(logits, yc), axis=0)
 
     carry = model.initial_carry(num_streams)
-    total = 0.0
+    rows = []
     for k in range(0, x.shape[1], T):
         carry, s = chunk(params, carry, x[:, k : k + T], y[:, k : k + T])
-        total += float(s)
-    return math.exp(total / x.size)
+        rows.append(np.asarray(s, np.float64))
+    return np.stack(rows)
+
+
+def stream_perplexity_of(losses: np.ndarray, num_streams: int) -> float:
+    """Perplexity over every scored character, from :func:`stream_chunk_losses`."""
+    return math.exp(losses.sum() / (num_streams * losses.size))
+
+
+def later_chunk_losses(losses: np.ndarray, num_streams: int) -> np.ndarray:
+    """``<float64>[T]``: the mean loss at each position of the chunks after each
+    stream's first (their state carried from everything before), from
+    :func:`stream_chunk_losses`; needs streams of two chunks at least."""
+    if len(losses) < 2:
+        raise ValueError(
+            f"one chunk of {losses.shape[1]} per stream: no chunk reads a carried state "
+            "(fewer streams or more validation text)"
+        )
+    return losses[1:].mean(axis=0) / num_streams
+
+
+def stream_perplexity(model: models.Model, params, ids: np.ndarray, num_streams: int, T: int):
+    """Perplexity over ``ids`` read as ``num_streams`` streams, the state carried
+    from chunk to chunk of ``T`` steps (zero only at the start of each stream)."""
+    return stream_perplexity_of(
+        stream_chunk_losses(model, params, ids, num_streams, T), num_streams
+    )
 
 
 def window_position_losses(model: models.Model, params, ids: np.ndarray, T: int) -> np.ndarray:
@@ -182,34 +215,6 @@ def window_position_losses(model: models.Model, params, ids: np.ndarray, T: int)
     return total / len(starts)
 
 
-def stream_position_losses(model: models.Model, params, ids, num_streams: int, T: int):
-    """``(<float64>[T], <float64>[T])``: the mean loss at each position of a chunk,
-    over the first chunk of every stream (zero state) and over the later chunks
-    (state carried from everything before). Needs streams of two chunks at least."""
-    x, y = stream_split(ids, num_streams, T)
-    if x.shape[1] < 2 * T:
-        raise ValueError(
-            f"{len(ids)} tokens in {num_streams} streams give one chunk of {T} per stream: "
-            "no chunk reads a carried state (fewer streams or more validation text)"
-        )
-
-    @jax.jit
-    def chunk(params, carry, xc, yc):
-        logits, carry = model.apply(params, xc, carry)
-        return carry, jnp.sum(models.token_losses(logits, yc), axis=0)
-
-    carry = model.initial_carry(num_streams)
-    first, later, n = np.zeros(T), np.zeros(T), 0
-    for k in range(0, x.shape[1], T):
-        carry, s = chunk(params, carry, x[:, k : k + T], y[:, k : k + T])
-        if k == 0:
-            first = np.asarray(s, np.float64) / num_streams
-        else:
-            later += np.asarray(s, np.float64)
-            n += num_streams
-    return first, later / n
-
-
 def run_all(seeds: list[int]) -> dict:
     from rnn_jax import train
 
@@ -229,17 +234,16 @@ def run_all(seeds: list[int]) -> dict:
                     json.loads(line)
                     for line in (Path(config.workdir) / "metrics.jsonl").read_text().splitlines()
                 ]
-                stream = stream_perplexity(
+                chunks = stream_chunk_losses(
                     model, result.params, val_ids, FLAGS.stream_count, FLAGS.num_steps
                 )
+                stream = stream_perplexity_of(chunks, FLAGS.stream_count)
                 # the windows' second half of the positions: every window has read at
                 # least T/2 characters there, so its zero-state start is behind it;
                 # against every position of the stream's chunks after its first
                 late = slice(FLAGS.num_steps // 2, None)
                 win_pos = window_position_losses(model, result.params, val_ids, FLAGS.num_steps)
-                _, stream_pos = stream_position_losses(
-                    model, result.params, val_ids, FLAGS.stream_count, FLAGS.num_steps
-                )
+                stream_pos = later_chunk_losses(chunks, FLAGS.stream_count)
                 out[partition].append(
                     {
                         "train_ppl": result.train_ppl,
@@ -319,8 +323,7 @@ def markdown(results: dict, seeds: list[int], seconds: float, note: str) -> str:
     w, s = results["windows"], results["sequential"]
     tokens = FLAGS.steps * FLAGS.batch_size * FLAGS.num_steps
     val_chars = FLAGS.num_val + FLAGS.num_steps
-    scored = (val_chars - 1) // FLAGS.stream_count // FLAGS.num_steps * FLAGS.num_steps
-    scored *= FLAGS.stream_count
+    scored = stream_length(val_chars, FLAGS.stream_count, FLAGS.num_steps) * FLAGS.stream_count
     lines = [
         "# Truncated BPTT: sequential partitioning with carried state vs independent windows",
         "",
@@ -527,7 +530,7 @@ def main(argv):
             )
             sys.exit(2)
     val_chars = FLAGS.num_val + FLAGS.num_steps
-    if (val_chars - 1) // FLAGS.stream_count < 2 * FLAGS.num_steps:
+    if stream_length(val_chars, FLAGS.stream_count, FLAGS.num_steps) < 2 * FLAGS.num_steps:
         print(
             f"error: --stream_count: {FLAGS.stream_count} streams of {val_chars:,} "
             f"validation characters leave fewer than 2 chunks of {FLAGS.num_steps} per "
