@@ -25,6 +25,7 @@ raw numbers ``gates.json`` into ``--outdir``.
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -100,6 +101,22 @@ def adding_ablations(s: dict[str, Any], echo: Callable[[str], None]) -> list[dic
     return rows
 
 
+@functools.lru_cache(maxsize=8)
+def _update_gates(cell: cells.Cell) -> Callable:
+    """``(layer params, xs <[B, T, I]>) -> Z_t <[B, T, H]>``, compiled once per cell
+    (it is called for every seed and length, trained and at initialisation)."""
+
+    def one(layer, x):
+        def body(carry, x_t):
+            z = cell.gate_values(layer, carry, x_t)["z"]
+            carry, _ = cell.step(layer, carry, x_t)
+            return carry, z
+
+        return jax.lax.scan(body, cell.initial_carry(), x)[1]
+
+    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+
+
 def update_gate_at_markers(cell: cells.Cell, params: dict[str, Any], xs) -> dict[str, float]:
     """How a GRU trained on the adding problem uses its update gate Z_t (H_t =
     Z_t * H_{t-1} + (1 - Z_t) * H~_t; Z_t = 1 skips the input). Only the two marked
@@ -123,17 +140,7 @@ def update_gate_at_markers(cell: cells.Cell, params: dict[str, Any], xs) -> dict
       everywhere, does not count), and ``best_unit_keeps``, the largest score. Z_t ≈
       0.5 at initialisation keeps 0.5^k over k steps.
     """
-    layer = params["net"]["layer_0"]
-
-    def one(x):
-        def body(carry, x_t):
-            z = cell.gate_values(layer, carry, x_t)["z"]
-            carry, _ = cell.step(layer, carry, x_t)
-            return carry, z
-
-        return jax.lax.scan(body, cell.initial_carry(), x)[1]
-
-    z = np.asarray(jax.jit(jax.vmap(one))(xs), dtype=np.float64)  # [B, T, H]
+    z = np.asarray(_update_gates(cell)(params["net"]["layer_0"], xs), np.float64)  # [B, T, H]
     marked = np.asarray(xs[..., 1]) > 0.5
     after_first = np.cumsum(marked, axis=1) >= 1
     stretch = after_first & ~marked  # unmarked steps after the first marker
