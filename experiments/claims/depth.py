@@ -558,18 +558,19 @@ def _clipping_verdict(init: str, summary: dict, ds: list[int], clip_on: float) -
     """Held when clipping prevents more divergence at the deepest depth than at the
     shallowest, by two runs at least (one run in 15 is noise)."""
 
-    def rates(d):
-        b = summary[(init, d)]["by_clip"]
-        return b[0.0]["diverged"], b[clip_on]["diverged"], b[0.0]["n"]
+    def without(d):
+        return summary[(init, d)]["by_clip"][0.0]
 
-    def runs(d):  # diverged runs without and with clipping (integers: no rounding)
-        b = summary[(init, d)]["by_clip"]
-        return b[0.0]["diverged_runs"], b[clip_on]["diverged_runs"]
+    def with_(d):
+        return summary[(init, d)]["by_clip"][clip_on]
 
-    cuts = {d: runs(d)[0] - runs(d)[1] for d in ds}  # runs clipping saved
-    n = rates(ds[0])[2]
-    numbers = ", ".join(f"depth {d} {rates(d)[0]:.0%} / {rates(d)[1]:.0%}" for d in ds)
-    if all(runs(d)[0] == 0 for d in ds):
+    # runs clipping saved, counted as integers (rates times n round to 1.999...)
+    cuts = {d: without(d)["diverged_runs"] - with_(d)["diverged_runs"] for d in ds}
+    n = without(ds[0])["n"]
+    numbers = ", ".join(
+        f"depth {d} {without(d)['diverged']:.0%} / {with_(d)['diverged']:.0%}" for d in ds
+    )
+    if all(without(d)["diverged_runs"] == 0 for d in ds):
         head, why = "not tested", "no run diverged without clipping: nothing to prevent"
     elif cuts[ds[-1]] - cuts[ds[0]] >= 2:
         head, why = (
