@@ -237,8 +237,8 @@ def _rnn_jax_step(spec: dict[str, Any]):
         "matmul_dtype": model.network.matmul_dtype,
     }
     net = model.network
-    if net.bidirectional and impl in ("fused", "pallas"):
-        kernel = "pallas" if impl == "pallas" else "xla"
+    if net.bidirectional and impl in ("fused", "pallas", "native"):
+        kernel = impl if impl in ("pallas", "native") else "xla"
         separate = networks.separate_directions(kernel, directions=net.directions)
         info["directions"] = "separate" if separate else "vmap"
     if impl == "pallas":

@@ -1026,7 +1026,7 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "implementation",
         "auto",
-        ["auto", "fused", "scan", "wavefront", "pallas"],
+        ["auto", "fused", "scan", "wavefront", "pallas", "native"],
         "rnn_jax: recurrent layers (auto: networks.choose_implementation per shape; "
         "wavefront: unidirectional only).",
     )

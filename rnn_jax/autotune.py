@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import data, fused, models, persistent, train
+from rnn_jax import data, fused, models, native, persistent, train
 from rnn_jax.config import TrainConfig, model_config
 
 CACHE_VERSION = 2  # 2: the directions of bidirectional layers are tuned too
@@ -105,6 +105,13 @@ def candidates(config: TrainConfig, backend: str | None = None) -> list[Candidat
             impls.append("wavefront")
         if backend == "gpu" and persistent.unsupported(cell) is None:
             impls.append("pallas")
+        if (
+            backend == "cpu"
+            and config.matmul_dtype == "float32"  # else the kernels run the XLA loops
+            and native.unsupported(cell) is None
+            and not native.unavailable()
+        ):
+            impls.append("native")
     if config.matmul_dtype != "float32" and "scan" in impls:
         impls.remove("scan")  # the reference computes float32 only
     if config.implementation != "auto":
@@ -113,17 +120,17 @@ def candidates(config: TrainConfig, backend: str | None = None) -> list[Candidat
     def layouts(impl: str) -> tuple[str, ...]:
         if config.directions != "auto" and impl != "scan":
             return (config.directions,)
-        if config.bidirectional and impl == "fused":
+        if config.bidirectional and impl in ("fused", "native"):
             return ("vmap", "separate")
         return ("auto",)
 
     found = [
-        Candidate(i, 1 if i == "pallas" else u, d)
+        Candidate(i, 1 if i in ("pallas", "native") else u, d)
         for i in impls
         for u in unrolls
         for d in layouts(i)
     ]
-    return list(dict.fromkeys(found))  # pallas has no unroll: once
+    return list(dict.fromkeys(found))  # pallas and native have no unroll: once
 
 
 def cache_key(config: TrainConfig, vocab_size: int, rows: int) -> str:

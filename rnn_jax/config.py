@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn_jax import cells, data, fused, models, networks, persistent, text
+from rnn_jax import cells, data, fused, models, native, networks, persistent, text
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -276,6 +276,11 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         reason = persistent.unsupported(model_config(config, 2).make_cell())
         if reason:
             raise ConfigError("implementation", f"'pallas': {reason}")
+    if config.implementation == "native":
+        cell = model_config(config, 2).make_cell()
+        reason = native.unsupported(cell) or native.unavailable()
+        if reason:
+            raise ConfigError("implementation", f"'native': {reason}")
     if not config.workdir:
         raise ConfigError("workdir", "expected a directory path, got ''")
     workdir = Path(config.workdir)

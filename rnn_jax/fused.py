@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells, persistent
+from rnn_jax import cells, native, persistent
 from rnn_jax.cells import Cell, LSTMCarry, _check_x
 from rnn_jax.parallel import DATA_AXIS
 
@@ -98,14 +98,15 @@ def _transposed(w: Array) -> Array:
 
 
 MATMUL_DTYPES = ("float32", "bfloat16")
-KERNELS = ("xla", "pallas")
+KERNELS = ("xla", "pallas", "native")
 
 
 class LoopOptions(NamedTuple):
     """Static options of the loops: ``unroll`` (steps per loop iteration),
     ``matmul_dtype`` (the operand type of every matmul; accumulation, gates and
-    carries stay float32) and ``kernel``: ``"xla"`` (a ``lax.scan`` of XLA ops) or
-    ``"pallas"`` (each loop one kernel, :mod:`rnn_jax.persistent`)."""
+    carries stay float32) and ``kernel``: ``"xla"`` (a ``lax.scan`` of XLA ops),
+    ``"pallas"`` (each loop one GPU kernel, :mod:`rnn_jax.persistent`) or ``"native"``
+    (each LSTM loop one C++ function on the CPU, :mod:`rnn_jax.native`)."""
 
     unroll: int = 1
     matmul_dtype: str = "float32"
@@ -303,6 +304,43 @@ _KERNELS = {"rnn": _rnn_kernels, "gru": _gru_kernels, "lstm": _lstm_kernels}
 _PREPARE = {"rnn": _rnn_prepare, "gru": _gru_prepare, "lstm": _lstm_prepare}
 
 
+def lstm_forward_reference(w, h0, c0, xp, valid):
+    """The forward loop of :mod:`rnn_jax.native`'s LSTM kernel, in XLA: ``(ys, h_T,
+    c_T, acts, c_prev, tanh_c)`` from ``W_h <[H, 4H]>``, the carry, ``xp <[T, B,
+    4H]>`` and ``valid <bool[T, B]>`` (steps not valid keep the carry and save
+    zeros). The kernel's derivatives are this function's."""
+    forward = _lstm_kernels(cells.lstm(w.shape[0]), {"w_flat": w, "w_t": w.T})[0]
+
+    def body(carry, inp):
+        xp_t, valid_t = inp
+        new, y, (i, f, o, g, c_prev, tc) = forward(carry, xp_t)
+        acts = jnp.concatenate([i, f, o, g], axis=-1)
+        saves = (_mask(valid_t, y), _mask(valid_t, acts), c_prev, _mask(valid_t, tc))
+        return _where(valid_t, new, carry), saves
+
+    final, (ys, acts, c_prev, tanh_c) = jax.lax.scan(body, LSTMCarry(h0, c0), (xp, valid))
+    return ys, final.h, final.c, acts, c_prev, tanh_c
+
+
+def lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+    """The backward loop of :mod:`rnn_jax.native`'s LSTM kernel, in XLA: ``(dA <[T,
+    B, 4H]>, dh_0, dc_0)`` from the forward loop's saves, the outputs' gradients
+    and the final carry's (steps not valid pass the carry's gradient through)."""
+    hidden = w.shape[0]
+    backward = _lstm_kernels(cells.lstm(hidden), {"w_flat": w, "w_t": w.T})[1]
+
+    def body(dcarry, inp):
+        dy_t, valid_t, acts_t, c_prev_t, tc_t = inp
+        gates = tuple(_block(acts_t, k, hidden) for k in range(4))
+        d_in = LSTMCarry(dcarry.h + dy_t, dcarry.c)
+        d_prev, (da,) = backward((*gates, c_prev_t, tc_t), None, None, d_in)
+        return _where(valid_t, d_prev, dcarry), _mask(valid_t, da)
+
+    inputs = (dys, valid, acts, c_prev, tanh_c)
+    dcarry0, da = jax.lax.scan(body, LSTMCarry(dh, dc), inputs, reverse=True)
+    return da, dcarry0.h, dcarry0.c
+
+
 def prepare(cell: Cell, rec: dict[str, Array], dtype: str = "float32") -> dict[str, Array]:
     """The weights the kernels use, from the recurrent params ``rec`` (``W_h``, and
     ``b_hn`` for the reset-after GRU): flattened gate blocks and their transposes, in
@@ -430,6 +468,18 @@ def _pallas(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -
     )
 
 
+def _native(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -> bool:
+    """Whether the loops run as :mod:`rnn_jax.native` kernels: asked for, float32
+    matmuls, params, carries and sequence, and at least one step (else the XLA loops)."""
+    arrays = [rec["W_h"], seq, *jax.tree_util.tree_leaves(carry0)]
+    return (
+        opts.kernel == "native"
+        and opts.matmul_dtype == "float32"
+        and all(a.dtype == jnp.float32 for a in arrays)
+        and seq.shape[0] > 0
+    )
+
+
 def _pallas_weights(rec: dict[str, Array], dtype: str) -> Array:
     """``W_h`` as ``<[H, G*H]>`` in the matmul type."""
     return cast(_flat(rec["W_h"]), dtype)
@@ -440,6 +490,8 @@ def _forward(cell, opts, save, rec, carry0, xp, valid):
     if _pallas(opts, rec, carry0, xp):
         w = _pallas_weights(rec, opts.matmul_dtype)
         return persistent.forward(cell, w, rec.get("b_hn"), carry0, xp, valid, save)
+    if _native(opts, rec, carry0, xp):
+        return native.forward(_flat(rec["W_h"]), carry0, xp, valid, save)
     forward = kernels(cell, prepare(cell, rec, opts.matmul_dtype))[0]
 
     def body(carry, inp):
@@ -499,6 +551,10 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
         w_t = _pallas_weights(rec, opts.matmul_dtype).T
         dxp, dcarry0, extras = persistent.backward(cell, w_t, valid, h_prev, saved, dys, dfinal)
         grads = weight_grads(h_prev, _grads_of(cell, dxp, extras))
+        return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
+    if _native(opts, rec, h_first, ys):
+        dxp, dcarry0 = native.backward(_flat(rec["W_h"]), valid, saved, dys, dfinal)
+        grads = weight_grads(h_prev, (dxp,))
         return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
 
     def body(dcarry, inp):
@@ -843,13 +899,17 @@ def layer(
         raise ValueError(f"kernel: expected one of {list(KERNELS)}, got {kernel!r}")
     if kernel == "pallas" and (reason := persistent.unsupported(cell)):
         raise ValueError(f"kernel: 'pallas': {reason}")
+    if kernel == "native" and (reason := native.unsupported(cell) or native.unavailable()):
+        raise ValueError(f"kernel: 'native': {reason}")
     chunk = check_chunk(chunk)
     num_steps = xs.shape[0]
     if chunk is None:
-        chunk = 0 if kernel != "xla" else default_chunk(num_steps)
+        chunk = 0 if kernel == "pallas" else default_chunk(num_steps)
     if remat:
         chunk = chunk_size(num_steps)
-    if chunk and (mesh := _batch_mesh(xs.shape[1])) is not None:
+    # a kernel call cannot be partitioned over a sharded batch: XLA would gather the
+    # batch onto every device; so per device, as the chunked forms
+    if (chunk or kernel == "native") and (mesh := _batch_mesh(xs.shape[1])) is not None:
         return _per_device(
             mesh,
             functools.partial(

@@ -29,7 +29,7 @@ How it computes:
 * integer ``xs`` are token ids standing for one-hot vectors (``input_size`` is the
   vocabulary size): layer 0 looks up rows of ``W_x`` instead of multiplying.
 
-Four implementations compute the same function (tests compare outputs and gradients):
+Five implementations compute the same function (tests compare outputs and gradients):
 
 * ``"scan"``, the reference: ``apply`` runs one sequence in a ``lax.scan`` over the
   cell's ``step`` and autodiff derives the backward pass; ``apply_batch`` is
@@ -44,7 +44,10 @@ Four implementations compute the same function (tests compare outputs and gradie
   loop over time one Pallas kernel instead of a ``lax.scan`` of XLA ops; with
   ``RNN_JAX_PALLAS_STACK=1`` a deep unidirectional network (no dropout, no remat)
   runs all its layers in one kernel per pass, concurrently
-  (:mod:`rnn_jax.persistent_stack`, experimental: not yet measured on a GPU).
+  (:mod:`rnn_jax.persistent_stack`, experimental: not yet measured on a GPU);
+* ``"native"`` (:mod:`rnn_jax.native`, CPUs, LSTM): the fused layers with each loop
+  over time one C++ function (XLA FFI), the gates computed on the recurrent matmul's
+  register tiles; compiled for the machine's CPU on first use.
 
 ``implementation="auto"`` (the default) picks per call of ``apply_batch`` from the
 backend and the shapes, by measurement (see :func:`choose_implementation`).
@@ -70,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import cells, fused, persistent, persistent_stack, wavefront
+from rnn_jax import cells, fused, native, persistent, persistent_stack, wavefront
 from rnn_jax.cells import Cell
 
 Array = jax.Array
@@ -214,7 +217,9 @@ def separate_directions(kernel: str, backend: str | None = None, directions: str
     return backend == "cpu"
 
 
-IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas")
+IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas", "native")
+# the implementations with the fused layers' time-major batch path
+FUSED_FAMILY = ("fused", "wavefront", "pallas", "native")
 PALLAS_MAX_AUTO_HIDDEN = 128  # measured: slower than the XLA loops at H=256 (LSTM)
 # B * H up to which deep networks run the wavefront on accelerators: it won where each
 # step is a few small kernels (H100, B*H = 4096) and lost at B*H = 131072 (see
@@ -280,6 +285,14 @@ def choose_implementation(
     :func:`rnn_jax.persistent.layout`), where the kernels fall back to a slow form
     (one program holding every unit) or, for the two directions, run one after the
     other.
+
+    On a CPU the LSTM (H a multiple of 16, no remat) runs ``"native"`` where its
+    kernels build (:func:`rnn_jax.native.unavailable`). Measured on the 2-core AMD
+    EPYC (AVX-512), one layer forward+backward on one core, ms, fused vs native
+    (2026-12-07, 15 alternating rounds): d2l per device (H=32 B=512 T=32) 11.7 vs
+    8.8; medium per device (H=256 B=32 T=64) 40.7 vs 36.7; long per device (H=128
+    B=16 T=1024; the fused layer's chunked backward pass) 92.2 vs 92.8. The
+    training steps are in BENCHMARKS.md.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
@@ -299,6 +312,13 @@ def choose_implementation(
         and not persistent.on_rocm()
     ):
         return "pallas"
+    if (
+        backend == "cpu"
+        and not remat
+        and native.unsupported(cell) is None
+        and native.unavailable() is None
+    ):
+        return "native"
     wavefront_ok = num_layers > 1 and not (bidirectional or remat or dropout)
     small_steps = batch_size * cell.hidden_size <= WAVEFRONT_MAX_BATCH_UNITS
     if wavefront_ok and small_steps and backend != "cpu":
@@ -491,8 +511,10 @@ def network(
         layers in one loop, :mod:`rnn_jax.wavefront`; unidirectional, no dropout or
         remat), ``"pallas"`` (the fused layers with each loop one GPU kernel,
         :mod:`rnn_jax.persistent`; LSTM, reset-after GRU, RNN; interpreted, slowly,
-        off a GPU) or ``"auto"`` (see :func:`choose_implementation`); all give the
-        same values and gradients.
+        off a GPU), ``"native"`` (the fused layers with each loop one C++ function
+        on the CPU, :mod:`rnn_jax.native`; LSTM with H a multiple of 16) or
+        ``"auto"`` (see :func:`choose_implementation`); all give the same values
+        and gradients.
       matmul_dtype: ``"float32"`` (the default) or ``"bfloat16"``: the operand type
         of every matmul of the fused and wavefront implementations, accumulated in
         float32; gates, carries, outputs and gradients stay float32. The reference
@@ -534,6 +556,8 @@ def network(
         )
     if implementation == "pallas" and (reason := persistent.unsupported(cell)):
         raise ValueError(f"implementation: 'pallas': {reason}")
+    if implementation == "native" and (reason := native.unsupported(cell)):
+        raise ValueError(f"implementation: 'native': {reason}")
     if implementation == "wavefront":
         for name, value, ok in (
             ("bidirectional", bidirectional, not bidirectional),
@@ -604,7 +628,7 @@ def network(
                 f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
                 f"net.apply_batch or jax.vmap for batches"
             )
-        if implementation in ("fused", "wavefront", "pallas"):  # a batch of one
+        if implementation in FUSED_FAMILY:  # a batch of one
             if length is not None:
                 length = _check_length(length, "length", ())[None]
             if initial_carry is not None:
@@ -684,7 +708,7 @@ def network(
                 bidirectional=bidirectional,
                 dropout=dropout,
             )
-        if impl in ("fused", "wavefront", "pallas"):
+        if impl in FUSED_FAMILY:
             return _apply_fused(params, xs, lengths, initial_carry, keys, impl)
         return _scan_batch(params, xs, lengths, initial_carry, keys)
 
@@ -717,7 +741,7 @@ def network(
                 lambda c: jnp.broadcast_to(c, (batch, *c.shape)), default_carry(params, xs)
             )
         ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
-        kernel = "pallas" if impl == "pallas" else "xla"
+        kernel = impl if impl in ("pallas", "native") else "xla"
         if impl == "wavefront" or (impl == "pallas" and _stacked(params, initial_carry, xs, keys)):
             ys, finals = wavefront.network_layers(
                 cell,

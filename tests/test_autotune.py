@@ -24,12 +24,14 @@ def test_candidates_per_config_and_backend():
         ("fused", 2, "auto"),
         ("scan", 1, "auto"),
         ("scan", 2, "auto"),
+        ("native", 1, "auto"),  # the LSTM's CPU kernels: no unroll
     ]
     assert [c.name for c in autotune.candidates(SMALL, "cpu")] == [
         "fused:1",
         "fused:2",
         "scan:1",
         "scan:2",
+        "native:1",
     ]
     deep = TrainConfig(num_layers=2)
     assert ("wavefront", 2, "auto") in autotune.candidates(deep, "cpu")
@@ -48,9 +50,13 @@ def test_candidates_per_config_and_backend():
     assert autotune.candidates(TrainConfig(unroll=4), "cpu") == [
         ("fused", 4, "auto"),
         ("scan", 4, "auto"),
+        ("native", 1, "auto"),
     ]
     bf16 = autotune.candidates(TrainConfig(matmul_dtype="bfloat16"), "cpu")
-    assert not any(c.implementation == "scan" for c in bf16)
+    assert not any(c.implementation in ("scan", "native") for c in bf16)
+    assert not any(c.implementation == "native" for c in autotune.candidates(SMALL, "gpu"))
+    gru = autotune.candidates(TrainConfig(cell="gru"), "cpu")
+    assert not any(c.implementation == "native" for c in gru)
 
 
 def test_candidates_of_a_bidirectional_network_include_both_direction_layouts():
@@ -59,11 +65,17 @@ def test_candidates_of_a_bidirectional_network_include_both_direction_layouts():
         "fused:1:vmap",
         "fused:1:separate",
         "scan:1",  # the scan always maps its step over the directions
+        "native:1:vmap",
+        "native:1:separate",
     ]
     gpu = autotune.candidates(TrainConfig(bidirectional=True, hidden_size=64, unroll=8), "gpu")
     assert [c.name for c in gpu] == ["fused:8:vmap", "fused:8:separate", "scan:8", "pallas:1"]
     fixed = TrainConfig(bidirectional=True, unroll=1, directions="separate")
-    assert [c.name for c in autotune.candidates(fixed, "cpu")] == ["fused:1:separate", "scan:1"]
+    assert [c.name for c in autotune.candidates(fixed, "cpu")] == [
+        "fused:1:separate",
+        "scan:1",
+        "native:1:separate",
+    ]
     assert "directions" in autotune.cache_key(bi, 28, 8)
     assert autotune.cache_key(bi, 28, 8) != autotune.cache_key(fixed, 28, 8)
 
@@ -101,6 +113,7 @@ def fake_steps(monkeypatch, seconds, failing=()):
 
 def test_tune_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
     seconds = {"fused:1": 0.004, "fused:2": 0.001, "scan:1": 0.006, "scan:2": 0.003}
+    seconds["native:1"] = 0.005
     compiled = fake_steps(monkeypatch, seconds)
     cache = tmp_path / "sub" / "cache.json"
     lines = []
@@ -113,7 +126,7 @@ def test_tune_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
     # a second call is served from the cache without compiling anything
     again = autotune.tune(SMALL, 28, cache_path=cache, echo=lines.append)
     assert (again.implementation, again.unroll, again.cached) == ("fused", 2, True)
-    assert len(compiled) == 4
+    assert len(compiled) == 5
     # refresh times again; a different shape is a different key
     seconds["fused:2"] = 0.01
     fresh = autotune.tune(SMALL, 28, cache_path=cache, refresh=True, repeats=2, min_time_s=0)
@@ -125,6 +138,7 @@ def test_tune_picks_the_fastest_and_caches_it(tmp_path, monkeypatch):
 def test_tune_picks_the_faster_direction_layout(tmp_path, monkeypatch):
     bi = TrainConfig(hidden_size=16, batch_size=8, num_steps=8, bidirectional=True, unroll=1)
     seconds = {"fused:1:vmap": 0.004, "fused:1:separate": 0.002, "scan:1": 0.005}
+    seconds.update({"native:1:vmap": 0.006, "native:1:separate": 0.003})
     compiled = fake_steps(monkeypatch, seconds)
     cache, lines = tmp_path / "c.json", []
     choice = autotune.tune(bi, 28, cache_path=cache, repeats=2, min_time_s=0, echo=lines.append)
@@ -132,7 +146,7 @@ def test_tune_picks_the_faster_direction_layout(tmp_path, monkeypatch):
     assert sorted(compiled) == sorted(seconds)
     assert "picked fused unroll 1, directions separate" in lines[-1]
     again = autotune.tune(bi, 28, cache_path=cache, echo=lines.append)
-    assert (again.directions, again.cached) == ("separate", True) and len(compiled) == 3
+    assert (again.directions, again.cached) == ("separate", True) and len(compiled) == 5
     assert "fused unroll 1, directions separate (cached in" in lines[-1]
 
 
@@ -170,6 +184,7 @@ def test_train_run_applies_the_tuned_direction_layout(tmp_path, monkeypatch):
 
 def test_tune_skips_failing_candidates_and_survives_a_broken_cache(tmp_path, monkeypatch):
     seconds = {"fused:1": 0.003, "fused:2": 0.001, "scan:1": 0.002, "scan:2": 0.004}
+    seconds["native:1"] = 0.005
     fake_steps(monkeypatch, seconds, failing=("fused:2",))
     cache = tmp_path / "cache.json"
     cache.write_text("{not json")
@@ -188,8 +203,9 @@ def test_tune_skips_failing_candidates_and_survives_a_broken_cache(tmp_path, mon
 def test_tune_really_times_the_training_step(tmp_path):
     one_unroll = TrainConfig(hidden_size=16, batch_size=8, num_steps=8, unroll=1)
     choice = autotune.tune(one_unroll, 28, cache_path=tmp_path / "c.json", repeats=1, min_time_s=0)
-    assert (choice.implementation, choice.unroll) in [("fused", 1), ("scan", 1)]
-    assert set(choice.ms) == {"fused:1", "scan:1"} and all(v > 0 for v in choice.ms.values())
+    assert (choice.implementation, choice.unroll) in [("fused", 1), ("scan", 1), ("native", 1)]
+    assert set(choice.ms) == {"fused:1", "scan:1", "native:1"}
+    assert all(v > 0 for v in choice.ms.values())
 
 
 def test_tune_with_one_candidate_times_nothing(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from rnn_jax import cells, fused, models, networks
+from rnn_jax import cells, fused, models, native, networks
 from rnn_jax.config import ConfigError, TrainConfig, validate
 
 I, H, T, B = 3, 4, 6, 4
@@ -457,8 +457,11 @@ def test_directions_option_errors():
 
 
 def test_choose_implementation():
-    assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == "fused"
-    assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == "fused"
+    # the LSTM on a CPU: its native kernels (tests/test_native.py), else the XLA loops
+    lstm_cpu = "native" if native.unavailable() is None else "fused"
+    assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == lstm_cpu
+    assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == lstm_cpu
+    assert networks.choose_implementation(cells.lstm(20), 64, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(32), 1024, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu") == "fused"
     # one unidirectional layer on a GPU: the Pallas kernels where they won (H <= 128)
@@ -490,7 +493,8 @@ def test_choose_implementation():
     assert networks.choose_implementation(gru_after, 1024, "gpu", **deep) == "pallas"
     assert networks.choose_implementation(cells.gru(128), 32, "gpu", **deep) == "wavefront"
     assert networks.choose_implementation(cells.gru(128), 32, "tpu", **deep) == "wavefront"
-    assert networks.choose_implementation(cells.lstm(128), 32, "cpu", **deep) == "fused"
+    assert networks.choose_implementation(cells.gru(128), 32, "cpu", **deep) == "fused"
+    assert networks.choose_implementation(cells.lstm(128), 32, "cpu", **deep) == lstm_cpu
     small_gpu = deep | {"cores": 4}
     assert networks.choose_implementation(cells.lstm(128), 32, "gpu", **small_gpu) == "wavefront"
     assert networks.choose_implementation(cells.lstm(1024), 128, "gpu", **deep) == "fused"

@@ -1,0 +1,252 @@
+r"""The LSTM's loops over time as native CPU kernels (the ``"native"`` implementation).
+
+:mod:`rnn_jax.fused` runs each loop over time as a ``lax.scan``; on a CPU, XLA
+executes every step as a few separate operations (the recurrent matmul, a fusion of
+the gates, the saves), each a pass over memory with its own dispatch. Here each loop
+is one C++ function (``rnn_jax/csrc/lstm_loops.cc``) called through XLA's FFI: the
+forward step computes ``H_{t-1} W_h`` in register tiles of whole units (the four
+gate columns of 16 units side by side), and applies the nonlinearities and the cell
+update to each tile while it is still in registers; the backward step computes
+``dA_t`` from the saved gates and ``dA_t W_hᵀ`` in one pass. The input projection
+and the weight gradients stay single XLA matmuls (:mod:`rnn_jax.fused`), as do the
+other cells.
+
+Shapes (``G = 4H``): forward ``xp <float32>[T, B, G]``, ``W_h <float32>[H, G]``,
+carry ``<float32>[B, H]`` each, ``valid <bool>[T, B]`` -> ``ys <float32>[T, B, H]``,
+the final carry and the saves ``(acts <[T, B, G]>, c_prev <[T, B, H]>, tanh_c <[T,
+B, H]>)``; backward -> ``dA <float32>[T, B, G]`` and the initial carry's gradient.
+The equations are those of the fused LSTM (:mod:`rnn_jax.fused`, module docstring).
+
+The kernel is compiled on first use by the machine's C++ compiler (``$CXX``, else
+``c++``, ``g++`` or ``clang++``) for the machine's own CPU (``-march=native``) and
+cached under ``$RNN_JAX_CACHE_DIR`` (default ``~/.cache/rnn_jax``), keyed by the
+source, the flags, the jaxlib version and the CPU; about 3 s once. Where it cannot
+be built, :func:`unavailable` says why and ``implementation="auto"`` runs the XLA
+loops; ``RNN_JAX_NATIVE=0`` turns it off.
+
+Derivatives: first derivatives come from the backward kernel; derivatives of the
+kernels themselves (grad of grad) are those of the XLA loops they match (a custom
+JVP on each kernel call computes its tangents with :mod:`rnn_jax.fused`'s loops).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+SOURCE = Path(__file__).parent / "csrc" / "lstm_loops.cc"
+UNITS = 16  # the kernels' unit groups: H must be a multiple
+_TARGETS = {"forward": "rnn_jax_lstm_forward", "backward": "rnn_jax_lstm_backward"}
+_SYMBOLS = {"forward": "RnnJaxLstmForward", "backward": "RnnJaxLstmBackward"}
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or next(
+        (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None
+    )
+
+
+def _arch_flags() -> list[str]:
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686"):
+        return ["-march=native"]
+    if machine in ("aarch64", "arm64"):
+        return ["-mcpu=native"]
+    return []
+
+
+def _cpu_signature() -> str:
+    """What the compiled code depends on: the CPU's model and instruction sets."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() + platform.machine()
+    lines = [
+        line
+        for line in text.splitlines()
+        if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")
+    ]
+    return "\n".join(sorted(set(lines)))
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (``$RNN_JAX_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/rnn_jax``, else ``~/.cache/rnn_jax``)."""
+    if os.environ.get("RNN_JAX_CACHE_DIR"):
+        return Path(os.environ["RNN_JAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rnn_jax"
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded kernel library, or ``(None, why not)``."""
+    if os.environ.get("RNN_JAX_NATIVE", "1") == "0":
+        return None, "turned off by RNN_JAX_NATIVE=0"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", *_arch_flags()]
+    include = jax.ffi.include_dir()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                " ".join([compiler, *flags]).encode(),
+                jax.lib.__version__.encode() if hasattr(jax.lib, "__version__") else b"",
+                jax.__version__.encode(),
+                _cpu_signature().encode(),
+            ]
+        )
+    ).hexdigest()[:20]
+    target = cache_dir() / "native" / key / "liblstm_loops.so"
+    if not target.exists():
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # built beside the target and renamed: concurrent builds never see a
+            # partial file
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            cmd = [compiler, *flags, f"-I{include}", str(SOURCE), "-o", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                os.unlink(tmp)
+                tail = done.stderr.strip().splitlines()[-3:]
+                return None, f"{' '.join(cmd)} failed: {' / '.join(tail)}"
+            os.replace(tmp, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"could not build {SOURCE.name} in {target.parent}: {e}"
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(target))
+    except OSError as e:
+        return None, f"could not load {target}: {e}"
+    for name, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(
+            _TARGETS[name], jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+        )
+    return lib, None
+
+
+def unavailable() -> str | None:
+    """Why the kernels cannot run here (``None`` if they can): not on a CPU backend,
+    turned off, or not built. Builds them on the first call."""
+    if jax.default_backend() != "cpu":
+        return f"the kernels run on CPUs; the default backend is {jax.default_backend()!r}"
+    return _library()[1]
+
+
+def unsupported(cell: Any) -> str | None:
+    """Why the kernels cannot run ``cell`` (``None`` if they can)."""
+    from rnn_jax import cells
+
+    if cell.name != "lstm":
+        return f"no native kernel for the cell {cell.name!r} (the LSTM only)"
+    if not cells.is_builtin(cell):
+        return f"the {cell.name!r} cell was {cells.CHANGED_CELL}"
+    if cell.hidden_size % UNITS:
+        return f"hidden_size must be a multiple of {UNITS}, got {cell.hidden_size}"
+    return None
+
+
+def _valid(valid: Array | None, num_steps: int, batch: int) -> Array:
+    return jnp.ones((num_steps, batch), bool) if valid is None else valid
+
+
+def _forward_call(w, h0, c0, xp, valid, save=True):
+    num_steps, batch, gates = xp.shape
+    hidden = gates // 4
+    f32 = jnp.float32
+    per_step = jax.ShapeDtypeStruct((num_steps, batch, hidden), f32)
+    carry = jax.ShapeDtypeStruct((batch, hidden), f32)
+    # without save, the saves are empty arrays (the kernel writes none)
+    saves = (xp.shape, per_step.shape, per_step.shape) if save else ((0,),) * 3
+    out = (per_step, carry, carry, *(jax.ShapeDtypeStruct(s, f32) for s in saves))
+    call = jax.ffi.ffi_call(_TARGETS["forward"], out, vmap_method="sequential")
+    return call(xp, w, h0, c0, valid, save=bool(save))
+
+
+def _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+    f32 = jnp.float32
+    carry = jax.ShapeDtypeStruct(dh.shape, f32)
+    out = (jax.ShapeDtypeStruct(acts.shape, f32), carry, carry)
+    call = jax.ffi.ffi_call(_TARGETS["backward"], out, vmap_method="sequential")
+    return call(w, acts, c_prev, tanh_c, dys, dh, dc, valid)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _forward_kernel(w, h0, c0, xp, valid, save):
+    return _forward_call(w, h0, c0, xp, valid, save)
+
+
+@_forward_kernel.defjvp
+def _forward_kernel_jvp(save, primals, tangents):
+    valid = primals[4]  # boolean: no tangent
+    _, tangent = jax.jvp(lambda *a: _forward_xla(*a, valid), primals[:4], tangents[:4])
+    if not save:  # the saves are empty
+        tangent = (*tangent[:3], *(jnp.zeros((0,), jnp.float32),) * 3)
+    return _forward_kernel(*primals, save), tangent
+
+
+@jax.custom_jvp
+def _backward_kernel(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+    return _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc)
+
+
+@_backward_kernel.defjvp
+def _backward_kernel_jvp(primals, tangents):
+    out = _backward_kernel(*primals)
+    valid = primals[1]
+    rest = (primals[0], *primals[2:])
+    drest = (tangents[0], *tangents[2:])
+    _, tangent = jax.jvp(lambda w, *a: _backward_xla(w, valid, *a), rest, drest)
+    return out, tangent
+
+
+def _forward_xla(w, h0, c0, xp, valid):
+    """:func:`_forward_call` by :mod:`rnn_jax.fused`'s XLA loop (the kernel's
+    derivatives)."""
+    from rnn_jax import fused
+
+    return fused.lstm_forward_reference(w, h0, c0, xp, valid)
+
+
+def _backward_xla(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+    from rnn_jax import fused
+
+    return fused.lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc)
+
+
+def forward(w: Array, carry0: Any, xp: Array, valid: Array | None, save: bool = True):
+    """The forward loop: ``(ys, final carry, saves)``; ``w``: ``W_h <float32>[H, 4H]``;
+    without ``save`` the saves are ``None`` (and not computed)."""
+    from rnn_jax.cells import LSTMCarry
+
+    ys, h, c, *saves = _forward_kernel(
+        w, carry0.h, carry0.c, xp, _valid(valid, *xp.shape[:2]), bool(save)
+    )
+    return ys, LSTMCarry(h, c), (tuple(saves) if save else None)
+
+
+def backward(w: Array, valid: Array | None, saved: tuple, dys: Array, dfinal: Any):
+    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)``."""
+    from rnn_jax.cells import LSTMCarry
+
+    acts = saved[0]
+    da, dh, dc = _backward_kernel(
+        w, _valid(valid, *acts.shape[:2]), *saved, dys, dfinal.h, dfinal.c
+    )
+    return da, LSTMCarry(dh, dc)

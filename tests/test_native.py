@@ -1,0 +1,323 @@
+"""The native CPU LSTM loops (``implementation="native"``, rnn_jax/csrc/lstm_loops.cc).
+
+Three independent checks: the two kernels against the LSTM's equations written out
+below in float64 NumPy (masks included); whole networks against the reference scan
+(values, final carries, gradients of params, inputs and initial carries, with
+lengths 0..T, token ids, deep and bidirectional); and second derivatives against the
+fused XLA loops. Then the fallbacks (unsupported cells and types, no compiler) and
+data parallelism on 2 devices.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rnn_jax import cells, native, networks
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable() is not None, reason=f"native kernels: {native.unavailable()}"
+)
+
+
+def random(seed, shape, scale=1.0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def forward_by_hand(w, h0, c0, xp, valid):
+    """The forward loop in float64: ys, h_T, c_T and the saves."""
+    num_steps, batch, gates = xp.shape
+    H = gates // 4
+    h, c = h0.astype(np.float64), c0.astype(np.float64)
+    ys = np.zeros((num_steps, batch, H))
+    acts = np.zeros((num_steps, batch, gates))
+    c_prev = np.zeros((num_steps, batch, H))
+    tanh_c = np.zeros((num_steps, batch, H))
+    for t in range(num_steps):
+        a = xp[t] + h @ w.astype(np.float64)
+        i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H : 2 * H]), sigmoid(a[:, 2 * H : 3 * H])
+        g = np.tanh(a[:, 3 * H :])
+        c_new = f * c + i * g
+        h_new = o * np.tanh(c_new)
+        v = valid[t][:, None]
+        c_prev[t] = c
+        ys[t] = np.where(v, h_new, 0.0)
+        acts[t] = np.where(v, np.concatenate([i, f, o, g], axis=1), 0.0)
+        tanh_c[t] = np.where(v, np.tanh(c_new), 0.0)
+        h, c = np.where(v, h_new, h), np.where(v, c_new, c)
+    return ys, h, c, acts, c_prev, tanh_c
+
+
+def backward_by_hand(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+    """The backward loop in float64: dA, dh_0, dc_0."""
+    num_steps, _, gates = acts.shape
+    H = gates // 4
+    dh, dc = dh.astype(np.float64), dc.astype(np.float64)
+    da = np.zeros(acts.shape)
+    for t in reversed(range(num_steps)):
+        i, f, o, g = (acts[t][:, k * H : (k + 1) * H] for k in range(4))
+        tc = tanh_c[t]
+        d_h = dh + dys[t]
+        d_c = dc + d_h * o * (1 - tc**2)
+        da_t = np.concatenate(
+            [d_c * g * i * (1 - i), d_c * c_prev[t] * f * (1 - f), d_h * tc * o * (1 - o)]
+            + [d_c * i * (1 - g**2)],
+            axis=1,
+        )
+        v = valid[t][:, None]
+        da[t] = np.where(v, da_t, 0.0)
+        dh = np.where(v, da_t @ w.T.astype(np.float64), dh)
+        dc = np.where(v, d_c * f, dc)
+    return da, dh, dc
+
+
+@pytest.mark.parametrize(
+    "H, B, T",
+    [(16, 1, 1), (16, 7, 5), (32, 13, 4), (48, 6, 3), (64, 5, 3), (128, 8, 2)],
+)
+def test_kernels_match_the_equations_written_out(H, B, T):
+    # 7 and 13 rows leave partial row tiles; H = 16, 32, 48, 64 and 128 run the
+    # backward matmul's 16-, 32- and 64-column panels
+    w = random(0, (H, 4 * H), 0.5)
+    h0, c0 = random(1, (B, H)), random(2, (B, H))
+    xp = random(3, (T, B, 4 * H), 2.0)
+    lengths = np.random.default_rng(4).integers(0, T + 1, B)
+    valid = np.arange(T)[:, None] < lengths[None, :]
+    got = jax.jit(native._forward_call, static_argnums=5)(w, h0, c0, xp, valid, True)
+    want = forward_by_hand(w, h0, c0, xp, valid)
+    for name, g, e in zip(("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
+    dys, dh, dc = random(5, (T, B, H)), random(6, (B, H)), random(7, (B, H))
+    saves = [np.asarray(a) for a in got[3:]]
+    got = jax.jit(native._backward_call)(w, valid, *saves, dys, dh, dc)
+    want = backward_by_hand(w, valid, *saves, dys, dh, dc)
+    for name, g, e in zip(("dA", "dh_0", "dc_0"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
+
+
+def test_forward_without_saves_gives_the_same_outputs():
+    H, B, T = 32, 5, 6
+    w, xp = random(0, (H, 4 * H), 0.5), random(1, (T, B, 4 * H))
+    carry = cells.LSTMCarry(jnp.asarray(random(2, (B, H))), jnp.asarray(random(3, (B, H))))
+    ys, final, saves = native.forward(w, carry, xp, None, save=True)
+    ys2, final2, none = jax.jit(native.forward, static_argnums=4)(w, carry, xp, None, False)
+    assert none is None and len(saves) == 3
+    np.testing.assert_array_equal(np.asarray(ys), np.asarray(ys2))
+    for a, b in zip(final, final2, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+I = 5  # noqa: E741
+
+
+def loss_fn(net, weights):
+    def loss(params, xs, carry, lengths):
+        ys, final = net.apply_batch(params, xs, lengths, carry)
+        return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+
+    return loss
+
+
+def setup(H, B, T, num_layers=1, bidirectional=False, tokens=False, **kw):
+    cell = cells.lstm(H)
+    ref = networks.network(cell, num_layers, bidirectional, implementation="scan")
+    fast = networks.network(cell, num_layers, bidirectional, implementation="native", **kw)
+    params = ref.init(jax.random.key(0), I)
+    params = jax.tree.map(lambda v: 2.0 * v + 0.1 * random(1, v.shape), params)
+    leaves, tree = jax.tree.flatten(ref.initial_carry())
+    carry = tree.unflatten(
+        [jnp.asarray(random(10 + i, (B, *v.shape))) for i, v in enumerate(leaves)]
+    )
+    if tokens:
+        xs = jnp.asarray(np.random.default_rng(2).integers(0, I, (B, T)), jnp.int32)
+    else:
+        xs = jnp.asarray(random(2, (B, T, I)))
+    weights = jnp.asarray(random(3, (B, T, H * (2 if bidirectional else 1))))
+    return ref, fast, params, carry, xs, weights
+
+
+def assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL))
+
+
+@pytest.mark.parametrize(
+    "H, B, T, num_layers, bidirectional, tokens, directions",
+    [
+        (16, 9, 7, 1, False, False, "auto"),
+        (32, 13, 5, 1, False, True, "auto"),
+        (16, 6, 4, 2, True, False, "separate"),
+        (16, 6, 4, 1, True, False, "vmap"),  # the kernels mapped over the directions
+        (64, 4, 3, 2, False, True, "auto"),
+    ],
+)
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_networks_match_the_scan(
+    H, B, T, num_layers, bidirectional, tokens, directions, with_lengths
+):
+    kw = {"directions": directions} if bidirectional else {}
+    ref, fast, params, carry, xs, weights = setup(H, B, T, num_layers, bidirectional, tokens, **kw)
+    lengths = None
+    if with_lengths:  # 0..T, a zero among them
+        lengths = jnp.asarray(np.arange(B) % (T + 1), jnp.int32)
+    argnums = (0, 2) if tokens else (0, 1, 2)
+    want = jax.value_and_grad(loss_fn(ref, weights), argnums)(params, xs, carry, lengths)
+    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), argnums))(params, xs, carry, lengths)
+    assert_trees_close(got, want)
+    ys_ref, final_ref = ref.apply_batch(params, xs, lengths, carry)
+    ys, final = jax.jit(fast.apply_batch)(params, xs, lengths, carry)
+    assert_trees_close((ys, final), (ys_ref, final_ref))
+
+
+def test_vmap_over_a_batch_of_batches():
+    ref, fast, params, carry, xs, weights = setup(16, 3, 4)
+    stacked = jnp.stack([xs, 0.5 * xs])
+    got = jax.jit(jax.vmap(lambda x: fast.apply_batch(params, x)[0]))(stacked)
+    for k in range(2):
+        np.testing.assert_allclose(
+            np.asarray(got[k]), ref.apply_batch(params, stacked[k])[0], **TOL
+        )
+
+
+def test_second_derivatives_match_the_fused_xla_loops():
+    # grad of a function of the gradient: the kernels' custom JVPs (the XLA loops)
+    cell = cells.lstm(16)
+    nets = {i: networks.network(cell, implementation=i) for i in ("fused", "native")}
+    _, _, params, carry, xs, weights = setup(16, 4, 5)
+
+    def outer(net):
+        inner = jax.grad(loss_fn(net, weights))
+        return lambda p: sum(jnp.sum(g**2) for g in jax.tree.leaves(inner(p, xs, carry, None)))
+
+    want = jax.grad(outer(nets["fused"]))(params)
+    got = jax.jit(jax.grad(outer(nets["native"])))(params)
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_other_types_run_the_xla_loops():
+    # bfloat16 matmuls and float64 are not the kernels' float32: same results as fused
+    cell = cells.lstm(16)
+    _, _, params, carry, xs, weights = setup(16, 3, 4)
+    for kw in ({"matmul_dtype": "bfloat16"},):
+        a = networks.network(cell, implementation="native", **kw).apply_batch(params, xs)[0]
+        b = networks.network(cell, implementation="fused", **kw).apply_batch(params, xs)[0]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    hlo = (
+        jax.jit(networks.network(cell, implementation="native").apply_batch)
+        .lower(params, xs)
+        .as_text()
+    )
+    assert "rnn_jax_lstm_forward" in hlo
+
+
+def test_auto_picks_native_for_the_lstm_on_cpu():
+    choose = networks.choose_implementation
+    assert choose(cells.lstm(256), 64) == "native"
+    assert choose(cells.lstm(32), 1024, num_layers=2, bidirectional=True) == "native"
+    assert choose(cells.gru(256), 64) == "fused"  # no kernel for the GRU
+    assert choose(cells.lstm(20), 64) == "fused"  # H not a multiple of 16
+    assert choose(cells.lstm(256), 64, remat=True) == "fused"
+    assert choose(cells.lstm(256), 64, backend="gpu") != "native"
+
+
+def test_unsupported_cells_are_refused_up_front():
+    with pytest.raises(
+        ValueError, match="implementation: 'native': no native kernel for the cell 'gru'"
+    ):
+        networks.network(cells.gru(32), implementation="native")
+    with pytest.raises(ValueError, match="hidden_size must be a multiple of 16, got 20"):
+        networks.network(cells.lstm(20), implementation="native")
+
+
+def test_no_compiler_means_no_kernels_and_auto_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("RNN_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native._library.cache_clear()
+    try:
+        reason = native.unavailable()
+        assert reason is not None and "could not build" in reason, reason
+        assert networks.choose_implementation(cells.lstm(32), 8) == "fused"
+        net = networks.network(cells.lstm(32), implementation="native")
+        params = net.init(jax.random.key(0), 3)
+        with pytest.raises(ValueError, match="kernel: 'native': could not build"):
+            net.apply_batch(params, jnp.ones((2, 3, 3)))
+        monkeypatch.setenv("RNN_JAX_NATIVE", "0")
+        native._library.cache_clear()
+        assert native.unavailable() == "turned off by RNN_JAX_NATIVE=0"
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+    assert native.unavailable() is None  # built again from the real cache
+
+
+def test_a_failed_build_reports_the_compiler_error(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv("RNN_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "SOURCE", bad)
+    native._library.cache_clear()
+    try:
+        reason = native.unavailable()
+        assert reason is not None and "failed" in reason and "bad.cc" in reason, reason
+        assert not list((tmp_path / "cache").rglob("*.so"))  # no partial library left
+    finally:
+        monkeypatch.undo()
+        native._library.cache_clear()
+
+
+DATA_PARALLEL = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from rnn_jax import cells, networks, parallel
+    assert jax.device_count() == 2
+    net = networks.network(cells.lstm(16), implementation="native")
+    params = net.init(jax.random.key(0), 3)
+    xs = jax.random.normal(jax.random.key(1), (8, 5, 3))
+    lengths = jnp.array([5, 0, 3, 5, 1, 2, 4, 5])
+    loss = lambda p, x: jnp.sum(jnp.sin(net.apply_batch(p, x, lengths)[0]))
+    want = jax.jit(jax.value_and_grad(loss))(params, xs)
+    mesh = parallel.data_mesh()
+    sharded = jax.device_put(xs, parallel.batch_sharded(mesh))
+    step = jax.jit(jax.value_and_grad(loss))
+    with jax.set_mesh(mesh):  # as rnn_jax.train traces its step (parallel.in_mesh)
+        hlo = step.lower(params, sharded).compile().as_text()
+        got = step(params, sharded)
+    # each device's kernel call gets its own 4 rows: the batch is not gathered
+    calls = [line for line in hlo.splitlines() if "rnn_jax_lstm_forward" in line]
+    assert calls and all("f32[5,4,64]" in line for line in calls), calls
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    print("ok")
+    """
+)
+
+
+def test_data_parallel_runs_the_kernels_per_device():
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
