@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 Array = jax.Array
 
@@ -107,14 +108,14 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
             [
                 source,
                 " ".join([compiler, *flags]).encode(),
-                jax.lib.__version__.encode() if hasattr(jax.lib, "__version__") else b"",
-                jax.__version__.encode(),
+                jaxlib.__version__.encode(),  # the FFI headers' version
                 _cpu_signature().encode(),
             ]
         )
     ).hexdigest()[:20]
     target = cache_dir() / "native" / key / "liblstm_loops.so"
     if not target.exists():
+        tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # built beside the target and renamed: concurrent builds never see a
@@ -124,12 +125,14 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
             cmd = [compiler, *flags, f"-I{include}", str(SOURCE), "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
-                os.unlink(tmp)
                 tail = done.stderr.strip().splitlines()[-3:]
                 return None, f"{' '.join(cmd)} failed: {' / '.join(tail)}"
             os.replace(tmp, target)
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"could not build {SOURCE.name} in {target.parent}: {e}"
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     try:
         lib = ctypes.cdll.LoadLibrary(str(target))
     except OSError as e:
