@@ -470,13 +470,15 @@ def _pallas(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -
 
 def _native(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -> bool:
     """Whether the loops run as :mod:`rnn_jax.native` kernels: asked for, float32
-    matmuls, params, carries and sequence, and at least one step (else the XLA loops)."""
+    matmuls, params, carries and sequence, and at least one step and one example
+    (else the XLA loops)."""
     arrays = [rec["W_h"], seq, *jax.tree_util.tree_leaves(carry0)]
     return (
         opts.kernel == "native"
         and opts.matmul_dtype == "float32"
         and all(a.dtype == jnp.float32 for a in arrays)
         and seq.shape[0] > 0
+        and seq.shape[1] > 0
     )
 
 
