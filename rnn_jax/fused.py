@@ -870,8 +870,10 @@ def layer(
       matmul_dtype: ``"float32"`` or ``"bfloat16"``: the operand type of every
         matmul (input projection, recurrent, backward and weight-gradient matmuls);
         they accumulate in float32, and the gates, carries and outputs are float32.
-      kernel: ``"xla"`` (the loops as ``lax.scan``) or ``"pallas"`` (each loop one
-        GPU kernel, :mod:`rnn_jax.persistent`; interpreted off a GPU).
+      kernel: ``"xla"`` (the loops as ``lax.scan``), ``"pallas"`` (each loop one
+        GPU kernel, :mod:`rnn_jax.persistent`; interpreted off a GPU) or
+        ``"native"`` (each LSTM loop one C++ function on the CPU,
+        :mod:`rnn_jax.native`; per chunk when the backward pass is chunked).
       remat: keep only the carry at the start of every chunk of :func:`chunk_size`
         steps and recompute each chunk (input projection, gates) in the backward
         pass, instead of saving ``<[T, B, G*H]>`` gates and projections.
