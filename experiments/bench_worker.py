@@ -238,8 +238,9 @@ def _rnn_jax_step(spec: dict[str, Any]):
     }
     net = model.network
     if net.bidirectional and impl in ("fused", "pallas", "native"):
-        kernel = impl if impl in ("pallas", "native") else "xla"
-        separate = networks.separate_directions(kernel, directions=net.directions)
+        separate = networks.separate_directions(
+            networks.loop_kernel(impl), directions=net.directions
+        )
         info["directions"] = "separate" if separate else "vmap"
     if impl == "pallas":
         exchange = persistent.plan_exchange(spec["batch_size"], model.network.cell.hidden_size)

@@ -46,6 +46,9 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from rnn_jax import cells
+from rnn_jax.cells import LSTMCarry
+
 Array = jax.Array
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_loops.cc"
@@ -154,8 +157,6 @@ def unavailable() -> str | None:
 
 def unsupported(cell: Any) -> str | None:
     """Why the kernels cannot run ``cell`` (``None`` if they can)."""
-    from rnn_jax import cells
-
     if cell.name != "lstm":
         return f"no native kernel for the cell {cell.name!r} (the LSTM only)"
     if not cells.is_builtin(cell):
@@ -195,10 +196,16 @@ def _forward_kernel(w, h0, c0, xp, valid, save):
     return _forward_call(w, h0, c0, xp, valid, save)
 
 
+# The kernels' derivatives are those of the same loops in XLA (rnn_jax.fused, which
+# imports this module: hence the imports inside the rules).
+
+
 @_forward_kernel.defjvp
 def _forward_kernel_jvp(save, primals, tangents):
+    from rnn_jax.fused import lstm_forward_reference
+
     valid = primals[4]  # boolean: no tangent
-    _, tangent = jax.jvp(lambda *a: _forward_xla(*a, valid), primals[:4], tangents[:4])
+    _, tangent = jax.jvp(lambda *a: lstm_forward_reference(*a, valid), primals[:4], tangents[:4])
     if not save:  # the saves are empty
         tangent = (*tangent[:3], *(jnp.zeros((0,), jnp.float32),) * 3)
     return _forward_kernel(*primals, save), tangent
@@ -211,33 +218,18 @@ def _backward_kernel(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
 
 @_backward_kernel.defjvp
 def _backward_kernel_jvp(primals, tangents):
-    out = _backward_kernel(*primals)
-    valid = primals[1]
+    from rnn_jax.fused import lstm_backward_reference
+
+    valid = primals[1]  # boolean: no tangent
     rest = (primals[0], *primals[2:])
     drest = (tangents[0], *tangents[2:])
-    _, tangent = jax.jvp(lambda w, *a: _backward_xla(w, valid, *a), rest, drest)
-    return out, tangent
-
-
-def _forward_xla(w, h0, c0, xp, valid):
-    """:func:`_forward_call` by :mod:`rnn_jax.fused`'s XLA loop (the kernel's
-    derivatives)."""
-    from rnn_jax import fused
-
-    return fused.lstm_forward_reference(w, h0, c0, xp, valid)
-
-
-def _backward_xla(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
-    from rnn_jax import fused
-
-    return fused.lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc)
+    _, tangent = jax.jvp(lambda w, *a: lstm_backward_reference(w, valid, *a), rest, drest)
+    return _backward_kernel(*primals), tangent
 
 
 def forward(w: Array, carry0: Any, xp: Array, valid: Array | None, save: bool = True):
     """The forward loop: ``(ys, final carry, saves)``; ``w``: ``W_h <float32>[H, 4H]``;
     without ``save`` the saves are ``None`` (and not computed)."""
-    from rnn_jax.cells import LSTMCarry
-
     ys, h, c, *saves = _forward_kernel(
         w, carry0.h, carry0.c, xp, _valid(valid, *xp.shape[:2]), bool(save)
     )
@@ -246,8 +238,6 @@ def forward(w: Array, carry0: Any, xp: Array, valid: Array | None, save: bool = 
 
 def backward(w: Array, valid: Array | None, saved: tuple, dys: Array, dfinal: Any):
     """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)``."""
-    from rnn_jax.cells import LSTMCarry
-
     acts = saved[0]
     da, dh, dc = _backward_kernel(
         w, _valid(valid, *acts.shape[:2]), *saved, dys, dfinal.h, dfinal.c

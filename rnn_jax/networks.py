@@ -220,6 +220,15 @@ def separate_directions(kernel: str, backend: str | None = None, directions: str
 IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas", "native")
 # the implementations with the fused layers' time-major batch path
 FUSED_FAMILY = ("fused", "wavefront", "pallas", "native")
+
+
+def loop_kernel(implementation: str) -> str:
+    """The ``kernel`` of :func:`rnn_jax.fused.layer` that a fused-family
+    ``implementation`` runs: its own for ``"pallas"`` and ``"native"``, else the XLA
+    loops."""
+    return implementation if implementation in ("pallas", "native") else "xla"
+
+
 PALLAS_MAX_AUTO_HIDDEN = 128  # measured: slower than the XLA loops at H=256 (LSTM)
 # B * H up to which deep networks run the wavefront on accelerators: it won where each
 # step is a few small kernels (H100, B*H = 4096) and lost at B*H = 131072 (see
@@ -741,7 +750,7 @@ def network(
                 lambda c: jnp.broadcast_to(c, (batch, *c.shape)), default_carry(params, xs)
             )
         ys = jnp.swapaxes(xs, 0, 1)  # time-major from here on: [T, B, ...]
-        kernel = impl if impl in ("pallas", "native") else "xla"
+        kernel = loop_kernel(impl)
         if impl == "wavefront" or (impl == "pallas" and _stacked(params, initial_carry, xs, keys)):
             ys, finals = wavefront.network_layers(
                 cell,

@@ -29,11 +29,10 @@
 // vectors are GCC/Clang vector extensions of 16 floats: AVX-512 where the compiler
 // targets it, pairs of AVX registers or NEON quads elsewhere.
 
-#include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -50,10 +49,13 @@ typedef float vf __attribute__((vector_size(64)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
-#if defined(__AVX512F__) || defined(__aarch64__)
-constexpr int kRows = 6;  // 24 accumulators of 16 floats: 32 vector registers
+// Rows per register tile: MB rows x 4 gate vectors of accumulators, plus the 4 weight
+// vectors, must fit the vector registers. AVX-512: 24 + 4 of its 32. Elsewhere a vf
+// is 2 AVX registers (16 of them) or 4 NEON ones (32): 1 row, 8 + 8 or 16 + 16.
+#if defined(__AVX512F__)
+constexpr int kRows = 6;
 #else
-constexpr int kRows = 2;  // 16 registers of 8 floats (AVX2) hold fewer
+constexpr int kRows = 1;
 #endif
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
