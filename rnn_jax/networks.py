@@ -108,6 +108,13 @@ class Network(NamedTuple):
     A network is a static value to JAX (hashable, no pytree leaves), like its cell:
     close over it or pass it to ``jax.jit`` as a static argument.
 
+    ``apply`` and ``apply_batch`` check their arguments in Python, then run one
+    ``jax.jit`` program (compiled once per network and argument shapes): called
+    eagerly, a forward pass or ``jax.grad`` of one compiles as a whole instead of
+    op by op (an eager gradient of a 2-layer bidirectional LSTM, H=64, B=16, T=50:
+    1.3-1.5 s per call op by op, 0.01-0.03 s jitted, on the 2-core CPU); inside the
+    caller's ``jax.jit`` the program is inlined.
+
     Lengths are clipped to ``[0, T]`` (a negative one is 0: all outputs zero, the
     initial carry returned). Token ids ``<int32>`` stand for one-hot vectors of size
     ``input_size``; ids outside ``[0, input_size)`` are zero vectors, as in
@@ -644,9 +651,9 @@ def network(
                 _check_carry(initial_carry, default_carry(params, xs), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
             keys = None if dropout_key is None else dropout_key[None]
-            ys, final = _apply_fused(params, xs[None], length, initial_carry, keys, implementation)
+            ys, final = _fused_jit(params, xs[None], length, initial_carry, keys, implementation)
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
-        return _apply_scan(params, xs, length, initial_carry, dropout_key)
+        return _scan_jit(params, xs, length, initial_carry, dropout_key)
 
     def _apply_scan(params, xs, length, initial_carry, dropout_key):
         """The reference path on one sequence: a ``lax.scan`` per layer."""
@@ -718,8 +725,8 @@ def network(
                 dropout=dropout,
             )
         if impl in FUSED_FAMILY:
-            return _apply_fused(params, xs, lengths, initial_carry, keys, impl)
-        return _scan_batch(params, xs, lengths, initial_carry, keys)
+            return _fused_jit(params, xs, lengths, initial_carry, keys, impl)
+        return _scan_batch_jit(params, xs, lengths, initial_carry, keys)
 
     def _scan_batch(params, xs, lengths, initial_carry, keys):
         """:func:`_apply_scan` vmapped over the examples of ``xs <[B, T, ...]>``."""
@@ -805,6 +812,11 @@ def network(
                     out_axes=1,
                 )(keys, ys)
         return jnp.swapaxes(ys, 0, 1), tuple(finals)
+
+    # apply's and apply_batch's programs (see Network): the checks ran in Python
+    _scan_jit = jax.jit(_apply_scan)
+    _scan_batch_jit = jax.jit(_scan_batch)
+    _fused_jit = jax.jit(_apply_fused, static_argnums=5)  # impl: static
 
     def _stacked(params, initial_carry, xs, keys) -> bool:
         """Whether a deep pallas network runs all its layers as one kernel per pass

@@ -786,3 +786,25 @@ def test_numpy_integers_are_sizes():
     for bad in (np.bool_(True), np.float32(4.0), np.int64(0)):
         with pytest.raises(ValueError, match="hidden_size: expected a positive int"):
             cells.lstm(bad)
+
+
+@pytest.mark.parametrize("implementation", ["scan", "fused"])
+def test_an_eager_gradient_compiles_once(implementation, caplog):
+    """Called eagerly, ``apply_batch`` and its gradient run as one jitted program: a
+    second call with the same shapes compiles nothing (op by op, every call of the
+    gradient had retraced and recompiled the loops), and gives the same values."""
+    net = networks.network(cells.lstm(4), 2, True, implementation=implementation)
+    params = net.init(jax.random.key(0), I)
+    xs = jax.random.normal(jax.random.key(1), (3, T, I))
+
+    def loss(p):
+        return jnp.sum(net.apply_batch(p, xs, jnp.array([T, 2, 0]))[0] ** 2)
+
+    first = jax.grad(loss)(params)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        caplog.clear()
+        second = jax.grad(loss)(params)
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiles == []
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(a, b)
