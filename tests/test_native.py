@@ -9,6 +9,7 @@ data parallelism on 2 devices.
 """
 
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -84,28 +85,73 @@ def backward_by_hand(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
     return da, dh, dc
 
 
+def check_kernels(H, B, T, forward=None, backward=None):
+    """Both kernels against the equations written out, with random lengths;
+    ``forward``/``backward``: other registered builds' target names (eager calls:
+    each target compiles its own program)."""
+    w = random(0, (H, 4 * H), 0.5)
+    h0, c0 = random(1, (B, H)), random(2, (B, H))
+    xp = random(3, (T, B, 4 * H), 2.0)
+    lengths = np.random.default_rng(4).integers(0, T + 1, B)
+    valid = np.arange(T)[:, None] < lengths[None, :]
+    run_forward, run_backward = native._forward_call, native._backward_call
+    if forward is None:
+        run_forward = jax.jit(native._forward_call, static_argnums=5)
+        run_backward = jax.jit(native._backward_call)
+    with pytest.MonkeyPatch.context() as mp:
+        if forward is not None:
+            mp.setitem(native._TARGETS, "forward", forward)
+            mp.setitem(native._TARGETS, "backward", backward)
+        got = run_forward(w, h0, c0, xp, valid, True)
+        want = forward_by_hand(w, h0, c0, xp, valid)
+        names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c")
+        for name, g, e in zip(names, got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
+        dys, dh, dc = random(5, (T, B, H)), random(6, (B, H)), random(7, (B, H))
+        saves = [np.asarray(a) for a in got[3:]]
+        got = run_backward(w, valid, *saves, dys, dh, dc)
+    want = backward_by_hand(w, valid, *saves, dys, dh, dc)
+    for name, g, e in zip(("dA", "dh_0", "dc_0"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
+
+
 @pytest.mark.parametrize(
     "H, B, T",
     [(16, 1, 1), (16, 7, 5), (32, 13, 4), (48, 6, 3), (64, 5, 3), (128, 8, 2)],
 )
 def test_kernels_match_the_equations_written_out(H, B, T):
     # 7 and 13 rows leave partial row tiles; H = 16, 32, 48, 64 and 128 run the
-    # backward matmul's 16-, 32- and 64-column panels
-    w = random(0, (H, 4 * H), 0.5)
-    h0, c0 = random(1, (B, H)), random(2, (B, H))
-    xp = random(3, (T, B, 4 * H), 2.0)
-    lengths = np.random.default_rng(4).integers(0, T + 1, B)
-    valid = np.arange(T)[:, None] < lengths[None, :]
-    got = jax.jit(native._forward_call, static_argnums=5)(w, h0, c0, xp, valid, True)
-    want = forward_by_hand(w, h0, c0, xp, valid)
-    for name, g, e in zip(("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c"), got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
-    dys, dh, dc = random(5, (T, B, H)), random(6, (B, H)), random(7, (B, H))
-    saves = [np.asarray(a) for a in got[3:]]
-    got = jax.jit(native._backward_call)(w, valid, *saves, dys, dh, dc)
-    want = backward_by_hand(w, valid, *saves, dys, dh, dc)
-    for name, g, e in zip(("dA", "dh_0", "dc_0"), got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
+    # backward matmul's 1-, 2- and 4-vector panels
+    check_kernels(H, B, T)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+
+
+@pytest.mark.parametrize(
+    "march, lanes, needs",
+    [("x86-64-v3", 8, {"avx2", "fma"}), ("x86-64", 4, set())],
+    ids=["avx2", "sse2"],
+)
+def test_builds_for_smaller_vector_units_match_the_equations(march, lanes, needs):
+    """The kernels as compiled for CPUs without AVX-512 (AVX2: 8 floats per vector, 3
+    rows per tile; baseline x86-64: 4 floats, 3 rows; the NEON branch shares the
+    4-float code with 6 rows), built here and run on this CPU."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 builds")
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())}")
+    path, why = native.build([f"-march={march}"])
+    assert why is None, why
+    lib, names = native.register(path, f"_{march.replace('-', '_')}")
+    assert lib.RnnJaxLstmLanes() == lanes
+    for H, B, T in [(16, 7, 5), (32, 13, 4), (48, 6, 3), (128, 8, 2)]:
+        check_kernels(H, B, T, names["forward"], names["backward"])
 
 
 def test_forward_without_saves_gives_the_same_outputs():
@@ -238,14 +284,20 @@ def test_other_types_run_the_xla_loops():
     assert "rnn_jax_lstm_forward" in hlo
 
 
-def test_auto_picks_native_for_the_lstm_on_cpu():
+def test_auto_picks_native_for_the_lstm_on_cpus_with_avx512(monkeypatch):
     choose = networks.choose_implementation
-    assert choose(cells.lstm(256), 64) == "native"
-    assert choose(cells.lstm(32), 1024, num_layers=2, bidirectional=True) == "native"
+    fast = "native" if native.vector_lanes() == native.AUTO_LANES else "fused"
+    assert choose(cells.lstm(256), 64) == fast
+    assert choose(cells.lstm(32), 1024, num_layers=2, bidirectional=True) == fast
     assert choose(cells.gru(256), 64) == "fused"  # no kernel for the GRU
     assert choose(cells.lstm(20), 64) == "fused"  # H not a multiple of 16
     assert choose(cells.lstm(256), 64, remat=True) == "fused"
     assert choose(cells.lstm(256), 64, backend="gpu") != "native"
+    # builds with 8- or 4-float vectors (AVX2, NEON, SSE) keep the XLA loops: AVX2's took
+    # 0.92-1.10x their time (BUILD.md)
+    for lanes in (16, 8, 4):
+        monkeypatch.setattr(native, "vector_lanes", lambda lanes=lanes: lanes)
+        assert choose(cells.lstm(256), 64) == ("native" if lanes == 16 else "fused")
 
 
 def test_unsupported_cells_are_refused_up_front():

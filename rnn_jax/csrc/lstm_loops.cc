@@ -22,12 +22,12 @@
 // A row whose step is not valid keeps its carry, outputs zero, and passes its
 // gradients through (da = 0), as the XLA loops do.
 //
-// The matmuls are register-tiled: MB rows times one group of 16 hidden units, whose
-// four gate columns (64 floats) sit side by side in a copy of W_h made once per call,
-// so each tile ends with the gates of whole units and the forward step's
+// The matmuls are register-tiled: MB rows times one group of kLanes hidden units
+// (one vector), whose four gate columns sit side by side in a copy of W_h made once
+// per call, so each tile ends with the gates of whole units and the forward step's
 // nonlinearities and cell update run on the tile while it is in registers. The
-// vectors are GCC/Clang vector extensions of 16 floats: AVX-512 where the compiler
-// targets it, pairs of AVX registers or NEON quads elsewhere.
+// vectors are GCC/Clang vector extensions of one register each: 16 floats on
+// AVX-512, 8 on AVX/AVX2, 4 on NEON and SSE (below).
 
 #include <cstdint>
 #include <cstdlib>
@@ -44,25 +44,39 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-// Rows per register tile: MB rows x 4 gate vectors of accumulators, plus the 4 weight
-// vectors, must fit the vector registers. AVX-512: 24 + 4 of its 32. Elsewhere a vf
-// is 2 AVX registers (16 of them) or 4 NEON ones (32): 1 row, 8 + 8 or 16 + 16.
+// The vector width and the rows per register tile, per instruction set. A tile holds
+// kRows x 4 gate vectors of accumulators plus the 4 weight vectors, which must fit
+// the vector registers: AVX-512, 16 floats, 24 + 4 of its 32 registers; AVX/AVX2, 8
+// floats, 12 + 4 of 16; ARM's NEON, 4 floats, 24 + 4 of 32; SSE, 4 floats, 12 + 4
+// of 16. (A vector wider than the registers holds too few rows: AVX2 running the
+// AVX-512 layout of 1 row of 16 floats streamed W_h once per row and was 4-6x
+// slower than XLA's loops.)
+#define RNN_JAX_X4(x) x, x, x, x
 #if defined(__AVX512F__)
-constexpr int kRows = 6;
+constexpr int kLanes = 16, kRows = 6;
+#define RNN_JAX_SPLAT(x) RNN_JAX_X4(x), RNN_JAX_X4(x), RNN_JAX_X4(x), RNN_JAX_X4(x)
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRows = 3;
+#define RNN_JAX_SPLAT(x) RNN_JAX_X4(x), RNN_JAX_X4(x)
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+constexpr int kLanes = 4, kRows = 6;
+#define RNN_JAX_SPLAT(x) RNN_JAX_X4(x)
 #else
-constexpr int kRows = 1;
+constexpr int kLanes = 4, kRows = 3;
+#define RNN_JAX_SPLAT(x) RNN_JAX_X4(x)
 #endif
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef float vf_u __attribute__((vector_size(kLanes * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
 // (not vf{} + x: adding +0.0 is not a no-op for -0.0, so the compiler keeps a scalar
 // add before every broadcast, and the broadcast cannot fold into the FMA)
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+// (an initializer of kLanes copies: a loop setting the lanes one by one compiled to
+// lane inserts, not a broadcast folded into the FMA, and made the AVX-512 loops 4x
+// slower)
+inline vf splat(float x) { return vf{RNN_JAX_SPLAT(x)}; }
 
 // e^x to about 1 ulp over [-87, 88] (clamped outside): x = n ln2 + r, |r| <= ln2/2,
 // e^r by a degree-6 polynomial (the Cephes coefficients), 2^n through the exponent
@@ -142,8 +156,8 @@ struct Step {  // one forward step's operands; rows of H or G floats
   bool save;
 };
 
-// Rows [r0, r0 + MB), units [16u, 16u + 16) of one forward step. wp: W_h's copy,
-// <[H/16, H, 4, 16]> (unit group, input unit, gate, unit in group).
+// Rows [r0, r0 + MB), units [L u, L u + L) of one forward step (L = kLanes). wp:
+// W_h's copy, <[H/L, H, 4, L]> (unit group, input unit, gate, unit in group).
 template <int MB>
 inline void forward_tile(const Step& s, int u, int r0, const float* wp) {
   const int H = s.H, G = 4 * H, col = u * kLanes;
@@ -153,7 +167,8 @@ inline void forward_tile(const Step& s, int u, int r0, const float* wp) {
   const float* panel = wp + static_cast<size_t>(u) * H * 4 * kLanes;
   for (int k = 0; k < H; ++k) {
     const float* wk = panel + k * 4 * kLanes;
-    const vf w0 = load(wk), w1 = load(wk + 16), w2 = load(wk + 32), w3 = load(wk + 48);
+    const vf w0 = load(wk), w1 = load(wk + kLanes), w2 = load(wk + 2 * kLanes),
+             w3 = load(wk + 3 * kLanes);
     for (int r = 0; r < MB; ++r) {
       const vf a = splat(s.hprev[(r0 + r) * H + k]);
       acc[r][0] += a * w0;
@@ -206,8 +221,8 @@ void forward_rows(const Step& s, int u, int rows, const float* wp) {
   }
 }
 
-// out[r, 16 NZ q + j] = sum_k da[r, k] W_h[16 NZ q + j, k] for rows [r0, r0 + MB).
-// wtp: W_hᵀ's copy, <[H / (16 NZ), G, 16 NZ]>.
+// out[r, L NZ q + j] = sum_k da[r, k] W_h[L NZ q + j, k] for rows [r0, r0 + MB)
+// (L = kLanes). wtp: W_hᵀ's copy, <[H / (L NZ), G, L NZ]>.
 template <int MB, int NZ>
 inline void backward_tile(int H, int q, int r0, const float* da, const float* wtp, float* out) {
   const int G = 4 * H, width = NZ * kLanes;
@@ -242,7 +257,7 @@ void backward_rows(int H, int q, int rows, const float* da, const float* wtp, fl
 }
 
 ffi::Error check_shapes(int64_t T, int64_t B, int64_t G, int64_t wrows, int64_t wcols) {
-  if (G % (4 * kLanes) != 0)
+  if (G % 64 != 0)  // the same on every instruction set (a multiple of every kLanes)
     return ffi::Error::InvalidArgument("lstm_loops: 4H must be a multiple of 64 (H of 16)");
   if (wrows != G / 4 || wcols != G)
     return ffi::Error::InvalidArgument("lstm_loops: W_h must be [H, 4H]");
@@ -399,3 +414,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // da
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dc0
+
+// The vector width this build uses (rnn_jax.native.vector_lanes).
+extern "C" __attribute__((visibility("default"))) int RnnJaxLstmLanes() { return kLanes; }
