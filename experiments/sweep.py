@@ -45,10 +45,13 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from experiments.common import deferred_sigint
 
-from experiments.common import parse_flags_or_exit_2
-from rnn_jax import files, parallel, sweeps
+with deferred_sigint("interrupted (SIGINT) while starting; no trial was started"):
+    from absl import app, flags
+
+    from experiments.common import parse_flags_or_exit_2
+    from rnn_jax import files, parallel, sweeps  # (imports JAX)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}

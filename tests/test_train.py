@@ -809,3 +809,32 @@ def test_ctrl_c_while_the_launcher_imports_exits_130_after_the_imports(capsys):
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_the_generate_launcher_exits_130_without_the_shutdown(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C while experiments.generate restores the checkpoint: one line, exit 130,
+    through os._exit (the interpreter's shutdown had crashed with SIGSEGV there)."""
+    from experiments import generate as launcher
+    from rnn_jax import runs
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(runs, "load", interrupted)
+    monkeypatch.setattr(launcher.os, "_exit", fake_exit)
+    launcher.FLAGS(["generate", f"--workdir={tmp_path}"])
+    try:
+        with pytest.raises(SystemExit):
+            launcher.main([])
+    finally:
+        launcher.FLAGS.unparse_flags()
+    assert exits == [130]
+    assert capsys.readouterr().err.strip() == "interrupted (SIGINT)"

@@ -30,16 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags
+from experiments.common import deferred_sigint
 
-from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
-from experiments.common import outdir_ok, parse_flags_or_exit_2
-from rnn_jax import data, models, text
-from rnn_jax.config import TrainConfig, model_config
+with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from absl import app, flags
+
+    from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
+    from experiments.common import outdir_ok, parse_flags_or_exit_2
+    from rnn_jax import data, models, text
+    from rnn_jax.config import TrainConfig, model_config
 
 PARTS = ("a", "b", "c")
 

@@ -38,14 +38,24 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+from experiments.common import deferred_sigint
 
-from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_json, write_text
-from experiments.common import outdir_ok, parse_flags_or_exit_2
-from rnn_jax import data, models, text
+with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from absl import app, flags
+
+    from experiments.claims.common import (
+        RESULTS,
+        mean_std,
+        pyplot,
+        save_figure,
+        write_json,
+        write_text,
+    )
+    from experiments.common import outdir_ok, parse_flags_or_exit_2
+    from rnn_jax import data, models, text
 
 CEILING = 40.0  # plots draw larger (or diverged) perplexities at this height
 STOP_PPL = 1000.0  # an epoch's training perplexity above this stops the run: diverged

@@ -33,18 +33,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from experiments.common import deferred_sigint
 
-from experiments.claims import common
-from experiments.claims.long_range import seed_params, task_model, train
-from experiments.common import outdir_ok
-from rnn_jax import cells, runs, text
-from rnn_jax import train as lm_train
-from rnn_jax.config import TrainConfig
+with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    from experiments.claims import common
+    from experiments.claims.long_range import seed_params, task_model, train
+    from experiments.common import outdir_ok
+    from rnn_jax import cells, runs, text
+    from rnn_jax import train as lm_train
+    from rnn_jax.config import TrainConfig
 
 FLAGS = flags.FLAGS
 

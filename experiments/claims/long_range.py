@@ -34,16 +34,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from absl import app, flags
-from absl import logging as absl_logging
+from experiments.common import deferred_sigint
 
-from experiments.claims import common
-from experiments.common import outdir_ok
-from rnn_jax import cells, networks, tasks
+with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from absl import app, flags
+    from absl import logging as absl_logging
+
+    from experiments.claims import common
+    from experiments.common import outdir_ok
+    from rnn_jax import cells, networks, tasks
 
 Array = jax.Array
 FLAGS = flags.FLAGS

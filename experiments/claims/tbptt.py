@@ -39,15 +39,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+from experiments.common import deferred_sigint
 
-from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_json, write_text
-from experiments.common import outdir_ok, parse_flags_or_exit_2
-from rnn_jax import models, text
-from rnn_jax.config import TrainConfig, model_config
+with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from absl import app, flags
+
+    from experiments.claims.common import (
+        RESULTS,
+        mean_std,
+        pyplot,
+        save_figure,
+        write_json,
+        write_text,
+    )
+    from experiments.common import outdir_ok, parse_flags_or_exit_2
+    from rnn_jax import models, text
+    from rnn_jax.config import TrainConfig, model_config
 
 PARTITIONS = ("windows", "sequential")
 GAIN_FLOOR = 0.005  # nats/char: a smaller carry gain (or difference of gains) is noise
