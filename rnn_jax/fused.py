@@ -873,14 +873,15 @@ def layer(
       kernel: ``"xla"`` (the loops as ``lax.scan``), ``"pallas"`` (each loop one
         GPU kernel, :mod:`rnn_jax.persistent`; interpreted off a GPU) or
         ``"native"`` (each LSTM loop one C++ function on the CPU,
-        :mod:`rnn_jax.native`; per chunk when the backward pass is chunked).
+        :mod:`rnn_jax.native`; per chunk when ``chunk`` or remat chunks it).
       remat: keep only the carry at the start of every chunk of :func:`chunk_size`
         steps and recompute each chunk (input projection, gates) in the backward
         pass, instead of saving ``<[T, B, G*H]>`` gates and projections.
       chunk: without remat, run the backward pass in chunks of this many steps
         (the gates are saved, nothing is recomputed; the last chunk padded);
         0: one loop; ``None``: :func:`default_chunk` (chunks on CPU for long
-        sequences, where they were measured faster; 0 with ``kernel="pallas"``).
+        sequences, where they were measured faster for the XLA loops; 0 with
+        ``kernel="pallas"`` or ``"native"``, one kernel call per pass).
         Outputs and gradients are the same either way. Ignored with ``remat``,
         which chunks by :func:`chunk_size`. Traced under a mesh with a ``"data"``
         axis that splits the batch (``jax.set_mesh``; ``rnn_jax.train`` does this
@@ -908,7 +909,13 @@ def layer(
     chunk = check_chunk(chunk)
     num_steps = xs.shape[0]
     if chunk is None:
-        chunk = 0 if kernel == "pallas" else default_chunk(num_steps)
+        # one kernel call per pass where a kernel runs the loops: the native
+        # kernels' chunked backward pass was no faster and compiled slower (LSTM,
+        # CPU, T=1024, grad of one layer: H=128 B=16 91.7 vs 97.8 ms, 0.20 vs 0.39 s;
+        # H=256 B=32 538 vs 594 ms, 0.21 vs 0.33 s), for 9% more temporary memory
+        f32 = all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves((params, carry)))
+        native_loops = kernel == "native" and matmul_dtype == "float32" and f32
+        chunk = 0 if kernel == "pallas" or native_loops else default_chunk(num_steps)
     if remat:
         chunk = chunk_size(num_steps)
     # a kernel call cannot be partitioned over a sharded batch: XLA would gather the

@@ -229,6 +229,30 @@ def test_networks_match_the_scan(
     assert_trees_close((ys, final), (ys_ref, final_ref))
 
 
+@pytest.mark.parametrize("kw", [{"chunk": 2}, {"remat": True}], ids=["chunk", "remat"])
+def test_chunked_passes_match_the_scan(kw):
+    """The kernels called once per chunk: an explicit ``chunk`` (the backward pass on
+    saved gates, T=5 pads the last chunk) and remat (each chunk recomputed). By
+    default the kernels run one call per pass, at every T."""
+    ref, fast, params, carry, xs, weights = setup(16, 5, 5, **kw)
+    lengths = jnp.asarray([5, 0, 3, 1, 4], jnp.int32)
+    want = jax.jit(jax.value_and_grad(loss_fn(ref, weights), (0, 1, 2)))(params, xs, carry, lengths)
+    got = jax.jit(jax.value_and_grad(loss_fn(fast, weights), (0, 1, 2)))(params, xs, carry, lengths)
+    assert_trees_close(got, want)
+    hlo = jax.jit(fast.apply_batch).lower(params, xs, lengths, carry).as_text()
+    assert "rnn_jax_lstm_forward" in hlo
+
+
+def test_long_sequences_run_one_backward_call():
+    """No XLA-loop chunks around the kernels by default (fused.default_chunk would
+    cut T=512 into chunks of 16): one backward kernel call, outside any loop."""
+    ref, fast, params, carry, xs, weights = setup(16, 2, 512)
+    grad = jax.jit(jax.grad(loss_fn(fast, weights)))
+    hlo = grad.lower(params, xs, carry, None).as_text()
+    assert hlo.count("rnn_jax_lstm_backward") == 1
+    assert "stablehlo.while" not in hlo
+
+
 @pytest.mark.parametrize("T, B", [(0, 3), (4, 0)])
 def test_empty_sequences_and_batches_run_the_xla_loops(T, B):
     # the kernels need a step and an example; fused.layer called directly
