@@ -308,8 +308,9 @@ def choose_implementation(
     one layer forward+backward on one core, ms, fused vs native (2026-12-07, 15
     alternating rounds): d2l per device (H=32 B=512 T=32) 11.7 vs 8.8; medium per
     device (H=256 B=32 T=64) 40.7 vs 36.7; long per device (H=128 B=16 T=1024, both
-    in the XLA loops' chunked backward pass) 92.2 vs 92.8, and the native layer in one
-    call per pass 91.7 (BUILD.md). The training steps are in BENCHMARKS.md. Built for
+    in the XLA loops' chunked backward pass) 92.2 vs 92.8; the native layer now runs
+    one call per pass, which was faster than its chunks (BUILD.md). The training
+    steps are in BENCHMARKS.md. Built for
     AVX2, the kernels took 0.92-1.10x the XLA loops' time (same machine, both limited
     to AVX2), so other CPUs keep the XLA loops.
     """
