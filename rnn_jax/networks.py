@@ -310,9 +310,9 @@ def choose_implementation(
     device (H=256 B=32 T=64) 40.7 vs 36.7; long per device (H=128 B=16 T=1024, both
     in the XLA loops' chunked backward pass) 92.2 vs 92.8; the native layer now runs
     one call per pass, which was faster than its chunks (BUILD.md). The training
-    steps are in BENCHMARKS.md. Built for
-    AVX2, the kernels took 0.92-1.10x the XLA loops' time (same machine, both limited
-    to AVX2), so other CPUs keep the XLA loops.
+    steps are in BENCHMARKS.md. Built for AVX2, the kernels took 0.92-1.10x the XLA
+    loops' time (same machine, both limited to AVX2), so other CPUs keep the XLA
+    loops.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
