@@ -468,15 +468,23 @@ def _pallas(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -
     )
 
 
+def _native_types(kernel: str, matmul_dtype: str, arrays: Any) -> bool:
+    """The native kernels asked for, with float32 matmuls and every leaf of
+    ``arrays`` float32 (the kernels' only type)."""
+    return (
+        kernel == "native"
+        and matmul_dtype == "float32"
+        and all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(arrays))
+    )
+
+
 def _native(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -> bool:
     """Whether the loops run as :mod:`rnn_jax.native` kernels: asked for, float32
     matmuls, params, carries and sequence, and at least one step and one example
     (else the XLA loops)."""
-    arrays = [rec["W_h"], seq, *jax.tree_util.tree_leaves(carry0)]
+    arrays = (rec["W_h"], seq, carry0)
     return (
-        opts.kernel == "native"
-        and opts.matmul_dtype == "float32"
-        and all(a.dtype == jnp.float32 for a in arrays)
+        _native_types(opts.kernel, opts.matmul_dtype, arrays)
         and seq.shape[0] > 0
         and seq.shape[1] > 0
     )
@@ -913,8 +921,7 @@ def layer(
         # kernels' chunked backward pass was no faster and compiled slower (LSTM,
         # CPU, T=1024, grad of one layer: H=128 B=16 91.7 vs 97.8 ms, 0.20 vs 0.39 s;
         # H=256 B=32 538 vs 594 ms, 0.21 vs 0.33 s), for 9% more temporary memory
-        f32 = all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves((params, carry)))
-        native_loops = kernel == "native" and matmul_dtype == "float32" and f32
+        native_loops = _native_types(kernel, matmul_dtype, (params, carry))
         chunk = 0 if kernel == "pallas" or native_loops else default_chunk(num_steps)
     if remat:
         chunk = chunk_size(num_steps)
