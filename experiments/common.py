@@ -129,8 +129,12 @@ def outdir_ok(value: str) -> bool:
     return True
 
 
+# deferred_sigint's message where nothing has been written yet
+STARTING = "interrupted (SIGINT) while starting; nothing was written"
+
+
 @contextlib.contextmanager
-def deferred_sigint(message: str):
+def deferred_sigint(message: str = STARTING):
     """Ctrl-C inside the block is noted, not raised; after the block a noted Ctrl-C
     prints ``message`` and exits 130.
 

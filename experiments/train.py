@@ -14,7 +14,7 @@ import sys
 
 from experiments.common import deferred_sigint
 
-with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+with deferred_sigint():
     from absl import app, flags  # (importing JAX below takes a second or two)
     from absl import logging as absl_logging
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from experiments.common import deferred_sigint
 
-with deferred_sigint("interrupted (SIGINT) while starting; nothing was written"):
+with deferred_sigint():
     import jax
     import jax.numpy as jnp
     import numpy as np
