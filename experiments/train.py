@@ -93,10 +93,11 @@ flags.DEFINE_bool("remat", _D.remat, "Gradient checkpointing of the recurrent st
 flags.DEFINE_enum(
     "implementation",
     _D.implementation,
-    ["auto", "fused", "scan", "wavefront", "pallas"],
+    ["auto", "fused", "scan", "wavefront", "pallas", "native"],
     "Recurrent layers: fused (hand-written backward pass), scan (autodiff), wavefront "
     "(all layers of a unidirectional network in one loop), pallas (each loop one GPU "
-    "kernel; interpreted, slowly, elsewhere) or auto (picked per backend and shape).",
+    "kernel; interpreted, slowly, elsewhere), native (LSTM on a CPU: each loop one C++ "
+    "function, built on first use) or auto (picked per backend and shape).",
 )
 flags.DEFINE_enum(
     "matmul_dtype",

@@ -3,9 +3,11 @@
 Modules:
   cells      the plain RNN, GRU and LSTM as ``step(params, carry, x) -> (carry, y)``.
   networks   deep, bidirectional, variable-length networks over ``lax.scan``.
-  fused      the same layers with hand-written backward passes (the default path).
+  fused      the same layers with hand-written backward passes (what ``"auto"`` runs
+             on batches, with its loops as kernels where native or persistent wins).
   wavefront  deep unidirectional networks with all layers in one loop.
   persistent the fused layers' loops as Pallas GPU kernels.
+  native     the LSTM's fused loops as C++ CPU functions (XLA FFI; built on first use).
   allocator  ``tune_malloc()``: stops XLA:CPU's per-step page faults (glibc).
   parallel   data parallelism (``jax.sharding``); ``split_cpu()``: a CPU device per core.
   interop    PyTorch state-dict conversion.

@@ -33,6 +33,19 @@ def _choose(logits: Array, temperature: Array, key: Array) -> Array:
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def _check_temperature(temperature) -> None:
+    value = np.asarray(temperature)
+    if value.shape != () or not (
+        np.issubdtype(value.dtype, np.number) and 0 <= float(value) < math.inf
+    ):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+    if float(value) > _MAX_TEMPERATURE:  # float32 would make it inf
+        raise ValueError(
+            f"temperature: expected at most {_MAX_TEMPERATURE:.4g} (float32's largest "
+            f"number), got {float(value):g}"
+        )
+
+
 def generate_ids(
     model: models.Model,
     params,
@@ -61,16 +74,7 @@ def generate_ids(
             f"{prefix.dtype}{list(prefix.shape)}"
         )
     if not isinstance(temperature, jax.core.Tracer):  # a concrete value is checked here
-        value = np.asarray(temperature)
-        if value.shape != () or not (
-            np.issubdtype(value.dtype, np.number) and 0 <= float(value) < math.inf
-        ):
-            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
-        if float(value) > _MAX_TEMPERATURE:  # float32 would make it inf
-            raise ValueError(
-                f"temperature: expected at most {_MAX_TEMPERATURE:.4g} (float32's largest "
-                f"number), got {float(value):g}"
-            )
+        _check_temperature(temperature)
     key = jax.random.key(0) if key is None else key
     temperature = jnp.asarray(temperature, jnp.float32)
     keys = jax.random.split(key, num_tokens)
@@ -122,6 +126,7 @@ def generate_text(
     The prefix goes through the vocabulary's preprocessing (lower-case letters and
     spaces for ``char``); tokens outside the vocabulary become ``<unk>``.
     """
+    _check_temperature(temperature)  # here: generate_ids below sees a traced one
     tokens = text.tokenize(prefix, vocab.mode) if prefix else []
     if not tokens:
         raise ValueError(f"prefix: expected at least one token after preprocessing, got {prefix!r}")

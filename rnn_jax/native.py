@@ -53,13 +53,10 @@ Array = jax.Array
 
 SOURCE = Path(__file__).parent / "csrc" / "lstm_loops.cc"
 UNITS = 16  # the kernels' unit groups: H must be a multiple
-# The vector width of the builds implementation="auto" runs: AVX-512's 16 floats. On
-# the development CPU (Zen 4), one LSTM layer's forward+backward on one core with
-# the kernels built for AVX2 and XLA limited to AVX2 (--xla_cpu_max_isa=AVX2), XLA
-# loops vs native, ms: d2l 13.6 vs 12.5, medium 43.1 vs 44.7, long 96.0 vs 105.4;
-# with AVX-512 native wins or ties (networks.choose_implementation). NEON and SSE:
-# not measured.
-AUTO_LANES = 16
+# The vector widths of the builds implementation="auto" runs: AVX-512's 16 floats and
+# AVX2's 8, the builds measured faster than the XLA loops or level with them
+# (networks.choose_implementation). NEON and SSE: not measured.
+AUTO_LANES = (16, 8)
 _TARGETS = {"forward": "rnn_jax_lstm_forward", "backward": "rnn_jax_lstm_backward"}
 _SYMBOLS = {"forward": "RnnJaxLstmForward", "backward": "RnnJaxLstmBackward"}
 
@@ -190,6 +187,29 @@ def vector_lanes() -> int | None:
     if unavailable() is not None:
         return None
     return int(_library()[0].RnnJaxLstmLanes())
+
+
+def _cpu_may_have_avx2() -> bool:
+    """False where the CPU cannot run an AVX2 or AVX-512 build: not x86-64, or Linux's
+    ``/proc/cpuinfo`` lists no ``avx2`` and ``fma`` (then :func:`runs_under_auto` need
+    not build the kernels to find out). True where it cannot tell (no ``/proc/cpuinfo``)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    return flags is None or {"avx2", "fma"} <= set(flags.split(":", 1)[-1].split())
+
+
+def runs_under_auto() -> bool:
+    """Whether ``implementation="auto"`` runs the kernels on this CPU: where they are
+    built for AVX-512 or AVX2 (:func:`vector_lanes` in :data:`AUTO_LANES`), the builds
+    measured faster than the XLA loops or level with them. Other CPUs (ARM, x86
+    without AVX2) get ``False`` without a build; elsewhere the first call builds the
+    kernels (about 3 s, cached)."""
+    return _cpu_may_have_avx2() and vector_lanes() in AUTO_LANES
 
 
 def unsupported(cell: Any) -> str | None:

@@ -115,6 +115,15 @@ class Network(NamedTuple):
     1.3-1.5 s per call op by op, 0.01-0.03 s jitted, on the 2-core CPU); inside the
     caller's ``jax.jit`` the program is inlined.
 
+    Derivatives: reverse mode (``jax.grad``, ``jax.vjp``, and grad of grad, so a
+    Hessian-vector product as ``jax.grad(lambda p: vdot(jax.grad(f)(p), v))``) works
+    with every implementation but pallas (first derivatives). Forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) needs ``implementation="scan"``:
+    the other implementations define their backward passes with ``jax.custom_vjp``,
+    which has no forward mode, and ``"auto"`` runs them on any batch of more than
+    one sequence (JAX then raises "can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function").
+
     Lengths are clipped to ``[0, T]`` (a negative one is 0: all outputs zero, the
     initial carry returned). Token ids ``<int32>`` stand for one-hot vectors of size
     ``input_size``; ids outside ``[0, input_size)`` are zero vectors, as in
@@ -303,16 +312,18 @@ def choose_implementation(
     other.
 
     On a CPU the LSTM (H a multiple of 16, no remat) runs ``"native"`` where its
-    kernels build with AVX-512 (:func:`rnn_jax.native.vector_lanes` is
-    :data:`rnn_jax.native.AUTO_LANES`). Measured on the 2-core AMD EPYC (AVX-512),
-    one layer forward+backward on one core, ms, fused vs native (2026-12-07, 15
-    alternating rounds): d2l per device (H=32 B=512 T=32) 11.7 vs 8.8; medium per
-    device (H=256 B=32 T=64) 40.7 vs 36.7; long per device (H=128 B=16 T=1024, both
-    in the XLA loops' chunked backward pass) 92.2 vs 92.8; the native layer now runs
-    one call per pass, which was faster than its chunks (BUILD.md). The training
-    steps are in BENCHMARKS.md. Built for AVX2, the kernels took 0.92-1.10x the XLA
-    loops' time (same machine, both limited to AVX2), so other CPUs keep the XLA
-    loops.
+    kernels build with AVX-512 or AVX2 (:func:`rnn_jax.native.runs_under_auto`; ARM
+    and x86 CPUs without AVX2 build nothing here and keep the XLA loops). Measured
+    on one core, ms, fused vs native: on the 2-core AMD EPYC with AVX-512 (one layer
+    forward+backward, 2026-12-07, 15 alternating rounds), d2l per
+    device (H=32 B=512 T=32) 11.7 vs 8.8, medium per device (H=256 B=32 T=64) 40.7
+    vs 36.7, long per device (H=128 B=16 T=1024, both in the XLA loops' chunked
+    backward pass) 92.2 vs 92.8; the native layer now runs one call per pass, which
+    was faster than its chunks (BUILD.md). On a 2-core AMD EPYC with AVX2 only (Zen
+    3 class; the whole training step of the 1-layer language model on one device's
+    share of the batch, 2026-12-07, 8 alternating rounds; the AVX2 build's tiles of
+    6 rows and two passes of 2 gates): d2l 27.9 vs 23.1, medium 68.0 vs 55.1, long 148.2 vs
+    149.0. The training steps are in BENCHMARKS.md.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
@@ -336,7 +347,7 @@ def choose_implementation(
         backend == "cpu"
         and not remat
         and native.unsupported(cell) is None
-        and native.vector_lanes() == native.AUTO_LANES
+        and native.runs_under_auto()
     ):
         return "native"
     wavefront_ok = num_layers > 1 and not (bidirectional or remat or dropout)
@@ -359,6 +370,17 @@ def _check_options(cell, num_layers, dropout, unroll) -> tuple[int, float, int |
         expected = "an int >= 1 or None (the backend's default)"
         unroll = cells._int_option(unroll, "unroll", 1, expected)
     return num_layers, dropout, unroll
+
+
+def _as_array(x: Any) -> Any:
+    """``x`` as an array: an array as it is; numbers and (nested) lists as NumPy's, or
+    JAX's when they hold tracers (a list passed through ``jax.jit`` arrives as a list
+    of tracers, which NumPy cannot convert)."""
+    if hasattr(x, "shape"):
+        return x
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
+        return jnp.asarray(x)
+    return np.asarray(x)
 
 
 def _check_xs_dtype(xs: Any) -> None:
@@ -385,8 +407,7 @@ def _zero_padding(xs: Array, length: Array) -> Array:
 def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> Array:
     """``length`` (an int, list, numpy or JAX array) as a JAX integer array of
     ``shape``; values outside ``[0, T]`` are clipped later."""
-    if not hasattr(length, "dtype"):
-        length = np.asarray(length)
+    length = _as_array(length)
     if tuple(jnp.shape(length)) != shape or not jnp.issubdtype(length.dtype, jnp.integer):
         raise ValueError(
             f"{name}: expected an integer array of shape {shape}, got "
@@ -639,7 +660,7 @@ def network(
         return jax.tree_util.tree_map(lambda c: c.astype(dtype), zero_carry())
 
     def apply(params, xs, length=None, initial_carry=None, *, dropout_key=None):
-        xs = xs if hasattr(xs, "shape") else np.asarray(xs)  # nested lists too
+        xs = _as_array(xs)  # nested lists too
         _check_xs_dtype(xs)
         tokens = cells.is_token_input(xs)
         if jnp.ndim(xs) != (1 if tokens else 2):
@@ -704,7 +725,7 @@ def network(
         return ys, tuple(finals)
 
     def apply_batch(params, xs, lengths=None, initial_carry=None, *, dropout_key=None):
-        xs = xs if hasattr(xs, "shape") else np.asarray(xs)  # nested lists too
+        xs = _as_array(xs)  # nested lists too
         _check_xs_dtype(xs)
         if jnp.ndim(xs) != (2 if cells.is_token_input(xs) else 3):
             raise ValueError(

@@ -72,8 +72,16 @@ def loss_fn(net, weights):
 
 
 def assert_trees_close(a, b):
+    """Leaf by leaf within TOL, plus 1e-6 of the leaf's largest magnitude: a gradient
+    element is a float32 sum over time and batch whose rounding follows the sum's
+    largest terms (the ReLU RNN, 2 bidirectional layers, on an AVX2 CPU: 0.21083 vs
+    0.21082 in a leaf reaching 31.5, 4e-7 of it, over TOL by 1e-6)."""
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+        y = np.asarray(y)
+        scale = float(np.max(np.abs(y))) if y.size else 0.0
+        np.testing.assert_allclose(
+            np.asarray(x), y, rtol=TOL["rtol"], atol=TOL["atol"] + 1e-6 * scale
+        )
 
 
 def assert_matches_scan(ref, fast, params, seed):
@@ -459,7 +467,7 @@ def test_directions_option_errors():
 def test_choose_implementation():
     # the LSTM on a CPU: its native kernels built for AVX-512 (tests/test_native.py),
     # else the XLA loops
-    lstm_cpu = "native" if native.vector_lanes() == native.AUTO_LANES else "fused"
+    lstm_cpu = "native" if native.runs_under_auto() else "fused"
     assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == lstm_cpu
     assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == lstm_cpu
     assert networks.choose_implementation(cells.lstm(20), 64, "cpu") == "fused"

@@ -139,9 +139,10 @@ def _cpu_flags() -> set[str]:
     ids=["avx2", "sse2"],
 )
 def test_builds_for_smaller_vector_units_match_the_equations(march, lanes, needs):
-    """The kernels as compiled for CPUs without AVX-512 (AVX2: 8 floats per vector, 3
-    rows per tile; baseline x86-64: 4 floats, 3 rows; the NEON branch shares the
-    4-float code with 6 rows), built here and run on this CPU."""
+    """The kernels as compiled for CPUs without AVX-512 (AVX2: 8 floats per vector, 6
+    rows per tile, two passes of 2 gates; baseline x86-64: 4 floats, the same tiles;
+    the NEON branch shares the 4-float code with one pass of 4 gates), built here and
+    run on this CPU."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("x86 builds")
     if not needs <= _cpu_flags():
@@ -150,7 +151,16 @@ def test_builds_for_smaller_vector_units_match_the_equations(march, lanes, needs
     assert why is None, why
     lib, names = native.register(path, f"_{march.replace('-', '_')}")
     assert lib.RnnJaxLstmLanes() == lanes
-    for H, B, T in [(16, 7, 5), (32, 13, 4), (48, 6, 3), (128, 8, 2)]:
+    # batches of 6-row tiles and every remainder (1, 1, 0, 2, 5, 3, 4 rows)
+    for H, B, T in [
+        (16, 7, 5),
+        (32, 13, 4),
+        (48, 6, 3),
+        (128, 8, 2),
+        (64, 17, 3),
+        (16, 9, 4),
+        (32, 10, 2),
+    ]:
         check_kernels(H, B, T, names["forward"], names["backward"])
 
 
@@ -310,7 +320,7 @@ def test_other_types_run_the_xla_loops():
 
 def test_auto_picks_native_for_the_lstm_on_cpus_with_avx512(monkeypatch):
     choose = networks.choose_implementation
-    fast = "native" if native.vector_lanes() == native.AUTO_LANES else "fused"
+    fast = "native" if native.runs_under_auto() else "fused"
     assert choose(cells.lstm(256), 64) == fast
     assert choose(cells.lstm(32), 1024, num_layers=2, bidirectional=True) == fast
     assert choose(cells.gru(256), 64) == "fused"  # no kernel for the GRU
@@ -319,9 +329,40 @@ def test_auto_picks_native_for_the_lstm_on_cpus_with_avx512(monkeypatch):
     assert choose(cells.lstm(256), 64, backend="gpu") != "native"
     # builds with 8- or 4-float vectors (AVX2, NEON, SSE) keep the XLA loops: AVX2's took
     # 0.92-1.10x their time (BUILD.md)
+    monkeypatch.setattr(native, "_cpu_may_have_avx2", lambda: True)
     for lanes in (16, 8, 4):
         monkeypatch.setattr(native, "vector_lanes", lambda lanes=lanes: lanes)
-        assert choose(cells.lstm(256), 64) == ("native" if lanes == 16 else "fused")
+        assert choose(cells.lstm(256), 64) == ("native" if lanes in (16, 8) else "fused")
+    # a CPU without AVX2 is told apart before any build (the build is never asked)
+    monkeypatch.setattr(native, "_cpu_may_have_avx2", lambda: False)
+    monkeypatch.setattr(native, "vector_lanes", lambda: pytest.fail("built the kernels"))
+    assert choose(cells.lstm(256), 64) == "fused"
+
+
+def test_the_cpu_flags_decide_whether_auto_may_build(monkeypatch, tmp_path):
+    """``_cpu_may_have_avx2`` reads /proc/cpuinfo's flags; other machines: x86-64
+    only, and True (ask the build) where there is no cpuinfo."""
+    import pathlib
+    import platform
+
+    flags = {
+        "avx": "flags\t\t: fpu sse2 avx\n",  # (Sandy Bridge: no AVX2, no FMA)
+        "avx2": "flags\t\t: fpu sse2 avx avx2 fma\n",
+        "avx512": "flags\t: sse2 avx avx2 fma avx512f avx512bw\n",
+    }
+    real_read = pathlib.Path.read_text
+    for name, line in flags.items():
+        fake = tmp_path / name
+        fake.write_text("processor\t: 0\n" + line)
+
+        def read_text(self, *a, fake=fake, **k):
+            return real_read(fake if str(self) == "/proc/cpuinfo" else self, *a, **k)
+
+        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+        monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+        assert native._cpu_may_have_avx2() == (name != "avx")
+        monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+        assert native._cpu_may_have_avx2() is False
 
 
 def test_unsupported_cells_are_refused_up_front():

@@ -488,6 +488,12 @@ def test_odd_but_valid_inputs_and_clear_errors_for_bad_carries(implementation):
     xs = np.random.default_rng(0).normal(size=(3, 4, 6)).astype(np.float32)
     want = net.apply_batch(params, xs, jnp.array([1, 4, 0]))[0]
     np.testing.assert_allclose(net.apply_batch(params, xs, [1, 4, 0])[0], want, rtol=1e-6)
+    # through jax.jit a list arrives as a list of tracers (NumPy cannot convert those)
+    jitted = jax.jit(net.apply_batch)
+    np.testing.assert_allclose(jitted(params, xs, [1, 4, 0])[0], want, rtol=1e-6)
+    np.testing.assert_allclose(jitted(params, list(xs), (1, 4, 0))[0], want, rtol=1e-6)
+    one = jax.jit(net.apply)(params, list(xs[1]), 3)[0]  # a list of [I] rows
+    np.testing.assert_allclose(one, net.apply(params, xs[1], 3)[0], rtol=1e-6)
     np.testing.assert_allclose(
         net.apply_batch(params, xs.tolist())[0], net.apply_batch(params, xs)[0], rtol=1e-6
     )

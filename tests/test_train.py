@@ -536,6 +536,8 @@ BAD = [
     (["--unroll=-1"], "--unroll: expected >= 0, got -1"),
     (["--cpu_devices=3", "--batch_size=4"], "--cpu_devices: 3 devices do not split --batch_size 4"),
     (["--cpu_devices=many"], "--cpu_devices=many: expected auto or an integer >= 1"),
+    # the flag takes every implementation networks does; native runs the LSTM only
+    (["--implementation=native", "--cell=gru"], "--implementation: 'native': no native kernel"),
 ]
 
 BAD_CONFIG = [
@@ -682,6 +684,12 @@ def test_generate_ids_refuses_a_bad_concrete_temperature():
     for huge in (1e39, 1e308):  # finite in float64, inf in float32
         with pytest.raises(ValueError, match="temperature: expected at most 3.403e.38"):
             generate.generate_ids(model, params, prefix, 3, huge)
+    # generate_text jits generate_ids, which then sees a tracer: it checks first (a
+    # negative or NaN temperature had decoded greedily)
+    vocab = text.Vocab(list("abcd"))  # 5 ids, as the model
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature: expected a finite number >= 0"):
+            generate.generate_text(model, params, vocab, "ab", 3, temperature=bad)
 
 
 def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):

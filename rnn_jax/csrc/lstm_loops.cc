@@ -53,16 +53,16 @@ namespace {
 // slower than XLA's loops.)
 #define RNN_JAX_X4(x) x, x, x, x
 #if defined(__AVX512F__)
-constexpr int kLanes = 16, kRows = 6;
+constexpr int kLanes = 16, kRows = 6, kPassGates = 4, kBackRows = 6, kBackNZ = 4;
 #define RNN_JAX_SPLAT(x) RNN_JAX_X4(x), RNN_JAX_X4(x), RNN_JAX_X4(x), RNN_JAX_X4(x)
 #elif defined(__AVX__)
-constexpr int kLanes = 8, kRows = 3;
+constexpr int kLanes = 8, kRows = 6, kPassGates = 2, kBackRows = 6, kBackNZ = 2;
 #define RNN_JAX_SPLAT(x) RNN_JAX_X4(x), RNN_JAX_X4(x)
 #elif defined(__aarch64__) || defined(__ARM_NEON)
-constexpr int kLanes = 4, kRows = 6;
+constexpr int kLanes = 4, kRows = 6, kPassGates = 4, kBackRows = 6, kBackNZ = 4;
 #define RNN_JAX_SPLAT(x) RNN_JAX_X4(x)
 #else
-constexpr int kLanes = 4, kRows = 3;
+constexpr int kLanes = 4, kRows = 6, kPassGates = 2, kBackRows = 6, kBackNZ = 2;
 #define RNN_JAX_SPLAT(x) RNN_JAX_X4(x)
 #endif
 typedef float vf __attribute__((vector_size(kLanes * 4)));
@@ -156,69 +156,89 @@ struct Step {  // one forward step's operands; rows of H or G floats
   bool save;
 };
 
-// Rows [r0, r0 + MB), units [L u, L u + L) of one forward step (L = kLanes). wp:
-// W_h's copy, <[H/L, H, 4, L]> (unit group, input unit, gate, unit in group).
-template <int MB>
-inline void forward_tile(const Step& s, int u, int r0, const float* wp) {
+constexpr int kPasses = 4 / kPassGates;
+
+// Rows [r0, r0 + MB), units [L u, L u + L) of one forward step (L = kLanes), gates
+// [P kPassGates, (P + 1) kPassGates) of the recurrent matmul. wp: W_h's copy,
+// <[H/L, kPasses, H, kPassGates, L]> (unit group, pass, input unit, gate, unit in
+// group). A pass before the last leaves its pre-activations in pre <[B, 4, L]>; the
+// last one reads them back and applies the step's nonlinearities and cell update.
+template <int MB, int P>
+inline void forward_tile(const Step& s, int u, int r0, const float* wp, float* pre) {
   const int H = s.H, G = 4 * H, col = u * kLanes;
-  vf acc[MB][4];
+  vf acc[MB][kPassGates];
   for (int r = 0; r < MB; ++r)
-    for (int g = 0; g < 4; ++g) acc[r][g] = load(s.xp + (r0 + r) * G + g * H + col);
-  const float* panel = wp + static_cast<size_t>(u) * H * 4 * kLanes;
+    for (int j = 0; j < kPassGates; ++j)
+      acc[r][j] = load(s.xp + (r0 + r) * G + (P * kPassGates + j) * H + col);
+  const float* panel = wp + (static_cast<size_t>(u) * kPasses + P) * H * kPassGates * kLanes;
   for (int k = 0; k < H; ++k) {
-    const float* wk = panel + k * 4 * kLanes;
-    const vf w0 = load(wk), w1 = load(wk + kLanes), w2 = load(wk + 2 * kLanes),
-             w3 = load(wk + 3 * kLanes);
+    vf w[kPassGates];
+    for (int j = 0; j < kPassGates; ++j) w[j] = load(panel + (k * kPassGates + j) * kLanes);
     for (int r = 0; r < MB; ++r) {
       const vf a = splat(s.hprev[(r0 + r) * H + k]);
-      acc[r][0] += a * w0;
-      acc[r][1] += a * w1;
-      acc[r][2] += a * w2;
-      acc[r][3] += a * w3;
+      for (int j = 0; j < kPassGates; ++j) acc[r][j] += a * w[j];
     }
   }
-  for (int r = 0; r < MB; ++r) {
-    const int hi = (r0 + r) * H + col, gi = (r0 + r) * G + col;
-    const vf c_prev = load(s.c + hi);
-    if (s.save) store(s.cprev + hi, c_prev);
-    if (!s.valid[r0 + r]) {  // the carry stays, the outputs are zero
-      store(s.hnext + hi, load(s.hprev + hi));
-      store(s.ys + hi, vf{});
-      if (s.save) {
-        store(s.tanh_c + hi, vf{});
-        for (int g = 0; g < 4; ++g) store(s.acts + gi + g * H, vf{});
+  if constexpr (P + 1 < kPasses) {
+    for (int r = 0; r < MB; ++r)
+      for (int j = 0; j < kPassGates; ++j)
+        store(pre + ((r0 + r) * 4 + P * kPassGates + j) * kLanes, acc[r][j]);
+    return;
+  } else {
+    for (int r = 0; r < MB; ++r) {
+      const int hi = (r0 + r) * H + col, gi = (r0 + r) * G + col;
+      const vf c_prev = load(s.c + hi);
+      if (s.save) store(s.cprev + hi, c_prev);
+      if (!s.valid[r0 + r]) {  // the carry stays, the outputs are zero
+        store(s.hnext + hi, load(s.hprev + hi));
+        store(s.ys + hi, vf{});
+        if (s.save) {
+          store(s.tanh_c + hi, vf{});
+          for (int g = 0; g < 4; ++g) store(s.acts + gi + g * H, vf{});
+        }
+        continue;
       }
-      continue;
+      vf a[4];
+      for (int g = 0; g < P * kPassGates; ++g) a[g] = load(pre + ((r0 + r) * 4 + g) * kLanes);
+      for (int j = 0; j < kPassGates; ++j) a[P * kPassGates + j] = acc[r][j];
+      const vf i = sigmoid_v(a[0]), f = sigmoid_v(a[1]), o = sigmoid_v(a[2]);
+      const vf g = tanh_v(a[3]);
+      const vf c = f * c_prev + i * g;
+      const vf tc = tanh_v(c);
+      const vf h = o * tc;
+      store(s.c + hi, c);
+      store(s.hnext + hi, h);
+      store(s.ys + hi, h);
+      if (!s.save) continue;
+      store(s.tanh_c + hi, tc);
+      store(s.acts + gi, i);
+      store(s.acts + gi + H, f);
+      store(s.acts + gi + 2 * H, o);
+      store(s.acts + gi + 3 * H, g);
     }
-    const vf i = sigmoid_v(acc[r][0]), f = sigmoid_v(acc[r][1]), o = sigmoid_v(acc[r][2]);
-    const vf g = tanh_v(acc[r][3]);
-    const vf c = f * c_prev + i * g;
-    const vf tc = tanh_v(c);
-    const vf h = o * tc;
-    store(s.c + hi, c);
-    store(s.hnext + hi, h);
-    store(s.ys + hi, h);
-    if (!s.save) continue;
-    store(s.tanh_c + hi, tc);
-    store(s.acts + gi, i);
-    store(s.acts + gi + H, f);
-    store(s.acts + gi + 2 * H, o);
-    store(s.acts + gi + 3 * H, g);
   }
 }
 
-template <int MB>
-void forward_rows(const Step& s, int u, int rows, const float* wp) {
+template <int MB, int P>
+void forward_rows(const Step& s, int u, int rows, const float* wp, float* pre) {
   int r = 0;
-  for (; r + MB <= rows; r += MB) forward_tile<MB>(s, u, r, wp);
+  for (; r + MB <= rows; r += MB) forward_tile<MB, P>(s, u, r, wp, pre);
   switch (rows - r) {  // the last rows, fewer than MB
-    case 1: forward_tile<1>(s, u, r, wp); break;
-    case 2: forward_tile<2>(s, u, r, wp); break;
-    case 3: forward_tile<3>(s, u, r, wp); break;
-    case 4: forward_tile<4>(s, u, r, wp); break;
-    case 5: forward_tile<5>(s, u, r, wp); break;
+    case 1: forward_tile<1, P>(s, u, r, wp, pre); break;
+    case 2: forward_tile<2, P>(s, u, r, wp, pre); break;
+    case 3: forward_tile<3, P>(s, u, r, wp, pre); break;
+    case 4: forward_tile<4, P>(s, u, r, wp, pre); break;
+    case 5: forward_tile<5, P>(s, u, r, wp, pre); break;
     default: break;
   }
+}
+
+// One forward step's unit group u: every pass over all rows (a pass's weights stay
+// in cache across the rows).
+template <int... P>
+inline void forward_group(const Step& s, int u, int rows, const float* wp, float* pre,
+                          std::integer_sequence<int, P...>) {
+  (forward_rows<kRows, P>(s, u, rows, wp, pre), ...);
 }
 
 // out[r, L NZ q + j] = sum_k da[r, k] W_h[L NZ q + j, k] for rows [r0, r0 + MB)
@@ -284,12 +304,15 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                tanh_c->element_count() != T * bh))
     return ffi::Error::InvalidArgument("lstm_loops: save needs the saves' buffers");
   const float* W = w.typed_data();
-  Scratch wp(static_cast<size_t>(H) * G), h_a(bh), h_b(bh);
+  Scratch wp(static_cast<size_t>(H) * G), h_a(bh), h_b(bh), pre(static_cast<size_t>(B) * 4 * kLanes);
   for (int u = 0; u < H / kLanes; ++u)
-    for (int k = 0; k < H; ++k)
-      for (int g = 0; g < 4; ++g)
-        std::memcpy(wp.p + ((static_cast<size_t>(u) * H + k) * 4 + g) * kLanes,
-                    W + static_cast<size_t>(k) * G + g * H + u * kLanes, kLanes * sizeof(float));
+    for (int q = 0; q < kPasses; ++q)
+      for (int k = 0; k < H; ++k)
+        for (int j = 0; j < kPassGates; ++j)
+          std::memcpy(
+              wp.p + (((static_cast<size_t>(u) * kPasses + q) * H + k) * kPassGates + j) * kLanes,
+              W + static_cast<size_t>(k) * G + (q * kPassGates + j) * H + u * kLanes,
+              kLanes * sizeof(float));
   std::memcpy(h_a.p, h0.typed_data(), bh * sizeof(float));
   float* c = cT->typed_data();  // the running cell state, final after the loop
   std::memcpy(c, c0.typed_data(), bh * sizeof(float));
@@ -306,7 +329,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                  save ? cprev->typed_data() + t * bh : nullptr,
                  save ? tanh_c->typed_data() + t * bh : nullptr,
                  save};
-    for (int u = 0; u < H / kLanes; ++u) forward_rows<kRows>(s, u, B, wp.p);
+    for (int u = 0; u < H / kLanes; ++u)
+      forward_group(s, u, B, wp.p, pre.p, std::make_integer_sequence<int, kPasses>{});
     std::swap(hprev, hnext);
   }
   std::memcpy(hT->typed_data(), hprev, bh * sizeof(float));
@@ -364,7 +388,8 @@ static void backward_loop(int T, int B, int H, const float* W, const float* acts
         store(dc + hi, dcv * f);
       }
     }
-    for (int q = 0; q < H / width; ++q) backward_rows<kRows, NZ>(H, q, B, da_t, wtp.p, dh_new.p);
+    for (int q = 0; q < H / width; ++q)
+      backward_rows<kBackRows, NZ>(H, q, B, da_t, wtp.p, dh_new.p);
     for (int r = 0; r < B; ++r)
       if (v_t[r])
         std::memcpy(dh + static_cast<size_t>(r) * H, dh_new.p + static_cast<size_t>(r) * H,
@@ -392,7 +417,7 @@ static ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32
     loop(T, B, H, w.typed_data(), acts.typed_data(), cprev.typed_data(), tanh_c.typed_data(),
          dys.typed_data(), valid.typed_data(), da->typed_data(), dh, dc);
   };
-  if (H % (4 * kLanes) == 0)
+  if (kBackNZ >= 4 && H % (4 * kLanes) == 0)
     run(backward_loop<4>);
   else if (H % (2 * kLanes) == 0)
     run(backward_loop<2>);
