@@ -530,9 +530,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vector_isa() -> str | None:
+    """The widest vector instruction set the CPU offers of those that change which
+    code runs (XLA's, the native kernels', PyTorch's): AVX-512, AVX2, NEON; None if
+    unknown. The same "AMD EPYC" model name covers CPUs with and without AVX-512."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "NEON"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    return None
+
+
 def machine_info(gpu_name: str | None = None) -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
+        "vector": cpu_vector_isa(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
         "gpu": gpu_name,
@@ -554,7 +575,8 @@ def device_label(meta: dict[str, Any]) -> str:
     m = meta["machine"]
     if meta.get("platform") == "gpu" and m.get("gpu"):
         return f"GPU {m['gpu']}"
-    return f"CPU {m['cpu']} ({m['cores_usable']} cores)"
+    isa = f", {m['vector']}" if m.get("vector") else ""  # (absent from older reports)
+    return f"CPU {m['cpu']}{isa} ({m['cores_usable']} cores)"
 
 
 # --- tables and markdown -------------------------------------------------------------
@@ -824,7 +846,9 @@ def render_section(report: dict[str, Any]) -> tuple[str, str]:
         f"## {key}",
         "",
         f"- Date: {meta['date']}",
-        f"- Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable)"
+        f"- Machine: {m['cpu']}"
+        + (f" ({m['vector']})" if m.get("vector") else "")
+        + f", {m['cores']} cores ({m['cores_usable']} usable)"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU used"),
         "- Versions: " + ", ".join(f"{k} {val or 'not installed'}" for k, val in v.items()),
         f"- Threads: {meta['threads']} per worker (OMP/MKL/OpenBLAS, torch.set_num_threads, "

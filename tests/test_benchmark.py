@@ -390,6 +390,14 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
     report = _report([_result("rnn_jax", 0.010), _result("flax", 0.020)], impls)
     key, section = benchmark.render_section(report)
     assert key == "CPU Some CPU (4 cores): training step"
+    # the vector instruction set tells machines with one model name apart (an AMD EPYC
+    # with AVX-512 and one without); reports from before it keep their label
+    vector = {**report, "meta": {**report["meta"]}}
+    vector["meta"]["machine"] = {**report["meta"]["machine"], "vector": "AVX2"}
+    key_avx2, section_avx2 = benchmark.render_section(vector)
+    assert key_avx2 == "CPU Some CPU, AVX2 (4 cores): training step"
+    assert "- Machine: Some CPU (AVX2), 4 cores (4 usable)" in section_avx2
+    assert benchmark.cpu_vector_isa() in ("AVX-512", "AVX2", "NEON", None)
     for text in ("### Training step", "speedup vs flax", "reset_after=True", "torch skipped"):
         assert text in section
     assert "`python -m experiments.benchmark --compare=flax,torch`" in section

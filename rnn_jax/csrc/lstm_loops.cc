@@ -23,11 +23,13 @@
 // gradients through (da = 0), as the XLA loops do.
 //
 // The matmuls are register-tiled: MB rows times one group of kLanes hidden units
-// (one vector), whose four gate columns sit side by side in a copy of W_h made once
-// per call, so each tile ends with the gates of whole units and the forward step's
-// nonlinearities and cell update run on the tile while it is in registers. The
-// vectors are GCC/Clang vector extensions of one register each: 16 floats on
-// AVX-512, 8 on AVX/AVX2, 4 on NEON and SSE (below).
+// (one vector), whose gate columns sit side by side in a copy of W_h made once per
+// call, so each tile ends with the gates of whole units and the forward step's
+// nonlinearities and cell update run on the tile while it is in registers. Where
+// the registers hold only two gates' accumulators (16-register instruction sets),
+// the forward step takes two passes per unit group, and the second applies the
+// nonlinearities. The vectors are GCC/Clang vector extensions of one register each:
+// 16 floats on AVX-512, 8 on AVX/AVX2, 4 on NEON and SSE (below).
 
 #include <cstdint>
 #include <cstdlib>
@@ -44,13 +46,17 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The vector width and the rows per register tile, per instruction set. A tile holds
-// kRows x 4 gate vectors of accumulators plus the 4 weight vectors, which must fit
-// the vector registers: AVX-512, 16 floats, 24 + 4 of its 32 registers; AVX/AVX2, 8
-// floats, 12 + 4 of 16; ARM's NEON, 4 floats, 24 + 4 of 32; SSE, 4 floats, 12 + 4
-// of 16. (A vector wider than the registers holds too few rows: AVX2 running the
-// AVX-512 layout of 1 row of 16 floats streamed W_h once per row and was 4-6x
-// slower than XLA's loops.)
+// The vector width and the tiles per instruction set. A forward tile holds kRows x
+// kPassGates vectors of accumulators, the kPassGates weight vectors and a broadcast
+// row value; a backward tile kBackRows x kBackNZ accumulators, kBackNZ weights and
+// the broadcast. They must fit the vector registers: AVX-512 and ARM's NEON (32
+// registers), 6 x 4 + 4 + 1; AVX/AVX2 and SSE (16), 6 x 2 + 2 + 1, the forward step
+// in two passes of two gates. With 16 registers, 3 rows x 4 gates (12 + 4 + 1)
+// left no register for the broadcast and loaded every weight once per row: a real
+// AVX2 CPU (Zen 3) ran its forward loop at 55 GFLOP/s, two passes at 66, and the
+// backward loop at 62 against 78 for 6 x 2 (medium, one core). (A vector wider than
+// the registers holds too few rows: AVX2 running the AVX-512 layout of 1 row of 16
+// floats streamed W_h once per row and was 4-6x slower than XLA's loops.)
 #define RNN_JAX_X4(x) x, x, x, x
 #if defined(__AVX512F__)
 constexpr int kLanes = 16, kRows = 6, kPassGates = 4, kBackRows = 6, kBackNZ = 4;
