@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import models, text
+from rnn_jax import models, networks, text
 
 Array = jax.Array
 
@@ -67,7 +67,7 @@ def generate_ids(
         raise ValueError(f"num_tokens: expected an int >= 1, got {num_tokens!r}")
     if num_tokens < 1:
         raise ValueError(f"num_tokens: expected >= 1, got {num_tokens}")
-    prefix = prefix if hasattr(prefix, "shape") else np.asarray(prefix)
+    prefix = networks._as_array(prefix)  # a list, under jax.jit a list of tracers
     if prefix.ndim != 1 or prefix.shape[0] < 1 or not jnp.issubdtype(prefix.dtype, jnp.integer):
         raise ValueError(
             f"prefix: expected token ids <int32>[P] with P >= 1, got "

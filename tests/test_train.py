@@ -1,6 +1,7 @@
 """Training end to end at tiny sizes: steps, resumption, signals, corruption, bad input."""
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -684,6 +685,11 @@ def test_generate_ids_refuses_a_bad_concrete_temperature():
     for huge in (1e39, 1e308):  # finite in float64, inf in float32
         with pytest.raises(ValueError, match="temperature: expected at most 3.403e.38"):
             generate.generate_ids(model, params, prefix, 3, huge)
+    # a prefix given as a list, also through jax.jit (a list of tracers there)
+    want = generate.generate_ids(model, params, jnp.array([1, 2]), 3)
+    np.testing.assert_array_equal(generate.generate_ids(model, params, [1, 2], 3), want)
+    jitted = jax.jit(functools.partial(generate.generate_ids, model, num_tokens=3))
+    np.testing.assert_array_equal(jitted(params, [1, 2]), want)
     # generate_text jits generate_ids, which then sees a tracer: it checks first (a
     # negative or NaN temperature had decoded greedily)
     vocab = text.Vocab(list("abcd"))  # 5 ids, as the model
