@@ -189,18 +189,27 @@ def vector_lanes() -> int | None:
     return int(_library()[0].RnnJaxLstmLanes())
 
 
-def _cpu_may_have_avx2() -> bool:
-    """False where the CPU cannot run an AVX2 or AVX-512 build: not x86-64, or Linux's
-    ``/proc/cpuinfo`` lists no ``avx2`` and ``fma`` (then :func:`runs_under_auto` need
-    not build the kernels to find out). True where it cannot tell (no ``/proc/cpuinfo``)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The instruction-set flags of Linux's ``/proc/cpuinfo`` (x86: ``avx2``,
+    ``avx512f``, ...); ``None`` where there is none. Read once per process:
+    ``implementation="auto"`` asks on every eager call."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return True
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), None)
-    return flags is None or {"avx2", "fma"} <= set(flags.split(":", 1)[-1].split())
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("flags")), None)
+    return None if line is None else frozenset(line.split(":", 1)[-1].split())
+
+
+def _cpu_may_have_avx2() -> bool:
+    """False where the CPU cannot run an AVX2 or AVX-512 build: not x86-64, or
+    :func:`cpu_flags` lack ``avx2`` and ``fma`` (then :func:`runs_under_auto` need
+    not build the kernels to find out). True where it cannot tell (no flags)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    flags = cpu_flags()
+    return flags is None or {"avx2", "fma"} <= flags
 
 
 def runs_under_auto() -> bool:

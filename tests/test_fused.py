@@ -465,7 +465,7 @@ def test_directions_option_errors():
 
 
 def test_choose_implementation():
-    # the LSTM on a CPU: its native kernels built for AVX-512 (tests/test_native.py),
+    # the LSTM on a CPU: its native kernels built for AVX-512 or AVX2 (tests/test_native.py),
     # else the XLA loops
     lstm_cpu = "native" if native.runs_under_auto() else "fused"
     assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == lstm_cpu

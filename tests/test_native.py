@@ -125,12 +125,8 @@ def test_kernels_match_the_equations_written_out(H, B, T):
     check_kernels(H, B, T)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()}
+def _cpu_flags() -> frozenset[str]:
+    return native.cpu_flags() or frozenset()
 
 
 @pytest.mark.parametrize(
@@ -327,8 +323,8 @@ def test_auto_picks_native_for_the_lstm_on_cpus_with_avx512(monkeypatch):
     assert choose(cells.lstm(20), 64) == "fused"  # H not a multiple of 16
     assert choose(cells.lstm(256), 64, remat=True) == "fused"
     assert choose(cells.lstm(256), 64, backend="gpu") != "native"
-    # builds with 8- or 4-float vectors (AVX2, NEON, SSE) keep the XLA loops: AVX2's took
-    # 0.92-1.10x their time (BUILD.md)
+    # builds with 16- or 8-float vectors (AVX-512, AVX2) run the kernels, which were
+    # measured faster there; 4-float ones (NEON, SSE; not measured) keep the XLA loops
     monkeypatch.setattr(native, "_cpu_may_have_avx2", lambda: True)
     for lanes in (16, 8, 4):
         monkeypatch.setattr(native, "vector_lanes", lambda lanes=lanes: lanes)
@@ -340,8 +336,9 @@ def test_auto_picks_native_for_the_lstm_on_cpus_with_avx512(monkeypatch):
 
 
 def test_the_cpu_flags_decide_whether_auto_may_build(monkeypatch, tmp_path):
-    """``_cpu_may_have_avx2`` reads /proc/cpuinfo's flags; other machines: x86-64
-    only, and True (ask the build) where there is no cpuinfo."""
+    """``_cpu_may_have_avx2`` reads /proc/cpuinfo's flags (``native.cpu_flags``, once
+    per process); other machines: x86-64 only, and True (ask the build) where there
+    is no cpuinfo."""
     import pathlib
     import platform
 
@@ -351,18 +348,22 @@ def test_the_cpu_flags_decide_whether_auto_may_build(monkeypatch, tmp_path):
         "avx512": "flags\t: sse2 avx avx2 fma avx512f avx512bw\n",
     }
     real_read = pathlib.Path.read_text
-    for name, line in flags.items():
-        fake = tmp_path / name
-        fake.write_text("processor\t: 0\n" + line)
+    try:
+        for name, line in flags.items():
+            fake = tmp_path / name
+            fake.write_text("processor\t: 0\n" + line)
 
-        def read_text(self, *a, fake=fake, **k):
-            return real_read(fake if str(self) == "/proc/cpuinfo" else self, *a, **k)
+            def read_text(self, *a, fake=fake, **k):
+                return real_read(fake if str(self) == "/proc/cpuinfo" else self, *a, **k)
 
-        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
-        monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-        assert native._cpu_may_have_avx2() == (name != "avx")
-        monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-        assert native._cpu_may_have_avx2() is False
+            monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+            native.cpu_flags.cache_clear()  # read once per process: read the fake
+            monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+            assert native._cpu_may_have_avx2() == (name != "avx")
+            monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+            assert native._cpu_may_have_avx2() is False
+    finally:  # the next reader gets this CPU's flags again
+        native.cpu_flags.cache_clear()
 
 
 def test_unsupported_cells_are_refused_up_front():

@@ -310,7 +310,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                tanh_c->element_count() != T * bh))
     return ffi::Error::InvalidArgument("lstm_loops: save needs the saves' buffers");
   const float* W = w.typed_data();
-  Scratch wp(static_cast<size_t>(H) * G), h_a(bh), h_b(bh), pre(static_cast<size_t>(B) * 4 * kLanes);
+  Scratch wp(static_cast<size_t>(H) * G), h_a(bh), h_b(bh);
+  Scratch pre(static_cast<size_t>(B) * 4 * kLanes);  // the passes' pre-activations
   for (int u = 0; u < H / kLanes; ++u)
     for (int q = 0; q < kPasses; ++q)
       for (int k = 0; k < H; ++k)
