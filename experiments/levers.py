@@ -10,7 +10,9 @@ time of each variant and the fastest::
         --variants=scan:1,scan:8,fused:1,fused:8,fused:32
 
 A variant is ``implementation:unroll`` (implementation ``scan``, ``fused``,
-``wavefront`` or ``pallas``, the last with unroll 1 and no hoist part) with optional
+``wavefront``, ``pallas`` or ``native``, the last two with unroll 1 and no hoist
+part; ``native``, the C++ loops of :mod:`rnn_jax.native`, runs the LSTM on a CPU
+in float32 only, and is skipped for the other cells) with optional
 further parts: ``hoist`` or ``nohoist`` (the scan's input projection outside the
 loop or not) and ``bf16`` (bfloat16 matmuls), e.g. ``fused:8:bf16``. All variants run in this
 one process (only JAX is imported, so no foreign thread pool competes); the peers
@@ -19,8 +21,17 @@ runs on one device count (``--cpu_devices``, default ``auto``: the benchmark's
 per-case choice, which the cases must then share), since JAX fixes the count when
 its backend starts.
 
-``--check`` first compares the ``fused``, ``wavefront`` and ``pallas``
-implementations with ``scan`` on this device at ``highest`` matmul precision
+``--rounds=N`` times every variant N times, alternating (the order reversed every
+other round, so a drift of the machine's speed falls on all variants alike), and
+reports each variant's median: on a noisy VM, the way to tell two variants apart.
+A native-kernel A/B on the benchmark's LSTM shapes, for instance::
+
+    python -m experiments.levers --configs=d2l,medium,long --cells=lstm \
+        --variants=fused:1,native:1 --rounds=7
+
+``--check`` first compares the ``fused``, ``wavefront``, ``pallas`` and (on a
+CPU where its kernels run, for the LSTM) ``native`` implementations with ``scan``
+on this device at ``highest`` matmul precision
 (values and gradients with variable lengths, every cell: fused on a 2-layer
 bidirectional network, wavefront on a 3-layer one, pallas on one layer) and exits
 1 if they differ by more than 1e-5 relative: the checks of ``tests/test_fused.py``
@@ -53,7 +64,8 @@ from experiments.benchmark import (
 )
 from experiments.common import flag_validator, parse_flags_or_exit_2
 
-IMPLEMENTATIONS = ("scan", "fused", "wavefront", "pallas")
+IMPLEMENTATIONS = ("scan", "fused", "wavefront", "pallas", "native")
+NO_UNROLL = ("pallas", "native")  # their own kernels: one step per loop iteration
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -70,10 +82,16 @@ def parse_variant(text: str) -> dict[str, Any]:
         unroll = 0
     if unroll < 1:
         raise ValueError(f"variant {text!r}: unroll must be an integer >= 1")
-    if parts[0] == "pallas" and (unroll != 1 or any(p in ("hoist", "nohoist") for p in parts)):
+    if parts[0] in NO_UNROLL and (unroll != 1 or any(p in ("hoist", "nohoist") for p in parts)):
+        also = " (or pallas:1:bf16)" if parts[0] == "pallas" else ""
         raise ValueError(
-            f"variant {text!r}: the pallas kernels have no unroll or hoist option; use "
-            f"pallas:1 (or pallas:1:bf16)"
+            f"variant {text!r}: the {parts[0]} kernels have no unroll or hoist option; use "
+            f"{parts[0]}:1{also}"
+        )
+    if parts[0] == "native" and "bf16" in parts:
+        raise ValueError(
+            f"variant {text!r}: the native kernels compute in float32 only (bfloat16 "
+            f"matmuls would run the XLA loops, i.e. fused:1:bf16)"
         )
     spec: dict[str, Any] = {"implementation": parts[0], "unroll": unroll}
     for part in parts[2:]:
@@ -93,13 +111,15 @@ CHECK_CELLS = ("rnn", "gru", "gru reset_after", "lstm")
 
 
 def check_fused(tol: float = 1e-5, names=CHECK_CELLS) -> list[dict[str, Any]]:
-    """Max relative difference of fused, wavefront and pallas vs scan (outputs,
-    carries, all gradients) per cell of ``names`` (pallas: the cells it supports)."""
+    """Max relative difference of fused, wavefront, pallas and native vs scan
+    (outputs, carries, all gradients) per cell of ``names`` (pallas and native: the
+    cells they support; native: where its kernels run, i.e. on a CPU with a
+    compiler)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from rnn_jax import cells, networks, persistent
+    from rnn_jax import cells, native, networks, persistent
 
     I, H, T, B = 5, 32, 9, 4  # noqa: E741  (H=32: pallas splits the units on GPUs)
     lengths = jnp.asarray([T, 0, 4, 1], jnp.int32)
@@ -108,7 +128,7 @@ def check_fused(tol: float = 1e-5, names=CHECK_CELLS) -> list[dict[str, Any]]:
     weights = jnp.asarray(rng.normal(size=(B, T, 2 * H)), jnp.float32)
     rows = []
     # (layers, bidirectional)
-    shapes = {"fused": (2, True), "wavefront": (3, False), "pallas": (1, True)}
+    shapes = {"fused": (2, True), "wavefront": (3, False), "pallas": (1, True), "native": (2, True)}
     every = {
         "rnn": cells.rnn(H),
         "gru": cells.gru(H),
@@ -118,6 +138,8 @@ def check_fused(tol: float = 1e-5, names=CHECK_CELLS) -> list[dict[str, Any]]:
     for name, cell in ((n, every[n]) for n in names):
         for impl, (layers, bidirectional) in shapes.items():
             if impl == "pallas" and persistent.unsupported(cell):
+                continue
+            if impl == "native" and (native.unsupported(cell) or native.unavailable()):
                 continue
             out = {}
             for run in (impl, "scan"):
@@ -162,6 +184,67 @@ def cpu_devices_for(cases, value: str) -> int:
             f"and one process has one count; pass --cpu_devices=N or run them separately"
         )
     return next(iter(counts.values()), 1)
+
+
+def variant_skip(spec: dict[str, Any], variant: dict[str, Any]) -> str | None:
+    """Why ``variant`` does not apply to the case ``spec`` (``None`` if it does):
+    the native kernels run the LSTM with H a multiple of 16 only, where they run
+    (:func:`rnn_jax.native.unavailable`: a CPU backend, a compiler)."""
+    if variant["implementation"] != "native":
+        return None
+    from rnn_jax import native
+
+    if spec["cell"] != "lstm":
+        return f"no native kernel for the {spec['cell']} (the LSTM only)"
+    if spec["hidden_size"] % native.UNITS:
+        return f"the native kernels need H a multiple of {native.UNITS}"
+    return native.unavailable()
+
+
+def time_variants(
+    spec: dict[str, Any],
+    variants: dict[str, dict[str, Any]],
+    rounds: int,
+    timing: dict[str, Any],
+    cpu_devices: str,
+    run=None,
+) -> dict[str, dict[str, Any]]:
+    """Times each of ``variants`` (name -> bench_worker spec keys) on the case
+    ``spec`` ``rounds`` times, alternating (every other round in reverse order), in
+    this process. Returns name -> the median round's result, with ``round_step_s``
+    (each round's step time, in the order run) and ``wall_s``; a variant that does
+    not apply to the case (:func:`variant_skip`) gets ``ok: False, skip: True``."""
+    run = run or bench_worker.run
+    names = list(variants)
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    walls = dict.fromkeys(names, 0.0)
+    skipped = {n: variant_skip(spec, v) for n, v in variants.items()}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if skipped[name]:
+                continue
+            t = time.perf_counter()
+            result = run({**spec, **variants[name], **timing, "cpu_devices": cpu_devices})
+            walls[name] += time.perf_counter() - t
+            result.pop("step_times_s", None)
+            results[name].append(result)
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if skipped[name]:
+            out[name] = {"ok": False, "skip": True, "error": skipped[name]}
+            continue
+        done = results[name]
+        good = [x for x in done if x.get("ok") and x.get("step_s")]
+        if len(good) < len(done) or not good:
+            chosen = next(x for x in done if not (x.get("ok") and x.get("step_s")))
+        else:  # the median round (the lower middle one of an even count)
+            chosen = sorted(good, key=lambda x: x["step_s"])[(len(good) - 1) // 2]
+        out[name] = {
+            **chosen,
+            "round_step_s": [x.get("step_s") for x in done],
+            "wall_s": walls[name],
+        }
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -210,23 +293,17 @@ def main(argv: list[str]) -> None:
             )
         failed = not all(row["ok"] for row in report["check"])
     report["cpu_devices"] = len(jax.devices("cpu"))
+    report["rounds"] = FLAGS.rounds
     print("case | " + " | ".join(FLAGS.variants) + " | fastest (ms)", flush=True)
     for case in cases:
         row = {"case": case.label(), **case.key(), "variants": {}}
-        for name, variant in zip(FLAGS.variants, variants, strict=True):
-            t = time.perf_counter()
-            result = bench_worker.run(
-                {
-                    **case.spec(),
-                    **variant,
-                    "iters": FLAGS.iters,
-                    "max_time_s": FLAGS.max_time_s,
-                    "cpu_devices": str(num_cpu_devices),
-                }
-            )
-            result["wall_s"] = time.perf_counter() - t
-            result.pop("step_times_s", None)
-            row["variants"][name] = result
+        row["variants"] = time_variants(
+            case.spec(),
+            dict(zip(FLAGS.variants, variants, strict=True)),
+            FLAGS.rounds,
+            {"iters": FLAGS.iters, "max_time_s": FLAGS.max_time_s},
+            str(num_cpu_devices),
+        )
         times = {
             n: r["step_s"] for n, r in row["variants"].items() if r.get("ok") and r.get("step_s")
         }
@@ -244,12 +321,12 @@ def main(argv: list[str]) -> None:
         f"{row['case']} {name}"
         for row in report["results"]
         for name, r in row["variants"].items()
-        if not r.get("ok")
+        if not r.get("ok") and not r.get("skip")
     ]
     if broken:
         print(f"error: {len(broken)} variant(s) failed: {', '.join(broken)}", file=sys.stderr)
     if failed:
-        print("error: fused or wavefront and scan differ beyond 1e-5 here", file=sys.stderr)
+        print("error: an implementation and scan differ beyond 1e-5 here", file=sys.stderr)
     if failed or broken:
         sys.exit(1)
 
@@ -269,8 +346,17 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("iters", 20, "Timed steps per variant (at most).", lower_bound=1)
     flags.DEFINE_float("max_time_s", 3.0, "Stop timing a variant after this long.", lower_bound=0)
+    flags.DEFINE_integer(
+        "rounds",
+        1,
+        "Times each variant is timed, alternating (every other round in reverse order); "
+        "the report gives each variant's median round.",
+        lower_bound=1,
+    )
     flags.DEFINE_bool(
-        "check", False, "First check fused, wavefront and pallas == scan on this device (1e-5)."
+        "check",
+        False,
+        "First check fused, wavefront, pallas and native == scan on this device (1e-5).",
     )
     flags.DEFINE_list(
         "check_cells",

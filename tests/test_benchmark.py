@@ -461,11 +461,12 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
             "-m",
             "experiments.levers",
             "--configs=",
-            "--config_spec=tiny:8:4:5",
+            "--config_spec=tiny:16:4:5",
             "--cells=lstm",
             "--layers=2",
-            "--variants=fused:2,scan:3:nohoist,wavefront:1:bf16",
+            "--variants=fused:2,scan:3:nohoist,wavefront:1:bf16,native:1",
             "--iters=2",
+            "--rounds=2",
             "--check",
             "--check_cells=gru_reset_after",
             f"--output={out}",
@@ -484,8 +485,10 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
     assert [r["case"] for r in report["results"]] == ["tiny lstm L2"]
     for row in report["results"]:
         variants = row["variants"]
-        assert list(variants) == ["fused:2", "scan:3:nohoist", "wavefront:1:bf16"]
+        assert list(variants) == ["fused:2", "scan:3:nohoist", "wavefront:1:bf16", "native:1"]
         assert all(v["ok"] and v["step_s"] > 0 for v in variants.values())
+        assert all(len(v["round_step_s"]) == 2 for v in variants.values())
+        assert variants["native:1"]["implementation"] == "native"
         assert variants["fused:2"]["implementation"] == "fused"
         assert variants["fused:2"]["unroll"] == 2
         assert variants["scan:3:nohoist"]["unroll"] == 3
@@ -509,6 +512,9 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
         ("scan:2:bf16", "bf16 .not with scan"),
         ("pallas:8", "no unroll or hoist option"),
         ("fused:2:bf16:bf16", "each at most once"),
+        ("native:4", "native kernels have no unroll or hoist option; use native:1"),
+        ("native:1:hoist", "no unroll or hoist option"),
+        ("native:1:bf16", "float32 only"),
     ],
 )
 def test_levers_bad_variants(text, word):
@@ -526,6 +532,46 @@ def test_levers_bad_variants(text, word):
         "unroll": 8,
         "matmul_dtype": "bfloat16",
     }
+    assert levers.parse_variant("native:1") == {"implementation": "native", "unroll": 1}
+
+
+def test_levers_rounds_alternate_and_report_each_variants_median():
+    """--rounds: ABBA order (a drift of the machine's speed falls on every variant
+    alike), each variant's median round, the failures kept, the native variant
+    skipped where it does not apply (no JAX work: a fake worker)."""
+    from experiments import levers
+
+    calls = []
+    times = {"fused": iter([3.0, 1.0, 2.0, 9.0]), "scan": iter([5.0, 4.0, 6.0, 7.0])}
+
+    def fake_run(spec):
+        calls.append(spec["implementation"])
+        assert spec["cpu_devices"] == "2" and spec["iters"] == 4
+        return {"ok": True, "step_s": next(times[spec["implementation"]]), "step_times_s": [0]}
+
+    variants = {
+        "fused:1": levers.parse_variant("fused:1"),
+        "scan:1": levers.parse_variant("scan:1"),
+    }
+    variants["native:1"] = levers.parse_variant("native:1")
+    gru = {"cell": "gru", "hidden_size": 32, "batch_size": 8, "num_steps": 4}
+    out = levers.time_variants(gru, variants, 4, {"iters": 4}, "2", run=fake_run)
+    assert calls == ["fused", "scan", "scan", "fused"] * 2
+    assert out["fused:1"]["round_step_s"] == [3.0, 1.0, 2.0, 9.0]
+    assert out["fused:1"]["step_s"] == 2.0  # the lower middle of an even count
+    assert out["scan:1"]["step_s"] == 5.0 and "step_times_s" not in out["scan:1"]
+    assert out["native:1"] == {"ok": False, "skip": True, "error": out["native:1"]["error"]}
+    assert "LSTM only" in out["native:1"]["error"]
+    odd = dict(gru, cell="lstm", hidden_size=24)
+    assert "multiple of 16" in levers.variant_skip(odd, variants["native:1"])
+    assert levers.variant_skip(odd, variants["fused:1"]) is None
+
+    def flaky(spec):
+        return {"ok": False, "error": "boom"} if len(calls) == 9 else fake_run(spec)
+
+    times["fused"] = iter([1.0, 2.0])
+    out = levers.time_variants(gru, {"fused:1": variants["fused:1"]}, 3, {"iters": 4}, "2", flaky)
+    assert out["fused:1"]["ok"] is False and out["fused:1"]["error"] == "boom"
 
 
 def test_levers_runs_all_cases_on_one_cpu_device_count(monkeypatch):
