@@ -236,7 +236,8 @@ def _valid(valid: Array | None, num_steps: int, batch: int) -> Array:
     return jnp.ones((num_steps, batch), bool) if valid is None else valid
 
 
-def _forward_call(w, h0, c0, xp, valid, save=True):
+def _forward_call(w, h0, c0, xp, valid, save=True, target=None):
+    """The forward kernel (``target``: another registered build's name)."""
     num_steps, batch, gates = xp.shape
     hidden = gates // 4
     f32 = jnp.float32
@@ -245,15 +246,16 @@ def _forward_call(w, h0, c0, xp, valid, save=True):
     # without save, the saves are empty arrays (the kernel writes none)
     saves = (xp.shape, per_step.shape, per_step.shape) if save else ((0,),) * 3
     out = (per_step, carry, carry, *(jax.ShapeDtypeStruct(s, f32) for s in saves))
-    call = jax.ffi.ffi_call(_TARGETS["forward"], out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(target or _TARGETS["forward"], out, vmap_method="sequential")
     return call(xp, w, h0, c0, valid, save=bool(save))
 
 
-def _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+def _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc, target=None):
+    """The backward kernel (``target``: another registered build's name)."""
     f32 = jnp.float32
     carry = jax.ShapeDtypeStruct(dh.shape, f32)
     out = (jax.ShapeDtypeStruct(acts.shape, f32), carry, carry)
-    call = jax.ffi.ffi_call(_TARGETS["backward"], out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(target or _TARGETS["backward"], out, vmap_method="sequential")
     return call(w, acts, c_prev, tanh_c, dys, dh, dc, valid)
 
 

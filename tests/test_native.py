@@ -8,6 +8,7 @@ fused XLA loops. Then the fallbacks (unsupported cells and types, no compiler) a
 data parallelism on 2 devices.
 """
 
+import json
 import os
 import platform
 import subprocess
@@ -454,3 +455,68 @@ def test_data_parallel_runs_the_kernels_per_device():
         timeout=300,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+# --- experiments.native_probe: the kernels alone, one build against another ----------
+
+
+def test_native_probe_times_each_build_and_checks_they_agree(tmp_path):
+    from experiments import native_probe
+
+    builds = native_probe.register_builds(["", ""])  # the same code under two names
+    assert [b["forward"] for b in builds] == [
+        "rnn_jax_lstm_forward_probe0",
+        "rnn_jax_lstm_forward_probe1",
+    ]
+    assert builds[0]["flags"] == "(the library's)"
+    shapes = native_probe.selected_shapes(["tiny"], ["tiny:16:7:5"])
+    rows = native_probe.probe(shapes, builds, rounds=3, reps=2)
+    assert [(r["shape"], r["H"], r["B"], r["T"]) for r in rows] == [("tiny", 16, 7, 5)] * 2
+    for row in rows:
+        assert len(row["forward_rounds_ms"]) == len(row["backward_rounds_ms"]) == 3
+        assert row["forward_ms"] > 0 and row["backward_gflops"] > 0
+        flops = native_probe.kernel_flops(16, 7, 5)
+        assert row["forward_gflops"] == pytest.approx(flops / row["forward_ms"] / 1e6)
+    assert native_probe.kernel_flops(16, 7, 5) == 2 * 5 * 7 * 16 * 64
+
+
+@pytest.mark.parametrize(
+    "names, specs, word",
+    [
+        (["huge"], [], "unknown"),
+        ([], [], "at least one"),
+        (["x"], ["x:15:2:2"], "multiple of 16"),
+        (["x"], ["x:16:0:2"], "B >= 1"),
+        (["x"], ["x:16:2"], "name:H:B:T"),
+        (["x"], ["x:a:2:2"], "integers"),
+    ],
+)
+def test_native_probe_bad_shapes(names, specs, word):
+    from experiments import native_probe
+
+    with pytest.raises(ValueError, match=word):
+        native_probe.selected_shapes(names, specs)
+    assert native_probe.selected_shapes(["medium"], []) == {"medium": (256, 32, 64)}
+
+
+@pytest.mark.slow
+def test_native_probe_command_line(tmp_path):
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, "-m", "experiments.native_probe", "--shapes=tiny", "--rounds=1"]
+    proc = subprocess.run(
+        [*cmd, "--shape_spec=tiny:16:3:2", "--reps=1", f"--output={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny | (the library's) |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and report["versions"]["jax"]
+    assert [r["shape"] for r in report["results"]] == ["tiny"]
+    bad = subprocess.run(
+        [*cmd, "--shape_spec=tiny:15:3:2"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode == 2 and "multiple of 16" in bad.stderr
+    assert bad.stderr.count("\n") <= 2, bad.stderr
