@@ -323,7 +323,10 @@ def choose_implementation(
     3 class; the whole training step of the 1-layer language model on one device's
     share of the batch, 2026-12-07, 8 alternating rounds; the AVX2 build's tiles of
     6 rows and two passes of 2 gates): d2l 27.9 vs 23.1, medium 68.0 vs 55.1, long 148.2 vs
-    149.0. The training steps are in BENCHMARKS.md.
+    149.0. On a 2-core Intel Xeon with AVX-512 and AMX (the training step on 2
+    devices, 2026-12-07, 7 alternating rounds, ``experiments.levers``): d2l 25.6 vs
+    16.0, medium 48.0 vs 37.8, long 127 vs 113. The training steps are in
+    BENCHMARKS.md.
     """
     backend = jax.default_backend() if backend is None else backend
     if not fused.supports(cell) or batch_size <= 1:
