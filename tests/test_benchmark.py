@@ -468,7 +468,7 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
             "--iters=2",
             "--rounds=2",
             "--check",
-            "--check_cells=gru_reset_after",
+            "--check_cells=gru_reset_after,lstm",
             f"--output={out}",
         ],
         cwd=ROOT,
@@ -480,7 +480,11 @@ def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
     report = json.loads(out.read_text())
     assert report["platform"] == "cpu" and report["versions"]["jax"]
     checked = [(r["cell"], r["implementation"]) for r in report["check"]]
-    assert checked == [("gru reset_after", i) for i in ("fused", "wavefront", "pallas")]
+    from rnn_jax import native
+
+    impls = ("fused", "wavefront", "pallas")
+    lstm = (*impls, "native") if native.unavailable() is None else impls
+    assert checked == [("gru reset_after", i) for i in impls] + [("lstm", i) for i in lstm]
     assert all(r["ok"] and r["max_rel_diff"] < 1e-5 for r in report["check"])
     assert [r["case"] for r in report["results"]] == ["tiny lstm L2"]
     for row in report["results"]:
