@@ -229,6 +229,7 @@ def _rnn_jax_step(spec: dict[str, Any]):
             num_layers=net.num_layers,
             bidirectional=net.bidirectional,
             dropout=net.dropout,
+            matmul_dtype=net.matmul_dtype,
         )
     info = {
         "hoist_input": model.network.hoist_input,

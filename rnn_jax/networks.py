@@ -263,6 +263,7 @@ def choose_implementation(
     dropout: float = 0.0,
     num_devices: int | None = None,
     cores: int | None = None,
+    matmul_dtype: str = "float32",
 ) -> str:
     """The implementation ``"auto"`` runs for ``cell`` on a batch of ``batch_size``.
 
@@ -311,7 +312,8 @@ def choose_implementation(
     (one program holding every unit) or, for the two directions, run one after the
     other.
 
-    On a CPU the LSTM (H a multiple of 16, no remat) runs ``"native"`` where its
+    On a CPU the LSTM (H a multiple of 16, no remat, float32 matmuls: the kernels
+    have no other type, so bfloat16 matmuls run the XLA loops) runs ``"native"`` where its
     kernels build with AVX-512 or AVX2 (:func:`rnn_jax.native.runs_under_auto`; ARM
     and x86 CPUs without AVX2 build nothing here and keep the XLA loops). Measured
     on one core, ms, fused vs native: on the 2-core AMD EPYC with AVX-512 (one layer
@@ -349,6 +351,7 @@ def choose_implementation(
     if (
         backend == "cpu"
         and not remat
+        and matmul_dtype == "float32"
         and native.unsupported(cell) is None
         and native.runs_under_auto()
     ):
@@ -751,6 +754,7 @@ def network(
                 num_layers=num_layers,
                 bidirectional=bidirectional,
                 dropout=dropout,
+                matmul_dtype=matmul_dtype,
             )
         if impl in FUSED_FAMILY:
             return _fused_jit(params, xs, lengths, initial_carry, keys, impl)

@@ -471,6 +471,9 @@ def test_choose_implementation():
     assert networks.choose_implementation(cells.lstm(32), 1024, "cpu") == lstm_cpu
     assert networks.choose_implementation(cells.lstm(256), 64, "cpu") == lstm_cpu
     assert networks.choose_implementation(cells.lstm(20), 64, "cpu") == "fused"
+    # the native kernels are float32 only: bfloat16 matmuls run the XLA loops
+    bf16 = networks.choose_implementation(cells.lstm(32), 1024, "cpu", matmul_dtype="bfloat16")
+    assert bf16 == "fused"
     assert networks.choose_implementation(cells.gru(32), 1024, "cpu") == "fused"
     assert networks.choose_implementation(cells.gru(128), 32, "cpu") == "fused"
     # one unidirectional layer on a GPU: the Pallas kernels where they won (H <= 128)
