@@ -192,13 +192,11 @@ def variant_skip(spec: dict[str, Any], variant: dict[str, Any]) -> str | None:
     (:func:`rnn_jax.native.unavailable`: a CPU backend, a compiler)."""
     if variant["implementation"] != "native":
         return None
-    from rnn_jax import native
+    from rnn_jax import cells, native
 
-    if spec["cell"] != "lstm":
-        return f"no native kernel for the {spec['cell']} (the LSTM only)"
-    if spec["hidden_size"] % native.UNITS:
-        return f"the native kernels need H a multiple of {native.UNITS}"
-    return native.unavailable()
+    return native.unsupported(cells.make(spec["cell"], spec["hidden_size"])) or (
+        native.unavailable()
+    )
 
 
 def time_variants(

@@ -47,20 +47,20 @@ SHAPES = {
 
 
 def parse_shape_spec(text: str) -> tuple[str, tuple[int, int, int]]:
-    """``"name:H:B:T"`` -> ``(name, (H, B, T))``; ValueError naming what is wrong."""
-    parts = text.split(":")
-    if len(parts) != 4 or not parts[0]:
-        raise ValueError(f"--shape_spec {text!r}: expected name:H:B:T")
+    """``"name:H:B:T"`` -> ``(name, (H, B, T))`` (the benchmark's ``--config_spec``
+    form, read by :func:`experiments.benchmark.parse_config_spec`); ValueError
+    naming what is wrong."""
+    from experiments.benchmark import parse_config_spec
+
     try:
-        hidden, batch, steps = (int(x) for x in parts[1:])
-    except ValueError:
-        raise ValueError(f"--shape_spec {text!r}: H, B and T must be integers") from None
-    if hidden <= 0 or hidden % 16 or batch <= 0 or steps <= 0:
+        config = parse_config_spec(text)
+    except ValueError as e:
+        raise ValueError(f"--shape_spec: {e}") from None
+    if config.hidden_size % 16:
         raise ValueError(
-            f"--shape_spec {text!r}: expected H a positive multiple of 16 (the kernels' "
-            f"unit groups), B >= 1 and T >= 1"
+            f"--shape_spec {text!r}: expected H a multiple of 16 (the kernels' unit groups)"
         )
-    return parts[0], (hidden, batch, steps)
+    return config.name, (config.hidden_size, config.batch_size, config.num_steps)
 
 
 def selected_shapes(names: list[str], specs: list[str]) -> dict[str, tuple[int, int, int]]:

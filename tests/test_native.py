@@ -8,6 +8,7 @@ fused XLA loops. Then the fallbacks (unsupported cells and types, no compiler) a
 data parallelism on 2 devices.
 """
 
+import functools
 import json
 import os
 import platform
@@ -95,22 +96,19 @@ def check_kernels(H, B, T, forward=None, backward=None):
     xp = random(3, (T, B, 4 * H), 2.0)
     lengths = np.random.default_rng(4).integers(0, T + 1, B)
     valid = np.arange(T)[:, None] < lengths[None, :]
-    run_forward, run_backward = native._forward_call, native._backward_call
+    run_forward = functools.partial(native._forward_call, target=forward)
+    run_backward = functools.partial(native._backward_call, target=backward)
     if forward is None:
         run_forward = jax.jit(native._forward_call, static_argnums=5)
         run_backward = jax.jit(native._backward_call)
-    with pytest.MonkeyPatch.context() as mp:
-        if forward is not None:
-            mp.setitem(native._TARGETS, "forward", forward)
-            mp.setitem(native._TARGETS, "backward", backward)
-        got = run_forward(w, h0, c0, xp, valid, True)
-        want = forward_by_hand(w, h0, c0, xp, valid)
-        names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c")
-        for name, g, e in zip(names, got, want, strict=True):
-            np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
-        dys, dh, dc = random(5, (T, B, H)), random(6, (B, H)), random(7, (B, H))
-        saves = [np.asarray(a) for a in got[3:]]
-        got = run_backward(w, valid, *saves, dys, dh, dc)
+    got = run_forward(w, h0, c0, xp, valid, True)
+    want = forward_by_hand(w, h0, c0, xp, valid)
+    names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c")
+    for name, g, e in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
+    dys, dh, dc = random(5, (T, B, H)), random(6, (B, H)), random(7, (B, H))
+    saves = [np.asarray(a) for a in got[3:]]
+    got = run_backward(w, valid, *saves, dys, dh, dc)
     want = backward_by_hand(w, valid, *saves, dys, dh, dc)
     for name, g, e in zip(("dA", "dh_0", "dc_0"), got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
@@ -486,9 +484,9 @@ def test_native_probe_times_each_build_and_checks_they_agree(tmp_path):
         (["huge"], [], "unknown"),
         ([], [], "at least one"),
         (["x"], ["x:15:2:2"], "multiple of 16"),
-        (["x"], ["x:16:0:2"], "B >= 1"),
-        (["x"], ["x:16:2"], "name:H:B:T"),
-        (["x"], ["x:a:2:2"], "integers"),
+        (["x"], ["x:16:0:2"], "--shape_spec: hidden, batch and steps must be >= 1"),
+        (["x"], ["x:16:2"], "--shape_spec: expected name:hidden:batch:steps"),
+        (["x"], ["x:a:2:2"], "--shape_spec: expected integer hidden:batch:steps"),
     ],
 )
 def test_native_probe_bad_shapes(names, specs, word):
