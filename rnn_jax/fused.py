@@ -106,11 +106,14 @@ class LoopOptions(NamedTuple):
     ``matmul_dtype`` (the operand type of every matmul; accumulation, gates and
     carries stay float32) and ``kernel``: ``"xla"`` (a ``lax.scan`` of XLA ops),
     ``"pallas"`` (each loop one GPU kernel, :mod:`rnn_jax.persistent`) or ``"native"``
-    (each LSTM loop one C++ function on the CPU, :mod:`rnn_jax.native`)."""
+    (each LSTM loop one C++ function on the CPU, :mod:`rnn_jax.native`); ``reverse``:
+    the forward loop runs from the last step to the first (the XLA loops and the
+    native kernels; every array stays in time order)."""
 
     unroll: int = 1
     matmul_dtype: str = "float32"
     kernel: str = "xla"
+    reverse: bool = False
 
 
 def cast(w: Array, dtype: str) -> Array:
@@ -304,11 +307,12 @@ _KERNELS = {"rnn": _rnn_kernels, "gru": _gru_kernels, "lstm": _lstm_kernels}
 _PREPARE = {"rnn": _rnn_prepare, "gru": _gru_prepare, "lstm": _lstm_prepare}
 
 
-def lstm_forward_reference(w, h0, c0, xp, valid):
+def lstm_forward_reference(w, h0, c0, xp, valid, reverse=False):
     """The forward loop of :mod:`rnn_jax.native`'s LSTM kernel, in XLA: ``(ys, h_T,
     c_T, acts, c_prev, tanh_c)`` from ``W_h <[H, 4H]>``, the carry, ``xp <[T, B,
     4H]>`` and ``valid <bool[T, B]>`` (steps not valid keep the carry and save
-    zeros). The kernel's derivatives are this function's."""
+    zeros; ``reverse``: steps from the last to the first). The kernel's derivatives
+    are this function's."""
     forward = _lstm_kernels(cells.lstm(w.shape[0]), {"w_flat": w, "w_t": w.T})[0]
 
     def body(carry, inp):
@@ -318,14 +322,17 @@ def lstm_forward_reference(w, h0, c0, xp, valid):
         saves = (_mask(valid_t, y), _mask(valid_t, acts), c_prev, _mask(valid_t, tc))
         return _where(valid_t, new, carry), saves
 
-    final, (ys, acts, c_prev, tanh_c) = jax.lax.scan(body, LSTMCarry(h0, c0), (xp, valid))
+    final, (ys, acts, c_prev, tanh_c) = jax.lax.scan(
+        body, LSTMCarry(h0, c0), (xp, valid), reverse=reverse
+    )
     return ys, final.h, final.c, acts, c_prev, tanh_c
 
 
-def lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
+def lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse=False):
     """The backward loop of :mod:`rnn_jax.native`'s LSTM kernel, in XLA: ``(dA <[T,
     B, 4H]>, dh_0, dc_0)`` from the forward loop's saves, the outputs' gradients
-    and the final carry's (steps not valid pass the carry's gradient through)."""
+    and the final carry's (steps not valid pass the carry's gradient through;
+    ``reverse``: that of a forward loop run with ``reverse``)."""
     hidden = w.shape[0]
     backward = _lstm_kernels(cells.lstm(hidden), {"w_flat": w, "w_t": w.T})[1]
 
@@ -337,7 +344,7 @@ def lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
         return _where(valid_t, d_prev, dcarry), _mask(valid_t, da)
 
     inputs = (dys, valid, acts, c_prev, tanh_c)
-    dcarry0, da = jax.lax.scan(body, LSTMCarry(dh, dc), inputs, reverse=True)
+    dcarry0, da = jax.lax.scan(body, LSTMCarry(dh, dc), inputs, reverse=not reverse)
     return da, dcarry0.h, dcarry0.c
 
 
@@ -418,9 +425,9 @@ def _where(valid: Array, new: Any, old: Any) -> Any:
 # b_hn for the reset-after GRU); the input projection stays outside, under autodiff.
 
 
-def _scan(body, carry, xs, *, unroll=1, prefetch=False):
-    """``lax.scan(body, carry, xs)``; with ``prefetch`` on CPU, each step reads its
-    inputs from the carry, loaded by the step before.
+def _scan(body, carry, xs, *, unroll=1, prefetch=False, reverse=False):
+    """``lax.scan(body, carry, xs, reverse=reverse)``; with ``prefetch`` on CPU, each
+    step reads its inputs from the carry, loaded by the step before.
 
     XLA:CPU emitted the GRU's forward step (sigmoids and tanh over ``[B, H]``
     blocks) as scalar code when an operand was a dynamic slice of the stacked inputs
@@ -434,7 +441,7 @@ def _scan(body, carry, xs, *, unroll=1, prefetch=False):
     leaves = jax.tree_util.tree_leaves(xs)
     num_steps = leaves[0].shape[0] if leaves else 0
     if not prefetch or jax.default_backend() != "cpu" or num_steps == 0:
-        return jax.lax.scan(body, carry, xs, unroll=unroll)
+        return jax.lax.scan(body, carry, xs, unroll=unroll, reverse=reverse)
 
     def load(t):
         return jax.tree_util.tree_map(
@@ -444,11 +451,12 @@ def _scan(body, carry, xs, *, unroll=1, prefetch=False):
     def step(c, t):
         inner, x_t = c
         inner, y = body(inner, x_t)
-        following = jnp.minimum(t + 1, num_steps - 1)
+        following = jnp.maximum(t - 1, 0) if reverse else jnp.minimum(t + 1, num_steps - 1)
         return (inner, load(following)), y
 
-    first = jax.tree_util.tree_map(lambda a: a[0], xs)
-    (carry, _), ys = jax.lax.scan(step, (carry, first), jnp.arange(num_steps), unroll=unroll)
+    first = jax.tree_util.tree_map(lambda a: a[-1 if reverse else 0], xs)
+    steps = jnp.arange(num_steps)
+    (carry, _), ys = jax.lax.scan(step, (carry, first), steps, unroll=unroll, reverse=reverse)
     return carry, ys
 
 
@@ -501,7 +509,7 @@ def _forward(cell, opts, save, rec, carry0, xp, valid):
         w = _pallas_weights(rec, opts.matmul_dtype)
         return persistent.forward(cell, w, rec.get("b_hn"), carry0, xp, valid, save)
     if _native(opts, rec, carry0, xp):
-        return native.forward(_flat(rec["W_h"]), carry0, xp, valid, save)
+        return native.forward(_flat(rec["W_h"]), carry0, xp, valid, save, opts.reverse)
     forward = kernels(cell, prepare(cell, rec, opts.matmul_dtype))[0]
 
     def body(carry, inp):
@@ -513,7 +521,9 @@ def _forward(cell, opts, save, rec, carry0, xp, valid):
         return new, ((y, saved) if save else (y,))
 
     prefetch = cell.name == "gru" and not save  # measured: see _scan
-    final, out = _scan(body, carry0, (xp, valid), unroll=opts.unroll, prefetch=prefetch)
+    final, out = _scan(
+        body, carry0, (xp, valid), unroll=opts.unroll, prefetch=prefetch, reverse=opts.reverse
+    )
     return out[0], final, (out[1] if save else None)
 
 
@@ -539,9 +549,22 @@ def cast_like(grads: Any, primals: Any) -> Any:
     )
 
 
-def _shift(first: Array, stacked: Array) -> Array:
-    """``[first, stacked[0], ..., stacked[T-2]]``: the hidden state before each step."""
-    return jnp.concatenate([first[None], stacked[:-1]], axis=0)
+def _shift(first: Array, stacked: Array, valid: Array | None = None, reverse=False) -> Array:
+    """The hidden state before each step, from the initial one ``first <[B, H]>``
+    and the outputs ``stacked <[T, B, H]>``: ``[first, stacked[0], ...,
+    stacked[T-2]]``; with ``reverse`` (steps from the last to the first),
+    ``stacked[t+1]``, or ``first`` where step ``t+1`` is padding (not ``valid``; a
+    row's padding keeps the initial carry and outputs zeros) or past the end.
+
+    Forward, past a length the shifted outputs are not the (frozen) state, but
+    nothing there is used: those steps are masked."""
+    if not reverse:
+        return jnp.concatenate([first[None], stacked[:-1]], axis=0)
+    after = jnp.concatenate([stacked[1:], first[None]], axis=0)
+    if valid is None:
+        return after
+    read = jnp.concatenate([valid[1:], jnp.zeros_like(valid[:1])], axis=0)
+    return jnp.where(_expand(read, after), after, first[None])
 
 
 def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
@@ -552,9 +575,7 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
     carry and the input projection ``<[T, B, G*H]>``.
     """
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
-    # The hidden state before each step. Past a length the shifted outputs are not
-    # the (frozen) state, but nothing there is used: those steps are masked below.
-    h_prev = _shift(h_first, ys)
+    h_prev = _shift(h_first, ys, valid, opts.reverse)  # the hidden state before each step
     if valid is not None:
         dys = _mask(valid, dys)
     if _pallas(opts, rec, h_first, ys):
@@ -563,7 +584,7 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
         grads = weight_grads(h_prev, _grads_of(cell, dxp, extras))
         return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
     if _native(opts, rec, h_first, ys):
-        dxp, dcarry0 = native.backward(_flat(rec["W_h"]), valid, saved, dys, dfinal)
+        dxp, dcarry0 = native.backward(_flat(rec["W_h"]), valid, saved, dys, dfinal, opts.reverse)
         grads = weight_grads(h_prev, (dxp,))
         return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
 
@@ -579,7 +600,9 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
         return _where(valid_t, d_prev, dcarry), tuple(_mask(valid_t, d) for d in grads_t)
 
     inputs = (dys, valid, h_prev, ys, saved)
-    dcarry0, stacked = jax.lax.scan(body, dfinal, inputs, reverse=True, unroll=opts.unroll)
+    dcarry0, stacked = jax.lax.scan(
+        body, dfinal, inputs, reverse=not opts.reverse, unroll=opts.unroll
+    )
     grads = weight_grads(h_prev, stacked)
     drec = {k: grads[k].reshape(rec[k].shape) for k in rec}
     return drec, dcarry0, gate_gradient(cell, stacked)
@@ -725,6 +748,25 @@ def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "floa
     return _linear(xs, w, dtype) + params["b"].reshape(-1)
 
 
+def reverse_valid(xs: Array, length: Array | None) -> Array:
+    """Reverses the first ``length`` steps of ``xs <[T, ...]>``, keeping padding in place.
+
+    The map ``t -> L-1-t`` for ``t < L``, ``t -> t`` otherwise, is its own inverse, so
+    the same call puts a reversed sequence's outputs back in time order.
+    """
+    if length is None:  # a reverse, whose gradient is a reverse (a gather's is a scatter)
+        return jnp.flip(xs, axis=0)
+    t = jnp.arange(xs.shape[0])
+    return xs[jnp.where(t < length, length - 1 - t, t)]
+
+
+def reverse_valid_batch(xs: Array, lengths: Array | None) -> Array:
+    """:func:`reverse_valid` of every sequence of a time-major ``xs <[T, B, ...]>``."""
+    if lengths is None:
+        return reverse_valid(xs, None)
+    return jax.vmap(reverse_valid, in_axes=(1, 0), out_axes=1)(xs, lengths)
+
+
 def _recurrent_params(params: dict[str, Array]) -> dict[str, Array]:
     return {k: params[k] for k in ("W_h", "b_hn") if k in params}
 
@@ -864,6 +906,7 @@ def layer(
     matmul_dtype: str = "float32",
     kernel: str = "xla",
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> tuple[Array, Any]:
     """One direction of one layer over a time-major batch, with the fused backward pass.
 
@@ -896,6 +939,13 @@ def layer(
         for data parallelism), the chunked forms run per device
         (``jax.shard_map``): each device accumulates its own weight gradients
         over the chunks and they are summed once.
+      reverse: the backward direction of a bidirectional layer: each sequence
+        reads its valid steps from the last to the first, and ``ys`` and the
+        arrays stay in time order (``ys[t]`` is the output after reading steps
+        ``L-1, ..., t``). The same as :func:`reverse_valid_batch` of the layer
+        run on :func:`reverse_valid_batch` of ``xs``, which is how the chunked
+        loops and the Pallas kernels run it; the unchunked XLA loops and the
+        native kernels read the steps in place, without the two reversed copies.
 
     Returns:
       ``(ys <float32>[T, B, H], final carry)``: outputs are zero past each length and
@@ -938,13 +988,28 @@ def layer(
                 matmul_dtype=matmul_dtype,
                 kernel=kernel,
                 chunk=chunk,
+                reverse=reverse,
             ),
             params,
             carry,
             xs,
             lengths,
         )
-    opts = LoopOptions(unroll, matmul_dtype, kernel)
+    if reverse and (chunk or kernel == "pallas"):  # these read time forward only
+        ys, final = layer(
+            cell,
+            params,
+            carry,
+            reverse_valid_batch(xs, lengths),
+            lengths,
+            unroll=unroll,
+            remat=remat,
+            matmul_dtype=matmul_dtype,
+            kernel=kernel,
+            chunk=chunk,
+        )
+        return reverse_valid_batch(ys, lengths), final
+    opts = LoopOptions(unroll, matmul_dtype, kernel, bool(reverse))
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
     if not chunk:
         xp = _project(cell, params, xs, matmul_dtype)  # all steps at once

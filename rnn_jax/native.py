@@ -236,8 +236,9 @@ def _valid(valid: Array | None, num_steps: int, batch: int) -> Array:
     return jnp.ones((num_steps, batch), bool) if valid is None else valid
 
 
-def _forward_call(w, h0, c0, xp, valid, save=True, target=None):
-    """The forward kernel (``target``: another registered build's name)."""
+def _forward_call(w, h0, c0, xp, valid, save=True, target=None, reverse=False):
+    """The forward kernel (``target``: another registered build's name; ``reverse``:
+    the steps from the last to the first)."""
     num_steps, batch, gates = xp.shape
     hidden = gates // 4
     f32 = jnp.float32
@@ -247,21 +248,22 @@ def _forward_call(w, h0, c0, xp, valid, save=True, target=None):
     saves = (xp.shape, per_step.shape, per_step.shape) if save else ((0,),) * 3
     out = (per_step, carry, carry, *(jax.ShapeDtypeStruct(s, f32) for s in saves))
     call = jax.ffi.ffi_call(target or _TARGETS["forward"], out, vmap_method="sequential")
-    return call(xp, w, h0, c0, valid, save=bool(save))
+    return call(xp, w, h0, c0, valid, save=bool(save), reverse=bool(reverse))
 
 
-def _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc, target=None):
-    """The backward kernel (``target``: another registered build's name)."""
+def _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc, target=None, reverse=False):
+    """The backward kernel (``target``: another registered build's name; ``reverse``:
+    that of a forward loop run with ``reverse``)."""
     f32 = jnp.float32
     carry = jax.ShapeDtypeStruct(dh.shape, f32)
     out = (jax.ShapeDtypeStruct(acts.shape, f32), carry, carry)
     call = jax.ffi.ffi_call(target or _TARGETS["backward"], out, vmap_method="sequential")
-    return call(w, acts, c_prev, tanh_c, dys, dh, dc, valid)
+    return call(w, acts, c_prev, tanh_c, dys, dh, dc, valid, reverse=bool(reverse))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _forward_kernel(w, h0, c0, xp, valid, save):
-    return _forward_call(w, h0, c0, xp, valid, save)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _forward_kernel(w, h0, c0, xp, valid, save, reverse):
+    return _forward_call(w, h0, c0, xp, valid, save, reverse=reverse)
 
 
 # The kernels' derivatives are those of the same loops in XLA (rnn_jax.fused, which
@@ -269,45 +271,61 @@ def _forward_kernel(w, h0, c0, xp, valid, save):
 
 
 @_forward_kernel.defjvp
-def _forward_kernel_jvp(save, primals, tangents):
+def _forward_kernel_jvp(save, reverse, primals, tangents):
     from rnn_jax.fused import lstm_forward_reference
 
     valid = primals[4]  # boolean: no tangent
-    _, tangent = jax.jvp(lambda *a: lstm_forward_reference(*a, valid), primals[:4], tangents[:4])
+    _, tangent = jax.jvp(
+        lambda *a: lstm_forward_reference(*a, valid, reverse), primals[:4], tangents[:4]
+    )
     if not save:  # the saves are empty
         tangent = (*tangent[:3], *(jnp.zeros((0,), jnp.float32),) * 3)
-    return _forward_kernel(*primals, save), tangent
+    return _forward_kernel(*primals, save, reverse), tangent
 
 
-@jax.custom_jvp
-def _backward_kernel(w, valid, acts, c_prev, tanh_c, dys, dh, dc):
-    return _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8,))
+def _backward_kernel(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse):
+    return _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse=reverse)
 
 
 @_backward_kernel.defjvp
-def _backward_kernel_jvp(primals, tangents):
+def _backward_kernel_jvp(reverse, primals, tangents):
     from rnn_jax.fused import lstm_backward_reference
 
     valid = primals[1]  # boolean: no tangent
     rest = (primals[0], *primals[2:])
     drest = (tangents[0], *tangents[2:])
-    _, tangent = jax.jvp(lambda w, *a: lstm_backward_reference(w, valid, *a), rest, drest)
-    return _backward_kernel(*primals), tangent
+    _, tangent = jax.jvp(
+        lambda w, *a: lstm_backward_reference(w, valid, *a, reverse=reverse), rest, drest
+    )
+    return _backward_kernel(*primals, reverse), tangent
 
 
-def forward(w: Array, carry0: Any, xp: Array, valid: Array | None, save: bool = True):
+def forward(
+    w: Array,
+    carry0: Any,
+    xp: Array,
+    valid: Array | None,
+    save: bool = True,
+    reverse: bool = False,
+):
     """The forward loop: ``(ys, final carry, saves)``; ``w``: ``W_h <float32>[H, 4H]``;
-    without ``save`` the saves are ``None`` (and not computed)."""
+    without ``save`` the saves are ``None`` (and not computed). ``reverse``: the steps
+    from ``T-1`` down to 0, every array in time order (a row's padding, its last
+    steps, comes first and keeps the initial carry)."""
     ys, h, c, *saves = _forward_kernel(
-        w, carry0.h, carry0.c, xp, _valid(valid, *xp.shape[:2]), bool(save)
+        w, carry0.h, carry0.c, xp, _valid(valid, *xp.shape[:2]), bool(save), bool(reverse)
     )
     return ys, LSTMCarry(h, c), (tuple(saves) if save else None)
 
 
-def backward(w: Array, valid: Array | None, saved: tuple, dys: Array, dfinal: Any):
-    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)``."""
+def backward(
+    w: Array, valid: Array | None, saved: tuple, dys: Array, dfinal: Any, reverse: bool = False
+):
+    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)``; ``reverse`` as the
+    forward loop's."""
     acts = saved[0]
     da, dh, dc = _backward_kernel(
-        w, _valid(valid, *acts.shape[:2]), *saved, dys, dfinal.h, dfinal.c
+        w, _valid(valid, *acts.shape[:2]), *saved, dys, dfinal.h, dfinal.c, bool(reverse)
     )
     return da, LSTMCarry(dh, dc)

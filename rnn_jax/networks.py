@@ -21,7 +21,10 @@ How it computes:
   stacked along a direction axis and the step is ``vmap``-ed over it; the backward
   direction reads the valid part of the sequence reversed (``xs[L-1-t]`` for
   ``t < L``) and its outputs are put back in time order (the fused layers do the
-  same, except on CPU, where two calls were faster: :func:`separate_directions`);
+  same, except on CPU, where two calls were faster: :func:`separate_directions`;
+  there the backward direction's loop runs from the last step to the first over
+  the sequence in place, ``fused.layer(..., reverse=True)``, without the reversed
+  copies);
 * variable length: at steps ``t >= length`` the carry is frozen (``jnp.where``) and
   the output is exactly zero, so padding has no effect on anything;
 * optionally, the input projection ``X W_x + b`` of all steps is one matmul
@@ -75,6 +78,7 @@ import numpy as np
 
 from rnn_jax import cells, fused, native, persistent, persistent_stack, wavefront
 from rnn_jax.cells import Cell
+from rnn_jax.fused import reverse_valid, reverse_valid_batch
 
 Array = jax.Array
 
@@ -463,18 +467,6 @@ def _unstack(tree: Any, n: int) -> list[Any]:
     return [jax.tree_util.tree_map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
-def reverse_valid(xs: Array, length: Array | None) -> Array:
-    """Reverses the first ``length`` steps of ``xs <[T, ...]>``, keeping padding in place.
-
-    The map ``t -> L-1-t`` for ``t < L``, ``t -> t`` otherwise, is its own inverse, so
-    the same call puts a reversed sequence's outputs back in time order.
-    """
-    if length is None:  # a reverse, whose gradient is a reverse (a gather's is a scatter)
-        return jnp.flip(xs, axis=0)
-    t = jnp.arange(xs.shape[0])
-    return xs[jnp.where(t < length, length - 1 - t, t)]
-
-
 def _scan_layer(cell, params, carry, xs, length, *, both_directions, hoist_input, unroll, remat):
     """Runs one layer (both its directions, when bidirectional) in one scan.
 
@@ -511,13 +503,6 @@ def _scan_layer(cell, params, carry, xs, length, *, both_directions, hoist_input
 def apply_dropout(key: Array, rate: float, ys: Array) -> Array:
     keep = jax.random.bernoulli(key, 1.0 - rate, ys.shape)
     return jnp.where(keep, ys / (1.0 - rate), jnp.zeros_like(ys))
-
-
-def _reverse_valid_batch(xs: Array, lengths: Array | None) -> Array:
-    """:func:`reverse_valid` of every sequence of a time-major ``xs <[T, B, ...]>``."""
-    if lengths is None:
-        return reverse_valid(xs, None)
-    return jax.vmap(reverse_valid, in_axes=(1, 0), out_axes=1)(xs, lengths)
 
 
 def network(
@@ -817,19 +802,18 @@ def network(
             if bidirectional and separate_directions(kernel, directions=directions):
                 c = initial_carry[layer]
                 out_f, carry_f = run(p["forward"], c.forward, ys, lengths)
-                rev = _reverse_valid_batch(ys, lengths)
-                out_b, carry_b = run(p["backward"], c.backward, rev, lengths)
-                ys = jnp.concatenate([out_f, _reverse_valid_batch(out_b, lengths)], axis=-1)
+                out_b, carry_b = run(p["backward"], c.backward, ys, lengths, reverse=True)
+                ys = jnp.concatenate([out_f, out_b], axis=-1)
                 finals.append(BiCarry(carry_f, carry_b))
             elif bidirectional:
                 c = initial_carry[layer]
                 outs, carry = jax.vmap(run, in_axes=(0, 0, 0, None))(
                     _stack([p["forward"], p["backward"]]),
                     _stack([c.forward, c.backward]),
-                    jnp.stack([ys, _reverse_valid_batch(ys, lengths)]),
+                    jnp.stack([ys, reverse_valid_batch(ys, lengths)]),
                     lengths,
                 )
-                ys = jnp.concatenate([outs[0], _reverse_valid_batch(outs[1], lengths)], axis=-1)
+                ys = jnp.concatenate([outs[0], reverse_valid_batch(outs[1], lengths)], axis=-1)
                 finals.append(BiCarry(*_unstack(carry, 2)))
             else:
                 ys, carry = run(p, initial_carry[layer], ys, lengths)

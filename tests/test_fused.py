@@ -416,6 +416,61 @@ def test_bidirectional_directions_under_vmap_equal_scan(cell_name):
     assert_matches_scan(ref, fast, params, 60)
 
 
+def reversed_by_hand(xs, lengths):
+    """Each sequence's first L steps of a time-major ``xs`` in reverse order, the
+    padding in place: numpy indices, independent of networks.reverse_valid."""
+    num_steps, batch = xs.shape[:2]
+    lengths = np.full(batch, num_steps) if lengths is None else np.asarray(lengths)
+    t = np.arange(num_steps)[:, None]
+    index = np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+    index = index.reshape(num_steps, batch, *([1] * (xs.ndim - 2)))
+    return jnp.take_along_axis(xs, jnp.asarray(index), axis=0)
+
+
+@pytest.mark.parametrize("cell_name", ["rnn", "gru", "gru_after", "lstm"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"chunk": 4}, {"remat": True}, {"unroll": 2}],
+    ids=["loop", "chunk", "remat", "unroll"],
+)
+def test_reverse_layer_reads_the_valid_steps_backwards(cell_name, kw):
+    """``fused.layer(reverse=True)``, the backward direction of a bidirectional layer,
+    against the forward layer run on each sequence's valid steps reversed and its
+    outputs put back in time order: values, final carries and gradients of params,
+    inputs and initial carries, with lengths (a 0 among them) and without. One
+    loop reads the steps in place; the chunked forms (chunk, remat) reverse copies."""
+    ref, _, params = nets(cell_name, 1, False)
+    cell, p = ref.cell, params["layer_0"]
+    (carry,) = batch_carry(ref, 71)
+    xs = jnp.swapaxes(random(72, (B, T, I)), 0, 1)
+    weights = random(73, (T, B, H))
+
+    def loss(run, lengths):
+        def f(p, xs, c):
+            ys, final = run(p, xs, c, lengths)
+            return jnp.sum(ys * weights) + sum(jnp.sum(jnp.sin(v)) for v in jax.tree.leaves(final))
+
+        return f
+
+    def in_place(p, xs, c, lengths):
+        return fused.layer(cell, p, c, xs, lengths, reverse=True, **kw)
+
+    def by_hand(p, xs, c, lengths):  # lengths: not traced, numpy indices
+        ys, final = fused.layer(cell, p, c, reversed_by_hand(xs, lengths), lengths, chunk=0)
+        return reversed_by_hand(ys, lengths), final
+
+    for lengths in (LENGTHS, None):
+        args = (p, xs, carry)
+        want = jax.jit(jax.value_and_grad(loss(by_hand, lengths), argnums=(0, 1, 2)))(*args)
+        got = jax.jit(jax.value_and_grad(loss(in_place, lengths), argnums=(0, 1, 2)))(*args)
+        assert_trees_close(got, want)
+        # the forward pass alone (no saves: the GRU's prefetching loop)
+        lens = None if lengths is None else jnp.asarray(lengths)
+        assert_trees_close(jax.jit(in_place)(*args, lens), by_hand(*args, lengths))
+    hlo = jax.jit(jax.grad(loss(in_place, None))).lower(p, xs, carry).as_text()
+    assert ("stablehlo.reverse" in hlo) == bool(kw.get("chunk") or kw.get("remat"))
+
+
 def test_separate_directions():
     assert networks.separate_directions("xla", "cpu")
     assert not networks.separate_directions("xla", "gpu")

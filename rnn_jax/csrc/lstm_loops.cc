@@ -20,7 +20,11 @@
 //   da = [dc g i(1-i), dc c_{t-1} f(1-f), dh tanh(c_t) o(1-o), dc i (1-g^2)]
 //   dh_{t-1} = da W_hᵀ;  dc_{t-1} = dc * f
 // A row whose step is not valid keeps its carry, outputs zero, and passes its
-// gradients through (da = 0), as the XLA loops do.
+// gradients through (da = 0), as the XLA loops do. With the attribute reverse, the
+// forward loop runs t = T-1, ..., 0 (and the backward loop t = 0, ..., T-1): the
+// backward direction of a bidirectional layer, read in place. The arrays stay in
+// time order; a row's padding (its last steps, not valid) comes first and keeps
+// the initial carry, so the row reads its valid steps L-1, ..., 0.
 //
 // The matmuls are register-tiled: MB rows times one group of kLanes hidden units
 // (one vector), whose gate columns sit side by side in a copy of W_h made once per
@@ -299,7 +303,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                                   ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                                   ffi::ResultBuffer<ffi::F32> acts,
                                   ffi::ResultBuffer<ffi::F32> cprev,
-                                  ffi::ResultBuffer<ffi::F32> tanh_c, bool save) {
+                                  ffi::ResultBuffer<ffi::F32> tanh_c, bool save,
+                                  bool reverse) {
   const auto d = xp.dimensions();
   const auto wd = w.dimensions();
   if (d.size() != 3 || wd.size() != 2) return ffi::Error::InvalidArgument("lstm_loops: ranks");
@@ -324,7 +329,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
   float* c = cT->typed_data();  // the running cell state, final after the loop
   std::memcpy(c, c0.typed_data(), bh * sizeof(float));
   float *hprev = h_a.p, *hnext = h_b.p;
-  for (int t = 0; t < T; ++t) {
+  for (int n = 0; n < T; ++n) {
+    const int t = reverse ? T - 1 - n : n;
     const Step s{H,
                  hprev,
                  hnext,
@@ -357,12 +363,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // acts
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c_prev
                                   .Ret<ffi::Buffer<ffi::F32>>()   // tanh_c
-                                  .Attr<bool>("save"));
+                                  .Attr<bool>("save")
+                                  .Attr<bool>("reverse"));
 
 template <int NZ>
 static void backward_loop(int T, int B, int H, const float* W, const float* acts,
                           const float* cprev, const float* tanh_c, const float* dys,
-                          const bool* valid, float* da, float* dh, float* dc) {
+                          const bool* valid, bool reverse, float* da, float* dh, float* dc) {
   const int G = 4 * H, width = NZ * kLanes;
   const size_t bh = static_cast<size_t>(B) * H, bg = static_cast<size_t>(B) * G;
   Scratch wtp(static_cast<size_t>(H) * G), dh_new(bh);
@@ -371,7 +378,8 @@ static void backward_loop(int T, int B, int H, const float* W, const float* acts
       for (int j = 0; j < width; ++j)
         wtp.p[(static_cast<size_t>(q) * G + k) * width + j] =
             W[static_cast<size_t>(q * width + j) * G + k];
-  for (int t = T - 1; t >= 0; --t) {
+  for (int n = T - 1; n >= 0; --n) {  // the forward loop's steps, last first
+    const int t = reverse ? T - 1 - n : n;
     const float* a_t = acts + t * bg;
     const size_t th = t * bh;
     const bool* v_t = valid + static_cast<size_t>(t) * B;
@@ -409,7 +417,7 @@ static ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32
                                    ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
                                    ffi::Buffer<ffi::F32> dcT, ffi::Buffer<ffi::PRED> valid,
                                    ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> dh0,
-                                   ffi::ResultBuffer<ffi::F32> dc0) {
+                                   ffi::ResultBuffer<ffi::F32> dc0, bool reverse) {
   const auto d = acts.dimensions();
   const auto wd = w.dimensions();
   if (d.size() != 3 || wd.size() != 2) return ffi::Error::InvalidArgument("lstm_loops: ranks");
@@ -422,7 +430,7 @@ static ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32
   std::memcpy(dc, dcT.typed_data(), bh * sizeof(float));
   auto run = [&](auto loop) {
     loop(T, B, H, w.typed_data(), acts.typed_data(), cprev.typed_data(), tanh_c.typed_data(),
-         dys.typed_data(), valid.typed_data(), da->typed_data(), dh, dc);
+         dys.typed_data(), valid.typed_data(), reverse, da->typed_data(), dh, dc);
   };
   if (kBackNZ >= 4 && H % (4 * kLanes) == 0)
     run(backward_loop<4>);
@@ -445,7 +453,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // valid
                                   .Ret<ffi::Buffer<ffi::F32>>()   // da
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dh0
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dc0
+                                  .Attr<bool>("reverse"));
 
 // The vector width this build uses (rnn_jax.native.vector_lanes).
 extern "C" __attribute__((visibility("default"))) int RnnJaxLstmLanes() { return kLanes; }
