@@ -133,7 +133,7 @@ def probe(
                 )
             )
             out = jax.block_until_ready(fwd(w, h0, c0, xp, valid))
-            grads = jax.block_until_ready(bwd(w, valid, *out[3:], dys, h0, c0))
+            grads = jax.block_until_ready(bwd(w, valid, *out[3:6], dys, h0, c0))
             calls.append((fwd, bwd, out, grads))
         first = calls[0]
         for b, (_, _, out, grads) in zip(builds, calls, strict=True):
@@ -158,7 +158,7 @@ def probe(
                 times[i]["forward"].append((time.perf_counter() - t) / reps)
                 t = time.perf_counter()
                 for _ in range(reps):
-                    res = bwd(w, valid, *out[3:], dys, h0, c0)
+                    res = bwd(w, valid, *out[3:6], dys, h0, c0)
                 jax.block_until_ready(res)
                 times[i]["backward"].append((time.perf_counter() - t) / reps)
         flops = kernel_flops(hidden, batch, steps)

@@ -309,23 +309,25 @@ _PREPARE = {"rnn": _rnn_prepare, "gru": _gru_prepare, "lstm": _lstm_prepare}
 
 def lstm_forward_reference(w, h0, c0, xp, valid, reverse=False):
     """The forward loop of :mod:`rnn_jax.native`'s LSTM kernel, in XLA: ``(ys, h_T,
-    c_T, acts, c_prev, tanh_c)`` from ``W_h <[H, 4H]>``, the carry, ``xp <[T, B,
-    4H]>`` and ``valid <bool[T, B]>`` (steps not valid keep the carry and save
-    zeros; ``reverse``: steps from the last to the first). The kernel's derivatives
-    are this function's."""
+    c_T, acts, c_prev, tanh_c, h_prev_t)`` from ``W_h <[H, 4H]>``, the carry, ``xp
+    <[T, B, 4H]>`` and ``valid <bool[T, B]>`` (steps not valid keep the carry and
+    save zeros; ``h_prev_t <[H, T*B]>``: the hidden state before each step,
+    transposed; ``reverse``: steps from the last to the first). The kernel's
+    derivatives are this function's."""
     forward = _lstm_kernels(cells.lstm(w.shape[0]), {"w_flat": w, "w_t": w.T})[0]
 
     def body(carry, inp):
         xp_t, valid_t = inp
         new, y, (i, f, o, g, c_prev, tc) = forward(carry, xp_t)
         acts = jnp.concatenate([i, f, o, g], axis=-1)
-        saves = (_mask(valid_t, y), _mask(valid_t, acts), c_prev, _mask(valid_t, tc))
+        saves = (_mask(valid_t, y), _mask(valid_t, acts), c_prev, _mask(valid_t, tc), carry.h)
         return _where(valid_t, new, carry), saves
 
-    final, (ys, acts, c_prev, tanh_c) = jax.lax.scan(
+    final, (ys, acts, c_prev, tanh_c, h_prev) = jax.lax.scan(
         body, LSTMCarry(h0, c0), (xp, valid), reverse=reverse
     )
-    return ys, final.h, final.c, acts, c_prev, tanh_c
+    h_prev_t = jnp.transpose(h_prev, (2, 0, 1)).reshape(h_prev.shape[2], -1)
+    return ys, final.h, final.c, acts, c_prev, tanh_c, h_prev_t
 
 
 def lstm_backward_reference(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse=False):
@@ -575,17 +577,21 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
     carry and the input projection ``<[T, B, G*H]>``.
     """
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
-    h_prev = _shift(h_first, ys, valid, opts.reverse)  # the hidden state before each step
     if valid is not None:
         dys = _mask(valid, dys)
+    if _native(opts, rec, h_first, ys):
+        w = _flat(rec["W_h"])
+        dxp, dcarry0 = native.backward(w, valid, saved, dys, dfinal, opts.reverse)
+        if len(saved) > 3:  # h_prev_t <[H, T*B]>: the weight gradient as a plain matmul
+            dw = jnp.dot(saved[3], dxp.reshape(-1, dxp.shape[-1]))
+        else:  # saves cut into chunks (fused._chunked), h_prev_t left out
+            dw = _contract(_shift(h_first, ys, valid, opts.reverse), dxp)
+        return {"W_h": dw.reshape(rec["W_h"].shape)}, dcarry0, dxp
+    h_prev = _shift(h_first, ys, valid, opts.reverse)  # the hidden state before each step
     if _pallas(opts, rec, h_first, ys):
         w_t = _pallas_weights(rec, opts.matmul_dtype).T
         dxp, dcarry0, extras = persistent.backward(cell, w_t, valid, h_prev, saved, dys, dfinal)
         grads = weight_grads(h_prev, _grads_of(cell, dxp, extras))
-        return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
-    if _native(opts, rec, h_first, ys):
-        dxp, dcarry0 = native.backward(_flat(rec["W_h"]), valid, saved, dys, dfinal, opts.reverse)
-        grads = weight_grads(h_prev, (dxp,))
         return {k: grads[k].reshape(rec[k].shape) for k in rec}, dcarry0, dxp
 
     def body(dcarry, inp):
@@ -808,6 +814,8 @@ def _chunked_fwd(cell, opts, num_chunks, recompute, params, carry0, xs, valid):
     # one forward loop as in the unchunked layer; the saves are read a chunk at a time
     xp = _project(cell, params, xs, opts.matmul_dtype)
     ys, final, saved = _forward(cell, opts, True, _recurrent_params(params), carry0, xp, valid)
+    if _native(opts, _recurrent_params(params), carry0, xp):
+        saved = saved[:3]  # h_prev_t <[H, T*B]> has no leading time axis to cut
     saved = jax.tree_util.tree_map(lambda a: _in_chunks(a, num_chunks), saved)
     return (ys, final), (params, xs, valid, ys, _hidden(carry0), saved, _carry_types(carry0))
 

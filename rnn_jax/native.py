@@ -245,7 +245,8 @@ def _forward_call(w, h0, c0, xp, valid, save=True, target=None, reverse=False):
     per_step = jax.ShapeDtypeStruct((num_steps, batch, hidden), f32)
     carry = jax.ShapeDtypeStruct((batch, hidden), f32)
     # without save, the saves are empty arrays (the kernel writes none)
-    saves = (xp.shape, per_step.shape, per_step.shape) if save else ((0,),) * 3
+    hidden_by_step = (hidden, num_steps * batch)  # h_prev_t
+    saves = (xp.shape, per_step.shape, per_step.shape, hidden_by_step) if save else ((0,),) * 4
     out = (per_step, carry, carry, *(jax.ShapeDtypeStruct(s, f32) for s in saves))
     call = jax.ffi.ffi_call(target or _TARGETS["forward"], out, vmap_method="sequential")
     return call(xp, w, h0, c0, valid, save=bool(save), reverse=bool(reverse))
@@ -279,7 +280,7 @@ def _forward_kernel_jvp(save, reverse, primals, tangents):
         lambda *a: lstm_forward_reference(*a, valid, reverse), primals[:4], tangents[:4]
     )
     if not save:  # the saves are empty
-        tangent = (*tangent[:3], *(jnp.zeros((0,), jnp.float32),) * 3)
+        tangent = (*tangent[:3], *(jnp.zeros((0,), jnp.float32),) * 4)
     return _forward_kernel(*primals, save, reverse), tangent
 
 
@@ -310,6 +311,9 @@ def forward(
     reverse: bool = False,
 ):
     """The forward loop: ``(ys, final carry, saves)``; ``w``: ``W_h <float32>[H, 4H]``;
+    the saves ``(acts <[T, B, 4H]>, c_prev <[T, B, H]>, tanh_c <[T, B, H]>, h_prev_t
+    <[H, T*B]>)``, the last the hidden state before each step transposed, for the
+    weight gradient (``h_prev_t @ dA.reshape(T*B, 4H)``, no transpose of its own);
     without ``save`` the saves are ``None`` (and not computed). ``reverse``: the steps
     from ``T-1`` down to 0, every array in time order (a row's padding, its last
     steps, comes first and keeps the initial carry)."""
@@ -322,10 +326,11 @@ def forward(
 def backward(
     w: Array, valid: Array | None, saved: tuple, dys: Array, dfinal: Any, reverse: bool = False
 ):
-    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)``; ``reverse`` as the
-    forward loop's."""
+    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)`` from the forward
+    loop's saves (the first three: ``h_prev_t`` is the weight gradient's, outside);
+    ``reverse`` as the forward loop's."""
     acts = saved[0]
     da, dh, dc = _backward_kernel(
-        w, _valid(valid, *acts.shape[:2]), *saved, dys, dfinal.h, dfinal.c, bool(reverse)
+        w, _valid(valid, *acts.shape[:2]), *saved[:3], dys, dfinal.h, dfinal.c, bool(reverse)
     )
     return da, LSTMCarry(dh, dc)

@@ -50,7 +50,9 @@ def forward_by_hand(w, h0, c0, xp, valid, reverse=False):
     acts = np.zeros((num_steps, batch, gates))
     c_prev = np.zeros((num_steps, batch, H))
     tanh_c = np.zeros((num_steps, batch, H))
+    h_prev = np.zeros((num_steps, batch, H))
     for t in reversed(range(num_steps)) if reverse else range(num_steps):
+        h_prev[t] = h
         a = xp[t] + h @ w.astype(np.float64)
         i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H : 2 * H]), sigmoid(a[:, 2 * H : 3 * H])
         g = np.tanh(a[:, 3 * H :])
@@ -62,7 +64,8 @@ def forward_by_hand(w, h0, c0, xp, valid, reverse=False):
         acts[t] = np.where(v, np.concatenate([i, f, o, g], axis=1), 0.0)
         tanh_c[t] = np.where(v, np.tanh(c_new), 0.0)
         h, c = np.where(v, h_new, h), np.where(v, c_new, c)
-    return ys, h, c, acts, c_prev, tanh_c
+    h_prev_t = h_prev.transpose(2, 0, 1).reshape(H, num_steps * batch)
+    return ys, h, c, acts, c_prev, tanh_c, h_prev_t
 
 
 def backward_by_hand(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse=False):
@@ -106,11 +109,11 @@ def check_kernels(H, B, T, forward=None, backward=None, reverse=False):
         run_backward = jax.jit(run_backward)
     got = run_forward(w, h0, c0, xp, valid, True)
     want = forward_by_hand(w, h0, c0, xp, valid, reverse)
-    names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c")
+    names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c", "h_prev_t")
     for name, g, e in zip(names, got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
     dys, dh, dc = random(5, (T, B, H)), random(6, (B, H)), random(7, (B, H))
-    saves = [np.asarray(a) for a in got[3:]]
+    saves = [np.asarray(a) for a in got[3:6]]
     got = run_backward(w, valid, *saves, dys, dh, dc)
     want = backward_by_hand(w, valid, *saves, dys, dh, dc, reverse)
     for name, g, e in zip(("dA", "dh_0", "dc_0"), got, want, strict=True):
@@ -170,7 +173,7 @@ def test_forward_without_saves_gives_the_same_outputs():
     carry = cells.LSTMCarry(jnp.asarray(random(2, (B, H))), jnp.asarray(random(3, (B, H))))
     ys, final, saves = native.forward(w, carry, xp, None, save=True)
     ys2, final2, none = jax.jit(native.forward, static_argnums=4)(w, carry, xp, None, False)
-    assert none is None and len(saves) == 3
+    assert none is None and len(saves) == 4
     np.testing.assert_array_equal(np.asarray(ys), np.asarray(ys2))
     for a, b in zip(final, final2, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,7 +8,10 @@
 //          -> ys <[T, B, H]>, h_T, c_T <[B, H]>, and with the attribute save, the
 //             saves for the backward loop: acts <[T, B, G]> (i, f, o, c~ after their
 //             nonlinearities), c_prev <[T, B, H]> (the cell state before each
-//             step), tanh_c <[T, B, H]> (without save these three are not written)
+//             step), tanh_c <[T, B, H]> and h_prev_t <[H, T B]> (the hidden state
+//             before each step, transposed: the weight gradient's left operand,
+//             sum_t h_{t-1}ᵀ dA_t = h_prev_t dA as a plain [H, T B] x [T B, G]
+//             matmul; without save these four are not written)
 //   backward: w, acts, c_prev, tanh_c, dys <[T, B, H]>, dh_T, dc_T, valid
 //          -> da <[T, B, G]> (gradient of the pre-activations), dh0, dc0
 //
@@ -303,7 +306,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                                   ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                                   ffi::ResultBuffer<ffi::F32> acts,
                                   ffi::ResultBuffer<ffi::F32> cprev,
-                                  ffi::ResultBuffer<ffi::F32> tanh_c, bool save,
+                                  ffi::ResultBuffer<ffi::F32> tanh_c,
+                                  ffi::ResultBuffer<ffi::F32> hprev_t, bool save,
                                   bool reverse) {
   const auto d = xp.dimensions();
   const auto wd = w.dimensions();
@@ -312,7 +316,7 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
   const int T = d[0], B = d[1], G = d[2], H = G / 4;
   const size_t bh = static_cast<size_t>(B) * H, bg = static_cast<size_t>(B) * G;
   if (save && (acts->element_count() != T * bg || cprev->element_count() != T * bh ||
-               tanh_c->element_count() != T * bh))
+               tanh_c->element_count() != T * bh || hprev_t->element_count() != T * bh))
     return ffi::Error::InvalidArgument("lstm_loops: save needs the saves' buffers");
   const float* W = w.typed_data();
   Scratch wp(static_cast<size_t>(H) * G), h_a(bh), h_b(bh);
@@ -342,6 +346,12 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                  save ? cprev->typed_data() + t * bh : nullptr,
                  save ? tanh_c->typed_data() + t * bh : nullptr,
                  save};
+    if (save) {  // h_{t-1} of every row into column block t of h_prev_t
+      float* out = hprev_t->typed_data() + static_cast<size_t>(t) * B;
+      const size_t stride = static_cast<size_t>(T) * B;
+      for (int k = 0; k < H; ++k)
+        for (int r = 0; r < B; ++r) out[k * stride + r] = hprev[static_cast<size_t>(r) * H + k];
+    }
     for (int u = 0; u < H / kLanes; ++u)
       forward_group(s, u, B, wp.p, pre.p, std::make_integer_sequence<int, kPasses>{});
     std::swap(hprev, hnext);
@@ -363,6 +373,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // acts
                                   .Ret<ffi::Buffer<ffi::F32>>()   // c_prev
                                   .Ret<ffi::Buffer<ffi::F32>>()   // tanh_c
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h_prev_t
                                   .Attr<bool>("save")
                                   .Attr<bool>("reverse"));
 
