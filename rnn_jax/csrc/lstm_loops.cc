@@ -40,6 +40,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -144,6 +145,55 @@ inline vf tanh_v(vf x) {
   vf e = exp_v(ax * -2.0f);
   vf t = (1.0f - e) / (1.0f + e);
   return x < 0.0f ? -t : t;
+}
+
+#if defined(__AVX512F__)
+// out[j ldout + i] = in[i ldin + j] for i, j < 16: three rounds of shuffles (pairs of
+// rows, then fours, then 128-bit lanes across the four groups)
+inline void transpose16(const float* in, size_t ldin, float* out, size_t ldout) {
+  __m512 r[16], t[16], u[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * ldin);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  const auto lo = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  const auto hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = lo(t[i], t[i + 2]);
+    u[i + 1] = hi(t[i], t[i + 2]);
+    u[i + 2] = lo(t[i + 1], t[i + 3]);
+    u[i + 3] = hi(t[i + 1], t[i + 3]);
+  }
+  // u[4g + j], 128-bit lane L: column 4L + j of rows 4g .. 4g+3
+  for (int j = 0; j < 4; ++j) {
+    const __m512 v = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);  // lanes 0, 2 of both
+    const __m512 w = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xdd);  // lanes 1, 3
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xdd);
+    _mm512_storeu_ps(out + j * ldout, _mm512_shuffle_f32x4(v, v2, 0x88));
+    _mm512_storeu_ps(out + (4 + j) * ldout, _mm512_shuffle_f32x4(w, w2, 0x88));
+    _mm512_storeu_ps(out + (8 + j) * ldout, _mm512_shuffle_f32x4(v, v2, 0xdd));
+    _mm512_storeu_ps(out + (12 + j) * ldout, _mm512_shuffle_f32x4(w, w2, 0xdd));
+  }
+}
+#endif
+
+// out[k ld + r] = h[r H + k] for r < B, k < H (H a multiple of 16): h_{t-1} into
+// h_prev_t's layout
+inline void transpose_rows(const float* h, int B, int H, float* out, size_t ld) {
+  int r0 = 0;
+#if defined(__AVX512F__)
+  for (; r0 + 16 <= B; r0 += 16)
+    for (int k = 0; k < H; k += 16)
+      transpose16(h + static_cast<size_t>(r0) * H + k, H, out + k * ld + r0, ld);
+#endif
+  for (int k = 0; k < H; ++k)
+    for (int r = r0; r < B; ++r) out[k * ld + r] = h[static_cast<size_t>(r) * H + k];
 }
 
 struct Scratch {
@@ -333,6 +383,13 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
   float* c = cT->typed_data();  // the running cell state, final after the loop
   std::memcpy(c, c0.typed_data(), bh * sizeof(float));
   float *hprev = h_a.p, *hnext = h_b.p;
+  // h_prev_t's rows are T B floats apart (often a power of two: every row of a step's
+  // column block in the same cache set), so S steps are gathered in hbuf first and
+  // written as S B floats per row (at least 256 where B allows); hbuf's rows are
+  // padded by a vector for the same reason
+  const int S = std::max(1, std::min(16, 256 / B));
+  const size_t ld = static_cast<size_t>(S) * B + kLanes;
+  Scratch hbuf(save ? H * ld : 1);
   for (int n = 0; n < T; ++n) {
     const int t = reverse ? T - 1 - n : n;
     const Step s{H,
@@ -346,11 +403,16 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                  save ? cprev->typed_data() + t * bh : nullptr,
                  save ? tanh_c->typed_data() + t * bh : nullptr,
                  save};
-    if (save) {  // h_{t-1} of every row into column block t of h_prev_t
-      float* out = hprev_t->typed_data() + static_cast<size_t>(t) * B;
-      const size_t stride = static_cast<size_t>(T) * B;
-      for (int k = 0; k < H; ++k)
-        for (int r = 0; r < B; ++r) out[k * stride + r] = hprev[static_cast<size_t>(r) * H + k];
+    if (save) {  // h_{t-1} of every row into column block t of h_prev_t, via hbuf
+      const int slot = t % S;
+      transpose_rows(hprev, B, H, hbuf.p + static_cast<size_t>(slot) * B, ld);
+      if (reverse ? slot == 0 : (slot == S - 1 || t == T - 1)) {  // the block is complete
+        const int first = t - slot, count = std::min(S, T - first);
+        for (int k = 0; k < H; ++k)
+          std::memcpy(hprev_t->typed_data() + k * (static_cast<size_t>(T) * B) +
+                          static_cast<size_t>(first) * B,
+                      hbuf.p + k * ld, static_cast<size_t>(count) * B * sizeof(float));
+      }
     }
     for (int u = 0; u < H / kLanes; ++u)
       forward_group(s, u, B, wp.p, pre.p, std::make_integer_sequence<int, kPasses>{});
