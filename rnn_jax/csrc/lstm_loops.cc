@@ -46,7 +46,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -181,16 +181,40 @@ inline void transpose16(const float* in, size_t ldin, float* out, size_t ldout) 
     _mm512_storeu_ps(out + (12 + j) * ldout, _mm512_shuffle_f32x4(w, w2, 0xdd));
   }
 }
+#elif defined(__AVX__)
+// out[j ldout + i] = in[i ldin + j] for i, j < 8 (the same rounds, 8 floats)
+inline void transpose8(const float* in, size_t ldin, float* out, size_t ldout) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldin);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int j = 0; j < 4; ++j) {  // u[j], u[4 + j]: column j (low halves), 4 + j (high)
+    _mm256_storeu_ps(out + j * ldout, _mm256_permute2f128_ps(u[j], u[4 + j], 0x20));
+    _mm256_storeu_ps(out + (4 + j) * ldout, _mm256_permute2f128_ps(u[j], u[4 + j], 0x31));
+  }
+}
 #endif
 
 // out[k ld + r] = h[r H + k] for r < B, k < H (H a multiple of 16): h_{t-1} into
-// h_prev_t's layout
+// h_prev_t's layout (in register blocks on AVX-512 and AVX, the other rows one by one)
 inline void transpose_rows(const float* h, int B, int H, float* out, size_t ld) {
   int r0 = 0;
 #if defined(__AVX512F__)
   for (; r0 + 16 <= B; r0 += 16)
     for (int k = 0; k < H; k += 16)
       transpose16(h + static_cast<size_t>(r0) * H + k, H, out + k * ld + r0, ld);
+#elif defined(__AVX__)
+  for (; r0 + 8 <= B; r0 += 8)
+    for (int k = 0; k < H; k += 8)
+      transpose8(h + static_cast<size_t>(r0) * H + k, H, out + k * ld + r0, ld);
 #endif
   for (int k = 0; k < H; ++k)
     for (int r = r0; r < B; ++r) out[k * ld + r] = h[static_cast<size_t>(r) * H + k];
