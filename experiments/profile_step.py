@@ -37,6 +37,8 @@ from absl import app, flags
 
 from experiments.common import flag_validator, output_path_ok, parse_flags_or_exit_2
 
+# rnn_jax.networks.IMPLEMENTATIONS, without importing JAX to define the flags
+IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas", "native")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\(")
 _ORIGIN = re.compile(r'op_name="([^"]*)"')
 
@@ -228,7 +230,7 @@ def define_flags() -> None:
     flags.DEFINE_enum(
         "implementation",
         "auto",
-        ["auto", "fused", "scan", "wavefront", "pallas", "native"],
+        list(IMPLEMENTATIONS),
         "rnn_jax's implementation (auto: what the benchmark and experiments.train run).",
     )
     flags.DEFINE_string("cpu_devices", "auto", "CPU devices (auto: as the benchmark's workers).")

@@ -47,6 +47,12 @@ def test_hlo_operations_read_names_types_and_origins():
     assert ops["tuple.1"]["origin"] == ""
 
 
+def test_implementations_are_the_networks():
+    from rnn_jax import networks
+
+    assert profile_step.IMPLEMENTATIONS == networks.IMPLEMENTATIONS
+
+
 def test_trace_totals_sum_complete_events_by_name():
     events = [
         {"ph": "X", "name": "ffi_call.7", "dur": 5.0},
