@@ -122,13 +122,15 @@ def check_kernels(H, B, T, forward=None, backward=None, reverse=False):
 
 @pytest.mark.parametrize(
     "H, B, T",
-    [(16, 1, 1), (16, 7, 5), (32, 13, 4), (48, 6, 3), (64, 5, 3), (128, 8, 2)],
+    [(16, 1, 1), (16, 7, 5), (32, 13, 4), (48, 6, 3), (64, 5, 3), (128, 8, 2), (32, 35, 9)],
 )
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_kernels_match_the_equations_written_out(H, B, T, reverse):
     # 7 and 13 rows leave partial row tiles; H = 16, 32, 48, 64 and 128 run the
-    # backward matmul's 1-, 2- and 4-vector panels; reverse: the backward direction
-    # of a bidirectional layer, read in place
+    # backward matmul's 1-, 2- and 4-vector panels; 35 rows: h_prev_t's 16 x 16
+    # register transposes twice and 3 rows one by one, in blocks of 7 steps (9 steps:
+    # a full block and a partial one); reverse: the backward direction of a
+    # bidirectional layer, read in place
     check_kernels(H, B, T, reverse=reverse)
 
 
@@ -163,6 +165,7 @@ def test_builds_for_smaller_vector_units_match_the_equations(march, lanes, needs
         (64, 17, 3),
         (16, 9, 4),
         (32, 10, 2),
+        (16, 19, 30),  # h_prev_t: 8 x 8 register transposes (AVX2), 3 rows, 13-step blocks
     ]:
         check_kernels(H, B, T, names["forward"], names["backward"])
 
