@@ -311,28 +311,48 @@ def spec_macs(spec: dict[str, Any]) -> int:
     )
 
 
-def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
-    if spec["device"] == "cpu":
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only effective before jax's import
-    import jax
-
-    rss_import = _max_rss_bytes()
+def split_devices(spec: dict[str, Any]) -> None:
+    """Splits the CPU into the devices ``spec``'s implementation runs on (its
+    ``cpu_devices``, or ``flax_cpu_devices`` for flax.linen), before JAX's backends
+    start (:func:`rnn_jax.parallel.split_cpu`)."""
     from experiments.common import resolve_cpu_devices
     from rnn_jax import parallel
 
     key = "cpu_devices" if spec["impl"] == "rnn_jax" else "flax_cpu_devices"
     macs = spec_macs(spec)
     parallel.split_cpu(resolve_cpu_devices(spec[key], spec["batch_size"], True, key, macs))
+
+
+def on_mesh(state: Any, batch: Any) -> tuple[Any, Any, Any]:
+    """``(mesh, state, batch)``: the batch over all devices, parameters replicated, as
+    ``experiments.train`` runs (``mesh`` None, and nothing moved, with one device)."""
+    import jax
+
+    from rnn_jax import parallel
+
+    mesh = parallel.data_mesh()
+    if mesh is not None:
+        state = jax.device_put(state, parallel.replicated(mesh))
+        batch = parallel.shard_batch(batch, mesh)
+    return mesh, state, batch
+
+
+def _run_jax(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["device"] == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only effective before jax's import
+    import jax
+
+    rss_import = _max_rss_bytes()
+    from rnn_jax import parallel
+
+    split_devices(spec)
     platform = jax.default_backend()  # the backends start here, after split_cpu
     if spec["device"] == "gpu" and platform != "gpu":
         raise Skip(f"JAX has no GPU backend here (default backend: {platform})")
     device = jax.devices()[0]
     make = _rnn_jax_step if spec["impl"] == "rnn_jax" else _flax_step
     train_step, state, batch, loss_of, params, info = make(spec)
-    mesh = parallel.data_mesh()  # the batch over all devices, parameters replicated
-    if mesh is not None:
-        state = jax.device_put(state, parallel.replicated(mesh))
-        batch = parallel.shard_batch(batch, mesh)
+    mesh, state, batch = on_mesh(state, batch)
     info["devices"] = 1 if mesh is None else mesh.size
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 

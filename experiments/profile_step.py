@@ -106,20 +106,13 @@ def profile(spec: dict[str, Any], steps: int, cpu_devices: str = "auto") -> dict
     "origin"}``. The CPU devices are split here, so call it before JAX starts its
     backends (as :func:`main` does), or get the devices there are."""
     from experiments import bench_worker
-    from experiments.common import resolve_cpu_devices
     from rnn_jax import parallel
 
-    macs = bench_worker.spec_macs(spec)
-    parallel.split_cpu(
-        resolve_cpu_devices(cpu_devices, spec["batch_size"], True, "cpu_devices", macs)
-    )
+    bench_worker.split_devices({**spec, "cpu_devices": cpu_devices})
     import jax
 
     train_step, state, batch, _, _, info = bench_worker._rnn_jax_step(spec)
-    mesh = parallel.data_mesh()
-    if mesh is not None:
-        state = jax.device_put(state, parallel.replicated(mesh))
-        batch = parallel.shard_batch(batch, mesh)
+    mesh, state, batch = bench_worker.on_mesh(state, batch)
     compiled = parallel.in_mesh(mesh, train_step.lower)(state, batch).compile()
     ops = hlo_operations(compiled.as_text())
 

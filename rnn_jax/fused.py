@@ -576,7 +576,6 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
     Returns ``(drec, dcarry0, dxp)``: gradients of the recurrent params, the initial
     carry and the input projection ``<[T, B, G*H]>``.
     """
-    _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
     if valid is not None:
         dys = _mask(valid, dys)
     if _native(opts, rec, h_first, ys):
@@ -587,6 +586,7 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
         else:  # saves cut into chunks (fused._chunked), h_prev_t left out
             dw = _contract(_shift(h_first, ys, valid, opts.reverse), dxp)
         return {"W_h": dw.reshape(rec["W_h"].shape)}, dcarry0, dxp
+    _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
     h_prev = _shift(h_first, ys, valid, opts.reverse)  # the hidden state before each step
     if _pallas(opts, rec, h_first, ys):
         w_t = _pallas_weights(rec, opts.matmul_dtype).T

@@ -38,9 +38,9 @@
 // nonlinearities. The vectors are GCC/Clang vector extensions of one register each:
 // 16 floats on AVX-512, 8 on AVX/AVX2, 4 on NEON and SSE (below).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <utility>
 
