@@ -155,6 +155,31 @@ _STATE_SHAPERS = {
 }
 
 
+# Fields a resume may change but which change what the run trains or reports: a
+# resumed run records each change in its config.json ("changes"); a finished run has
+# nothing left to train with them, so a rerun that changes one is refused.
+OUTCOME_KEYS = (
+    "dropout",
+    "matmul_dtype",
+    "lr",
+    "schedule",
+    "warmup_steps",
+    "momentum",
+    "weight_decay",
+    "grad_clip",
+    "sample_prefix",
+    "sample_chars",
+)
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{flag: [saved, current]}`` for each of :data:`OUTCOME_KEYS` that differs
+    (fields an older config.json lacks are not compared)."""
+    return {
+        k: [saved[k], current[k]] for k in OUTCOME_KEYS if k in saved and saved[k] != current[k]
+    }
+
+
 def resume_conflicts(
     saved: dict[str, Any], current: dict[str, Any], checkpointed: bool = True
 ) -> list[str]:

@@ -37,7 +37,13 @@ import numpy as np
 import optax
 
 from rnn_jax import data, files, models, parallel, text
-from rnn_jax.config import TrainConfig, model_config, resume_conflicts, validate
+from rnn_jax.config import (
+    TrainConfig,
+    changed_settings,
+    model_config,
+    resume_conflicts,
+    validate,
+)
 
 log = logging.getLogger("rnn_jax")
 
@@ -302,7 +308,7 @@ def run(
     workdir = Path(config.workdir)
     corpus = _corpus_record(config, ids)
     _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
-    _check_epochs(workdir, config, ids)
+    _check_progress(workdir, config, ids)
     lock = _lock_workdir(workdir)  # one process per run directory
     try:
         return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
@@ -372,15 +378,20 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         start, state, meta = restored
         saved_meter = meta.get("meter") if isinstance(meta, dict) else None
         last_saved = start
-        if start > total:  # only when a newer step than _check_epochs saw was unusable
+        if start > total:  # only when a newer step than _check_progress saw was unusable
             ckpt.close()
             raise _epochs_error(config, workdir, start, steps_per_epoch)
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
-    _write_workdir(workdir, config, vocab, corpus, fresh=restored is None)  # once restored
+    else:
+        echo(f"run directory: {workdir}")
+    _write_workdir(workdir, config, vocab, corpus, fresh=restored is None, step=start)
     result_path = workdir / "result.json"
     if start < total and result_path.exists():  # a finished run trained further: not final
+        kept = _keep_previous_result(workdir)
         os.replace(result_path, workdir / "result.previous.json")
-        echo(f"moved the earlier result to {workdir / 'result.previous.json'}")
+        echo(f"moved the earlier result to {workdir / 'result.previous.json'}{kept}")
+    elif start == total and restored is not None:
+        echo(f"the run has trained all its {total} steps: nothing to train")
     metrics_path = workdir / "metrics.jsonl"
     history = _load_history(metrics_path, upto=start)
     echo(
@@ -563,17 +574,40 @@ def _epochs_error(config: TrainConfig, workdir: Path, trained: int, steps_per_ep
     )
 
 
-def _check_epochs(workdir: Path, config: TrainConfig, ids: np.ndarray) -> None:
-    """Refuses ``--epochs`` fewer than the run in ``workdir`` has trained, from its
-    checkpoint names, before anything is restored or compiled (a newest step that
-    turns out unusable on restore is checked again there)."""
+def _check_progress(workdir: Path, config: TrainConfig, ids: np.ndarray) -> None:
+    """From the checkpoint names of the run in ``workdir``, before anything is
+    restored or compiled (a newest step that turns out unusable on restore is
+    checked again there): refuses ``--epochs`` fewer than it has trained, and, when
+    it has trained all its steps, a change to a setting of
+    :data:`rnn_jax.config.OUTCOME_KEYS` (nothing would train with it, and its
+    ``config.json`` must keep the settings the parameters were trained with)."""
+    from rnn_jax import runs
+    from rnn_jax.config import ConfigError
+
     trained = _newest_saved_step(workdir / "checkpoints")
     if trained is None:
         return
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
-    if trained > steps_per_epoch * config.epochs:
+    total = steps_per_epoch * config.epochs
+    if trained > total:
         raise _epochs_error(config, workdir, trained, steps_per_epoch)
+    if trained < total or not (workdir / "config.json").is_file():
+        return
+    try:
+        saved = runs.read_settings(workdir / "config.json")
+    except ValueError as e:
+        raise ConfigError("workdir", str(e)) from None
+    changes = changed_settings(saved, dataclasses.asdict(config))
+    if changes:
+        flag = next(iter(changes))
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ConfigError(
+            flag,
+            f"the run in {workdir} has trained all its {total} steps with other settings "
+            f"({listed}), so nothing would train with these; use another --workdir, raise "
+            f"--epochs to train it further with them, or experiments.generate for samples",
+        )
 
 
 def _write_workdir(
@@ -582,16 +616,60 @@ def _write_workdir(
     vocab: text.Vocab,
     corpus: dict[str, Any],
     fresh: bool = False,
+    step: int = 0,
 ) -> None:
     """Writes the run's ``config.json`` (the settings now in force), and ``vocab.json``
     and ``corpus.json`` where missing (checked by :func:`_check_workdir`) or where the
-    run starts afresh (``fresh``: no checkpoint, so nothing of an earlier attempt stays)."""
+    run starts afresh (``fresh``: no checkpoint, so nothing of an earlier attempt stays).
+
+    A resume at ``step`` that changes settings of :data:`rnn_jax.config.OUTCOME_KEYS`
+    (a learning rate, say) adds ``{"step": step, flag: [before, after], ...}`` to the
+    ``"changes"`` list that config.json carries over from the saved one, so the file
+    still says what each stretch of the run was trained with."""
+    from rnn_jax import runs
+
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(workdir / "config.json", dataclasses.asdict(config))
+    settings: dict[str, Any] = dataclasses.asdict(config)
+    path = workdir / "config.json"
+    if not fresh and path.is_file():
+        try:
+            saved = runs.read_settings(path)
+        except ValueError:
+            saved = {}
+        history = saved.get("changes")
+        history = list(history) if isinstance(history, list) else []
+        changes = changed_settings(saved, settings)
+        if changes:
+            history.append({"step": step, **changes})
+        if history:
+            settings["changes"] = history
+    _write_json_atomic(path, settings)
     if fresh or not (workdir / "vocab.json").exists():
         files.write_atomic(workdir / "vocab.json", vocab.to_json())
     if fresh or not (workdir / "corpus.json").exists():
         _write_json_atomic(workdir / "corpus.json", corpus)
+
+
+def _keep_previous_result(workdir: Path) -> str:
+    """Before result.json becomes result.previous.json: an earlier
+    result.previous.json (a run trained further more than once, or resumed from an
+    older checkpoint after its newest proved corrupt) moves to
+    ``result.previous.step<N>.json`` (N: the step it reports), never overwritten.
+    Returns a note of that move for the log ('' if there was none)."""
+    previous = workdir / "result.previous.json"
+    if not previous.exists():
+        return ""
+    try:
+        step = json.loads(previous.read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        step = None
+    stem = f"result.previous.step{step}" if isinstance(step, int) else "result.previous.old"
+    target, n = workdir / f"{stem}.json", 1
+    while target.exists():
+        n += 1
+        target = workdir / f"{stem}.{n}.json"
+    os.replace(previous, target)
+    return f" (and the one before to {target})"
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

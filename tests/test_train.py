@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from rnn_jax import checkpoint, data, generate, models, networks, text, train
+from rnn_jax import checkpoint, data, generate, models, networks, runs, text, train
 from rnn_jax import config as config_module
 from rnn_jax.config import ConfigError, TrainConfig, model_config
 
@@ -314,6 +314,60 @@ def test_more_epochs_continue_a_finished_run(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match=r"--epochs: 2 epochs are 16 steps, but .* 32 steps"):
             train.run(part, echo=quiet)
     assert _snapshot(Path(part.workdir)) == before
+
+
+def test_a_finished_run_keeps_the_settings_it_was_trained_with(tmp_path, monkeypatch):
+    """Rerunning a finished run trains nothing: with the same flags it says so and
+    leaves its files as they were; with a changed outcome setting (a learning rate,
+    a sample prefix) it is refused by name, from the checkpoint names alone, so
+    config.json never records a setting the parameters were not trained with."""
+    config = tiny(tmp_path, epochs=2, schedule="constant")
+    train.run(config, echo=quiet)
+    workdir = Path(config.workdir)
+    before = _snapshot(workdir)
+    lines = []
+    again = train.run(config, echo=lines.append)
+    assert again.step == 16
+    assert any("trained all its 16 steps: nothing to train" in x for x in lines)
+    after = _snapshot(workdir)
+    for name in ("config.json", "result.json", "metrics.jsonl", "vocab.json", "corpus.json"):
+        assert after[name] == before[name], name
+    with monkeypatch.context() as m:  # refused before any restore or compilation
+        m.setattr(checkpoint.Checkpointer, "restore_latest", None)
+        for change, flag in (({"lr": 0.5}, "lr"), ({"sample_prefix": "the "}, "sample_prefix")):
+            with pytest.raises(ConfigError, match=rf"^--{flag}: the run in .* has trained all"):
+                train.run(dataclasses.replace(config, **change), echo=quiet)
+    assert _snapshot(workdir)["config.json"] == before["config.json"]
+
+
+def test_a_resume_records_changed_settings(tmp_path):
+    """A run trained further with another learning rate keeps what each stretch was
+    trained with: config.json's "changes" lists the step and the values."""
+    config = tiny(tmp_path, epochs=1, schedule="constant")
+    train.run(config, echo=quiet)
+    train.run(dataclasses.replace(config, epochs=2, lr=0.02), echo=quiet)
+    train.run(dataclasses.replace(config, epochs=3, lr=0.02, grad_clip=0.5), echo=quiet)
+    saved = json.loads((Path(config.workdir) / "config.json").read_text())
+    assert saved["lr"] == 0.02 and saved["grad_clip"] == 0.5 and saved["epochs"] == 3
+    assert saved["changes"] == [
+        {"step": 8, "lr": [config.lr, 0.02]},
+        {"step": 16, "grad_clip": [config.grad_clip, 0.5]},
+    ]
+    assert runs.load_config(Path(config.workdir)).lr == 0.02  # the extra key is ignored
+
+
+def test_earlier_results_are_never_overwritten(tmp_path):
+    """Each time a finished run is trained further, its result moves aside: the
+    newest to result.previous.json, older ones to result.previous.step<N>.json."""
+    config = tiny(tmp_path, epochs=1, schedule="constant")
+    workdir = Path(config.workdir)
+    results = []
+    for epochs in (1, 2, 3):
+        train.run(dataclasses.replace(config, epochs=epochs), echo=quiet)
+        results.append(json.loads((workdir / "result.json").read_text()))
+    assert [r["step"] for r in results] == [8, 16, 24]
+    assert json.loads((workdir / "result.previous.json").read_text()) == results[1]
+    assert json.loads((workdir / "result.previous.step8.json").read_text()) == results[0]
 
 
 def test_resume_refuses_changed_model_flags(tmp_path):
