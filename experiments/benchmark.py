@@ -233,6 +233,57 @@ def run_worker(
     return {"ok": False, "skip": False, "error": f"worker exited {proc.returncode}: {tail}"}
 
 
+# A worker's run counts as disturbed when other processes (or, in a VM, the
+# hypervisor's steal) took more than this share of the machine's CPU time meanwhile.
+BUSY_LIMIT = 0.10
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """``(busy, all)`` clock ticks of all CPUs since boot, from Linux's /proc/stat
+    (busy: user, nice, system, irq, softirq and steal; guest time is inside user);
+    None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class ForeignLoad:
+    """How busy the machine was with work other than this process and the children
+    it waited for, between :meth:`start` and :meth:`share`: the other processes' (and
+    the hypervisor's steal) share of all CPUs' time, from /proc/stat's totals less
+    ``os.times()``'s own and waited children's CPU time. Call :meth:`share` after the
+    worker was waited for (``subprocess.run`` does). None where /proc/stat is missing."""
+
+    def __init__(self):
+        self.start()
+
+    def start(self) -> None:
+        self._jiffies, self._own = _cpu_jiffies(), self._own_cpu_s()
+
+    @staticmethod
+    def _own_cpu_s() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def share(self) -> float | None:
+        now = _cpu_jiffies()
+        if now is None or self._jiffies is None:
+            return None
+        busy, total = (b - a for a, b in zip(self._jiffies, now, strict=True))
+        if total <= 0:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        own_ticks = (self._own_cpu_s() - self._own) * tick
+        return min(1.0, max(0.0, (busy - own_ticks) / total))
+
+
 def _median(values: list[Any]) -> Any:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -260,6 +311,9 @@ def aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "loss_first": ok[0].get("loss_first"),
         "loss_last": ok[0].get("loss_last"),
     }
+    foreign = [r["foreign_cpu"] for r in ok if r.get("foreign_cpu") is not None]
+    if foreign:
+        out["foreign_cpu_max"] = max(foreign)
     tokens = ok[0].get("tokens_per_step")
     if tokens and out["step_s"]:
         out["tokens_per_s"] = tokens / out["step_s"]
@@ -302,6 +356,7 @@ class Runner:
         self.done = 0
         self.total = total
         self.env: dict[str, str] = {}  # added to every worker's environment (cache_env)
+        self.disturbed = 0  # timed workers during which other processes were busy
 
     def available(self, impl: str) -> bool:
         return impl not in self.skipped
@@ -314,12 +369,16 @@ class Runner:
         self.done += 1
         if not self.available(impl):
             return None
+        load = ForeignLoad()
         result = run_worker(
             self.spec(impl, spec),
             self.threads,
             self.timeout_s,
             self.env,
         )
+        busy = load.share()
+        if busy is not None:
+            result["foreign_cpu"] = busy
         where = f"[{self.done}/{self.total}] {label} {impl}"
         if result.get("skip"):
             self.skipped[impl] = result.get("error", "unavailable")
@@ -342,6 +401,12 @@ class Runner:
             msg.append(f"compile {result['compile_s']:.2f} s")
         if result.get("memory", {}).get("temp_bytes") is not None:
             msg.append(f"temp {fmt_mib(result['memory']['temp_bytes'])} MiB")
+        if busy is not None and busy > BUSY_LIMIT:
+            self.disturbed += 1
+            msg.append(
+                f"WARNING: other processes used {busy:.0%} of the CPUs meanwhile: "
+                "this time is not the machine's"
+            )
         self.echo(f"{where}: {', '.join(msg)}")
         return result
 
@@ -1359,6 +1424,13 @@ def main(argv: list[str]) -> None:
                 notes.append(
                     f"{r['impl']} ran on {r.get('platform')} while rnn_jax ran on {platform_used}"
                 )
+        if runner.disturbed:
+            notes.append(
+                f"WARNING: during {runner.disturbed} of the timed worker processes, other "
+                f"processes (or the hypervisor's steal) used more than {BUSY_LIMIT:.0%} of "
+                "the CPUs (foreign_cpu in the JSON): those times are slower and noisier "
+                "than the machine's; rerun on an idle machine"
+            )
         if partial:
             notes.append("partial: the run had not finished when this file was written")
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

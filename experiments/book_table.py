@@ -2,10 +2,13 @@ r"""Reproduces the book's five character language models and tabulates them.
 
     python -m experiments.book_table                     # 5 flagfiles x 3 seeds
     python -m experiments.book_table --configs=gru,lstm --seeds=1
+    python -m experiments.book_table --configs=lstm --seeds=1 --train_flag=--epochs=2 \
+        --runs=runs/book_quick --output=runs/book_quick/table.md
 
 Each run is ``python -m experiments.train --flagfile=experiments/configs/NAME.flags
---seed=S --workdir=RUNS/NAME_seedS`` in its own process (rerunning resumes, or
-re-checks a finished run against its flags at the cost of a compile). Prints a
+--seed=S --workdir=RUNS/NAME_seedS`` (and each ``--train_flag``) in its own process
+(rerunning resumes, or re-checks a finished run against its flags at the cost of a
+compile). Prints a
 markdown table of final training and validation perplexity (mean ± std over seeds)
 and seed 0's greedy sample, and writes it to --output.
 """
@@ -29,7 +32,18 @@ flags.DEFINE_list("configs", CONFIGS, "Flagfiles of experiments/configs to run."
 flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0 .. seeds-1).")
 flags.DEFINE_string("runs", "runs/book", "Directory of the run directories.")
 flags.DEFINE_string("output", "runs/book/table.md", "Markdown table written here.")
+flags.DEFINE_multi_string(
+    "train_flag",
+    [],
+    "A flag passed on to every experiments.train run after the flagfile's, which it "
+    'overrides (repeatable): "--epochs=2". Use another --runs for such a table.',
+)
 flags.register_validator("runs", outdir_ok)
+flags.register_validator(
+    "train_flag",
+    lambda values: all(v.startswith("--") and len(v) > 2 for v in values),
+    message='expected flags of experiments.train such as "--epochs=2"',
+)
 
 
 def _file_ok(value: str) -> bool:
@@ -55,8 +69,9 @@ def run_one(name: str, seed: int) -> dict:
         f"--seed={seed}",
         f"--workdir={workdir}",
         "--log_every_s=60",
+        *FLAGS.train_flag,
     ]
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ python", " ".join(cmd[1:]), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:  # train printed why
         print(f"error: experiments.train exited with {code} for {workdir}", file=sys.stderr)
@@ -95,6 +110,7 @@ def main(argv):
     Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.output).write_text(table)
     print(table)
+    print(f"wrote {FLAGS.output} (runs in {FLAGS.runs})")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from experiments.common import flag_validator, output_path_ok, parse_flags_or_exit_2
 
@@ -177,6 +178,7 @@ def probe(
 def main(argv: list[str]) -> None:
     del argv
     FLAGS = flags.FLAGS
+    absl_logging.set_verbosity(absl_logging.WARNING)  # not JAX's backend-probing INFO lines
     from rnn_jax import allocator
 
     allocator.tune_malloc()  # as the benchmark's workers do: no page faults per call

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from experiments.common import flag_validator, output_path_ok, parse_flags_or_exit_2
 
@@ -152,6 +153,14 @@ def profile(spec: dict[str, Any], steps: int, cpu_devices: str = "auto") -> dict
     }
 
 
+def _cut(text: str, width: int, tail: bool = False) -> str:
+    """``text``, or its first (``tail``: last) ``width - 1`` characters with an ellipsis
+    where they were cut."""
+    if len(text) <= width:
+        return text
+    return "…" + text[1 - width :] if tail else text[: width - 1] + "…"
+
+
 def format_report(title: str, report: dict[str, Any], top: int) -> str:
     rows = report["rows"]
     summed = sum(r["ms_per_step"] for r in rows) or 1.0
@@ -164,7 +173,8 @@ def format_report(title: str, report: dict[str, Any], top: int) -> str:
     for r in rows[:top]:
         lines.append(
             f"{r['ms_per_step']:8.2f} | {100 * r['ms_per_step'] / summed:4.1f}% | "
-            f"{r['calls_per_step']:g} | {r['name']} | {r['type'][:60]} | {r['origin'][-70:]}"
+            f"{r['calls_per_step']:g} | {r['name']} | {_cut(r['type'], 60)} | "
+            f"{_cut(r['origin'], 70, tail=True)}"
         )
     if len(rows) > top:
         rest = sum(r["ms_per_step"] for r in rows[top:])
@@ -189,6 +199,7 @@ def check_config(name: str, specs: list[str]):
 def main(argv: list[str]) -> None:
     del argv
     FLAGS = flags.FLAGS
+    absl_logging.set_verbosity(absl_logging.WARNING)  # not JAX's backend-probing INFO lines
     from rnn_jax import allocator
 
     allocator.tune_malloc()  # as the benchmark's workers do

@@ -88,9 +88,11 @@ def main(argv):
         results[name] = runs
         vals = [r["val_ppl"] for r in runs]
         spread = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
-        print(f"{name}: val ppl {statistics.mean(vals):.2f}{spread} ({vals})", flush=True)
+        each = ", ".join(f"{v:.3f}" for v in vals)
+        print(f"{name}: val ppl {statistics.mean(vals):.2f}{spread} (seeds: {each})", flush=True)
     Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
     Path(FLAGS.output).write_text(json.dumps(results, indent=2))
+    print(f"wrote {FLAGS.output}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -219,6 +222,59 @@ class _FakeRunner(benchmark.Runner):
 
     def run(self, impl, spec, label):
         return {"ok": True, "step_s": 0.01, "compile_s": 0.2, "tokens_per_step": 1}
+
+
+def test_foreign_load_is_the_others_share_of_the_cpus(monkeypatch):
+    """/proc/stat's busy ticks less this process's and its waited children's CPU time,
+    over all ticks: 300 busy of 400, 1 s (100 ticks) of it ours -> 0.5."""
+    ticks = iter([(1000, 2000), (1300, 2400)])
+    times = iter([(0.5, 0.0, 1.0, 0.0), (0.7, 0.1, 1.7, 0.0)])  # +1.0 s in all
+    monkeypatch.setattr(benchmark, "_cpu_jiffies", lambda: next(ticks))
+    monkeypatch.setattr(
+        benchmark.os,
+        "times",
+        lambda: types.SimpleNamespace(
+            **dict(
+                zip(
+                    ("user", "system", "children_user", "children_system"), next(times), strict=True
+                )
+            )
+        ),
+    )
+    monkeypatch.setattr(benchmark.os, "sysconf", lambda name: 100)
+    assert benchmark.ForeignLoad().share() == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux's /proc/stat")
+def test_foreign_load_sees_a_process_it_did_not_wait_for():
+    load = benchmark.ForeignLoad()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.5)
+        share = load.share()  # the spinner's CPU time is not ours until it is waited for
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert share is not None and share > 0.6 / os.cpu_count()
+
+
+def test_a_worker_timed_on_a_busy_machine_is_flagged(monkeypatch):
+    """The progress line warns, the round keeps its share (foreign_cpu), the case its
+    largest, and the run's notes (the markdown section) say how many were disturbed."""
+    lines = []
+    runner = benchmark.Runner({}, 1, 1, lines.append, 2)
+    monkeypatch.setattr(
+        benchmark,
+        "run_worker",
+        lambda *a: {"ok": True, "step_s": 0.01, "tokens_per_step": 1, "platform": "cpu"},
+    )
+    shares = iter([0.02, 0.4])
+    monkeypatch.setattr(benchmark.ForeignLoad, "share", lambda self: next(shares))
+    quiet, busy = (runner.run("rnn_jax", {}, "case") for _ in range(2))
+    assert quiet["foreign_cpu"] == 0.02 and busy["foreign_cpu"] == 0.4
+    assert "WARNING" not in lines[0] and "other processes used 40% of the CPUs" in lines[1]
+    assert runner.disturbed == 1
+    assert benchmark.aggregate([quiet, busy])["foreign_cpu_max"] == 0.4
 
 
 def test_run_benchmark_reports_progress_and_the_prewarm_compile():

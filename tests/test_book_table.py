@@ -1,0 +1,52 @@
+"""experiments.book_table: one short flagfile run end to end, and its flag checks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+SHORT = ["--train_flag=--epochs=1", "--train_flag=--num_train=1024", "--train_flag=--num_val=512"]
+
+
+def book_table(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.book_table", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_short_table_of_one_flagfile(tmp_path):
+    out = tmp_path / "table.md"
+    done = book_table("--configs=rnn", "--seeds=1", f"--runs={tmp_path}", f"--output={out}", *SHORT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the printed command can be pasted: the interpreter, the flagfile, the passed flags
+    assert "$ python -m experiments.train --flagfile=" in done.stdout
+    assert "--epochs=1 --num_train=1024 --num_val=512" in done.stdout
+    assert f"wrote {out} (runs in {tmp_path})" in done.stdout
+    rows = out.read_text().splitlines()
+    assert rows[0].startswith("| flagfile | train ppl | val ppl |") and rows[2].startswith(
+        "| rnn |"
+    )
+    train_ppl, val_ppl = (float(x) for x in rows[2].split("|")[2:4])
+    result = json.loads((tmp_path / "rnn_seed0" / "result.json").read_text())
+    assert (train_ppl, val_ppl) == (round(result["train_ppl"], 2), round(result["val_ppl"], 2))
+    assert json.loads((tmp_path / "rnn_seed0" / "config.json").read_text())["epochs"] == 1
+
+
+def test_bad_flags_exit_2_naming_the_flag(tmp_path):
+    for args, flag in (
+        (["--train_flag=epochs=2"], "--train_flag"),
+        (["--configs=lstm,nope"], "--configs"),
+        (["--seeds=0"], "--seeds"),
+    ):
+        done = book_table(f"--runs={tmp_path}", f"--output={tmp_path / 't.md'}", *args)
+        assert done.returncode == 2, (args, done.stderr[-500:])
+        assert flag in done.stderr, (args, done.stderr[-500:])
+    assert not (tmp_path / "t.md").exists()
