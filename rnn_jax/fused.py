@@ -924,7 +924,8 @@ def layer(
       carry: initial carry with a batch axis (``<float32>[B, H]``, or an
         ``LSTMCarry`` of two).
       xs: ``<float32>[T, B, I]`` inputs, or token ids ``<int32>[T, B]``.
-      lengths: ``<int32>[B]`` valid steps per sequence (``None``: all ``T``).
+      lengths: ``<int32>[B]`` valid steps per sequence (``None``: all ``T``), clipped
+        to ``[0, T]``.
       unroll: passed to both ``lax.scan`` loops.
       matmul_dtype: ``"float32"`` or ``"bfloat16"``: the operand type of every
         matmul (input projection, recurrent, backward and weight-gradient matmuls);
@@ -974,6 +975,8 @@ def layer(
         raise ValueError(f"kernel: 'native': {reason}")
     chunk = check_chunk(chunk)
     num_steps = xs.shape[0]
+    if lengths is not None:  # as the networks do: the chunked and reversed forms index by it
+        lengths = jnp.clip(lengths, 0, num_steps)
     if chunk is None:
         # one kernel call per pass where a kernel runs the loops: the native
         # kernels' chunked backward pass was no faster and compiled slower (LSTM,

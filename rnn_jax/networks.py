@@ -423,6 +423,11 @@ def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> Array:
             f"{name}: expected an integer array of shape {shape}, got "
             f"{length.dtype}{list(jnp.shape(length))}"
         )
+    if isinstance(length, np.ndarray) and length.dtype.itemsize > 4:
+        # without x64 JAX would wrap 64-bit values to 32 bits (2**32 + 3 -> 3): clip
+        # first, to the same effect as the clip to [0, T] later
+        info = np.iinfo(np.int32)
+        length = np.clip(length, 0 if length.dtype.kind == "u" else info.min, info.max)
     return jnp.asarray(length)
 
 

@@ -471,6 +471,24 @@ def test_reverse_layer_reads_the_valid_steps_backwards(cell_name, kw):
     assert ("stablehlo.reverse" in hlo) == bool(kw.get("chunk") or kw.get("remat"))
 
 
+@pytest.mark.parametrize("kw", [{}, {"chunk": 2}, {"remat": True}], ids=["loop", "chunk", "remat"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_layer_clips_lengths_to_the_sequence(kw, reverse):
+    """``fused.layer`` called directly clips lengths to ``[0, T]`` as the networks
+    do (the chunked reversal once indexed past the end with a length above T)."""
+    ref, _, params = nets("lstm", 1, False)
+    cell, p = ref.cell, params["layer_0"]
+    (carry,) = batch_carry(ref, 74)
+    xs = jnp.swapaxes(random(75, (B, T, I)), 0, 1)
+    over = np.array([T + 2, -1, *LENGTHS[2:]], np.int32)
+    clipped = np.clip(over, 0, T)
+
+    def run(lengths):
+        return fused.layer(cell, p, carry, xs, jnp.asarray(lengths), reverse=reverse, **kw)
+
+    assert_trees_close(jax.jit(run)(over), jax.jit(run)(clipped))
+
+
 def test_separate_directions():
     assert networks.separate_directions("xla", "cpu")
     assert not networks.separate_directions("xla", "gpu")

@@ -134,6 +134,54 @@ def test_kernels_match_the_equations_written_out(H, B, T, reverse):
     check_kernels(H, B, T, reverse=reverse)
 
 
+def check_small_preactivations(H, B, T, forward=None):
+    """The forward kernel where every pre-activation is tiny (weights, inputs and
+    carries of 1e-4, as with a small initialisation): each output's largest error
+    relative to its largest value stays at float32's level, against the equations
+    in float64 (tanh computed as (1 - e^{-2x}) / (1 + e^{-2x}) lost 2e-4 here)."""
+    scale = 1e-4
+    w = random(0, (H, 4 * H), scale)
+    h0, c0 = random(1, (B, H), scale), random(2, (B, H), scale)
+    xp = random(3, (T, B, 4 * H), scale)
+    valid = np.ones((T, B), bool)
+    got = native._forward_call(w, h0, c0, xp, valid, True, forward)
+    want = forward_by_hand(w, h0, c0, xp, valid)
+    names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c", "h_prev_t")
+    for name, g, e in zip(names, got, want, strict=True):
+        error = np.max(np.abs(np.asarray(g, np.float64) - e)) / np.max(np.abs(e))
+        assert error < 2e-6, (name, error)
+
+
+def test_small_preactivations_keep_their_precision():
+    check_small_preactivations(32, 7, 6)
+
+
+def test_nan_and_inf_spread_as_in_the_scan():
+    """A NaN input at a valid step, or an infinite recurrent weight, makes the same
+    outputs, final carries and gradients NaN as the reference scan: a diverged run
+    must show (the kernels once clamped NaN to a finite sigmoid)."""
+    cell = cells.lstm(16)
+    params = networks.network(cell, implementation="scan").init(jax.random.key(0), 4)
+    xs = jnp.ones((2, 3, 4)).at[0, 1, 0].set(jnp.nan)
+    layer = params["layer_0"]
+    bad_w = {"layer_0": {**layer, "W_h": layer["W_h"].at[3, 1, 5].set(jnp.inf)}}
+    for p, x in ((params, xs), (bad_w, jnp.ones((2, 3, 4)))):
+        results = {}
+        for impl in ("scan", "native"):
+            net = networks.network(cell, implementation=impl)
+
+            def loss(p, x, net=net):
+                ys, final = net.apply_batch(p, x)
+                return jnp.sum(ys) + sum(jnp.sum(c) for c in jax.tree.leaves(final))
+
+            value, grads = jax.value_and_grad(loss)(p, x)
+            ys, final = net.apply_batch(p, x)
+            results[impl] = [ys, *jax.tree.leaves(final), *jax.tree.leaves(grads)]
+        assert jnp.isnan(results["scan"][0]).any()
+        for got, want in zip(results["native"], results["scan"], strict=True):
+            np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+
+
 def _cpu_flags() -> frozenset[str]:
     return native.cpu_flags() or frozenset()
 
@@ -168,6 +216,7 @@ def test_builds_for_smaller_vector_units_match_the_equations(march, lanes, needs
         (16, 19, 30),  # h_prev_t: 8 x 8 register transposes (AVX2), 3 rows, 13-step blocks
     ]:
         check_kernels(H, B, T, names["forward"], names["backward"])
+    check_small_preactivations(32, 7, 6, names["forward"])
 
 
 def test_forward_without_saves_gives_the_same_outputs():

@@ -267,6 +267,14 @@ def test_lengths_are_clipped_to_the_sequence(implementation, bidirectional):
         np.testing.assert_allclose(a, b, **TOL)
     (ys, _), _ = got
     np.testing.assert_array_equal(ys[1], 0.0)  # length 0: every output zero
+    # 64-bit lengths beyond int32 clip too (JAX without x64 would wrap 2**32 + 3 to 3)
+    big = np.array([2**32 + 3, -(2**40), 4], np.int64)
+    for a, b in zip(
+        jax.tree.leaves(net.apply_batch(params, xs, big)),
+        jax.tree.leaves(got[0]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, **TOL)
 
 
 @pytest.mark.parametrize("implementation", ["scan", "fused"])
