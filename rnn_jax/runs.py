@@ -1,8 +1,10 @@
 """Reading a run directory written by :func:`rnn_jax.train.run`.
 
-Layout: ``config.json`` (resolved flags), ``vocab.json``, ``corpus.json`` (the
-token count and the SHA-256 of the int32 token ids), ``metrics.jsonl``,
-``checkpoints/`` (see :mod:`rnn_jax.checkpoint`), ``curves.png``, ``result.json``.
+Layout: ``config.json`` (resolved flags; ``"changes"``: the step and values of each
+setting a resume changed), ``vocab.json``, ``corpus.json`` (the token count and the
+SHA-256 of the int32 token ids), ``metrics.jsonl``, ``checkpoints/`` (see
+:mod:`rnn_jax.checkpoint`), ``curves.png``, ``result.json`` (and earlier results:
+``result.previous.json``, ``result.previous.step<N>.json``).
 """
 
 from __future__ import annotations
