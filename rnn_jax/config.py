@@ -172,12 +172,13 @@ OUTCOME_KEYS = (
 )
 
 
-def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
-    """``{flag: [saved, current]}`` for each of :data:`OUTCOME_KEYS` that differs
-    (fields an older config.json lacks are not compared)."""
-    return {
-        k: [saved[k], current[k]] for k in OUTCOME_KEYS if k in saved and saved[k] != current[k]
-    }
+def changed_settings(
+    saved: dict[str, Any], current: dict[str, Any], epochs: bool = False
+) -> dict[str, list[Any]]:
+    """``{flag: [saved, current]}`` for each of :data:`OUTCOME_KEYS` (and ``epochs``,
+    with ``epochs``) that differs (fields an older config.json lacks are not compared)."""
+    keys = (*OUTCOME_KEYS, "epochs") if epochs else OUTCOME_KEYS
+    return {k: [saved[k], current[k]] for k in keys if k in saved and saved[k] != current[k]}
 
 
 def resume_conflicts(

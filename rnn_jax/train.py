@@ -57,22 +57,28 @@ class NonFiniteLoss(RuntimeError):
 # --- optimiser and steps ------------------------------------------------------------
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """``clip_by_global_norm`` (if ``grad_clip > 0``) then sgd / adam / adamw on a schedule."""
+def learning_rate(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
+    """``config.lr``, or the schedule over ``total_steps`` (cosine: warm up, then decay
+    to zero at the last step; linear: the same with straight lines)."""
     if config.schedule == "constant":
-        lr = config.lr
-    elif config.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
+        return config.lr
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
             0.0, config.lr, config.warmup_steps, max(total_steps, config.warmup_steps + 1)
         )
-    else:  # "linear": warm up, then decay linearly to zero
-        lr = optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)),
-                optax.linear_schedule(config.lr, 0.0, max(total_steps - config.warmup_steps, 1)),
-            ],
-            [config.warmup_steps],
-        )
+    return optax.join_schedules(  # "linear"
+        [
+            optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)),
+            optax.linear_schedule(config.lr, 0.0, max(total_steps - config.warmup_steps, 1)),
+        ],
+        [config.warmup_steps],
+    )
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` (if ``grad_clip > 0``) then sgd / adam / adamw on
+    :func:`learning_rate`'s schedule."""
+    lr = learning_rate(config, total_steps)
     if config.optimizer == "sgd":
         opt = optax.sgd(lr, momentum=config.momentum or None)
     elif config.optimizer == "adam":
@@ -382,6 +388,19 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
             ckpt.close()
             raise _epochs_error(config, workdir, start, steps_per_epoch)
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
+        _set_aside_unusable(ckpt, start, workdir, echo)
+        _warn_rescheduled(workdir, config, start, steps_per_epoch, echo)
+    elif ckpt.all_steps():  # steps there, none usable: never train over them from scratch
+        steps = ", ".join(map(str, ckpt.all_steps()))
+        ckpt.close()
+        from rnn_jax.config import ConfigError
+
+        raise ConfigError(
+            "workdir",
+            f"no checkpoint in {workdir / 'checkpoints'} passed its integrity check (steps "
+            f"{steps}; the warnings above say why); nothing was changed. Move that folder "
+            f"away to train afresh there, or use another --workdir",
+        )
     else:
         echo(f"run directory: {workdir}")
     _write_workdir(workdir, config, vocab, corpus, fresh=restored is None, step=start)
@@ -638,7 +657,7 @@ def _write_workdir(
             saved = {}
         history = saved.get("changes")
         history = list(history) if isinstance(history, list) else []
-        changes = changed_settings(saved, settings)
+        changes = changed_settings(saved, settings, epochs=True)
         if changes:
             history.append({"step": step, **changes})
         if history:
@@ -648,6 +667,57 @@ def _write_workdir(
         files.write_atomic(workdir / "vocab.json", vocab.to_json())
     if fresh or not (workdir / "corpus.json").exists():
         _write_json_atomic(workdir / "corpus.json", corpus)
+
+
+def _set_aside_unusable(ckpt, start: int, workdir: Path, echo: Callable[[str], None]) -> None:
+    """After a resume from ``start``, moves the newer steps (every one of them failed
+    its integrity check) to ``workdir/checkpoints.unusable/``: kept for inspection,
+    and out of orbax's count, which would otherwise delete the good step first."""
+    import shutil
+
+    from rnn_jax.checkpoint import MANIFEST_SUFFIX
+
+    newer = [s for s in ckpt.all_steps() if s > start]
+    if not newer or jax.process_count() > 1:  # (several processes: left where they are)
+        return
+    aside = workdir / "checkpoints.unusable"
+    aside.mkdir(exist_ok=True)
+    for step in newer:
+        for name in (str(step), f"{step}{MANIFEST_SUFFIX}"):
+            source, target = Path(ckpt.directory) / name, aside / name
+            n = 1
+            while target.exists():
+                n += 1
+                target = aside / f"{name}.{n}"
+            if source.exists():
+                shutil.move(str(source), str(target))
+    ckpt.reload()
+    echo(f"moved unusable step(s) {', '.join(map(str, newer))} to {aside}")
+
+
+def _warn_rescheduled(
+    workdir: Path, config: TrainConfig, start: int, steps_per_epoch: int, echo
+) -> None:
+    """A resume with other ``--epochs`` rebuilds a cosine or linear schedule over the
+    new step count: says so, with the learning rate at ``start`` before and after."""
+    from rnn_jax import runs
+
+    try:
+        saved = runs.read_settings(workdir / "config.json")
+    except (OSError, ValueError):
+        return
+    before = saved.get("epochs")
+    if config.schedule == "constant" or not isinstance(before, int) or before == config.epochs:
+        return
+    old = learning_rate(dataclasses.replace(config, epochs=before), steps_per_epoch * before)
+    new = learning_rate(config, steps_per_epoch * config.epochs)
+    echo(
+        f"warning: --epochs {before} -> {config.epochs} rebuilds the {config.schedule} "
+        f"schedule over {steps_per_epoch * config.epochs} steps: at step {start} the "
+        f"learning rate is {float(new(start)):.3g} (it was {float(old(start)):.3g}), so this "
+        f"run differs from an uninterrupted one of {config.epochs} epochs (a constant "
+        f"--schedule extends a run exactly)"
+    )
 
 
 def _keep_previous_result(workdir: Path) -> str:

@@ -350,10 +350,42 @@ def test_a_resume_records_changed_settings(tmp_path):
     saved = json.loads((Path(config.workdir) / "config.json").read_text())
     assert saved["lr"] == 0.02 and saved["grad_clip"] == 0.5 and saved["epochs"] == 3
     assert saved["changes"] == [
-        {"step": 8, "lr": [config.lr, 0.02]},
-        {"step": 16, "grad_clip": [config.grad_clip, 0.5]},
+        {"step": 8, "lr": [config.lr, 0.02], "epochs": [1, 2]},
+        {"step": 16, "grad_clip": [config.grad_clip, 0.5], "epochs": [2, 3]},
     ]
     assert runs.load_config(Path(config.workdir)).lr == 0.02  # the extra key is ignored
+
+
+def test_more_epochs_on_a_schedule_say_that_it_changes(tmp_path):
+    """A cosine schedule spans the run's steps, so more --epochs rebuild it: the
+    resume says so with the learning rate before and after, and config.json records
+    the change (a constant schedule extends a run exactly, tested above)."""
+    config = tiny(tmp_path, epochs=1, schedule="cosine")
+    train.run(config, echo=quiet)
+    lines = []
+    train.run(dataclasses.replace(config, epochs=2), echo=lines.append)
+    cosine_8_of_8 = float(train.learning_rate(config, 8)(8))
+    cosine_8_of_16 = float(train.learning_rate(config, 16)(8))
+    assert cosine_8_of_8 < 1e-6 < cosine_8_of_16
+    warning = next(x for x in lines if x.startswith("warning: --epochs 1 -> 2"))
+    assert "rebuilds the cosine schedule over 16 steps" in warning
+    assert f"is {cosine_8_of_16:.3g} (it was {cosine_8_of_8:.3g})" in warning
+    saved = json.loads((Path(config.workdir) / "config.json").read_text())
+    assert saved["changes"] == [{"step": 8, "epochs": [1, 2]}]
+
+
+def test_checkpoints_that_all_fail_verification_are_never_trained_over(tmp_path):
+    """With every step unusable (here: their manifests lost in a copy) the run is
+    refused, files untouched, instead of training from scratch over them."""
+    config = tiny(tmp_path, epochs=1, checkpoint_every=4)
+    train.run(config, echo=quiet)
+    folder = Path(config.workdir) / "checkpoints"
+    for manifest in folder.glob(f"*{checkpoint.MANIFEST_SUFFIX}"):
+        manifest.unlink()
+    before = _snapshot(Path(config.workdir))
+    with pytest.raises(ConfigError, match=r"^--workdir: no checkpoint in .* passed its integrity"):
+        train.run(config, echo=quiet)
+    assert _snapshot(Path(config.workdir)) == before
 
 
 def test_earlier_results_are_never_overwritten(tmp_path):
@@ -427,6 +459,13 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     assert "resumed from step 12" in lines[0]
     assert "Skipping checkpoint step 16: SHA-256 mismatch" in caplog.text
     assert result.step == 16
+    # the unusable step went aside (kept, and out of orbax's max_to_keep count, which
+    # would otherwise have deleted the good step 12 first); 16 was saved again
+    aside = Path(config.workdir) / "checkpoints.unusable"
+    assert "moved unusable step(s) 16 to" in lines[1]
+    assert sorted(p.name for p in aside.iterdir()) == ["16", f"16{checkpoint.MANIFEST_SUFFIX}"]
+    with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+        assert ckpt.all_steps() == [8, 12, 16] and all(ckpt.verify(s) for s in (8, 12, 16))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
