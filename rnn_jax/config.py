@@ -251,8 +251,9 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     if config.matmul_dtype != "float32" and config.implementation == "scan":
         raise ConfigError(
             "matmul_dtype",
-            f"{config.matmul_dtype} needs --implementation=fused, wavefront or auto; the "
-            f"reference scan computes in float32",
+            f"{config.matmul_dtype} needs --implementation=fused, wavefront, pallas, native "
+            f"(which then runs the fused XLA loops) or auto; the reference scan computes in "
+            f"float32",
         )
     problem = networks.directions_problem(
         config.directions, config.bidirectional, config.implementation

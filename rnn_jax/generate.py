@@ -60,6 +60,10 @@ def generate_ids(
     concrete number must be in ``[0, 3.4e38]`` (finite in float32, the type it is
     used in); a traced one <= 0 decodes greedily.
 
+    A concrete ``prefix`` must hold ids of the vocabulary (``[0, V)``; ValueError
+    otherwise); a traced one is not checked, and an id outside it reads as a zero
+    input vector (the networks' rule for ids).
+
     Pure and traceable; compile it with ``model`` and ``num_tokens`` bound, e.g.
     ``jax.jit(functools.partial(generate_ids, model, num_tokens=100))``.
     """
@@ -73,6 +77,12 @@ def generate_ids(
             f"prefix: expected token ids <int32>[P] with P >= 1, got "
             f"{prefix.dtype}{list(prefix.shape)}"
         )
+    if not isinstance(prefix, jax.core.Tracer):
+        ids = np.asarray(prefix)
+        vocab = model.config.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"prefix: ids must be in [0, {vocab}) (the vocabulary), got {bad}")
     if not isinstance(temperature, jax.core.Tracer):  # a concrete value is checked here
         _check_temperature(temperature)
     key = jax.random.key(0) if key is None else key

@@ -556,7 +556,9 @@ def network(
         of every matmul of the fused and wavefront implementations, accumulated in
         float32; gates, carries, outputs and gradients stay float32. The reference
         ``"scan"`` (which ``"auto"`` runs for a batch of one) always computes in
-        float32, so ``implementation="scan"`` with ``"bfloat16"`` is an error.
+        float32, so ``implementation="scan"`` with ``"bfloat16"`` is an error. The
+        native kernels are float32 only: ``"native"`` with ``"bfloat16"`` runs the
+        fused XLA loops (as ``"fused"``), and ``"pallas"`` its kernels' bfloat16 form.
       chunk: the fused layers' backward pass in chunks of this many steps
         (:func:`rnn_jax.fused.layer`); ``None``: the measured rule
         (:func:`rnn_jax.fused.default_chunk`: on CPU from T=256), 0: one loop.
@@ -617,8 +619,9 @@ def network(
         )
     if matmul_dtype != "float32" and implementation == "scan":
         raise ValueError(
-            f"matmul_dtype: {matmul_dtype!r} needs implementation 'fused', 'wavefront' or "
-            f"'auto'; the reference 'scan' computes in float32"
+            f"matmul_dtype: {matmul_dtype!r} needs implementation 'fused', 'wavefront', "
+            f"'pallas', 'native' (which then runs the fused XLA loops) or 'auto'; the "
+            f"reference 'scan' computes in float32"
         )
     hoist = _default_hoist_input() if hoist_input is None else bool(hoist_input)
     unroll = default_unroll() if unroll is None else unroll

@@ -525,14 +525,16 @@ def test_sampling_uses_the_key_and_text_round_trips():
 
 
 def test_generation_refuses_what_it_cannot_continue():
-    """An empty, 2-D or float prefix, a NaN / negative temperature, a float count:
-    named errors before tracing (an empty prefix once read logits at position -1)."""
+    """An empty, 2-D, float or out-of-vocabulary prefix, a NaN / negative temperature,
+    a float count: named errors before tracing (an empty prefix once read logits at position -1)."""
     model = models.language_model(models.ModelConfig(vocab_size=6, hidden_size=8))
     params = model.init(jax.random.key(0))
     bad = [
         (dict(prefix=jnp.zeros((0,), jnp.int32)), r"prefix: expected .* P >= 1, got int32\[0\]"),
         (dict(prefix=jnp.zeros((1, 2), jnp.int32)), r"prefix: .*got int32\[1, 2\]"),
         (dict(prefix=jnp.array([1.0, 2.0])), r"prefix: .*got float32\[2\]"),
+        (dict(prefix=jnp.array([1, 6])), r"prefix: ids must be in \[0, 6\) .*got 6"),
+        (dict(prefix=[-1, 2]), r"prefix: ids must be in \[0, 6\) .*got -1"),
         (dict(temperature=float("nan")), "temperature: expected a finite number >= 0"),
         (dict(temperature=-1.0), "temperature: expected a finite number >= 0"),
         (dict(num_tokens=2.0), "num_tokens: expected an int >= 1"),
