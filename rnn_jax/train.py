@@ -537,6 +537,8 @@ def _check_workdir(
     )
     if folder.exists() and not folder.is_dir():
         raise ConfigError("workdir", f"{folder} exists and is not a folder")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError("workdir", f"cannot write to {folder}: checkpoints could not be saved")
     if not (folder.is_dir() and any(folder.iterdir())):
         return  # nothing trained yet (new, or an attempt that stopped before its first
         # checkpoint): the run starts afresh under these flags and rewrites its files

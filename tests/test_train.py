@@ -388,6 +388,21 @@ def test_checkpoints_that_all_fail_verification_are_never_trained_over(tmp_path)
     assert _snapshot(Path(config.workdir)) == before
 
 
+def test_an_unwritable_checkpoint_folder_is_refused_up_front(tmp_path, monkeypatch):
+    """A checkpoints folder that cannot be written (a read-only mount, say) is
+    refused by name before anything is written or trained, not at the first save."""
+    config = tiny(tmp_path, epochs=1)
+    folder = Path(config.workdir) / "checkpoints"
+    folder.mkdir(parents=True)
+    real = os.access
+    monkeypatch.setattr(
+        train.os, "access", lambda p, mode: False if Path(p) == folder else real(p, mode)
+    )
+    with pytest.raises(ConfigError, match=r"^--workdir: cannot write to .*checkpoints"):
+        train.run(config, echo=quiet)
+    assert sorted(p.name for p in Path(config.workdir).iterdir()) == ["checkpoints"]
+
+
 def test_earlier_results_are_never_overwritten(tmp_path):
     """Each time a finished run is trained further, its result moves aside: the
     newest to result.previous.json, older ones to result.previous.step<N>.json."""
