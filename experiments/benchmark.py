@@ -239,27 +239,33 @@ BUSY_LIMIT = 0.10
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
-    """``(busy, all)`` clock ticks of all CPUs since boot, from Linux's /proc/stat
-    (busy: user, nice, system, irq, softirq and steal; guest time is inside user);
-    None elsewhere."""
+    """``(busy, all)`` clock ticks since boot of the CPUs this process may run on (its
+    affinity mask: other jobs on a big machine's other CPUs do not disturb it), from
+    Linux's /proc/stat (busy: user, nice, system, irq, softirq and steal; guest time
+    is inside user); None elsewhere."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            lines = [x.split() for x in f if x.startswith("cpu") and x[3:4].isdigit()]
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (OSError, ValueError, AttributeError):
         return None
-    if len(fields) < 8:
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
-    busy = user + nice + system + irq + softirq + steal
-    return busy, busy + idle + iowait
+    busy = total = 0
+    for name, *fields in lines:
+        if name not in mine or len(fields) < 8:
+            continue
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + irq + softirq + steal + idle + iowait
+    return (busy, total) if total else None
 
 
 class ForeignLoad:
     """How busy the machine was with work other than this process and the children
     it waited for, between :meth:`start` and :meth:`share`: the other processes' (and
-    the hypervisor's steal) share of all CPUs' time, from /proc/stat's totals less
-    ``os.times()``'s own and waited children's CPU time. Call :meth:`share` after the
-    worker was waited for (``subprocess.run`` does). None where /proc/stat is missing."""
+    the hypervisor's steal) share of the time of the CPUs this process may use, from
+    /proc/stat's ticks less ``os.times()``'s own and waited children's CPU time. Call
+    :meth:`share` after the worker was waited for (``subprocess.run`` does). None
+    where /proc/stat is missing."""
 
     def __init__(self):
         self.start()
