@@ -39,11 +39,26 @@ flags.DEFINE_multi_string(
     'overrides (repeatable): "--epochs=2". Use another --runs for such a table.',
 )
 flags.register_validator("runs", outdir_ok)
-flags.register_validator(
-    "train_flag",
-    lambda values: all(v.startswith("--") and len(v) > 2 for v in values),
-    message='expected flags of experiments.train such as "--epochs=2"',
-)
+# set per run by book_table itself: passed on, they would win and mislabel the table
+_OWN = ("flagfile", "seed", "workdir")
+
+
+def _train_flags_ok(values: list[str]) -> bool:
+    for v in values:
+        name = v[2:].split("=", 1)[0].removeprefix("no")
+        if not v.startswith("--") or len(v) <= 2:
+            raise flags.ValidationError(
+                f'expected flags of experiments.train such as "--epochs=2", got {v!r}'
+            )
+        if name in _OWN or v[2:].split("=", 1)[0] in _OWN:
+            raise flags.ValidationError(
+                f"{v!r}: book_table sets --flagfile, --seed and --workdir of each run itself "
+                f"(use --configs, --seeds and --runs)"
+            )
+    return True
+
+
+flags.register_validator("train_flag", _train_flags_ok)
 
 
 def _file_ok(value: str) -> bool:

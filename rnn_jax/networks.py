@@ -423,7 +423,7 @@ def _check_length(length: Any, name: str, shape: tuple[int, ...]) -> Array:
             f"{name}: expected an integer array of shape {shape}, got "
             f"{length.dtype}{list(jnp.shape(length))}"
         )
-    if isinstance(length, np.ndarray) and length.dtype.itemsize > 4:
+    if isinstance(length, (np.ndarray, np.generic)) and length.dtype.itemsize > 4:
         # without x64 JAX would wrap 64-bit values to 32 bits (2**32 + 3 -> 3): clip
         # first, to the same effect as the clip to [0, T] later
         info = np.iinfo(np.int32)
@@ -668,9 +668,11 @@ def network(
                 f"<int32>[T]), got {jnp.asarray(xs).dtype}{list(jnp.shape(xs))}; use "
                 f"net.apply_batch or jax.vmap for batches"
             )
+        if length is not None:  # before jit, which would wrap a 64-bit length to 32 bits
+            length = _check_length(length, "length", ())
         if implementation in FUSED_FAMILY:  # a batch of one
             if length is not None:
-                length = _check_length(length, "length", ())[None]
+                length = length[None]
             if initial_carry is not None:
                 _check_carry(initial_carry, default_carry(params, xs), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)

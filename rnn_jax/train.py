@@ -403,14 +403,27 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         )
     else:
         echo(f"run directory: {workdir}")
-    _write_workdir(workdir, config, vocab, corpus, fresh=restored is None, step=start)
     result_path = workdir / "result.json"
-    if start < total and result_path.exists():  # a finished run trained further: not final
-        kept = _keep_previous_result(workdir)
-        os.replace(result_path, workdir / "result.previous.json")
-        echo(f"moved the earlier result to {workdir / 'result.previous.json'}{kept}")
-    elif start == total and restored is not None:
+    # A resumed stretch commits its settings (config.json, with their changes) and
+    # moves the earlier result aside at its first checkpoint, not before: a resume
+    # that fails first (a non-finite loss, a Ctrl-C while compiling) leaves the run
+    # directory saying what its checkpoints were trained with.
+    resumed_stretch = restored is not None and start < total
+    if restored is None:
+        _write_workdir(workdir, config, vocab, corpus, fresh=True)
+    else:
+        missing = not (workdir / "config.json").exists() and not resumed_stretch
+        _write_workdir(workdir, config, vocab, corpus, settings=missing)
+    if restored is not None and start == total:
         echo(f"the run has trained all its {total} steps: nothing to train")
+
+    def commit_stretch() -> None:
+        _write_workdir(workdir, config, vocab, corpus, step=start)
+        if result_path.exists() and jax.process_index() == 0:  # one process moves files
+            kept = _keep_previous_result(workdir)
+            os.replace(result_path, workdir / "result.previous.json")
+            echo(f"moved the earlier result to {workdir / 'result.previous.json'}{kept}")
+
     metrics_path = workdir / "metrics.jsonl"
     history = _load_history(metrics_path, upto=start)
     echo(
@@ -426,12 +439,15 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     status, exit_code = "completed", 0
 
     def save(step: int) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, resumed_stretch
         meter.flush(last_saved)  # never save a state whose loss was not finite
         if last_saved != step:
             meta = {"step": step, "epoch": step // steps_per_epoch, "meter": meter.state()}
             ckpt.save(step, state, meta)
             last_saved = step
+            if resumed_stretch:
+                resumed_stretch = False
+                commit_stretch()
 
     try:
         with _SignalCatcher() as signals:
@@ -638,6 +654,7 @@ def _write_workdir(
     corpus: dict[str, Any],
     fresh: bool = False,
     step: int = 0,
+    settings: bool = True,
 ) -> None:
     """Writes the run's ``config.json`` (the settings now in force), and ``vocab.json``
     and ``corpus.json`` where missing (checked by :func:`_check_workdir`) or where the
@@ -646,25 +663,27 @@ def _write_workdir(
     A resume at ``step`` that changes settings of :data:`rnn_jax.config.OUTCOME_KEYS`
     (a learning rate, say) adds ``{"step": step, flag: [before, after], ...}`` to the
     ``"changes"`` list that config.json carries over from the saved one, so the file
-    still says what each stretch of the run was trained with."""
+    still says what each stretch of the run was trained with. Without ``settings``
+    only the vocabulary and corpus files are written."""
     from rnn_jax import runs
 
     workdir.mkdir(parents=True, exist_ok=True)
-    settings: dict[str, Any] = dataclasses.asdict(config)
+    current: dict[str, Any] = dataclasses.asdict(config)
     path = workdir / "config.json"
-    if not fresh and path.is_file():
+    if settings and not fresh and path.is_file():
         try:
             saved = runs.read_settings(path)
         except ValueError:
             saved = {}
         history = saved.get("changes")
         history = list(history) if isinstance(history, list) else []
-        changes = changed_settings(saved, settings, epochs=True)
+        changes = changed_settings(saved, current, epochs=True)
         if changes:
             history.append({"step": step, **changes})
         if history:
-            settings["changes"] = history
-    _write_json_atomic(path, settings)
+            current["changes"] = history
+    if settings:
+        _write_json_atomic(path, current)
     if fresh or not (workdir / "vocab.json").exists():
         files.write_atomic(workdir / "vocab.json", vocab.to_json())
     if fresh or not (workdir / "corpus.json").exists():
@@ -711,12 +730,21 @@ def _warn_rescheduled(
     before = saved.get("epochs")
     if config.schedule == "constant" or not isinstance(before, int) or before == config.epochs:
         return
-    old = learning_rate(dataclasses.replace(config, epochs=before), steps_per_epoch * before)
+    try:  # the schedule the run had: its own lr, warm-up and schedule, not the new ones
+        was = dataclasses.replace(
+            config,
+            epochs=before,
+            **{k: saved[k] for k in ("lr", "warmup_steps", "schedule") if k in saved},
+        )
+        old = learning_rate(was, steps_per_epoch * before)
+        old_lr = float(old(start)) if callable(old) else float(old)
+    except (TypeError, ValueError):
+        return
     new = learning_rate(config, steps_per_epoch * config.epochs)
     echo(
         f"warning: --epochs {before} -> {config.epochs} rebuilds the {config.schedule} "
         f"schedule over {steps_per_epoch * config.epochs} steps: at step {start} the "
-        f"learning rate is {float(new(start)):.3g} (it was {float(old(start)):.3g}), so this "
+        f"learning rate is {float(new(start)):.3g} (it was {old_lr:.3g}), so this "
         f"run differs from an uninterrupted one of {config.epochs} epochs (a constant "
         f"--schedule extends a run exactly)"
     )

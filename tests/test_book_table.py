@@ -43,6 +43,8 @@ def test_a_short_table_of_one_flagfile(tmp_path):
 def test_bad_flags_exit_2_naming_the_flag(tmp_path):
     for args, flag in (
         (["--train_flag=epochs=2"], "--train_flag"),
+        (["--train_flag=--seed=3"], "sets --flagfile, --seed and --workdir"),
+        (["--train_flag=--workdir=/tmp/x"], "--train_flag"),
         (["--configs=lstm,nope"], "--configs"),
         (["--seeds=0"], "--seeds"),
     ):

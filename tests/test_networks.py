@@ -267,7 +267,8 @@ def test_lengths_are_clipped_to_the_sequence(implementation, bidirectional):
         np.testing.assert_allclose(a, b, **TOL)
     (ys, _), _ = got
     np.testing.assert_array_equal(ys[1], 0.0)  # length 0: every output zero
-    # 64-bit lengths beyond int32 clip too (JAX without x64 would wrap 2**32 + 3 to 3)
+    # 64-bit lengths beyond int32 clip too (JAX without x64 would wrap 2**32 + 3 to 3),
+    # for a batch and for one sequence (a NumPy scalar, a 0-d array)
     big = np.array([2**32 + 3, -(2**40), 4], np.int64)
     for a, b in zip(
         jax.tree.leaves(net.apply_batch(params, xs, big)),
@@ -275,6 +276,9 @@ def test_lengths_are_clipped_to_the_sequence(implementation, bidirectional):
         strict=True,
     ):
         np.testing.assert_allclose(a, b, **TOL)
+    (ys, _), _ = got
+    for length in (np.int64(2**32 + 3), np.array(2**32 + 3, np.int64)):
+        np.testing.assert_allclose(net.apply(params, xs[0], length)[0], ys[0], **TOL)
 
 
 @pytest.mark.parametrize("implementation", ["scan", "fused"])

@@ -360,18 +360,40 @@ def test_more_epochs_on_a_schedule_say_that_it_changes(tmp_path):
     """A cosine schedule spans the run's steps, so more --epochs rebuild it: the
     resume says so with the learning rate before and after, and config.json records
     the change (a constant schedule extends a run exactly, tested above)."""
-    config = tiny(tmp_path, epochs=1, schedule="cosine")
-    train.run(config, echo=quiet)
+    config = tiny(tmp_path, epochs=1, schedule="cosine", checkpoint_every=6)
+    train.run(config, echo=quiet)  # checkpoints at 6 and 8; resume from 6 below
+    (Path(config.workdir) / "checkpoints" / f"8{checkpoint.MANIFEST_SUFFIX}").unlink()
     lines = []
-    train.run(dataclasses.replace(config, epochs=2), echo=lines.append)
-    cosine_8_of_8 = float(train.learning_rate(config, 8)(8))
-    cosine_8_of_16 = float(train.learning_rate(config, 16)(8))
-    assert cosine_8_of_8 < 1e-6 < cosine_8_of_16
+    longer = dataclasses.replace(config, epochs=2, lr=0.02)  # the old rate is the old lr's
+    train.run(longer, echo=lines.append)
+    was = float(train.learning_rate(config, 8)(6))
+    now = float(train.learning_rate(longer, 16)(6))
+    assert was < now / 2
     warning = next(x for x in lines if x.startswith("warning: --epochs 1 -> 2"))
     assert "rebuilds the cosine schedule over 16 steps" in warning
-    assert f"is {cosine_8_of_16:.3g} (it was {cosine_8_of_8:.3g})" in warning
+    assert f"is {now:.3g} (it was {was:.3g})" in warning
     saved = json.loads((Path(config.workdir) / "config.json").read_text())
-    assert saved["changes"] == [{"step": 8, "epochs": [1, 2]}]
+    assert saved["changes"] == [{"step": 6, "lr": [0.01, 0.02], "epochs": [1, 2]}]
+
+
+def test_a_resume_that_fails_before_its_first_checkpoint_changes_nothing(tmp_path):
+    """The resumed stretch's settings (config.json and its changes) and the move of
+    the earlier result wait for its first checkpoint: a resume that diverges at once
+    leaves the run directory as the finished run had it, and the original flags
+    still find it finished."""
+    config = tiny(tmp_path, epochs=1, schedule="constant")
+    train.run(config, echo=quiet)
+    workdir = Path(config.workdir)
+    before = _snapshot(workdir)
+    with pytest.raises(train.NonFiniteLoss):
+        train.run(dataclasses.replace(config, epochs=2, lr=1e30), echo=quiet)
+    after = _snapshot(workdir)
+    for name in ("config.json", "result.json", "vocab.json", "corpus.json"):
+        assert after[name] == before[name], name
+    assert "result.previous.json" not in after
+    lines = []
+    train.run(config, echo=lines.append)
+    assert any("nothing to train" in x for x in lines)
 
 
 def test_checkpoints_that_all_fail_verification_are_never_trained_over(tmp_path):
