@@ -261,16 +261,13 @@ def _cpu_jiffies() -> tuple[int, int] | None:
 
 class ForeignLoad:
     """How busy the machine was with work other than this process and the children
-    it waited for, between :meth:`start` and :meth:`share`: the other processes' (and
+    it waited for, between its creation and :meth:`share`: the other processes' (and
     the hypervisor's steal) share of the time of the CPUs this process may use, from
     /proc/stat's ticks less ``os.times()``'s own and waited children's CPU time. Call
     :meth:`share` after the worker was waited for (``subprocess.run`` does). None
     where /proc/stat is missing."""
 
     def __init__(self):
-        self.start()
-
-    def start(self) -> None:
         self._jiffies, self._own = _cpu_jiffies(), self._own_cpu_s()
 
     @staticmethod

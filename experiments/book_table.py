@@ -45,12 +45,12 @@ _OWN = ("flagfile", "seed", "workdir")
 
 def _train_flags_ok(values: list[str]) -> bool:
     for v in values:
-        name = v[2:].split("=", 1)[0].removeprefix("no")
-        if not v.startswith("--") or len(v) <= 2:
+        name = v[2:].split("=", 1)[0]
+        if not v.startswith("--") or not name:
             raise flags.ValidationError(
                 f'expected flags of experiments.train such as "--epochs=2", got {v!r}'
             )
-        if name in _OWN or v[2:].split("=", 1)[0] in _OWN:
+        if name in _OWN or name.removeprefix("no") in _OWN:
             raise flags.ValidationError(
                 f"{v!r}: book_table sets --flagfile, --seed and --workdir of each run itself "
                 f"(use --configs, --seeds and --runs)"

@@ -686,7 +686,7 @@ def network(
         _check_params(params)
         _check_input_size(params, xs)
         if length is not None:
-            length = jnp.clip(_check_length(length, "length", ()), 0, xs.shape[0])
+            length = jnp.clip(length, 0, xs.shape[0])  # checked by apply / apply_batch
             xs = _zero_padding(xs, length)
         if initial_carry is None:
             initial_carry = default_carry(params, xs)

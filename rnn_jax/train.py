@@ -705,13 +705,9 @@ def _set_aside_unusable(ckpt, start: int, workdir: Path, echo: Callable[[str], N
     aside.mkdir(exist_ok=True)
     for step in newer:
         for name in (str(step), f"{step}{MANIFEST_SUFFIX}"):
-            source, target = Path(ckpt.directory) / name, aside / name
-            n = 1
-            while target.exists():
-                n += 1
-                target = aside / f"{name}.{n}"
+            source = Path(ckpt.directory) / name
             if source.exists():
-                shutil.move(str(source), str(target))
+                shutil.move(str(source), str(_free_path(aside, name)))
     ckpt.reload()
     echo(f"moved unusable step(s) {', '.join(map(str, newer))} to {aside}")
 
@@ -764,12 +760,19 @@ def _keep_previous_result(workdir: Path) -> str:
     except (OSError, ValueError, AttributeError):
         step = None
     stem = f"result.previous.step{step}" if isinstance(step, int) else "result.previous.old"
-    target, n = workdir / f"{stem}.json", 1
-    while target.exists():
-        n += 1
-        target = workdir / f"{stem}.{n}.json"
+    target = _free_path(workdir, stem, ".json")
     os.replace(previous, target)
     return f" (and the one before to {target})"
+
+
+def _free_path(folder: Path, stem: str, suffix: str = "") -> Path:
+    """``folder/<stem><suffix>``, or the first of ``<stem>.2<suffix>``, ``<stem>.3<suffix>``,
+    ... that does not exist: a place to move a file to without overwriting one."""
+    target, n = folder / f"{stem}{suffix}", 1
+    while target.exists():
+        n += 1
+        target = folder / f"{stem}.{n}{suffix}"
+    return target
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
