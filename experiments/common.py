@@ -3,6 +3,7 @@
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 
@@ -23,11 +24,19 @@ def flag_validator(check):
     return ok
 
 
+_HELP = re.compile(r"--?(\?|help|helpshort|helpfull|helpxml)(=.*)?")
+
+
 def parse_flags_or_exit_2(argv):
     """absl's flag parser, but a bad flag or a positional argument prints one line and
-    exits with code 2."""
+    exits with code 2, and a help flag (``--help``, ``--helpshort``, ``--helpfull``,
+    ``--helpxml``, ``-?``) prints its help and exits with 0, not absl's 1."""
     try:
         rest = flags.FLAGS(argv)
+    except SystemExit as e:  # absl's help flags print, then exit 1 inside the parser
+        if e.code == 1 and any(_HELP.fullmatch(a) for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         message = str(e)
         # a multi-flag validator's message starts with every flag it read

@@ -641,9 +641,10 @@ def _check_progress(workdir: Path, config: TrainConfig, ids: np.ndarray) -> None
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
         raise ConfigError(
             flag,
-            f"the run in {workdir} has trained all its {total} steps with other settings "
-            f"({listed}), so nothing would train with these; use another --workdir, raise "
-            f"--epochs to train it further with them, or experiments.generate for samples",
+            f"the run in {workdir} has a checkpoint at its last step ({total}), trained with "
+            f"other settings ({listed}), so nothing would train with these; use another "
+            f"--workdir, raise --epochs to train it further with them, or "
+            f"experiments.generate for samples",
         )
 
 

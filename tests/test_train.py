@@ -335,7 +335,10 @@ def test_a_finished_run_keeps_the_settings_it_was_trained_with(tmp_path, monkeyp
     with monkeypatch.context() as m:  # refused before any restore or compilation
         m.setattr(checkpoint.Checkpointer, "restore_latest", None)
         for change, flag in (({"lr": 0.5}, "lr"), ({"sample_prefix": "the "}, "sample_prefix")):
-            with pytest.raises(ConfigError, match=rf"^--{flag}: the run in .* has trained all"):
+            with pytest.raises(
+                ConfigError,
+                match=rf"^--{flag}: the run in .* has a checkpoint at its last step \(16\)",
+            ):
                 train.run(dataclasses.replace(config, **change), echo=quiet)
     assert _snapshot(workdir)["config.json"] == before["config.json"]
 
@@ -984,3 +987,19 @@ def test_ctrl_c_in_the_generate_launcher_exits_130_without_the_shutdown(
         launcher.FLAGS.unparse_flags()
     assert exits == [130]
     assert capsys.readouterr().err.strip() == "interrupted (SIGINT)"
+
+
+@pytest.mark.parametrize("module", ["experiments.train", "experiments.generate"])
+def test_help_flags_print_help_and_exit_0(module):
+    """absl's help flags exit with 1; the launchers exit with 0 after the help (a
+    bad flag still exits with 2)."""
+    for flag, wanted in (("--helpshort", "--workdir"), ("--helpfull", "--verbosity")):
+        done = subprocess.run(
+            [sys.executable, "-m", module, flag], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, (flag, done.stderr[-500:])
+        assert wanted in done.stdout + done.stderr, flag
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help=nonsense"], capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-500:]
