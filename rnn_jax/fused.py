@@ -511,7 +511,8 @@ def _forward(cell, opts, save, rec, carry0, xp, valid):
         w = _pallas_weights(rec, opts.matmul_dtype)
         return persistent.forward(cell, w, rec.get("b_hn"), carry0, xp, valid, save)
     if _native(opts, rec, carry0, xp):
-        return native.forward(_flat(rec["W_h"]), carry0, xp, valid, save, opts.reverse)
+        b = rec["b"].reshape(-1) if "b" in rec else None  # folded in by layer
+        return native.forward(_flat(rec["W_h"]), carry0, xp, valid, save, opts.reverse, b)
     forward = kernels(cell, prepare(cell, rec, opts.matmul_dtype))[0]
 
     def body(carry, inp):
@@ -580,12 +581,15 @@ def _backward(cell, opts, rec, h_first, valid, ys, saved, dys, dfinal):
         dys = _mask(valid, dys)
     if _native(opts, rec, h_first, ys):
         w = _flat(rec["W_h"])
-        dxp, dcarry0 = native.backward(w, valid, saved, dys, dfinal, opts.reverse)
+        dxp, dcarry0, db = native.backward(w, valid, saved, dys, dfinal, opts.reverse)
         if len(saved) > 3:  # h_prev_t <[H, T*B]>: the weight gradient as a plain matmul
             dw = jnp.dot(saved[3], dxp.reshape(-1, dxp.shape[-1]))
         else:  # saves cut into chunks (fused._chunked), h_prev_t left out
             dw = _contract(_shift(h_first, ys, valid, opts.reverse), dxp)
-        return {"W_h": dw.reshape(rec["W_h"].shape)}, dcarry0, dxp
+        drec = {"W_h": dw.reshape(rec["W_h"].shape)}
+        if "b" in rec:
+            drec["b"] = db.reshape(rec["b"].shape)
+        return drec, dcarry0, dxp
     _, backward, weight_grads = kernels(cell, prepare(cell, rec, opts.matmul_dtype))
     h_prev = _shift(h_first, ys, valid, opts.reverse)  # the hidden state before each step
     if _pallas(opts, rec, h_first, ys):
@@ -733,10 +737,12 @@ def check_bfloat16_inputs(params: Any, carry: Any, matmul_dtype: str, xs: Any = 
     check("carry", carry)
 
 
-def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "float32") -> Array:
+def _project(
+    cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "float32", bias: bool = True
+) -> Array:
     """``X W_x + b`` with the gate blocks side by side: ``<[T, B, G*H]>``; float
     inputs on bfloat16 operands when ``dtype`` is (token ids are a row lookup either
-    way)."""
+    way); without ``bias``, ``X W_x`` (the native kernels add ``b`` themselves)."""
     if not jnp.issubdtype(xs.dtype, jnp.floating):
         # token ids: a row gather of W_x, whose gradient (autodiff) is a scatter-add
         # of the T*B rows. cell.project's lookup_rows computes that gradient as a
@@ -747,11 +753,13 @@ def _project(cell: Cell, params: dict[str, Array], xs: Array, dtype: str = "floa
         # 109.6 vs 104.4, medium GRU 74.7 vs 72.0, long LSTM 245 vs 235. On the AMD
         # EPYC, the profiled scatter-add took 1.0-1.2 ms (d2l) and 5.9 ms (long),
         # the one-hot matmul 3.5 and 8.4 (BUILD.md).
-        xp = cells.gather_rows(params["W_x"], xs) + params["b"]  # out-of-range ids: zeros
+        xp = cells.gather_rows(params["W_x"], xs)  # out-of-range ids: zeros
+        xp = xp + params["b"] if bias else xp
         return xp.reshape(*xs.shape, math.prod(params["W_x"].shape[1:]))  # (T or B may be 0)
     _check_x(params, xs, "xs")
     w = params["W_x"].reshape(params["W_x"].shape[0], -1)
-    return _linear(xs, w, dtype) + params["b"].reshape(-1)
+    xp = _linear(xs, w, dtype)
+    return xp + params["b"].reshape(-1) if bias else xp
 
 
 def reverse_valid(xs: Array, length: Array | None) -> Array:
@@ -1023,8 +1031,15 @@ def layer(
     opts = LoopOptions(unroll, matmul_dtype, kernel, bool(reverse))
     valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]
     if not chunk:
-        xp = _project(cell, params, xs, matmul_dtype)  # all steps at once
-        return _recurrence(cell, opts, _recurrent_params(params), carry, xp, valid)
+        # all steps at once; the native kernels add the bias and sum its gradient
+        fold = kernel == "native"
+        xp = _project(cell, params, xs, matmul_dtype, bias=not fold)
+        rec = _recurrent_params(params)
+        if fold and _native(opts, rec, carry, xp):
+            rec = {**rec, "b": params["b"]}
+        elif fold:  # the XLA loops after all (float64, an empty sequence or batch)
+            xp = xp + params["b"].reshape(-1)
+        return _recurrence(cell, opts, rec, carry, xp, valid)
     pad = -num_steps % chunk
     if pad:  # padded steps are invalid: the carry stays, outputs are zero
         if valid is None:

@@ -11,11 +11,16 @@ update to each tile while it is still in registers; the backward step computes
 and the weight gradients stay single XLA matmuls (:mod:`rnn_jax.fused`), as do the
 other cells.
 
-Shapes (``G = 4H``): forward ``xp <float32>[T, B, G]``, ``W_h <float32>[H, G]``,
-carry ``<float32>[B, H]`` each, ``valid <bool>[T, B]`` -> ``ys <float32>[T, B, H]``,
-the final carry and the saves ``(acts <[T, B, G]>, c_prev <[T, B, H]>, tanh_c <[T,
-B, H]>, h_prev_t <[H, T*B]>)``; backward -> ``dA <float32>[T, B, G]`` and the
-initial carry's gradient. ``h_prev_t`` is the hidden state before each step,
+Shapes (``G = 4H``): forward ``xp <float32>[T, B, G]`` (``X W_x``), ``W_h
+<float32>[H, G]``, ``b <float32>[G]``, carry ``<float32>[B, H]`` each, ``valid
+<bool>[T, B]`` -> ``ys <float32>[T, B, H]``, the final carry and the saves ``(acts
+<[T, B, G]>, c_prev <[T, B, H]>, tanh_c <[T, B, H]>, h_prev_t <[H, T*B]>)``;
+backward -> ``dA <float32>[T, B, G]``, the initial carry's gradient and ``db
+<float32>[G] = Σ_{t,b} dA[t, b]``. The kernels add the bias and sum its gradient
+themselves: as separate XLA operations they were passes over ``<[T, B, G]>``
+(BUILD.md, "The bias"). The layer adds ``b`` outside where it runs the XLA loops
+after all (float64, an empty sequence or batch) and in its chunked forms, which
+pass zeros. ``h_prev_t`` is the hidden state before each step,
 transposed by the forward kernel (16 x 16 register blocks on AVX-512), so that the
 recurrent weight gradient ``Σ_t h_{t-1}ᵀ dA_t`` is one plain ``[H, T*B] x [T*B, G]``
 matmul: XLA's own transpose of ``[T*B, H]`` for that matmul took 17 ms per layer
@@ -243,10 +248,12 @@ def _valid(valid: Array | None, num_steps: int, batch: int) -> Array:
     return jnp.ones((num_steps, batch), bool) if valid is None else valid
 
 
-def _forward_call(w, h0, c0, xp, valid, save=True, target=None, reverse=False):
+def _forward_call(w, h0, c0, xp, valid, save=True, target=None, reverse=False, b=None):
     """The forward kernel (``target``: another registered build's name; ``reverse``:
-    the steps from the last to the first)."""
+    the steps from the last to the first; ``b <[4H]>``: the bias, added to ``xp``,
+    None for zeros)."""
     num_steps, batch, gates = xp.shape
+    b = jnp.zeros((gates,), jnp.float32) if b is None else b
     hidden = gates // 4
     f32 = jnp.float32
     per_step = jax.ShapeDtypeStruct((num_steps, batch, hidden), f32)
@@ -256,22 +263,24 @@ def _forward_call(w, h0, c0, xp, valid, save=True, target=None, reverse=False):
     saves = (xp.shape, per_step.shape, per_step.shape, hidden_by_step) if save else ((0,),) * 4
     out = (per_step, carry, carry, *(jax.ShapeDtypeStruct(s, f32) for s in saves))
     call = jax.ffi.ffi_call(target or _TARGETS["forward"], out, vmap_method="sequential")
-    return call(xp, w, h0, c0, valid, save=bool(save), reverse=bool(reverse))
+    return call(xp, w, b, h0, c0, valid, save=bool(save), reverse=bool(reverse))
 
 
 def _backward_call(w, valid, acts, c_prev, tanh_c, dys, dh, dc, target=None, reverse=False):
-    """The backward kernel (``target``: another registered build's name; ``reverse``:
+    """The backward kernel: ``(dA, dh_0, dc_0, db)``, ``db <[4H]>`` the bias gradient
+    ``Σ_{t,b} dA[t, b]`` (``target``: another registered build's name; ``reverse``:
     that of a forward loop run with ``reverse``)."""
     f32 = jnp.float32
     carry = jax.ShapeDtypeStruct(dh.shape, f32)
-    out = (jax.ShapeDtypeStruct(acts.shape, f32), carry, carry)
+    bias = jax.ShapeDtypeStruct(acts.shape[-1:], f32)
+    out = (jax.ShapeDtypeStruct(acts.shape, f32), carry, carry, bias)
     call = jax.ffi.ffi_call(target or _TARGETS["backward"], out, vmap_method="sequential")
     return call(w, acts, c_prev, tanh_c, dys, dh, dc, valid, reverse=bool(reverse))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
-def _forward_kernel(w, h0, c0, xp, valid, save, reverse):
-    return _forward_call(w, h0, c0, xp, valid, save, reverse=reverse)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+def _forward_kernel(w, b, h0, c0, xp, valid, save, reverse):
+    return _forward_call(w, h0, c0, xp, valid, save, reverse=reverse, b=b)
 
 
 # The kernels' derivatives are those of the same loops in XLA (rnn_jax.fused, which
@@ -282,9 +291,11 @@ def _forward_kernel(w, h0, c0, xp, valid, save, reverse):
 def _forward_kernel_jvp(save, reverse, primals, tangents):
     from rnn_jax.fused import lstm_forward_reference
 
-    valid = primals[4]  # boolean: no tangent
+    valid = primals[5]  # boolean: no tangent
     _, tangent = jax.jvp(
-        lambda *a: lstm_forward_reference(*a, valid, reverse), primals[:4], tangents[:4]
+        lambda w, b, h0, c0, xp: lstm_forward_reference(w, h0, c0, xp + b, valid, reverse),
+        primals[:5],
+        tangents[:5],
     )
     if not save:  # the saves are empty
         tangent = (*tangent[:3], *(jnp.zeros((0,), jnp.float32),) * 4)
@@ -303,9 +314,12 @@ def _backward_kernel_jvp(reverse, primals, tangents):
     valid = primals[1]  # boolean: no tangent
     rest = (primals[0], *primals[2:])
     drest = (tangents[0], *tangents[2:])
-    _, tangent = jax.jvp(
-        lambda w, *a: lstm_backward_reference(w, valid, *a, reverse=reverse), rest, drest
-    )
+
+    def reference(w, *a):
+        da, dh, dc = lstm_backward_reference(w, valid, *a, reverse=reverse)
+        return da, dh, dc, jnp.sum(da, axis=(0, 1))
+
+    _, tangent = jax.jvp(reference, rest, drest)
     return _backward_kernel(*primals, reverse), tangent
 
 
@@ -316,16 +330,20 @@ def forward(
     valid: Array | None,
     save: bool = True,
     reverse: bool = False,
+    b: Array | None = None,
 ):
     """The forward loop: ``(ys, final carry, saves)``; ``w``: ``W_h <float32>[H, 4H]``;
+    ``b``: the bias ``<float32>[4H]`` the kernel adds to ``xp`` (None: none);
     the saves ``(acts <[T, B, 4H]>, c_prev <[T, B, H]>, tanh_c <[T, B, H]>, h_prev_t
     <[H, T*B]>)``, the last the hidden state before each step transposed, for the
     weight gradient (``h_prev_t @ dA.reshape(T*B, 4H)``, no transpose of its own);
     without ``save`` the saves are ``None`` (and not computed). ``reverse``: the steps
     from ``T-1`` down to 0, every array in time order (a row's padding, its last
     steps, comes first and keeps the initial carry)."""
+    b = jnp.zeros(xp.shape[-1:], jnp.float32) if b is None else b
+    valid = _valid(valid, *xp.shape[:2])
     ys, h, c, *saves = _forward_kernel(
-        w, carry0.h, carry0.c, xp, _valid(valid, *xp.shape[:2]), bool(save), bool(reverse)
+        w, b, carry0.h, carry0.c, xp, valid, bool(save), bool(reverse)
     )
     return ys, LSTMCarry(h, c), (tuple(saves) if save else None)
 
@@ -333,11 +351,12 @@ def forward(
 def backward(
     w: Array, valid: Array | None, saved: tuple, dys: Array, dfinal: Any, reverse: bool = False
 ):
-    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0)`` from the forward
-    loop's saves (the first three: ``h_prev_t`` is the weight gradient's, outside);
-    ``reverse`` as the forward loop's."""
+    """The backward loop: ``(dA <float32>[T, B, 4H], dcarry0, db <float32>[4H])``
+    from the forward loop's saves (the first three: ``h_prev_t`` is the weight
+    gradient's, outside); ``db = Σ_{t,b} dA[t, b]``, the bias gradient, summed by the
+    kernel as it writes ``dA``; ``reverse`` as the forward loop's."""
     acts = saved[0]
-    da, dh, dc = _backward_kernel(
+    da, dh, dc, db = _backward_kernel(
         w, _valid(valid, *acts.shape[:2]), *saved[:3], dys, dfinal.h, dfinal.c, bool(reverse)
     )
-    return da, LSTMCarry(dh, dc)
+    return da, LSTMCarry(dh, dc), db

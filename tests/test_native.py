@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import textwrap
@@ -40,9 +41,9 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def forward_by_hand(w, h0, c0, xp, valid, reverse=False):
+def forward_by_hand(w, h0, c0, xp, valid, reverse=False, b=0.0):
     """The forward loop in float64: ys, h_T, c_T and the saves (``reverse``: the
-    steps from the last to the first)."""
+    steps from the last to the first; ``b``: the bias, added to every step's xp)."""
     num_steps, batch, gates = xp.shape
     H = gates // 4
     h, c = h0.astype(np.float64), c0.astype(np.float64)
@@ -53,7 +54,7 @@ def forward_by_hand(w, h0, c0, xp, valid, reverse=False):
     h_prev = np.zeros((num_steps, batch, H))
     for t in reversed(range(num_steps)) if reverse else range(num_steps):
         h_prev[t] = h
-        a = xp[t] + h @ w.astype(np.float64)
+        a = xp[t] + np.float64(b) + h @ w.astype(np.float64)
         i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H : 2 * H]), sigmoid(a[:, 2 * H : 3 * H])
         g = np.tanh(a[:, 3 * H :])
         c_new = f * c + i * g
@@ -69,8 +70,9 @@ def forward_by_hand(w, h0, c0, xp, valid, reverse=False):
 
 
 def backward_by_hand(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse=False):
-    """The backward loop in float64: dA, dh_0, dc_0 (``reverse``: that of the
-    forward loop run with ``reverse``, so its steps from the first to the last)."""
+    """The backward loop in float64: dA, dh_0, dc_0 and the bias gradient, dA summed
+    over steps and rows (``reverse``: that of the forward loop run with ``reverse``,
+    so its steps from the first to the last)."""
     num_steps, _, gates = acts.shape
     H = gates // 4
     dh, dc = dh.astype(np.float64), dc.astype(np.float64)
@@ -89,7 +91,7 @@ def backward_by_hand(w, valid, acts, c_prev, tanh_c, dys, dh, dc, reverse=False)
         da[t] = np.where(v, da_t, 0.0)
         dh = np.where(v, da_t @ w.T.astype(np.float64), dh)
         dc = np.where(v, d_c * f, dc)
-    return da, dh, dc
+    return da, dh, dc, da.sum(axis=(0, 1))
 
 
 def check_kernels(H, B, T, forward=None, backward=None, reverse=False):
@@ -99,16 +101,16 @@ def check_kernels(H, B, T, forward=None, backward=None, reverse=False):
     from the last to the first."""
     w = random(0, (H, 4 * H), 0.5)
     h0, c0 = random(1, (B, H)), random(2, (B, H))
-    xp = random(3, (T, B, 4 * H), 2.0)
+    xp, b = random(3, (T, B, 4 * H), 2.0), random(8, (4 * H,))
     lengths = np.random.default_rng(4).integers(0, T + 1, B)
     valid = np.arange(T)[:, None] < lengths[None, :]
-    run_forward = functools.partial(native._forward_call, target=forward, reverse=reverse)
+    run_forward = functools.partial(native._forward_call, target=forward, reverse=reverse, b=b)
     run_backward = functools.partial(native._backward_call, target=backward, reverse=reverse)
     if forward is None:
         run_forward = jax.jit(run_forward, static_argnums=5)
         run_backward = jax.jit(run_backward)
     got = run_forward(w, h0, c0, xp, valid, True)
-    want = forward_by_hand(w, h0, c0, xp, valid, reverse)
+    want = forward_by_hand(w, h0, c0, xp, valid, reverse, b)
     names = ("ys", "h_T", "c_T", "acts", "c_prev", "tanh_c", "h_prev_t")
     for name, g, e in zip(names, got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
@@ -116,7 +118,7 @@ def check_kernels(H, B, T, forward=None, backward=None, reverse=False):
     saves = [np.asarray(a) for a in got[3:6]]
     got = run_backward(w, valid, *saves, dys, dh, dc)
     want = backward_by_hand(w, valid, *saves, dys, dh, dc, reverse)
-    for name, g, e in zip(("dA", "dh_0", "dc_0"), got, want, strict=True):
+    for name, g, e in zip(("dA", "dh_0", "dc_0", "db"), got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), e, **TOL, err_msg=name)
 
 
@@ -302,6 +304,20 @@ def test_bidirectional_layers_read_the_backward_direction_in_place():
     hlo = jax.jit(jax.grad(loss_fn(fast, weights))).lower(params, xs, carry, None).as_text()
     assert hlo.count("rnn_jax_lstm_forward") == hlo.count("rnn_jax_lstm_backward") == 4
     assert "stablehlo.reverse" not in hlo
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["inputs", "token_ids"])
+def test_the_kernels_add_the_bias_and_sum_its_gradient(tokens):
+    """The gradient program of a native layer has no pass of its own over the
+    pre-activations <[T, B, 4H]> for the bias: no add of a broadcast bias, no sum to
+    <[4H]> (the kernels do both; values: the tests above, with random biases)."""
+    _, fast, params, carry, xs, weights = setup(16, 9, 7, tokens=tokens)
+    hlo = jax.jit(jax.grad(loss_fn(fast, weights))).lower(params, xs, carry, None).as_text()
+    assert "rnn_jax_lstm_backward" in hlo
+    gates = re.compile(r"tensor<(7x9x64|7x9x4x16)xf32>")
+    for line in hlo.splitlines():
+        assert not ("stablehlo.add" in line and gates.search(line)), line
+        assert not ("stablehlo.reduce" in line and gates.search(line)), line
 
 
 @pytest.mark.parametrize("kw", [{"chunk": 2}, {"remat": True}], ids=["chunk", "remat"])

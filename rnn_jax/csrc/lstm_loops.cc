@@ -3,7 +3,7 @@
 // runs them as the fused layer's forward and backward loops (kernel="native").
 //
 // Layouts (row-major, float32; G = 4H, the gate blocks in the order I, F, O, C~):
-//   forward:  xp <[T, B, G]> (X W_x + b), w <[H, G]> (W_h), h0, c0 <[B, H]>,
+//   forward:  xp <[T, B, G]> (X W_x), w <[H, G]> (W_h), b <[G]>, h0, c0 <[B, H]>,
 //             valid <bool[T, B]>
 //          -> ys <[T, B, H]>, h_T, c_T <[B, H]>, and with the attribute save, the
 //             saves for the backward loop: acts <[T, B, G]> (i, f, o, c~ after their
@@ -13,10 +13,11 @@
 //             sum_t h_{t-1}ᵀ dA_t = h_prev_t dA as a plain [H, T B] x [T B, G]
 //             matmul; without save these four are not written)
 //   backward: w, acts, c_prev, tanh_c, dys <[T, B, H]>, dh_T, dc_T, valid
-//          -> da <[T, B, G]> (gradient of the pre-activations), dh0, dc0
+//          -> da <[T, B, G]> (gradient of the pre-activations), dh0, dc0 and
+//             db <[G]> = sum_{t,b} da[t, b] (each step's rows summed first)
 //
 // One step, per row (the equations of rnn_jax.cells.lstm):
-//   a = xp_t + h_{t-1} W_h;  i, f, o = sigma(a_I), sigma(a_F), sigma(a_O);  g = tanh(a_C)
+//   a = xp_t + b + h_{t-1} W_h;  i, f, o = sigma(a_I), sigma(a_F), sigma(a_O);  g = tanh(a_C)
 //   c_t = f * c_{t-1} + i * g;  h_t = o * tanh(c_t)
 // and backward, with dh = dh_t + dy_t:
 //   dc = dc_t + dh * o * (1 - tanh(c_t)^2)
@@ -248,6 +249,7 @@ struct Step {  // one forward step's operands; rows of H or G floats
   float* hnext;
   float* c;  // the cell state, updated in place
   const float* xp;
+  const float* b;  // the bias <[G]>, added to xp
   const bool* valid;
   float* ys;
   float* acts;
@@ -266,10 +268,11 @@ constexpr int kPasses = 4 / kPassGates;
 template <int MB, int P>
 inline void forward_tile(const Step& s, int u, int r0, const float* wp, float* pre) {
   const int H = s.H, G = 4 * H, col = u * kLanes;
-  vf acc[MB][kPassGates];
+  vf acc[MB][kPassGates], bias[kPassGates];
+  for (int j = 0; j < kPassGates; ++j) bias[j] = load(s.b + (P * kPassGates + j) * H + col);
   for (int r = 0; r < MB; ++r)
     for (int j = 0; j < kPassGates; ++j)
-      acc[r][j] = load(s.xp + (r0 + r) * G + (P * kPassGates + j) * H + col);
+      acc[r][j] = load(s.xp + (r0 + r) * G + (P * kPassGates + j) * H + col) + bias[j];
   const float* panel = wp + (static_cast<size_t>(u) * kPasses + P) * H * kPassGates * kLanes;
   for (int k = 0; k < H; ++k) {
     vf w[kPassGates];
@@ -388,8 +391,9 @@ ffi::Error check_shapes(int64_t T, int64_t B, int64_t G, int64_t wrows, int64_t 
 }  // namespace
 
 static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32> w,
-                                  ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                                  ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> ys,
+                                  ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> h0,
+                                  ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::PRED> valid,
+                                  ffi::ResultBuffer<ffi::F32> ys,
                                   ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
                                   ffi::ResultBuffer<ffi::F32> acts,
                                   ffi::ResultBuffer<ffi::F32> cprev,
@@ -402,6 +406,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
   if (auto e = check_shapes(d[0], d[1], d[2], wd[0], wd[1]); e.failure()) return e;
   const int T = d[0], B = d[1], G = d[2], H = G / 4;
   const size_t bh = static_cast<size_t>(B) * H, bg = static_cast<size_t>(B) * G;
+  if (b.element_count() != static_cast<size_t>(G))
+    return ffi::Error::InvalidArgument("lstm_loops: the bias must have 4H floats");
   if (save && (acts->element_count() != T * bg || cprev->element_count() != T * bh ||
                tanh_c->element_count() != T * bh || hprev_t->element_count() != T * bh))
     return ffi::Error::InvalidArgument("lstm_loops: save needs the saves' buffers");
@@ -434,6 +440,7 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
                  hnext,
                  c,
                  xp.typed_data() + t * bg,
+                 b.typed_data(),
                  valid.typed_data() + static_cast<size_t>(t) * B,
                  ys->typed_data() + t * bh,
                  save ? acts->typed_data() + t * bg : nullptr,
@@ -463,6 +470,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // xp
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b
                                   .Arg<ffi::Buffer<ffi::F32>>()   // h0
                                   .Arg<ffi::Buffer<ffi::F32>>()   // c0
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // valid
@@ -479,10 +487,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmForward, LstmForwardImpl,
 template <int NZ>
 static void backward_loop(int T, int B, int H, const float* W, const float* acts,
                           const float* cprev, const float* tanh_c, const float* dys,
-                          const bool* valid, bool reverse, float* da, float* dh, float* dc) {
+                          const bool* valid, bool reverse, float* da, float* dh, float* dc,
+                          float* db) {
   const int G = 4 * H, width = NZ * kLanes;
   const size_t bh = static_cast<size_t>(B) * H, bg = static_cast<size_t>(B) * G;
-  Scratch wtp(static_cast<size_t>(H) * G), dh_new(bh);
+  Scratch wtp(static_cast<size_t>(H) * G), dh_new(bh), db_t(G);
+  std::memset(db, 0, G * sizeof(float));
   for (int q = 0; q < H / width; ++q)
     for (int k = 0; k < G; ++k)
       for (int j = 0; j < width; ++j)
@@ -494,6 +504,7 @@ static void backward_loop(int T, int B, int H, const float* W, const float* acts
     const size_t th = t * bh;
     const bool* v_t = valid + static_cast<size_t>(t) * B;
     float* da_t = da + t * bg;
+    std::memset(db_t.p, 0, G * sizeof(float));  // the step's sum over rows, then db's
     for (int r = 0; r < B; ++r) {
       if (!v_t[r]) {  // carry gradients pass through
         std::memset(da_t + static_cast<size_t>(r) * G, 0, G * sizeof(float));
@@ -506,13 +517,22 @@ static void backward_loop(int T, int B, int H, const float* W, const float* acts
         const vf tc = load(tanh_c + th + hi);
         const vf dhv = load(dh + hi) + load(dys + th + hi);
         const vf dcv = load(dc + hi) + dhv * o * (1.0f - tc * tc);
-        store(da_t + gi, dcv * g * (i * (1.0f - i)));
-        store(da_t + gi + H, dcv * load(cprev + th + hi) * (f * (1.0f - f)));
-        store(da_t + gi + 2 * H, dhv * tc * (o * (1.0f - o)));
-        store(da_t + gi + 3 * H, dcv * i * (1.0f - g * g));
+        const vf di = dcv * g * (i * (1.0f - i));
+        const vf df = dcv * load(cprev + th + hi) * (f * (1.0f - f));
+        const vf dov = dhv * tc * (o * (1.0f - o));
+        const vf dg = dcv * i * (1.0f - g * g);
+        store(da_t + gi, di);
+        store(da_t + gi + H, df);
+        store(da_t + gi + 2 * H, dov);
+        store(da_t + gi + 3 * H, dg);
         store(dc + hi, dcv * f);
+        store(db_t.p + u, load(db_t.p + u) + di);
+        store(db_t.p + H + u, load(db_t.p + H + u) + df);
+        store(db_t.p + 2 * H + u, load(db_t.p + 2 * H + u) + dov);
+        store(db_t.p + 3 * H + u, load(db_t.p + 3 * H + u) + dg);
       }
     }
+    for (int k = 0; k < G; k += kLanes) store(db + k, load(db + k) + load(db_t.p + k));
     for (int q = 0; q < H / width; ++q)
       backward_rows<kBackRows, NZ>(H, q, B, da_t, wtp.p, dh_new.p);
     for (int r = 0; r < B; ++r)
@@ -527,20 +547,24 @@ static ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32
                                    ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
                                    ffi::Buffer<ffi::F32> dcT, ffi::Buffer<ffi::PRED> valid,
                                    ffi::ResultBuffer<ffi::F32> da, ffi::ResultBuffer<ffi::F32> dh0,
-                                   ffi::ResultBuffer<ffi::F32> dc0, bool reverse) {
+                                   ffi::ResultBuffer<ffi::F32> dc0,
+                                   ffi::ResultBuffer<ffi::F32> db, bool reverse) {
   const auto d = acts.dimensions();
   const auto wd = w.dimensions();
   if (d.size() != 3 || wd.size() != 2) return ffi::Error::InvalidArgument("lstm_loops: ranks");
   if (auto e = check_shapes(d[0], d[1], d[2], wd[0], wd[1]); e.failure()) return e;
   const int T = d[0], B = d[1], H = d[2] / 4;
   const size_t bh = static_cast<size_t>(B) * H;
+  if (db->element_count() != static_cast<size_t>(d[2]))
+    return ffi::Error::InvalidArgument("lstm_loops: the bias gradient must have 4H floats");
   float* dh = dh0->typed_data();  // the running carry gradients, final after the loop
   float* dc = dc0->typed_data();
   std::memcpy(dh, dhT.typed_data(), bh * sizeof(float));
   std::memcpy(dc, dcT.typed_data(), bh * sizeof(float));
   auto run = [&](auto loop) {
     loop(T, B, H, w.typed_data(), acts.typed_data(), cprev.typed_data(), tanh_c.typed_data(),
-         dys.typed_data(), valid.typed_data(), reverse, da->typed_data(), dh, dc);
+         dys.typed_data(), valid.typed_data(), reverse, da->typed_data(), dh, dc,
+         db->typed_data());
   };
   if (kBackNZ >= 4 && H % (4 * kLanes) == 0)
     run(backward_loop<4>);
@@ -564,6 +588,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RnnJaxLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // da
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dh0
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // db
                                   .Attr<bool>("reverse"));
 
 // The vector width this build uses (rnn_jax.native.vector_lanes).
