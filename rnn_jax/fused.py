@@ -1035,9 +1035,9 @@ def layer(
         fold = kernel == "native"
         xp = _project(cell, params, xs, matmul_dtype, bias=not fold)
         rec = _recurrent_params(params)
-        if fold and _native(opts, rec, carry, xp):
+        if fold and params["b"].dtype == jnp.float32 and _native(opts, rec, carry, xp):
             rec = {**rec, "b": params["b"]}
-        elif fold:  # the XLA loops after all (float64, an empty sequence or batch)
+        elif fold:  # the XLA loops after all, or a bias of another type (added as before)
             xp = xp + params["b"].reshape(-1)
         return _recurrence(cell, opts, rec, carry, xp, valid)
     pad = -num_steps % chunk

@@ -19,15 +19,17 @@ backward -> ``dA <float32>[T, B, G]``, the initial carry's gradient and ``db
 <float32>[G] = Σ_{t,b} dA[t, b]``. The kernels add the bias and sum its gradient
 themselves: as separate XLA operations they were passes over ``<[T, B, G]>``
 (BUILD.md, "The bias"). The layer adds ``b`` outside where it runs the XLA loops
-after all (float64, an empty sequence or batch) and in its chunked forms, which
-pass zeros. ``h_prev_t`` is the hidden state before each step,
-transposed by the forward kernel (16 x 16 register blocks on AVX-512), so that the
-recurrent weight gradient ``Σ_t h_{t-1}ᵀ dA_t`` is one plain ``[H, T*B] x [T*B, G]``
-matmul: XLA's own transpose of ``[T*B, H]`` for that matmul took 17 ms per layer
-and direction per device at the long shape, on the Intel Xeon (BUILD.md). With
-``reverse`` the loops run from the last step to the first (the backward direction
-of a bidirectional layer, every array in time order). The equations are those of
-the fused LSTM (:mod:`rnn_jax.fused`, module docstring).
+after all (float64, bfloat16 params or matmuls, an empty sequence or batch), for a
+bias that is not float32, and in its chunked forms, which pass zeros.
+
+``h_prev_t`` is the hidden state before each step, transposed by the forward
+kernel (16 x 16 register blocks on AVX-512), so that the recurrent weight gradient
+``Σ_t h_{t-1}ᵀ dA_t`` is one plain ``[H, T*B] x [T*B, G]`` matmul: XLA's own
+transpose of ``[T*B, H]`` for that matmul took 17 ms per layer and direction per
+device at the long shape, on the Intel Xeon (BUILD.md). With ``reverse`` the loops
+run from the last step to the first (the backward direction of a bidirectional
+layer, every array in time order). The equations are those of the fused LSTM
+(:mod:`rnn_jax.fused`, module docstring).
 
 The kernel is compiled on first use by the machine's C++ compiler (``$CXX``, else
 ``c++``, ``g++`` or ``clang++``) for the machine's own CPU (``-march=native``) and

@@ -14,7 +14,8 @@
 //             matmul; without save these four are not written)
 //   backward: w, acts, c_prev, tanh_c, dys <[T, B, H]>, dh_T, dc_T, valid
 //          -> da <[T, B, G]> (gradient of the pre-activations), dh0, dc0 and
-//             db <[G]> = sum_{t,b} da[t, b] (each step's rows summed first)
+//             db <[G]> = sum_{t,b} da[t, b] (each step's rows summed first, the
+//             steps' sums added with Kahan's compensation)
 //
 // One step, per row (the equations of rnn_jax.cells.lstm):
 //   a = xp_t + b + h_{t-1} W_h;  i, f, o = sigma(a_I), sigma(a_F), sigma(a_O);  g = tanh(a_C)
@@ -491,8 +492,9 @@ static void backward_loop(int T, int B, int H, const float* W, const float* acts
                           float* db) {
   const int G = 4 * H, width = NZ * kLanes;
   const size_t bh = static_cast<size_t>(B) * H, bg = static_cast<size_t>(B) * G;
-  Scratch wtp(static_cast<size_t>(H) * G), dh_new(bh), db_t(G);
+  Scratch wtp(static_cast<size_t>(H) * G), dh_new(bh), db_t(G), db_c(G);
   std::memset(db, 0, G * sizeof(float));
+  std::memset(db_c.p, 0, G * sizeof(float));
   for (int q = 0; q < H / width; ++q)
     for (int k = 0; k < G; ++k)
       for (int j = 0; j < width; ++j)
@@ -532,7 +534,11 @@ static void backward_loop(int T, int B, int H, const float* W, const float* acts
         store(db_t.p + 3 * H + u, load(db_t.p + 3 * H + u) + dg);
       }
     }
-    for (int k = 0; k < G; k += kLanes) store(db + k, load(db + k) + load(db_t.p + k));
+    for (int k = 0; k < G; k += kLanes) {  // db += the step's sum, compensated (Kahan)
+      const vf y = load(db_t.p + k) - load(db_c.p + k), sum = load(db + k), next = sum + y;
+      store(db_c.p + k, (next - sum) - y);
+      store(db + k, next);
+    }
     for (int q = 0; q < H / width; ++q)
       backward_rows<kBackRows, NZ>(H, q, B, da_t, wtp.p, dh_new.p);
     for (int r = 0; r < B; ++r)
