@@ -414,7 +414,8 @@ static ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xp, ffi::Buffer<ffi::F32
     return ffi::Error::InvalidArgument("lstm_loops: save needs the saves' buffers");
   const float* W = w.typed_data();
   Scratch wp(static_cast<size_t>(H) * G), h_a(bh), h_b(bh);
-  Scratch pre(static_cast<size_t>(B) * 4 * kLanes);  // the passes' pre-activations
+  // the pre-activations that a pass leaves for the next (one-pass builds: none)
+  Scratch pre(kPasses > 1 ? static_cast<size_t>(B) * 4 * kLanes : 1);
   for (int u = 0; u < H / kLanes; ++u)
     for (int q = 0; q < kPasses; ++q)
       for (int k = 0; k < H; ++k)
