@@ -490,9 +490,9 @@ def _native_types(kernel: str, matmul_dtype: str, arrays: Any) -> bool:
 
 def _native(opts: LoopOptions, rec: dict[str, Array], carry0: Any, seq: Array) -> bool:
     """Whether the loops run as :mod:`rnn_jax.native` kernels: asked for, float32
-    matmuls, params, carries and sequence, and at least one step and one example
-    (else the XLA loops)."""
-    arrays = (rec["W_h"], seq, carry0)
+    matmuls, params (``rec``: ``W_h``, and ``b`` where the kernels add it), carries
+    and sequence, and at least one step and one example (else the XLA loops)."""
+    arrays = (rec, seq, carry0)
     return (
         _native_types(opts.kernel, opts.matmul_dtype, arrays)
         and seq.shape[0] > 0
@@ -1035,9 +1035,9 @@ def layer(
         fold = kernel == "native"
         xp = _project(cell, params, xs, matmul_dtype, bias=not fold)
         rec = _recurrent_params(params)
-        if fold and params["b"].dtype == jnp.float32 and _native(opts, rec, carry, xp):
+        if fold and _native(opts, {**rec, "b": params["b"]}, carry, xp):
             rec = {**rec, "b": params["b"]}
-        elif fold:  # the XLA loops after all, or a bias of another type (added as before)
+        elif fold:  # the XLA loops after all (another type somewhere, an empty T or B)
             xp = xp + params["b"].reshape(-1)
         return _recurrence(cell, opts, rec, carry, xp, valid)
     pad = -num_steps % chunk
