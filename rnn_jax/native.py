@@ -36,7 +36,9 @@ The kernel is compiled on first use by the machine's C++ compiler (``$CXX``, els
 cached under ``$RNN_JAX_CACHE_DIR`` (default ``~/.cache/rnn_jax``), keyed by the
 source, the flags, the jaxlib version and the CPU; about 3 s once. Where it cannot
 be built, :func:`unavailable` says why and ``implementation="auto"`` runs the XLA
-loops; ``RNN_JAX_NATIVE=0`` turns it off.
+loops; ``RNN_JAX_NATIVE=0`` turns it off. ``RNN_JAX_NATIVE_ARCH`` replaces
+``-march=native`` with other flags: ``-march=x86-64-v3`` builds the AVX2 kernels
+on an AVX-512 CPU (:func:`vector_lanes` then says 8).
 
 Derivatives: first derivatives come from the backward kernel; derivatives of the
 kernels themselves (grad of grad) are those of the XLA loops they match (a custom
@@ -82,6 +84,10 @@ def _compiler() -> str | None:
 
 
 def _arch_flags() -> list[str]:
+    """``$RNN_JAX_NATIVE_ARCH`` split on spaces (``-march=x86-64-v3``: an AVX2 build
+    that any AVX2 CPU runs), else this CPU's own (``-march=native``)."""
+    if os.environ.get("RNN_JAX_NATIVE_ARCH", "").strip():
+        return os.environ["RNN_JAX_NATIVE_ARCH"].split()
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686"):
         return ["-march=native"]

@@ -8,6 +8,7 @@ fused XLA loops. Then the fallbacks (unsupported cells and types, no compiler) a
 data parallelism on 2 devices.
 """
 
+import ctypes
 import functools
 import json
 import os
@@ -236,6 +237,23 @@ def test_builds_for_smaller_vector_units_match_the_equations(march, lanes, needs
     ]:
         check_kernels(H, B, T, names["forward"], names["backward"])
     check_small_preactivations(32, 7, 6, names["forward"])
+
+
+def test_the_arch_variable_replaces_the_native_build(monkeypatch):
+    """``RNN_JAX_NATIVE_ARCH=-march=x86-64-v3`` builds the AVX2 kernels (the library
+    the AVX2 test above builds, 8 floats per vector) instead of this CPU's own."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 builds")
+    if not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU lacks AVX2")
+    monkeypatch.setenv("RNN_JAX_NATIVE_ARCH", " -march=x86-64-v3 ")
+    assert native._arch_flags() == ["-march=x86-64-v3"]
+    path, why = native.build()
+    assert why is None, why
+    assert path == native.build(["-march=x86-64-v3"])[0]
+    assert ctypes.CDLL(str(path)).RnnJaxLstmLanes() == 8
+    monkeypatch.setenv("RNN_JAX_NATIVE_ARCH", "")
+    assert native._arch_flags() == ["-march=native"]
 
 
 def test_forward_without_saves_gives_the_same_outputs():
