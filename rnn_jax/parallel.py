@@ -149,15 +149,23 @@ def data_mesh(enabled: bool = True) -> Mesh | None:
 
 
 def in_mesh(mesh: Mesh | None, fn):
-    """``fn`` called (and so traced) with ``mesh`` set as JAX's current mesh
-    (``jax.set_mesh``): code that needs one device's share of the batch at trace
-    time (``rnn_jax.fused``'s chunked layers) finds the data axis there. ``fn``
-    itself when ``mesh`` is None."""
+    """``fn`` called (and so traced) with ``mesh`` set as JAX's current mesh: code
+    that needs one device's share of the batch at trace time (``rnn_jax.fused``'s
+    chunked layers) finds the data axis there. ``fn`` itself when ``mesh`` is None.
+
+    Either order works: ``in_mesh(mesh, jax.jit(f))`` sets the mesh around the
+    call (``jax.set_mesh``), ``jax.jit(in_mesh(mesh, f))`` sets its abstract form
+    while ``jit`` traces ``f`` (``jax.sharding.use_abstract_mesh``; ``set_mesh``
+    refuses to run inside ``jit``). Both compile the same program."""
     if mesh is None:
         return fn
 
     def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
+        try:
+            context = jax.set_mesh(mesh)
+        except ValueError:  # being traced: what the layers read is the abstract mesh
+            context = jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+        with context:
             return fn(*args, **kwargs)
 
     return call
@@ -178,9 +186,22 @@ def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def shard_batch(batch: Any, mesh: Mesh | None) -> Any:
-    """Places every array of ``batch`` with its leading (batch) axis split over devices."""
+    """Places every array of ``batch`` with its leading (batch) axis split over devices.
+
+    Raises:
+      ValueError: an array whose leading axis does not divide over the devices.
+    """
     if mesh is None:
         return batch
+    n = mesh.shape[DATA_AXIS]
+    for x in jax.tree.leaves(batch):
+        shape = np.shape(x)
+        if not shape or shape[0] % n:
+            raise ValueError(
+                f"batch: every array's leading (batch) axis must split evenly over the "
+                f"{n} devices of the mesh, got an array of shape {shape}; use a batch size "
+                f"that is a multiple of {n}"
+            )
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda x: put_global(x, sharding), batch)
 

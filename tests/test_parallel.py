@@ -166,6 +166,19 @@ for name, opts in [("lstm", {}), ("gru", {"reset_after": True}), ("gru", {}), ("
         got = compiled(*args)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        if set_mesh and name == "lstm" and "chunk" in kw:
+            # parallel.in_mesh inside jit (the README's order) and around it: the same
+            # per-device program as jax.set_mesh above
+            raw = jax.grad(loss, argnums=0 if tokens else (0, 1))
+            inside = jax.jit(parallel.in_mesh(mesh, raw))
+            around = parallel.in_mesh(mesh, jax.jit(raw))
+            lower_around = parallel.in_mesh(mesh, jax.jit(raw).lower)
+            for lower, step in ((inside.lower, inside), (lower_around, around)):
+                assert loop_all_reduces(lower(*args).compile().as_text()) == 0, case
+                for a, b in zip(
+                    jax.tree.leaves(step(*args)), jax.tree.leaves(expected), strict=True
+                ):
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 # the training state: replicated, but the carried state (sequential partition) follows
 # the batch, placed and restored alike
@@ -175,6 +188,15 @@ assert placed["carry"].sharding.spec == P("data"), placed["carry"].sharding
 assert placed["params"]["w"].sharding.spec == P() and placed["step"].sharding.spec == P()
 abstract = parallel.abstract_state(jax.eval_shape(lambda: state), mesh)
 assert abstract["carry"].sharding.spec == P("data") and abstract["params"]["w"].sharding.spec == P()
+# a batch that does not split over the devices is refused by name
+assert parallel.shard_batch({"x": np.ones((4, 3))}, mesh)["x"].sharding.spec == P("data")
+for bad in ({"x": np.ones((4, 3)), "y": np.ones((7, 3))}, np.float32(1)):
+    try:
+        parallel.shard_batch(bad, mesh)
+    except ValueError as e:
+        assert str(e).startswith("batch: ") and "multiple of 2" in str(e), e
+    else:
+        raise AssertionError(bad)
 print("ok")
 """
 
