@@ -55,14 +55,21 @@ def _upper_inputs(ys_prev: Array, wx: Array, b: Array) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _wave(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
-    ys, final, _ = _wave_forward(cell, opts, False, rec, wx, b, carry0, xp0, wave_valid)
-    return ys, final
+    top, final, _ = _wave_forward(cell, opts, False, rec, wx, b, carry0, xp0, wave_valid)
+    return top, final
 
 
 def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
-    """``(ys, final carries <[L, B, H]>, saved <[S, L, ...]> or None)``: ``ys`` is every
-    layer's outputs ``<[S, L, B, H]>`` if ``save`` (the backward pass reads them), else
-    only the top layer's ``<[S, B, H]>``."""
+    """``(top, final carries <[L, B, H]>, (ys, saved) or None)``: ``top`` is the top
+    layer's outputs ``<[S, B, H]>``; with ``save``, also every layer's outputs ``ys
+    <[S, L, B, H]>`` and the kernels' saves ``<[S, L, ...]>`` (the backward pass
+    reads them).
+
+    ``top`` is a scan output of its own in both modes, not a slice of ``ys``: under
+    ``jit`` in ``vmap``, the primal function's and the forward rule's outputs must be
+    computed alike, or reverse mode of the batched call fails (JAX 0.10 batches a
+    scan output and a slice of one with the batch axis in different places, and
+    linearizing then slices the wrong axis)."""
     prep = jax.vmap(lambda r: fused.prepare(cell, r, opts.matmul_dtype))(rec)
     wx = fused.cast(wx, opts.matmul_dtype)
     forward = jax.vmap(lambda p, c, u: fused.kernels(cell, p)[0](c, u))
@@ -77,17 +84,17 @@ def _wave_forward(cell, opts, save, rec, wx, b, carry0, xp0, wave_valid):
         new, y, saved = forward(prep, carry, u)
         new = fused._where(valid_s, new, carry)
         y = fused._mask(valid_s, y)
-        return (new, y), ((y, saved) if save else (y[-1],))
+        return (new, y), ((y[-1], y, saved) if save else (y[-1],))
 
     h0 = fused._hidden(carry0)  # the outputs have the carries' type (float32 for bfloat16)
     ys0 = jnp.zeros((num_layers, *h0.shape[1:]), h0.dtype)
     (final, _), out = jax.lax.scan(body, (carry0, ys0), (inputs, wave_valid), unroll=opts.unroll)
-    return out[0], final, (out[1] if save else None)
+    return out[0], final, (out[1:] if save else None)
 
 
 def _wave_fwd(cell, opts, rec, wx, b, carry0, xp0, wave_valid):
-    ys, final, saved = _wave_forward(cell, opts, True, rec, wx, b, carry0, xp0, wave_valid)
-    return (ys[:, -1], final), (rec, wx, b, carry0, wave_valid, ys, saved, fused.dtype_marker(xp0))
+    top, final, (ys, saved) = _wave_forward(cell, opts, True, rec, wx, b, carry0, xp0, wave_valid)
+    return (top, final), (rec, wx, b, carry0, wave_valid, ys, saved, fused.dtype_marker(xp0))
 
 
 def _wave_bwd(cell, opts, res, cts):
