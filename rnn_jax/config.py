@@ -47,6 +47,29 @@ RESUME_KEYS = (
 )
 
 
+# Flags that one cell or optimizer reads: ``{flag: (owner field, owner value,
+# default, what has it)}``. Set for another they do nothing; a launcher warns
+# (:func:`inapplicable`) rather than refuses, since a sweep over cells or optimizers
+# from one flagfile (``lstm.flags`` sets ``--forget_bias=0``) sets them for all.
+OWNED_FLAGS = {
+    "activation": ("cell", "rnn", "tanh", "only the plain RNN has an activation choice"),
+    "reset_after": ("cell", "gru", False, "only the GRU has a reset gate"),
+    "forget_bias": ("cell", "lstm", 1.0, "only the LSTM has a forget gate"),
+    "momentum": ("optimizer", "sgd", 0.0, "only --optimizer=sgd uses momentum"),
+}
+
+
+def _owned_elsewhere(name: str, settings: dict[str, Any]) -> bool:
+    """Whether flag ``name`` belongs to a cell or optimizer other than ``settings``'."""
+    owner, value, _, _ = OWNED_FLAGS[name]
+    return owner in settings and settings[owner] != value
+
+
+# A sweep directory's definition file (rnn_jax.sweeps): a training run refuses to
+# write there, and a sweep refuses a run directory (RUN_FILES).
+SWEEP_FILE = "trials.json"
+RUN_FILES = ("config.json", "checkpoints")
+
 AUTOTUNE_MULTIHOST = (
     "each process would time on its own and could pick another program; tune on one "
     "host, then pass --implementation and --unroll"
@@ -190,7 +213,10 @@ def resume_conflicts(
     conflicts = [
         f"{k}: {saved.get(k)!r} -> {current[k]!r}"
         for k in RESUME_KEYS
-        if k in saved and _differ(k, saved[k], current[k])
+        if k in saved
+        and _differ(k, saved[k], current[k])
+        # a flag the run's cell does not read (the cell itself is compared too)
+        and not (k in OWNED_FLAGS and _owned_elsewhere(k, saved) and _owned_elsewhere(k, current))
     ]
     for k, shapes in _STATE_SHAPERS.items() if checkpointed else ():
         if k in saved and shapes(saved) != shapes(current):
@@ -230,6 +256,46 @@ def _finite(config: TrainConfig) -> None:
             raise ConfigError(name, f"expected a finite number, got {value!r}")
 
 
+def _kind(default: Any) -> tuple[str, Any]:
+    """What a field with this default holds: ``(words, check)``."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if default is None:  # pin_reset, pin_update
+        return "a number or None", lambda v: v is None or number(v)
+    return "a number", number
+
+
+def _types(config: TrainConfig) -> None:
+    """Each field holds its kind of Python value (a config built in Python is not
+    parsed by absl: ``epochs=1.5`` or ``hidden_size="32"`` failed later, some after
+    the run directory was written). NumPy scalars are refused too: config.json is
+    plain JSON."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        words, check = _kind(field.default)
+        if not check(value):
+            raise ConfigError(field.name, f"expected {words}, got {value!r}")
+
+
+def inapplicable(config: TrainConfig) -> list[str]:
+    """A warning for each flag set away from its default that this run's cell or
+    optimizer does not read (:data:`OWNED_FLAGS`)."""
+    settings = dataclasses.asdict(config)
+    out = []
+    for name, (owner, _, default, why) in OWNED_FLAGS.items():
+        if settings[name] != default and _owned_elsewhere(name, settings):
+            out.append(
+                f"--{name}={settings[name]!r} does nothing: {why}, and --{owner} is "
+                f"{settings[owner]!r}"
+            )
+    return out
+
+
 def _choice(config: TrainConfig, name: str, allowed) -> None:
     value = getattr(config, name)
     if value not in allowed:
@@ -242,6 +308,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     Raises:
       ConfigError: naming the first offending field. Nothing is written.
     """
+    _types(config)
     _finite(config)
     _choice(config, "cell", tuple(cells.CELLS))
     _choice(config, "activation", tuple(cells.ACTIVATIONS))
@@ -282,6 +349,13 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
             raise ConfigError(name, f"only the GRU has this gate; --cell is {config.cell!r}")
         if value is not None and not 0 <= value <= 1:
             raise ConfigError(name, f"expected a gate value in [0, 1], got {value!r}")
+    if config.partition == "sequential" and config.bidirectional:
+        raise ConfigError(
+            "partition",
+            "'sequential' carries each row's final state into its next window, which a "
+            "backward direction cannot use (it would start from the end of the previous "
+            "window); use --partition=windows with --bidirectional",
+        )
     if not config.lr > 0:
         raise ConfigError("lr", f"expected a learning rate > 0, got {config.lr!r}")
     if not 0 <= config.dropout < 1:
@@ -316,6 +390,12 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     for parent in workdir.parents:
         if parent.exists() and not parent.is_dir():
             raise ConfigError("workdir", f"{parent} is a file, so {workdir} cannot be created")
+    if (workdir / SWEEP_FILE).exists():
+        raise ConfigError(
+            "workdir",
+            f"{workdir} holds a sweep ({workdir / SWEEP_FILE}), not a training run: its "
+            f"runs are its trial_* folders; pass one of them or another directory",
+        )
     try:
         ids, vocab = text.load_corpus(config.data or None, config.tokens, config.min_freq)
     except ValueError as e:

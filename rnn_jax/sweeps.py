@@ -59,7 +59,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from rnn_jax.config import ConfigError, TrainConfig, validate
+from rnn_jax.config import RUN_FILES, SWEEP_FILE, ConfigError, TrainConfig, validate
 
 # Flags of experiments.train's launcher that are not TrainConfig fields but may sit in a
 # base flagfile: every trial's train reads that file itself (and checks them there).
@@ -71,7 +71,7 @@ RESERVED = {
 }
 RANGE_KINDS = ("log", "uniform", "int", "choice")
 MAX_TRIALS = 100_000  # a sweep's trials are planned (and written to trials.json) up front
-TRIALS_FILE = "trials.json"
+TRIALS_FILE = SWEEP_FILE  # (a training run refuses a directory that holds one)
 STATUS_FILE = "sweep_status.json"  # in a trial's run directory: how its last attempt ended
 LOG_FILE = "log.txt"
 LOG_HEADER = "=== "  # starts the line the sweep writes into log.txt before each attempt
@@ -481,11 +481,20 @@ def trial_config(sweep: Sweep, trial: Trial, run_dir: str | os.PathLike) -> Trai
 
 
 def validate_trials(sweep: Sweep, sweep_dir: str | os.PathLike) -> None:
-    """Runs ``TrainConfig`` validation on every configuration (its first seed).
+    """Refuses a ``sweep_dir`` that holds a training run, and runs ``TrainConfig``
+    validation on every configuration (its first seed).
 
     Raises:
-      SweepError: naming --grid/--ranges, --set or --base (whichever sets the bad flag).
+      SweepError: naming --sweep_dir, or --grid/--ranges, --set or --base (whichever
+        sets the bad flag).
     """
+    held = [Path(sweep_dir) / name for name in RUN_FILES if (Path(sweep_dir) / name).exists()]
+    if held:
+        raise SweepError(
+            "sweep_dir",
+            f"{sweep_dir} holds a training run ({held[0]}), not a sweep; use another "
+            f"--sweep_dir (its trials would be written beside that run's files)",
+        )
     for trial in sweep.trials:
         if trial.seed != 0:
             continue

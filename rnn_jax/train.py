@@ -40,6 +40,7 @@ from rnn_jax import data, files, models, parallel, text
 from rnn_jax.config import (
     TrainConfig,
     changed_settings,
+    inapplicable,
     model_config,
     resume_conflicts,
     validate,
@@ -311,6 +312,8 @@ def run(
       NonFiniteLoss: the loss became NaN or infinite; the last good checkpoint stays.
     """
     ids, vocab = validate(config)
+    for warning in inapplicable(config):
+        echo(f"warning: {warning}")
     workdir = Path(config.workdir)
     corpus = _corpus_record(config, ids)
     _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing

@@ -267,6 +267,21 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, flag):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_training_run_directory_is_refused(tmp_path):
+    """A sweep into a run directory would write its trials and reports (curves.png
+    over the run's) beside the run's files; a training run refuses a sweep directory
+    alike (tests/test_train.py)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}\n")
+    (run_dir / "curves.png").write_bytes(b"the run's curves")
+    out = run_sweep("--grid=lr=1", f"--set={TINY}", f"--sweep_dir={run_dir}", timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: --sweep_dir: ") and "holds a training run" in out.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.json", "curves.png"]
+    assert (run_dir / "curves.png").read_bytes() == b"the run's curves"
+
+
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
     sweep_dir = tmp_path / "sweep"
     out = run_sweep(

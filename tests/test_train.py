@@ -659,6 +659,8 @@ def text_files(tmp_path_factory):
     (d / "short.txt").write_text("tiny")
     (d / "medium.txt").write_text("the time machine " * 100)
     (d / "a_file").write_text("not a directory")
+    (d / "a_sweep").mkdir()
+    (d / "a_sweep" / "trials.json").write_text("{}\n")
     return d
 
 
@@ -689,6 +691,7 @@ BAD_CONFIG = [
     (dict(lr=-1.0), "--lr: expected a learning rate > 0"),
     (dict(batch_size=0), "--batch_size: expected >= 1"),
     (dict(workdir="{d}/a_file"), "--workdir: .*a_file exists and is not a directory"),
+    (dict(workdir="{d}/a_sweep"), "--workdir: .*a_sweep holds a sweep .*trials.json"),
     (dict(dropout=1.5), "--dropout: expected a rate in"),
     (dict(lr=float("inf")), "--lr: expected a finite number, got inf"),
     (dict(grad_clip=float("nan")), "--grad_clip: expected a finite number, got nan"),
@@ -700,6 +703,21 @@ BAD_CONFIG = [
     ),
     (dict(hidden_size=99999999999), "--hidden_size: expected <= 65536"),
     (dict(batch_size=10**9), r"--batch_size: expected at most num_train = \d+ .*got 1000000000"),
+    # a config built in Python holds Python values of each field's kind (epochs=1.5
+    # failed only after the run directory was written)
+    (dict(epochs=1.5), "--epochs: expected an integer, got 1.5"),
+    (dict(eval_every=1.5), "--eval_every: expected an integer, got 1.5"),
+    (dict(hidden_size="32"), "--hidden_size: expected an integer, got '32'"),
+    (dict(hidden_size=np.int64(8)), "--hidden_size: expected an integer, got np.int64"),
+    (dict(lr="0.1"), "--lr: expected a number, got '0.1'"),
+    (dict(dropout=None), "--dropout: expected a number, got None"),
+    (dict(remat="false"), "--remat: expected true or false, got 'false'"),
+    (dict(data=3), "--data: expected a string, got 3"),
+    (dict(pin_reset="0.5", cell="gru"), "--pin_reset: expected a number or None"),
+    (
+        dict(partition="sequential", bidirectional=True),
+        "--partition: 'sequential' carries .* use --partition=windows with --bidirectional",
+    ),
 ]
 
 
@@ -718,6 +736,35 @@ def test_bad_config_raises_naming_the_flag_and_writes_nothing(tmp_path, text_fil
     with pytest.raises(ConfigError, match=match):
         train.run(config, echo=quiet)
     assert _snapshot(workdir) == before
+
+
+def test_flags_of_another_cell_warn_and_do_not_pin_a_resume(tmp_path):
+    """A flag the run's cell or optimizer does not read (``--forget_bias`` of a GRU,
+    as a sweep over cells from lstm.flags sets) is named in a warning; a resume that
+    changes it is not refused, while one that changes the cell is."""
+    from rnn_jax.config import inapplicable, resume_conflicts
+
+    assert inapplicable(TrainConfig(activation="relu")) == [
+        "--activation='relu' does nothing: only the plain RNN has an activation choice, "
+        "and --cell is 'lstm'"
+    ]
+    assert "--reset_after=True does nothing" in inapplicable(TrainConfig(reset_after=True))[0]
+    assert "--momentum=0.9 does nothing" in inapplicable(TrainConfig(momentum=0.9))[0]
+    assert inapplicable(TrainConfig(cell="rnn", activation="relu", forget_bias=1.0)) == []
+    assert inapplicable(TrainConfig(optimizer="sgd", momentum=0.9, forget_bias=0.0)) == []
+    lines = []
+    config = tiny(tmp_path, cell="gru", forget_bias=0.0, epochs=1)
+    train.run(config, echo=lines.append)
+    assert (
+        "warning: --forget_bias=0.0 does nothing: only the LSTM has a forget gate, and "
+        "--cell is 'gru'" in lines
+    )
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    lstm = {**saved, "cell": "lstm", "forget_bias": 1.0}
+    assert resume_conflicts(saved, {**saved, "forget_bias": 1.0}) == []
+    assert resume_conflicts(saved, lstm) == ["cell: 'gru' -> 'lstm'", "forget_bias: 0.0 -> 1.0"]
+    result = train.run(dataclasses.replace(config, forget_bias=1.0, epochs=2), echo=quiet)
+    assert result.status == "completed" and result.step == 2 * (TINY["num_train"] // 16)
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,7 @@ def config_for(partition: str, seed: int, workdir: str) -> TrainConfig:
         cell=FLAGS.cell,
         hidden_size=FLAGS.hidden_size,
         init="uniform",
-        forget_bias=0.0,
+        forget_bias=0.0 if FLAGS.cell == "lstm" else 1.0,  # (the other cells have none)
         partition=partition,
         batch_size=FLAGS.batch_size,
         num_steps=FLAGS.num_steps,
