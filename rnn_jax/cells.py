@@ -216,7 +216,14 @@ def _check_input_size(input_size: Any) -> int:
 
 
 def _check_x(params: Params, x: Array, name: str = "x") -> None:
-    """Raises at trace time when ``x``'s last axis is not the params' input size."""
+    """Raises at trace time when ``x`` is not real floats (integers are token ids and
+    never get here) or its last axis is not the params' input size."""
+    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: expected float features or integer token ids, got {dtype}; cast "
+            f"boolean features with x.astype(jnp.float32)"
+        )
     expected = params["W_x"].shape[0]
     shape = jnp.shape(x)
     if len(shape) == 0 or shape[-1] != expected:

@@ -251,6 +251,11 @@ def test_wrong_input_size_is_named_at_trace_time(factory):
     p = cell.init(jax.random.key(0), I)
     with pytest.raises(ValueError, match=rf"x: expected last dimension {I} .*got shape \(4,\)"):
         jax.jit(cell.step)(p, cell.initial_carry(), jnp.zeros(4))
+    # neither complex nor boolean features (networks refuse them alike): a complex x
+    # gave a complex carry
+    for dtype in (jnp.complex64, jnp.bool_):
+        with pytest.raises(ValueError, match=rf"x: expected float features .*got {dtype.__name__}"):
+            jax.jit(cell.step)(p, cell.initial_carry(), jnp.zeros(I, dtype))
 
 
 def numpy_gru_gates(p, h, x, reset_after, pin_reset=None, pin_update=None):
