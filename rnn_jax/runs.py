@@ -21,13 +21,15 @@ from rnn_jax.config import TrainConfig, model_config
 
 
 class Run(NamedTuple):
-    """A trained run: its config, vocabulary, model and the newest checkpoint's state."""
+    """A trained run: its config, vocabulary, model and the newest usable checkpoint's
+    state (``skipped``: newer steps that failed their integrity check)."""
 
     config: TrainConfig
     vocab: text.Vocab
     model: models.Model
     step: int
     state: dict[str, Any]
+    skipped: tuple[int, ...] = ()
 
     @property
     def params(self) -> dict[str, Any]:
@@ -91,7 +93,8 @@ def load(workdir: Path) -> Run:
     abstract = parallel.abstract_state(abstract, None)  # onto this process's first device
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
         restored = ckpt.restore_latest(abstract)
+        steps = ckpt.all_steps()
     if restored is None:
         raise ValueError(f"{workdir / 'checkpoints'} holds no usable checkpoint")
     step, state, _ = restored
-    return Run(config, vocab, model, step, state)
+    return Run(config, vocab, model, step, state, tuple(s for s in steps if s > step))

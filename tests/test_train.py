@@ -936,6 +936,53 @@ def test_generate_launcher_reads_the_prefix_as_the_corpus_and_bounds_temperature
     assert "error: --temperature: expected at most 3.403e+38" in proc.stderr
 
 
+def test_a_sample_prefix_outside_the_vocabulary_is_named(tmp_path, text_files):
+    """A text of one's own with the default --sample_prefix ('time traveller '): the
+    prefix's letters that text lacks are named before training."""
+    lines = []
+    train.run(tiny(tmp_path, data=str(text_files / "medium.txt"), epochs=1), echo=lines.append)
+    assert (
+        "warning: --sample_prefix has 3 token(s) outside the vocabulary ('r', 'v', 'l'): "
+        "the samples read each as '<unk>'" in lines
+    )
+
+
+def test_generate_launcher_says_what_it_generates_from(tmp_path):
+    """experiments.generate on a bidirectional raw-character run whose newest
+    checkpoint is corrupt: it names the step it falls back to and the prefix's tokens
+    outside the vocabulary (read as <unk>), and bounds --num_chars for a model that
+    reruns the network for every character."""
+    import subprocess
+    import sys
+
+    config = tiny(tmp_path, epochs=1, checkpoint_every=4, tokens="raw_char", bidirectional=True)
+    train.run(config, echo=quiet)  # checkpoints at 4 and 8
+    victim = max(
+        (p for p in (Path(config.workdir) / "checkpoints" / "8").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+
+    def launch(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.generate", f"--workdir={config.workdir}", *args],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+
+    proc = launch("--prefix=the ☃ ♞☃", "--num_chars=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: generating from step 4: the newer step(s) 8 failed" in proc.stderr
+    assert "note: --prefix has 2 token(s) outside the run's vocabulary ('☃', '♞')" in proc.stderr
+    assert proc.stdout.startswith("the ☃ ♞☃") and len(proc.stdout.strip("\n")) == 8 + 3
+    proc = launch("--num_chars=10001")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --num_chars: expected <= 10,000 for this bidirectional")
+
+
 def test_sampling_follows_softmax_of_the_logits_over_the_temperature():
     """Drawn tokens' frequencies at temperature 0.5 and 2 against softmax(logits / T)
     written out (20,000 draws: a standard error below 0.004); 0 is the argmax."""
@@ -1024,6 +1071,7 @@ def test_ctrl_c_in_the_generate_launcher_exits_130_without_the_shutdown(
         exits.append(code)
         raise SystemExit(code)
 
+    monkeypatch.setattr(runs, "load_config", lambda path: TrainConfig())  # read first
     monkeypatch.setattr(runs, "load", interrupted)
     monkeypatch.setattr(launcher.os, "_exit", fake_exit)
     launcher.FLAGS(["generate", f"--workdir={tmp_path}"])
