@@ -44,7 +44,14 @@ def parse_flags_or_exit_2(argv):
         head, sep, tail = message.partition(": --")
         if sep and head.startswith("flags "):
             message = "--" + tail
-        print(f"error: {message}", file=sys.stderr)
+        # absl's own wording for a flagfile it cannot open ("ERROR:: Unable to open
+        # flagfile: [Errno 2] No such file or directory: 'x'") names no flag
+        unopened = re.fullmatch(
+            r"ERROR:: Unable to open flagfile: \[Errno \d+\] (.*): '(.*)'", message
+        )
+        if unopened:
+            message = f"--flagfile: cannot open {unopened[2]}: {unopened[1]}"
+        print(f"error: {message.removeprefix('ERROR:: ')}", file=sys.stderr)
         sys.exit(2)
     if len(rest) > 1:
         print(f"error: unexpected arguments {rest[1:]}", file=sys.stderr)

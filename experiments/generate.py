@@ -124,8 +124,8 @@ def _main(argv):
                 FLAGS.temperature,
                 FLAGS.seed + i,
             )
-        except ValueError as e:
-            fail("prefix", str(e))
+        except ValueError as e:  # ("prefix: expected at least one token ...")
+            fail("prefix", str(e).removeprefix("prefix: "))
         print(sample)
 
 

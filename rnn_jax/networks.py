@@ -393,6 +393,20 @@ def _as_array(x: Any) -> Any:
     return np.asarray(x)
 
 
+def _check_key(key: Any) -> None:
+    """``dropout_key`` is one PRNG key: a typed key of shape ``()`` (``jax.random.key``)
+    or a legacy ``<uint32>[2]`` (``jax.random.PRNGKey``); ValueError naming it else."""
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if (typed and shape == ()) or (dtype == jnp.uint32 and shape == (2,)):
+        return
+    got = f"{dtype}{list(shape)}" if dtype is not None else repr(key)
+    raise ValueError(
+        f"dropout_key: expected one PRNG key (jax.random.key(seed), or a legacy "
+        f"jax.random.PRNGKey <uint32>[2]), got {got}"
+    )
+
+
 def _check_xs_dtype(xs: Any) -> None:
     """Inputs (an array or ``np.asarray`` of one) are real floats (features) or
     integers (token ids): anything else (bool, complex) raises ValueError naming ``xs``."""
@@ -676,9 +690,13 @@ def network(
             if initial_carry is not None:
                 _check_carry(initial_carry, default_carry(params, xs), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
+            if dropout_key is not None:
+                _check_key(dropout_key)
             keys = None if dropout_key is None else dropout_key[None]
             ys, final = _fused_jit(params, xs[None], length, initial_carry, keys, implementation)
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
+        if dropout_key is not None:
+            _check_key(dropout_key)
         return _scan_jit(params, xs, length, initial_carry, dropout_key)
 
     def _apply_scan(params, xs, length, initial_carry, dropout_key):
@@ -739,6 +757,8 @@ def network(
         if initial_carry is not None:
             _check_params(params)
             _check_carry(initial_carry, default_carry(params, xs), "initial_carry", batch)
+        if dropout_key is not None:
+            _check_key(dropout_key)
         keys = None if dropout_key is None else jax.random.split(dropout_key, batch)
         impl = implementation
         if impl == "auto":

@@ -436,6 +436,15 @@ def test_bad_apply_inputs_raise_at_trace_time():
         apply(params, jnp.zeros((T, I)), None, (jnp.zeros(H),))
     with pytest.raises(ValueError, match=r"params: expected keys \['layer_0', 'layer_1'\]"):
         apply({"layer_0": params["layer_0"]}, jnp.zeros((T, I)))
+    # one PRNG key, typed or legacy (a split pair or an int failed inside JAX's code)
+    xs = jnp.zeros((2, T, I))
+    for key in (jax.random.split(jax.random.key(0), 2), 3, jnp.zeros(2)):
+        with pytest.raises(ValueError, match=r"dropout_key: expected one PRNG key .*got "):
+            batch(params, xs, dropout_key=key)
+        with pytest.raises(ValueError, match=r"dropout_key: expected one PRNG key"):
+            apply(params, xs[0], dropout_key=key)
+    for key in (jax.random.key(0), jax.random.PRNGKey(0)):
+        assert batch(params, xs, dropout_key=key)[0].shape == (2, T, 2 * H)
 
 
 def test_float64_params_need_no_float64_carry():

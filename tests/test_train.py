@@ -674,6 +674,7 @@ BAD = [
     (["--unroll=-1"], "--unroll: expected >= 0, got -1"),
     (["--cpu_devices=3", "--batch_size=4"], "--cpu_devices: 3 devices do not split --batch_size 4"),
     (["--cpu_devices=many"], "--cpu_devices=many: expected auto or an integer >= 1"),
+    (["--flagfile={d}/missing.flags"], "--flagfile: cannot open .*missing.flags: No such file"),
     # the flag takes every implementation networks does; native runs the LSTM only
     (["--implementation=native", "--cell=gru"], "--implementation: 'native': no native kernel"),
 ]
@@ -934,6 +935,9 @@ def test_generate_launcher_reads_the_prefix_as_the_corpus_and_bounds_temperature
     proc = launch("--temperature=1e39")
     assert proc.returncode == 2
     assert "error: --temperature: expected at most 3.403e+38" in proc.stderr
+    proc = launch("--prefix=")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --prefix: expected at least one token after"), proc.stderr
 
 
 def test_a_sample_prefix_outside_the_vocabulary_is_named(tmp_path, text_files):
