@@ -12,8 +12,10 @@ Modules:
   parallel   data parallelism (``jax.sharding``); ``split_cpu()``: a CPU device per core.
   interop    PyTorch state-dict conversion.
   text, data, models, generate   the character language model pipeline.
-  linen, train, checkpoint, runs, config, autotune   imported on first use
-             (flax, orbax, optax).
+  sweeps     hyperparameter sweeps: plans, results tables, plots.
+  tasks      synthetic long-range tasks (adding, copy) as pure JAX functions.
+  linen, train, checkpoint, runs, config, autotune, sweeps, tasks   imported on
+             first use (flax, orbax, optax).
 """
 
 import importlib
@@ -52,7 +54,7 @@ __all__ = [
     "text",
 ]
 
-_LAZY = ("linen", "train", "checkpoint", "runs", "config", "autotune")
+_LAZY = ("linen", "train", "checkpoint", "runs", "config", "autotune", "sweeps", "tasks")
 
 
 def __getattr__(name):

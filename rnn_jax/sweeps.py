@@ -735,9 +735,10 @@ def _summary_header(sweep: Sweep, groups, rows, title: str) -> list[str]:
         f"{sweep.definition['mode']} search over {', '.join(sweep.swept)}: {size}; {counts}.",
         f"Fixed: {_flags_text(sweep.fixed) or '(none)'}.",
         "Ranked by final validation perplexity, mean ± std over the completed seeds "
-        "(configurations with failed seeds last).",
+        "(configurations with failed seeds last). train s: the seeds' mean time in the "
+        "training loop (compilation and evaluations included; start-up and loading not).",
         "",
-        "| " + " | ".join(["rank", *columns, "wall s"]) + " |",
+        "| " + " | ".join(["rank", *columns, "train s"]) + " |",
         "|" + "---|" * (len(columns) + 2),
     ]
 

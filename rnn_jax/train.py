@@ -827,8 +827,9 @@ def _plot(history: list[dict], path: Path, echo: Callable[[str], None]) -> None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in history]
-    ax.plot(epochs, [r["train_ppl"] for r in history], label="train")
-    ax.plot(epochs, [r["val_ppl"] for r in history], label="validation")
+    marker = "." if len(history) < 30 else None  # (a line of one point draws nothing)
+    ax.plot(epochs, [r["train_ppl"] for r in history], label="train", marker=marker)
+    ax.plot(epochs, [r["val_ppl"] for r in history], label="validation", marker=marker)
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
