@@ -484,16 +484,29 @@ def test_resume_refuses_changed_model_flags(tmp_path):
         train.run(config, echo=quiet)
 
 
-def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
-    config = tiny(tmp_path, epochs=2, checkpoint_every=4)  # checkpoints at 4, 8, 12, 16
-    train.run(config, echo=quiet)
-    ckpt_dir = Path(config.workdir) / "checkpoints"
-    victim = max(
-        (p for p in (ckpt_dir / "16").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
-    )
+def corrupt_step(workdir, step: int) -> None:
+    """Flips a byte in the middle of the largest file of checkpoint ``step``."""
+    folder = Path(workdir) / "checkpoints" / str(step)
+    victim = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     blob = bytearray(victim.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     victim.write_bytes(bytes(blob))
+
+
+def generate_cli(workdir, *args) -> subprocess.CompletedProcess:
+    """``python -m experiments.generate --workdir=WORKDIR ARGS``, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.generate", f"--workdir={workdir}", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
+    config = tiny(tmp_path, epochs=2, checkpoint_every=4)  # checkpoints at 4, 8, 12, 16
+    train.run(config, echo=quiet)
+    corrupt_step(config.workdir, 16)
     lines = []
     result = train.run(config, echo=lines.append)
     assert "resumed from step 12" in lines[0]
@@ -504,7 +517,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     aside = Path(config.workdir) / "checkpoints.unusable"
     assert "moved unusable step(s) 16 to" in lines[1]
     assert sorted(p.name for p in aside.iterdir()) == ["16", f"16{checkpoint.MANIFEST_SUFFIX}"]
-    with checkpoint.Checkpointer(ckpt_dir) as ckpt:
+    with checkpoint.Checkpointer(Path(config.workdir) / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [8, 12, 16] and all(ckpt.verify(s) for s in (8, 12, 16))
 
 
@@ -913,19 +926,10 @@ def test_generate_launcher_reads_the_prefix_as_the_corpus_and_bounds_temperature
     """experiments.generate on a finished run: a prefix the preprocessing changes is
     reported (so 'Café' read as 'caf ' is not silent) and continued; a temperature
     beyond float32 is refused by flag before the run is loaded."""
-    import subprocess
-    import sys
-
     config = tiny(tmp_path, epochs=1)
     train.run(config, echo=quiet)
 
-    def launch(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "experiments.generate", f"--workdir={config.workdir}", *args],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        )
+    launch = functools.partial(generate_cli, config.workdir)
 
     proc = launch("--prefix=Café 42", "--num_chars=7")
     assert proc.returncode == 0, proc.stderr
@@ -956,26 +960,11 @@ def test_generate_launcher_says_what_it_generates_from(tmp_path):
     checkpoint is corrupt: it names the step it falls back to and the prefix's tokens
     outside the vocabulary (read as <unk>), and bounds --num_chars for a model that
     reruns the network for every character."""
-    import subprocess
-    import sys
-
     config = tiny(tmp_path, epochs=1, checkpoint_every=4, tokens="raw_char", bidirectional=True)
     train.run(config, echo=quiet)  # checkpoints at 4 and 8
-    victim = max(
-        (p for p in (Path(config.workdir) / "checkpoints" / "8").rglob("*") if p.is_file()),
-        key=lambda p: p.stat().st_size,
-    )
-    blob = bytearray(victim.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    victim.write_bytes(bytes(blob))
+    corrupt_step(config.workdir, 8)
 
-    def launch(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "experiments.generate", f"--workdir={config.workdir}", *args],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        )
+    launch = functools.partial(generate_cli, config.workdir)
 
     proc = launch("--prefix=the ☃ ♞☃", "--num_chars=3")
     assert proc.returncode == 0, proc.stderr
