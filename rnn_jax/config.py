@@ -47,22 +47,25 @@ RESUME_KEYS = (
 )
 
 
-# Flags that one cell or optimizer reads: ``{flag: (owner field, owner value,
-# default, what has it)}``. Set for another they do nothing; a launcher warns
+# Flags that one cell, optimizer or schedule reads: ``{flag: (owner field, owner
+# values, default, what has it)}``. Set for another they do nothing; a launcher warns
 # (:func:`inapplicable`) rather than refuses, since a sweep over cells or optimizers
 # from one flagfile (``lstm.flags`` sets ``--forget_bias=0``) sets them for all.
 OWNED_FLAGS = {
-    "activation": ("cell", "rnn", "tanh", "only the plain RNN has an activation choice"),
-    "reset_after": ("cell", "gru", False, "only the GRU has a reset gate"),
-    "forget_bias": ("cell", "lstm", 1.0, "only the LSTM has a forget gate"),
-    "momentum": ("optimizer", "sgd", 0.0, "only --optimizer=sgd uses momentum"),
+    "activation": ("cell", ("rnn",), "tanh", "only the plain RNN has an activation choice"),
+    "reset_after": ("cell", ("gru",), False, "only the GRU has a reset gate"),
+    "forget_bias": ("cell", ("lstm",), 1.0, "only the LSTM has a forget gate"),
+    "momentum": ("optimizer", ("sgd",), 0.0, "only --optimizer=sgd uses momentum"),
+    "weight_decay": ("optimizer", ("adamw",), 1e-4, "only --optimizer=adamw decays weights"),
+    "warmup_steps": ("schedule", ("cosine", "linear"), 0, "a constant --schedule has no warm-up"),
 }
 
 
 def _owned_elsewhere(name: str, settings: dict[str, Any]) -> bool:
-    """Whether flag ``name`` belongs to a cell or optimizer other than ``settings``'."""
-    owner, value, _, _ = OWNED_FLAGS[name]
-    return owner in settings and settings[owner] != value
+    """Whether flag ``name`` belongs to a cell, optimizer or schedule other than
+    ``settings``'."""
+    owner, values, _, _ = OWNED_FLAGS[name]
+    return owner in settings and settings[owner] not in values
 
 
 # A sweep directory's definition file (rnn_jax.sweeps): a training run refuses to
@@ -201,7 +204,14 @@ def changed_settings(
     """``{flag: [saved, current]}`` for each of :data:`OUTCOME_KEYS` (and ``epochs``,
     with ``epochs``) that differs (fields an older config.json lacks are not compared)."""
     keys = (*OUTCOME_KEYS, "epochs") if epochs else OUTCOME_KEYS
-    return {k: [saved[k], current[k]] for k in keys if k in saved and saved[k] != current[k]}
+    return {
+        k: [saved[k], current[k]]
+        for k in keys
+        if k in saved
+        and saved[k] != current[k]
+        # a flag the run's optimizer or schedule does not read (itself compared)
+        and not (k in OWNED_FLAGS and _owned_elsewhere(k, saved) and _owned_elsewhere(k, current))
+    }
 
 
 def resume_conflicts(

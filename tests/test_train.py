@@ -753,10 +753,11 @@ def test_bad_config_raises_naming_the_flag_and_writes_nothing(tmp_path, text_fil
 
 
 def test_flags_of_another_cell_warn_and_do_not_pin_a_resume(tmp_path):
-    """A flag the run's cell or optimizer does not read (``--forget_bias`` of a GRU,
-    as a sweep over cells from lstm.flags sets) is named in a warning; a resume that
-    changes it is not refused, while one that changes the cell is."""
-    from rnn_jax.config import inapplicable, resume_conflicts
+    """A flag the run's cell, optimizer or schedule does not read (``--forget_bias`` of
+    a GRU, as a sweep over cells from lstm.flags sets) is named in a warning; a resume
+    that changes it is not refused, while one that changes the cell is. A warm-up
+    longer than the run is named too."""
+    from rnn_jax.config import changed_settings, inapplicable, resume_conflicts
 
     assert inapplicable(TrainConfig(activation="relu")) == [
         "--activation='relu' does nothing: only the plain RNN has an activation choice, "
@@ -766,12 +767,27 @@ def test_flags_of_another_cell_warn_and_do_not_pin_a_resume(tmp_path):
     assert "--momentum=0.9 does nothing" in inapplicable(TrainConfig(momentum=0.9))[0]
     assert inapplicable(TrainConfig(cell="rnn", activation="relu", forget_bias=1.0)) == []
     assert inapplicable(TrainConfig(optimizer="sgd", momentum=0.9, forget_bias=0.0)) == []
+    assert inapplicable(TrainConfig(weight_decay=0.1)) == [
+        "--weight_decay=0.1 does nothing: only --optimizer=adamw decays weights, and "
+        "--optimizer is 'adam'"
+    ]
+    assert inapplicable(TrainConfig(schedule="constant", warmup_steps=10)) == [
+        "--warmup_steps=10 does nothing: a constant --schedule has no warm-up, and "
+        "--schedule is 'constant'"
+    ]
+    assert inapplicable(TrainConfig(schedule="linear", warmup_steps=10)) == []
+    adam = dataclasses.asdict(TrainConfig())
+    assert changed_settings(adam, {**adam, "weight_decay": 0.1, "lr": 0.02}) == {"lr": [0.01, 0.02]}
     lines = []
-    config = tiny(tmp_path, cell="gru", forget_bias=0.0, epochs=1)
+    config = tiny(tmp_path, cell="gru", forget_bias=0.0, epochs=1, warmup_steps=100)
     train.run(config, echo=lines.append)
     assert (
         "warning: --forget_bias=0.0 does nothing: only the LSTM has a forget gate, and "
         "--cell is 'gru'" in lines
+    )
+    assert (
+        "warning: --warmup_steps 100 is longer than the run's 8 steps: the learning rate "
+        "never reaches --lr 0.01" in lines
     )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     lstm = {**saved, "cell": "lstm", "forget_bias": 1.0}
