@@ -47,10 +47,11 @@ def parse_flags_or_exit_2(argv):
         # absl's own wording for a flagfile it cannot open ("ERROR:: Unable to open
         # flagfile: [Errno 2] No such file or directory: 'x'") names no flag
         unopened = re.fullmatch(
-            r"ERROR:: Unable to open flagfile: \[Errno \d+\] (.*): '(.*)'", message
-        )
+            r"ERROR:: Unable to open flagfile: \[Errno \d+\] (.*?): ('(.*)'|\"(.*)\")", message
+        )  # (Python quotes a path holding an apostrophe with double quotes)
         if unopened:
-            message = f"--flagfile: cannot open {unopened[2]}: {unopened[1]}"
+            path = unopened[3] if unopened[3] is not None else unopened[4]
+            message = f"--flagfile: cannot open {path}: {unopened[1]}"
         print(f"error: {message.removeprefix('ERROR:: ')}", file=sys.stderr)
         sys.exit(2)
     if len(rest) > 1:

@@ -93,8 +93,8 @@ def _main(argv):
     if run.skipped:
         print(
             f"note: generating from step {run.step}: the newer step(s) "
-            f"{', '.join(map(str, run.skipped))} failed the integrity check (the warning "
-            f"above)",
+            f"{', '.join(map(str, run.skipped))} could not be used (the warnings above "
+            f"say why)",
             file=sys.stderr,
         )
     clean = text.preprocess(FLAGS.prefix, run.vocab.mode)

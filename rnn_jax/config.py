@@ -283,8 +283,8 @@ def _kind(default: Any) -> tuple[str, Any]:
 def _types(config: TrainConfig) -> None:
     """Each field holds its kind of Python value (a config built in Python is not
     parsed by absl: ``epochs=1.5`` or ``hidden_size="32"`` failed later, some after
-    the run directory was written). NumPy scalars are refused too: config.json is
-    plain JSON."""
+    the run directory was written). NumPy integers and float32 scalars are refused
+    too (``np.float64`` is a Python float): config.json is plain JSON."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         words, check = _kind(field.default)

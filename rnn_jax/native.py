@@ -38,7 +38,9 @@ source, the flags, the jaxlib version and the CPU; about 3 s once. Where it cann
 be built, :func:`unavailable` says why and ``implementation="auto"`` runs the XLA
 loops; ``RNN_JAX_NATIVE=0`` turns it off. ``RNN_JAX_NATIVE_ARCH`` replaces
 ``-march=native`` with other flags: ``-march=x86-64-v3`` builds the AVX2 kernels
-on an AVX-512 CPU (:func:`vector_lanes` then says 8).
+on an AVX-512 CPU (:func:`vector_lanes` then says 8). Both are read once, when a
+process first uses the kernels; flags for instructions this CPU lacks build code
+that dies on its first call (an illegal instruction), not a message.
 
 Derivatives: first derivatives come from the backward kernel; derivatives of the
 kernels themselves (grad of grad) are those of the XLA loops they match (a custom

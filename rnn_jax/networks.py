@@ -395,10 +395,11 @@ def _as_array(x: Any) -> Any:
 
 def _check_key(key: Any) -> None:
     """``dropout_key`` is one PRNG key: a typed key of shape ``()`` (``jax.random.key``)
-    or a legacy ``<uint32>[2]`` (``jax.random.PRNGKey``); ValueError naming it else."""
+    or a legacy ``<uint32>[K]`` (``jax.random.PRNGKey``: K = 2 for the default
+    threefry, 4 for rbg); ValueError naming it else."""
     dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-    if (typed and shape == ()) or (dtype == jnp.uint32 and shape == (2,)):
+    if (typed and shape == ()) or (dtype == jnp.uint32 and len(shape) == 1):
         return
     got = f"{dtype}{list(shape)}" if dtype is not None else repr(key)
     raise ValueError(

@@ -156,9 +156,14 @@ def in_mesh(mesh: Mesh | None, fn):
     Either order works: ``in_mesh(mesh, jax.jit(f))`` sets the mesh around the
     call (``jax.set_mesh``), ``jax.jit(in_mesh(mesh, f))`` sets its abstract form
     while ``jit`` traces ``f`` (``jax.sharding.use_abstract_mesh``; ``set_mesh``
-    refuses to run inside ``jit``). Both compile the same program."""
+    refuses to run inside a trace). With the arguments placed on the mesh
+    (:func:`replicated`, :func:`shard_batch`) both compile the same program. Inside
+    a trace they must be: XLA then fails to run the per-device layers of arguments
+    left on one device (``xla.sdy.GlobalToLocalShape``)."""
     if mesh is None:
         return fn
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh: expected a jax.sharding.Mesh or None, got {type(mesh).__name__}")
 
     def call(*args, **kwargs):
         try:
@@ -199,8 +204,8 @@ def shard_batch(batch: Any, mesh: Mesh | None) -> Any:
         if not shape or shape[0] % n:
             raise ValueError(
                 f"batch: every array's leading (batch) axis must split evenly over the "
-                f"{n} devices of the mesh, got an array of shape {shape}; use a batch size "
-                f"that is a multiple of {n}"
+                f"{n} devices of the mesh, got an array of shape {shape}"
+                + (f"; use a batch size that is a multiple of {n}" if shape else "")
             )
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda x: put_global(x, sharding), batch)

@@ -379,10 +379,10 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
     total = steps_per_epoch * config.epochs
-    if config.schedule != "constant" and config.warmup_steps > total:
-        echo(
-            f"warning: --warmup_steps {config.warmup_steps} is longer than the run's {total} "
-            f"steps: the learning rate never reaches --lr {config.lr:g}"
+    if config.schedule != "constant" and config.warmup_steps >= total:
+        echo(  # (the peak would come at step warmup_steps; the last step is total - 1)
+            f"warning: --warmup_steps {config.warmup_steps} is not shorter than the run's "
+            f"{total} steps: the learning rate never reaches --lr {config.lr:g}"
         )
     model = models.language_model(model_config(config, len(vocab)))
     tx = make_optimizer(config, total)

@@ -443,8 +443,16 @@ def test_bad_apply_inputs_raise_at_trace_time():
             batch(params, xs, dropout_key=key)
         with pytest.raises(ValueError, match=r"dropout_key: expected one PRNG key"):
             apply(params, xs[0], dropout_key=key)
-    for key in (jax.random.key(0), jax.random.PRNGKey(0)):
+    for key in (jax.random.key(0), jax.random.PRNGKey(0), jax.random.key(0, impl="rbg")):
         assert batch(params, xs, dropout_key=key)[0].shape == (2, T, 2 * H)
+    previous = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")  # legacy keys are then uint32[4]
+    try:
+        key = jax.random.PRNGKey(0)
+        assert key.shape == (4,)
+        assert batch(params, xs, dropout_key=key)[0].shape == (2, T, 2 * H)
+    finally:
+        jax.config.update("jax_default_prng_impl", previous)
 
 
 def test_float64_params_need_no_float64_carry():

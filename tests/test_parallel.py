@@ -188,13 +188,20 @@ assert placed["carry"].sharding.spec == P("data"), placed["carry"].sharding
 assert placed["params"]["w"].sharding.spec == P() and placed["step"].sharding.spec == P()
 abstract = parallel.abstract_state(jax.eval_shape(lambda: state), mesh)
 assert abstract["carry"].sharding.spec == P("data") and abstract["params"]["w"].sharding.spec == P()
+# a mesh that is not one is refused when wrapping, not when called
+try:
+    parallel.in_mesh(mesh.abstract_mesh, lambda: None)
+except ValueError as e:
+    assert str(e).startswith("mesh: expected a jax.sharding.Mesh or None, got AbstractMesh"), e
+else:
+    raise AssertionError("an AbstractMesh was taken")
 # a batch that does not split over the devices is refused by name
 assert parallel.shard_batch({"x": np.ones((4, 3))}, mesh)["x"].sharding.spec == P("data")
 for bad in ({"x": np.ones((4, 3)), "y": np.ones((7, 3))}, np.float32(1)):
     try:
         parallel.shard_batch(bad, mesh)
     except ValueError as e:
-        assert str(e).startswith("batch: ") and "multiple of 2" in str(e), e
+        assert str(e).startswith("batch: ") and "split evenly over the 2 devices" in str(e), e
     else:
         raise AssertionError(bad)
 print("ok")

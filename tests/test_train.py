@@ -786,8 +786,8 @@ def test_flags_of_another_cell_warn_and_do_not_pin_a_resume(tmp_path):
         "--cell is 'gru'" in lines
     )
     assert (
-        "warning: --warmup_steps 100 is longer than the run's 8 steps: the learning rate "
-        "never reaches --lr 0.01" in lines
+        "warning: --warmup_steps 100 is not shorter than the run's 8 steps: the learning "
+        "rate never reaches --lr 0.01" in lines
     )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     lstm = {**saved, "cell": "lstm", "forget_bias": 1.0}
@@ -984,7 +984,7 @@ def test_generate_launcher_says_what_it_generates_from(tmp_path):
 
     proc = launch("--prefix=the ☃ ♞☃", "--num_chars=3")
     assert proc.returncode == 0, proc.stderr
-    assert "note: generating from step 4: the newer step(s) 8 failed" in proc.stderr
+    assert "note: generating from step 4: the newer step(s) 8 could not be used" in proc.stderr
     assert "note: --prefix has 2 token(s) outside the run's vocabulary ('☃', '♞')" in proc.stderr
     assert proc.stdout.startswith("the ☃ ♞☃") and len(proc.stdout.strip("\n")) == 8 + 3
     proc = launch("--num_chars=10001")
