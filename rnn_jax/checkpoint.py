@@ -175,6 +175,10 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3):
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):  # (orbax took 0 and then kept no step at all)
+            raise ValueError(f"max_to_keep: expected an int >= 1 or None, got {max_to_keep!r}")
         _quiet_orbax()
         self.directory = os.path.abspath(os.fspath(directory))
         self.max_to_keep = max_to_keep

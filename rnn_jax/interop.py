@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from rnn_jax import cells
 from rnn_jax.networks import Network
 
 # Position in PyTorch's block order of each of rnn_jax's gates.
@@ -55,6 +56,17 @@ def _check_convertible(net: Network) -> None:
         raise ValueError(
             "net: PyTorch's nn.GRU computes the reset_after=True GRU; build the network "
             "with cells.gru(hidden_size, reset_after=True) to load or export its weights"
+        )
+    for pin in ("pin_reset", "pin_update"):
+        if net.cell.options.get(pin) is not None:
+            raise ValueError(
+                f"net: the cell's {pin}={net.cell.options[pin]} fixes a gate that "
+                f"PyTorch's nn.GRU computes; its weights would give another function"
+            )
+    if not cells.is_builtin(net.cell):
+        raise ValueError(
+            f"net: the {net.cell.name!r} cell was changed with _replace, so PyTorch's "
+            f"module computes another function; convert with the cell rnn_jax.cells built"
         )
 
 

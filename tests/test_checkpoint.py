@@ -130,6 +130,14 @@ def test_empty_directory_returns_none(tmp_path):
     assert os.path.isdir(tmp_path / "none")
 
 
+def test_max_to_keep_must_keep_a_step(tmp_path):
+    """orbax took max_to_keep=0, reported each save as written and kept none."""
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_to_keep: expected an int >= 1 or None"):
+            Checkpointer(tmp_path / "c", max_to_keep=bad)
+    assert not (tmp_path / "c").exists()
+
+
 def test_max_to_keep_removes_old_steps_and_manifests(tmp_path):
     with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         save_steps(ckpt, [1, 2, 3, 4])

@@ -306,6 +306,20 @@ def test_reset_before_gru_is_refused():
         interop.to_torch(params, net)
 
 
+def test_cells_computing_another_function_are_refused():
+    """A pinned gate or a cell changed with _replace would take PyTorch's weights
+    into another function (a pinned reset gate differed from nn.GRU by 0.2)."""
+    sd = torch_module("gru", 1, False).state_dict()
+    pinned = networks.network(cells.gru(H, reset_after=True, pin_update=0.5))
+    gru = cells.gru(H, reset_after=True)
+    changed = networks.network(gru._replace(step=lambda p, c, x: gru.step(p, c, 2 * x)))
+    for net, match in ((pinned, "pin_update=0.5 fixes a gate"), (changed, "changed with _replace")):
+        with pytest.raises(ValueError, match=match):
+            interop.from_torch(sd, net)
+        with pytest.raises(ValueError, match=match):
+            interop.to_torch(random_params(net, 0), net)
+
+
 def test_to_torch_names_params_of_another_structure():
     uni = networks.network(cells.lstm(H), 2)
     bi = networks.network(cells.lstm(H), 2, True)
