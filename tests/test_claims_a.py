@@ -434,3 +434,27 @@ def test_gradients_verdict_says_far_only_at_a_hundredfold_gap():
     text = gradients.verdict(res, settings)
     assert "**Exploding: held, as mitigation.**" in text
     assert "less than the plain RNN's" in text and "far less" not in text
+
+
+@pytest.mark.parametrize("module", ["gradients", "tbptt"])
+def test_the_committed_results_are_only_rewritten_with_the_default_flags(module):
+    """A quick run (small flags, as each docstring shows) into the default --outdir
+    refused before any work, the committed results untouched; --note may change."""
+    from experiments.claims.common import RESULTS
+
+    before = {p.name: p.read_bytes() for p in RESULTS.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", f"experiments.claims.{module}", "--seeds=1", "--note=quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"error: --outdir: {RESULTS} holds the committed results of the default flags; "
+        f"with --seeds=1 pass another --outdir\n"
+    )
+    assert {p.name: p.read_bytes() for p in RESULTS.iterdir()} == before

@@ -39,7 +39,14 @@ with deferred_sigint():
     import optax
     from absl import app, flags
 
-    from experiments.claims.common import RESULTS, mean_std, pyplot, save_figure, write_text
+    from experiments.claims.common import (
+        RESULTS,
+        keep_committed_results,
+        mean_std,
+        pyplot,
+        save_figure,
+        write_text,
+    )
     from experiments.common import outdir_ok, parse_flags_or_exit_2
     from rnn_jax import data, models, text
     from rnn_jax.config import TrainConfig, model_config
@@ -708,6 +715,7 @@ def _markdown_c(c) -> list[str]:
 
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
+    keep_committed_results(FLAGS)
     parts = set(FLAGS.parts)
     if not parts or parts - set(PARTS):
         print(

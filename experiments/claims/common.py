@@ -16,6 +16,39 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# flags that change no number of a claim's results
+_NEUTRAL_FLAGS = ("outdir", "note")
+
+
+def keep_committed_results(flag_values) -> None:
+    """Exits 2 (one line naming ``--outdir``) when a claims script would write into
+    the committed :data:`RESULTS` with any of its own flags away from its default:
+    the committed files are the default flags' results, and a quick run with small
+    flags (each docstring shows one) replaced them. Call first thing in ``main``."""
+    import sys
+
+    if Path(flag_values.outdir).resolve() != RESULTS:
+        return
+    module = next(
+        m
+        for m, fl in flag_values.flags_by_module_dict().items()
+        if any(f.name == "outdir" for f in fl)
+    )
+    changed = [
+        f"--{f.name}={f.value}"
+        if not isinstance(f.value, list)
+        else f"--{f.name}={','.join(map(str, f.value))}"
+        for f in flag_values.flags_by_module_dict()[module]
+        if f.name not in _NEUTRAL_FLAGS and f.value != f.default
+    ]
+    if changed:
+        print(
+            f"error: --outdir: {RESULTS} holds the committed results of the default flags; "
+            f"with {' '.join(changed[:4])}{' ...' if len(changed) > 4 else ''} pass another "
+            f"--outdir",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def mean_std(values: Iterable[float], fmt: str = ".3f") -> str:

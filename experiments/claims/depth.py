@@ -48,6 +48,7 @@ with deferred_sigint():
 
     from experiments.claims.common import (
         RESULTS,
+        keep_committed_results,
         mean_std,
         pyplot,
         save_figure,
@@ -711,6 +712,7 @@ def init_comparison(summary: dict, s: dict) -> str:
 
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
+    keep_committed_results(FLAGS)
     try:
         depths = [int(d) for d in FLAGS.depths]
         lrs = sorted(float(x) for x in FLAGS.lrs)

@@ -572,6 +572,7 @@ def define_flags() -> None:
 
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
+    common.keep_committed_results(FLAGS)
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         lengths = common.int_list(FLAGS.lengths, "lengths")

@@ -412,6 +412,7 @@ def define_flags() -> None:
 
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
+    common.keep_committed_results(FLAGS)
     absl_logging.set_verbosity(absl_logging.WARNING)
     bad = [c for c in FLAGS.cells if c not in cells.CELLS]
     problems = [f"--cells: unknown {bad}"] if bad or not FLAGS.cells else []

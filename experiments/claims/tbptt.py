@@ -49,6 +49,7 @@ with deferred_sigint():
 
     from experiments.claims.common import (
         RESULTS,
+        keep_committed_results,
         mean_std,
         pyplot,
         save_figure,
@@ -520,6 +521,7 @@ def _flag_values() -> dict:
 
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
+    keep_committed_results(FLAGS)
     if FLAGS.seeds < 1 or FLAGS.eval_points < 1:
         print("error: --seeds and --eval_points must be >= 1", file=sys.stderr)
         sys.exit(2)
