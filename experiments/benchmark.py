@@ -976,9 +976,10 @@ def partial_path(output: str) -> Path:
 
 
 def table_cases(section: str) -> list[str]:
-    """The cases a section's tables hold, one label per row: the cells up to the
+    """The cases a section's tables measured, one label per row: the cells up to the
     header's ``bidir`` column (training-step tables), or its ``impl`` column, else the
-    first cell (compile and remat reports)."""
+    first cell (compile and remat reports). A row that says ``failed`` measured
+    nothing, so a failed rerun never replaces a measured row."""
     cases: list[str] = []
     header: list[str] | None = None
     for line in section.splitlines():
@@ -989,8 +990,8 @@ def table_cases(section: str) -> list[str]:
         if header is None:
             header = cells
             continue
-        if all(set(c) <= set("-: ") for c in cells):
-            continue  # the separator row
+        if all(set(c) <= set("-: ") for c in cells) or "failed" in cells:
+            continue  # the separator row, or a case whose measurement failed
         for name in ("bidir", "impl"):
             if name in header:
                 cases.append(" ".join(cells[: header.index(name) + 1]))
@@ -1260,6 +1261,30 @@ def define_flags() -> None:
                 f"--matmul_dtype: {d['matmul_dtype']} needs --implementation=fused, wavefront "
                 "or auto; the reference scan computes in float32"
             )
+        if impl in ("native", "pallas"):
+            try:
+                cases = parse_cases(d["cases"], d["config_spec"]) if d["cases"] else []
+                cell_names = [c.cell for c in cases] or list(d["cells"])
+                sizes = [c.config.hidden_size for c in cases] or [
+                    c.hidden_size for c in selected_configs(d["configs"], d["config_spec"])
+                ]
+            except ValueError:
+                return True  # the flags' own validators report it
+            if impl == "native" and set(cell_names) - {"lstm"}:
+                raise flags.ValidationError(
+                    f"--implementation: 'native' runs the LSTM only; got the cells "
+                    f"{sorted(set(cell_names) - {'lstm'})} (--cells=lstm)"
+                )
+            if impl == "native" and any(h % 16 for h in sizes):
+                raise flags.ValidationError(
+                    f"--implementation: 'native' needs hidden sizes that are multiples of 16; "
+                    f"got {sorted({h for h in sizes if h % 16})}"
+                )
+            if impl == "pallas" and "gru" in cell_names and not d["reset_after"]:
+                raise flags.ValidationError(
+                    "--implementation: 'pallas' runs the reset-after GRU only; drop "
+                    "--noreset_after or the GRU"
+                )
         if impl == "wavefront":
             try:
                 both = parse_bools(d["bidirectional"]) if not d["cases"] else []
@@ -1274,7 +1299,16 @@ def define_flags() -> None:
         return True
 
     flags.register_multi_flags_validator(
-        ["implementation", "matmul_dtype", "bidirectional", "cases", "config_spec"],
+        [
+            "implementation",
+            "matmul_dtype",
+            "bidirectional",
+            "cases",
+            "config_spec",
+            "cells",
+            "configs",
+            "reset_after",
+        ],
         implementation_ok,
     )
 
@@ -1495,6 +1529,14 @@ def main(argv: list[str]) -> None:
         print(f"error: rnn_jax cannot run: {runner.skipped['rnn_jax']}", file=sys.stderr)
         sys.exit(1)
 
+    failed = [r for r in report.get("results", []) if not r.get("ok") and not r.get("skipped")]
+    if report.get("results") and len(failed) == len(report["results"]):
+        print(  # nothing measured: the earlier JSON and section stay as they are
+            f"error: all {len(failed)} measurement(s) failed (the errors above); "
+            f"{FLAGS.output or 'no JSON'} and {FLAGS.markdown or 'no markdown'} left as they were",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     report = full_report(report)
     key, section = render_section(report)
     echo("")
@@ -1513,7 +1555,6 @@ def main(argv: list[str]) -> None:
             )
         else:
             echo(f"updated section {written!r} of {FLAGS.markdown}")
-    failed = [r for r in report.get("results", []) if not r.get("ok") and not r.get("skipped")]
     if failed:
         echo(f"{len(failed)} measurement(s) failed; see the errors above and in the JSON")
         sys.exit(1)

@@ -478,6 +478,13 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
     [
         (["--configs=d2l,huge"], "--configs: unknown config 'huge'"),
         (["--implementation=wavefront"], "--implementation: 'wavefront' runs unidirectional"),
+        # what the workers would each refuse (they ran, and the section said 'failed')
+        (["--implementation=native", "--cells=gru"], "'native' runs the LSTM only"),
+        (
+            ["--implementation=native", "--cases=tiny:lstm:1:false", "--config_spec=tiny:8:4:8"],
+            "'native' needs hidden sizes that are multiples of 16; got [8]",
+        ),
+        (["--implementation=pallas", "--noreset_after"], "'pallas' runs the reset-after GRU"),
         (["--lr=nan"], "expected a finite learning rate"),
         (["--cells=gru,elman"], "elman"),
         (["--compare=mxnet"], "mxnet"),
@@ -697,6 +704,10 @@ def test_markdown_keeps_a_section_whose_cases_a_run_lacks(tmp_path):
     assert a not in text and b not in text and "| 8.0 |" in text and "| 7.0 |" in text
     assert text.count("benchmark-section: CPU X") == 4  # two sections, begin and end each
     assert benchmark.partial_path("out/b.json") == Path("out/b.json.partial")
+    # a rerun whose measurement failed measured nothing: the measured row stays
+    failed = _section(key, [a.replace("10.0", "failed"), b.replace("11.0", "6.0")])
+    written, kept = benchmark.update_markdown(path, key, failed, {"date": "2026-12-06 23:00 UTC"})
+    assert kept == ["d2l 32 1024 32 gru 1 no"] and "| 8.0 |" in path.read_text()
 
 
 def test_output_flags_are_checked_before_any_work(tmp_path):
