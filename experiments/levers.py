@@ -312,9 +312,12 @@ def main(argv: list[str]) -> None:
         if FLAGS.output:  # after every case (beside the output): a cut-off run keeps
             # what it measured, and never replaces a complete file from an earlier run
             write_json(partial_path(FLAGS.output), {**report, "partial": True})
-    if FLAGS.output:
+    measured = any(r.get("ok") for row in report["results"] for r in row["variants"].values())
+    if FLAGS.output and measured:  # (a run that measured nothing leaves the file alone)
         write_json(Path(FLAGS.output), report)
         partial_path(FLAGS.output).unlink(missing_ok=True)
+    elif FLAGS.output:
+        print(f"nothing measured: {FLAGS.output} left as it was", file=sys.stderr)
     broken = [
         f"{row['case']} {name}"
         for row in report["results"]
@@ -400,6 +403,19 @@ def define_flags() -> None:
         return True
 
     flags.register_multi_flags_validator(["variants", "bidirectional"], wavefront_ok)
+
+    def nonempty_ok(d):  # an empty list timed (or checked) nothing, and said ok
+        empty = [n for n in ("configs", "variants", "cells", "layers") if not d[n]]
+        if n := next((n for n in empty if n != "configs" or not d["config_spec"]), None):
+            raise flags.ValidationError(f"--{n}: expected at least one value")
+        if d["check"] and not d["check_cells"]:
+            raise flags.ValidationError("--check_cells: expected at least one cell with --check")
+        return True
+
+    flags.register_multi_flags_validator(
+        ["configs", "config_spec", "variants", "cells", "layers", "check", "check_cells"],
+        nonempty_ok,
+    )
     flags.register_validator("max_time_s", common.finite_seconds_ok)
     flags.register_validator("output", common.output_path_ok)
 

@@ -515,6 +515,29 @@ def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):
 # --- experiments.levers ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["--configs="], "--configs: expected at least one value"),
+        (["--variants="], "--variants: expected at least one value"),
+        (["--check", "--check_cells="], "--check_cells: expected at least one cell with --check"),
+    ],
+)
+def test_levers_refuses_empty_lists(args, word, tmp_path):
+    """An empty list timed nothing, exited 0 and replaced levers.json with no results."""
+    out = tmp_path / "levers.json"
+    out.write_text("{}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.levers", *args, f"--output={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {word}"]
+    assert out.read_text() == "{}\n"
+
+
 @pytest.mark.slow
 def test_levers_times_every_variant_and_checks_fused_on_the_device(tmp_path):
     out = tmp_path / "levers.json"
