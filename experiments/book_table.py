@@ -10,7 +10,9 @@ Each run is ``python -m experiments.train --flagfile=experiments/configs/NAME.fl
 (rerunning resumes, or re-checks a finished run against its flags at the cost of a
 compile). Prints a
 markdown table of final training and validation perplexity (mean ± std over seeds)
-and seed 0's greedy sample, and writes it to --output.
+and seed 0's greedy sample, and writes it to --output after each flagfile. Rows of
+other flagfiles already in --output stay (a run of a subset updates its rows), and a
+note under the table says each row's seeds and extra train flags.
 """
 
 import json
@@ -23,6 +25,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments.common import outdir_ok, parse_flags_or_exit_2
+from rnn_jax.files import write_atomic
 
 CONFIGS = ["rnn", "gru", "lstm", "deep_gru", "bi_gru"]
 HERE = Path(__file__).resolve().parent
@@ -109,23 +112,53 @@ def main(argv):
     if FLAGS.seeds < 1:
         print(f"error: --seeds: expected >= 1, got {FLAGS.seeds}", file=sys.stderr)
         sys.exit(2)
-    rows = [
-        "| flagfile | train ppl | val ppl | wall s (seed 0) | greedy sample, seed 0 |",
-        "|---|---|---|---|---|",
-    ]
+    if not FLAGS.configs:
+        print("error: --configs: expected at least one flagfile", file=sys.stderr)
+        sys.exit(2)
+    rows, notes = read_table(Path(FLAGS.output))
+    flags_text = " ".join(FLAGS.train_flag) or "none"
     for name in FLAGS.configs:
         results = [run_one(name, s) for s in range(FLAGS.seeds)]
         sample = results[0]["sample"].replace("|", "\\|")
-        rows.append(
+        rows[name] = (
             f"| {name} | {mean_std([r['train_ppl'] for r in results])} "
             f"| {mean_std([r['val_ppl'] for r in results])} "
             f"| {results[0]['wall_s']:.0f} | `{sample}` |"
         )
-    table = "\n".join(rows) + "\n"
-    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(FLAGS.output).write_text(table)
+        notes[name] = f"- {name}: seeds 0-{FLAGS.seeds - 1}, extra train flags: {flags_text}"
+        table = render_table(rows, notes)  # after every flagfile: a failure keeps the rest
+        write_atomic(Path(FLAGS.output), table)
     print(table)
     print(f"wrote {FLAGS.output} (runs in {FLAGS.runs})")
+
+
+HEADER = (
+    "| flagfile | train ppl | val ppl | wall s (seed 0) | greedy sample, seed 0 |",
+    "|---|---|---|---|---|",
+)
+
+
+def read_table(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The rows and notes of an earlier table at ``path``, by flagfile name: a run of
+    some flagfiles replaces their rows and keeps the others."""
+    rows: dict[str, str] = {}
+    notes: dict[str, str] = {}
+    if not path.is_file():
+        return rows, notes
+    for line in path.read_text().splitlines():
+        first = line.strip("|- ").split("|")[0].split(":")[0].strip()
+        if first not in CONFIGS:
+            continue
+        (rows if line.startswith("| ") else notes)[first] = line
+    return rows, notes
+
+
+def render_table(rows: dict[str, str], notes: dict[str, str]) -> str:
+    """The table in the flagfiles' order, then what each row ran with."""
+    order = [n for n in CONFIGS if n in rows]
+    lines = [*HEADER, *(rows[n] for n in order), ""]
+    lines += [notes[n] for n in order if n in notes]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

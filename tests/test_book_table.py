@@ -24,6 +24,12 @@ def book_table(*args):
 
 def test_a_short_table_of_one_flagfile(tmp_path):
     out = tmp_path / "table.md"
+    gru = "| gru | 5.03 ± 0.02 | 6.71 ± 0.09 | 24 | `time traveller the` |"
+    gru_note = "- gru: seeds 0-2, extra train flags: none"
+    out.write_text(  # an earlier table: a run of other flagfiles keeps its rows
+        "| flagfile | train ppl | val ppl | wall s (seed 0) | greedy sample, seed 0 |\n"
+        f"|---|---|---|---|---|\n{gru}\n\n{gru_note}\n"
+    )
     done = book_table("--configs=rnn", "--seeds=1", f"--runs={tmp_path}", f"--output={out}", *SHORT)
     assert done.returncode == 0, done.stderr[-2000:]
     # the printed command can be pasted: the interpreter, the flagfile, the passed flags
@@ -34,6 +40,11 @@ def test_a_short_table_of_one_flagfile(tmp_path):
     assert rows[0].startswith("| flagfile | train ppl | val ppl |") and rows[2].startswith(
         "| rnn |"
     )
+    assert rows[3] == gru and rows[4] == ""  # kept, in the flagfiles' order
+    assert rows[5:] == [
+        "- rnn: seeds 0-0, extra train flags: --epochs=1 --num_train=1024 --num_val=512",
+        gru_note,
+    ]
     train_ppl, val_ppl = (float(x) for x in rows[2].split("|")[2:4])
     result = json.loads((tmp_path / "rnn_seed0" / "result.json").read_text())
     assert (train_ppl, val_ppl) == (round(result["train_ppl"], 2), round(result["val_ppl"], 2))
@@ -47,6 +58,7 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path):
         (["--train_flag=--workdir=/tmp/x"], "--train_flag"),
         (["--configs=lstm,nope"], "--configs"),
         (["--seeds=0"], "--seeds"),
+        (["--configs="], "--configs: expected at least one flagfile"),
     ):
         done = book_table(f"--runs={tmp_path}", f"--output={tmp_path / 't.md'}", *args)
         assert done.returncode == 2, (args, done.stderr[-500:])
