@@ -8,23 +8,61 @@ the same batches (``rnn_jax.data``: the same windows, the same shuffles), trains
 initialisation, one-hot input, SGD and ``clip_grad_norm_``, prints each config's
 final validation perplexity (mean and the per-seed values) and writes the final
 training and validation perplexities of every seed to ``--output`` (JSON).
-PyTorch's GRU is the reset-after form. Needs ``pip install torch==2.13.0``.
+PyTorch's GRU is the reset-after form; ``bi_gru`` trains a bidirectional module.
+Flagfiles whose optimiser, schedule, initialisation, embedding, dropout or forget-gate
+bias this reference does not build are refused (``REQUIRED``), as are unknown names,
+before any training. Needs ``pip install torch==2.13.0``.
 """
 
 import json
 import math
+import os
 import statistics
+import sys
 from pathlib import Path
 
 from absl import app, flags
 
-from experiments.common import parse_flags_or_exit_2
+from experiments.common import outdir_ok, parse_flags_or_exit_2
 
 HERE = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["rnn", "gru", "lstm", "deep_gru"], "Flagfiles to reproduce.")
-flags.DEFINE_integer("seeds", 3, "Seeds per configuration.")
+flags.DEFINE_integer("seeds", 3, "Seeds per configuration.", lower_bound=1)
 flags.DEFINE_string("output", "runs/torch_reference.json", "Results (JSON) written here.")
+
+
+def _output_ok(value: str) -> bool:  # checked before any training
+    if not value or os.path.isdir(value):
+        raise flags.ValidationError(f"{value!r}: expected a file path")
+    return outdir_ok(os.path.dirname(os.path.abspath(value)))
+
+
+flags.register_validator("output", _output_ok)
+
+# What train_one builds: the settings each flagfile must have (PyTorch's defaults are
+# the book's concise models: --init=uniform, no forget-gate offset)
+REQUIRED = {
+    "optimizer": "sgd",
+    "schedule": "constant",
+    "init": "uniform",
+    "embed_dim": "0",
+    "dropout": "0",
+    "forget_bias": "0",  # (LSTM flagfiles; PyTorch adds no forget-gate offset)
+}
+
+
+def config_problem(name: str) -> str | None:
+    """Why flagfile ``name`` cannot be reproduced here (None if it can)."""
+    path = HERE / "configs" / f"{name}.flags"
+    if not path.is_file():
+        names = sorted(p.stem for p in (HERE / "configs").glob("*.flags"))
+        return f"no flagfile {path.name}; expected some of {names}"
+    settings = read_flagfile(name)
+    for key, value in REQUIRED.items():
+        if settings.get(key, value) != value:
+            return f"{name}.flags sets --{key}={settings[key]}; this reference trains {value}"
+    return None
 
 
 def read_flagfile(name: str) -> dict[str, str]:
@@ -47,8 +85,9 @@ def train_one(settings: dict[str, str], seed: int) -> dict[str, float]:
     windows = data.make_windows(ids, t, int(settings["num_train"]), int(settings["num_val"]))
     v, h, layers = len(vocab), int(settings["hidden_size"]), int(settings["num_layers"])
     cls = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[settings["cell"]]
-    rnn = cls(v, h, layers, batch_first=True)
-    head = torch.nn.Linear(h, v)
+    bidirectional = settings.get("bidirectional", "false") == "true"
+    rnn = cls(v, h, layers, batch_first=True, bidirectional=bidirectional)
+    head = torch.nn.Linear(2 * h if bidirectional else h, v)
     params = list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=float(settings["lr"]))
     clip = float(settings["grad_clip"])
@@ -81,6 +120,14 @@ def train_one(settings: dict[str, str], seed: int) -> dict[str, float]:
 
 def main(argv):
     del argv
+    if not FLAGS.configs:
+        print("error: --configs: expected at least one flagfile", file=sys.stderr)
+        sys.exit(2)
+    for name in FLAGS.configs:
+        problem = config_problem(name)
+        if problem:
+            print(f"error: --configs: {problem}", file=sys.stderr)
+            sys.exit(2)
     results = {}
     for name in FLAGS.configs:
         settings = read_flagfile(name)

@@ -64,3 +64,26 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path):
         assert done.returncode == 2, (args, done.stderr[-500:])
         assert flag in done.stderr, (args, done.stderr[-500:])
     assert not (tmp_path / "t.md").exists()
+
+
+def test_torch_reference_checks_its_flags_before_training(tmp_path):
+    """An unknown flagfile (after a known one), an empty list, no seeds or a folder as
+    --output: one line, exit 2, before any training (they were tracebacks after it,
+    or an empty JSON)."""
+    out = tmp_path / "ref.json"
+    for args, message in (
+        (["--configs=rnn,nope"], "error: --configs: no flagfile nope.flags"),
+        (["--configs="], "error: --configs: expected at least one flagfile"),
+        (["--seeds=0"], "--seeds=0: 0 is not a positive integer"),
+        ([f"--output={tmp_path}"], "expected a file path"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "experiments.torch_reference", f"--output={out}", *args],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-500:])
+        assert done.stdout == "" and not out.exists()
