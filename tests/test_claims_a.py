@@ -359,6 +359,16 @@ def test_gradients_verdict_needs_most_seeds_and_survives_zero_norms():
     assert "**Exploding: held.**" in text and "against xinf" in text
 
 
+def test_gates_checks_its_run_directory_before_training(tmp_path):
+    """--lm_workdir is read at the end: a path that is no run failed after minutes of
+    training, with a traceback."""
+    out = tmp_path / "out"
+    result = _run("gates", out, f"--lm_workdir={tmp_path / 'nope'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().endswith("is not a run directory (no config.json)")
+    assert "error: --lm_workdir: " in result.stderr and not out.exists()
+
+
 @pytest.mark.parametrize(
     "module,flag", [("gradients", "--gains=2,-1"), ("long_range", "--lrs=0.01,nan")]
 )

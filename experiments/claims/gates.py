@@ -590,6 +590,17 @@ def main(argv):
             )
         if not FLAGS.passage.strip():
             raise ValueError("--passage: expected some text")
+        if FLAGS.lm_workdir:  # read at the end: checked before the training
+            try:
+                saved = runs.load_config(Path(FLAGS.lm_workdir))
+            except ValueError as e:
+                raise ValueError(f"--lm_workdir: {e}") from None
+            if saved.cell != "gru" or saved.num_layers != 1 or saved.embed_dim:
+                raise ValueError(
+                    f"--lm_workdir: expected a one-layer GRU run with one-hot input, got "
+                    f"cell {saved.cell!r}, {saved.num_layers} layer(s), embed_dim "
+                    f"{saved.embed_dim}"
+                )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
