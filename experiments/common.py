@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 
 from absl import flags
 
@@ -124,7 +125,21 @@ def output_path_ok(value: str) -> bool:
     parent = os.path.dirname(os.path.abspath(value)) if value else ""
     if value and not os.path.isdir(parent):
         raise flags.ValidationError(f"{value}: its directory {parent} does not exist")
+    if value:
+        _writable(value, parent)
     return True
+
+
+def _writable(value: str, folder: str) -> None:
+    """A file made in ``folder`` and removed at once (ValidationError naming ``value``
+    otherwise): results are written through a temporary file beside their path."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise flags.ValidationError(
+            f"{value}: cannot write in {folder} ({e.strerror or e}); expected a writable folder"
+        ) from None
 
 
 def finite_seconds_ok(value: float) -> bool:
@@ -143,6 +158,7 @@ def outdir_ok(value: str) -> bool:
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         raise flags.ValidationError(f"{value}: {path} is a file; expected a folder")
+    _writable(value, path)
     return True
 
 

@@ -752,6 +752,12 @@ def test_output_flags_are_checked_before_any_work(tmp_path):
         (common.outdir_ok, str(a_file), "is a file; expected a folder"),
         (common.outdir_ok, str(a_file / "sub"), "is a file; expected a folder"),
         (common.finite_seconds_ok, float("nan"), "finite number of seconds"),
+        # a folder no file can be made in (Linux's /proc): the results were lost at the end
+        (common.output_path_ok, "/proc/B.md", "cannot write in /proc"),
+        (common.outdir_ok, "/proc/results", "cannot write in /proc"),
     ]:
+        if str(value).startswith("/proc") and not os.path.isdir("/proc"):
+            continue
         with pytest.raises(flags.ValidationError, match=match):
             check(value)
+    assert not list(tmp_path.glob("tmp*"))  # the write probes leave nothing
