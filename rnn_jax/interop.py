@@ -99,7 +99,10 @@ def from_torch(state_dict: Any, net: Network, *, prefix: str = "") -> dict[str, 
     """Converts a PyTorch ``nn.RNN``/``nn.GRU``/``nn.LSTM`` state dict into ``net``'s params.
 
     Args:
-      state_dict: mapping of PyTorch key to tensor or numpy array.
+      state_dict: mapping of PyTorch key to tensor or numpy array. A module built
+        with ``bias=False`` (no ``bias_*`` keys) gives zero biases, the same function.
+        ``proj_size > 0`` (``weight_hr_l*`` keys) is refused: rnn_jax's LSTM has no
+        projection.
       net: the rnn_jax network of the same cell, hidden size, depth and direction
         (``batch_first`` does not matter).
       prefix: prepended to every key (e.g. ``"rnn."`` for a submodule's weights).
@@ -111,10 +114,26 @@ def from_torch(state_dict: Any, net: Network, *, prefix: str = "") -> dict[str, 
       ValueError: naming the key that is missing, unexpected or mis-shaped.
     """
     _check_convertible(net)
+    if hasattr(state_dict, "state_dict") and callable(state_dict.state_dict):
+        raise ValueError(
+            f"state_dict: expected a mapping of keys to tensors, got a "
+            f"{type(state_dict).__name__} module; pass module.state_dict()"
+        )
     sd = {k: v for k, v in dict(state_dict).items() if k.startswith(prefix)}
     first = f"{prefix}weight_ih_l0"
     if first not in sd:
         raise ValueError(f"state_dict: missing key {first!r}; keys are {sorted(sd)[:8]}")
+    if any(k.startswith(f"{prefix}weight_hr_l") for k in sd):
+        raise ValueError(
+            "state_dict: holds weight_hr_l* keys, an nn.LSTM with proj_size > 0, whose "
+            "projected hidden state rnn_jax's LSTM does not have"
+        )
+    if not any(k.startswith((f"{prefix}bias_ih_l", f"{prefix}bias_hh_l")) for k in sd):
+        # a module built with bias=False computes what zero biases compute
+        for key in [k for k in sd if k.startswith(f"{prefix}weight_ih_l")]:
+            rows = _to_numpy(sd[key]).shape[0]
+            for kind in ("bias_ih", "bias_hh"):
+                sd[key.replace("weight_ih", kind, 1)] = np.zeros((rows,), np.float32)
     input_size = int(_to_numpy(sd[first]).shape[-1])
     name, hidden = net.cell.name, net.cell.hidden_size
     params: dict[str, Any] = {}

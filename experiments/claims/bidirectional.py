@@ -83,7 +83,9 @@ def define_flags() -> None:
     # (c)
     flags.DEFINE_list("time_num_steps", ["32", "128"], "(c) Sequence lengths T to time.")
     flags.DEFINE_integer("time_batch", 256, "(c) Batch size of the timed step.")
-    flags.DEFINE_integer("time_iters", 10, "(c) Timed steps per round (median taken).")
+    flags.DEFINE_integer(
+        "time_iters", 10, "(c) Timed steps per round (median taken).", lower_bound=1
+    )
     flags.DEFINE_integer("time_rounds", 5, "(c) Rounds (mean ± std over rounds of the median).")
     flags.DEFINE_string("outdir", str(RESULTS), "Where bidirectional.md / .png are written.")
     flags.register_validator("outdir", outdir_ok)
