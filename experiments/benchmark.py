@@ -1253,6 +1253,20 @@ def define_flags() -> None:
     flags.register_validator("output", output_path_ok)
     flags.register_validator("markdown", output_path_ok)
 
+    def distinct_outputs(d):  # the section was appended to the JSON, which then broke
+        if d["output"] and d["markdown"]:
+            if os.path.abspath(d["output"]) == os.path.abspath(d["markdown"]):
+                raise flags.ValidationError("--markdown: the same file as --output")
+        if d["min_iters"] > d["iters"]:
+            raise flags.ValidationError(
+                f"--min_iters: {d['min_iters']} is more than --iters {d['iters']}"
+            )
+        return True
+
+    flags.register_multi_flags_validator(
+        ["output", "markdown", "min_iters", "iters"], distinct_outputs
+    )
+
     def implementation_ok(d):
         """What train.py refuses at once, refused here before any worker starts."""
         impl = d["implementation"]

@@ -502,6 +502,7 @@ def test_markdown_sections_are_replaced_per_device(tmp_path):
         (["--cases=d2l:gru:1:false", "--compile_report"], "--cases: only for the training"),
         (["--compilation_cache_dir=/tmp/c"], "--compilation_cache_dir: only with --prewarm"),
         (["--max_time_s=nan"], "finite number of seconds"),
+        (["--min_iters=5", "--iters=2"], "--min_iters: 5 is more than --iters 2"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, word, tmp_path):
