@@ -36,7 +36,12 @@ from typing import Any
 from absl import app, flags
 from absl import logging as absl_logging
 
-from experiments.common import flag_validator, output_path_ok, parse_flags_or_exit_2
+from experiments.common import (
+    define_cpu_devices_flag,
+    flag_validator,
+    output_path_ok,
+    parse_flags_or_exit_2,
+)
 
 # rnn_jax.networks.IMPLEMENTATIONS, without importing JAX to define the flags
 IMPLEMENTATIONS = ("auto", "fused", "scan", "wavefront", "pallas", "native")
@@ -237,7 +242,9 @@ def define_flags() -> None:
         list(IMPLEMENTATIONS),
         "rnn_jax's implementation (auto: what the benchmark and experiments.train run).",
     )
-    flags.DEFINE_string("cpu_devices", "auto", "CPU devices (auto: as the benchmark's workers).")
+    define_cpu_devices_flag(  # (checked: an unparsable count exited 1 without the flag)
+        "cpu_devices", "auto", "CPU devices (auto: as the benchmark's workers)."
+    )
     flags.DEFINE_integer("steps", 3, "Steps timed, and steps traced.", lower_bound=1)
     flags.DEFINE_integer("top", 30, "Operations printed.", lower_bound=1)
     flags.DEFINE_string("output", "", "JSON file of every row; empty: none.")

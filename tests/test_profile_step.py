@@ -109,6 +109,7 @@ def test_command_line(tmp_path):
         (["--config_spec=x:1:2"], "--config_spec: expected name:hidden:batch:steps"),
         (["--cell=lstmx"], "--cell"),
         (["--output=/nonexistent/dir/x.json"], "--output"),
+        (["--cpu_devices=foo"], "--cpu_devices=foo: expected auto or an integer >= 1"),
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(args, message):
