@@ -116,6 +116,7 @@ def main(argv):
         print("error: --configs: expected at least one flagfile", file=sys.stderr)
         sys.exit(2)
     rows, notes = read_table(Path(FLAGS.output))
+    Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)  # (the validator allows a new one)
     flags_text = " ".join(FLAGS.train_flag) or "none"
     for name in FLAGS.configs:
         results = [run_one(name, s) for s in range(FLAGS.seeds)]

@@ -49,6 +49,11 @@ def test_a_short_table_of_one_flagfile(tmp_path):
     result = json.loads((tmp_path / "rnn_seed0" / "result.json").read_text())
     assert (train_ppl, val_ppl) == (round(result["train_ppl"], 2), round(result["val_ppl"], 2))
     assert json.loads((tmp_path / "rnn_seed0" / "config.json").read_text())["epochs"] == 1
+    # into a folder that does not exist yet (the run is finished: re-checked, not trained)
+    new = tmp_path / "new" / "table.md"
+    done = book_table("--configs=rnn", "--seeds=1", f"--runs={tmp_path}", f"--output={new}", *SHORT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert new.read_text().splitlines()[2] == rows[2]
 
 
 def test_bad_flags_exit_2_naming_the_flag(tmp_path):
