@@ -16,7 +16,6 @@ note under the table says each row's seeds and extra train flags.
 """
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.common import outdir_ok, parse_flags_or_exit_2
+from experiments.common import new_file_ok, outdir_ok, parse_flags_or_exit_2
 from rnn_jax.files import write_atomic
 
 CONFIGS = ["rnn", "gru", "lstm", "deep_gru", "bi_gru"]
@@ -64,13 +63,7 @@ def _train_flags_ok(values: list[str]) -> bool:
 flags.register_validator("train_flag", _train_flags_ok)
 
 
-def _file_ok(value: str) -> bool:
-    if os.path.isdir(value):
-        raise flags.ValidationError(f"{value} is a folder; expected a file path")
-    return outdir_ok(os.path.dirname(os.path.abspath(value)))
-
-
-flags.register_validator("output", _file_ok)
+flags.register_validator("output", new_file_ok)
 
 
 def run_one(name: str, seed: int) -> dict:

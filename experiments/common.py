@@ -149,6 +149,14 @@ def finite_seconds_ok(value: float) -> bool:
     return True
 
 
+def new_file_ok(value: str) -> bool:
+    """absl validator of an output file flag whose folder the launcher makes when
+    missing: a path, not a folder, in a folder :func:`outdir_ok` accepts."""
+    if not value or os.path.isdir(value):
+        raise flags.ValidationError(f"{value!r}: expected a file path, not a folder")
+    return outdir_ok(os.path.dirname(os.path.abspath(value)))
+
+
 def outdir_ok(value: str) -> bool:
     """absl validator of an output folder flag (created when missing): refused up
     front when it names a file, or a folder under a file, so a finished computation

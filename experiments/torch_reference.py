@@ -16,14 +16,13 @@ before any training. Needs ``pip install torch==2.13.0``.
 
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 
 from absl import app, flags
 
-from experiments.common import outdir_ok, parse_flags_or_exit_2
+from experiments.common import new_file_ok, parse_flags_or_exit_2
 
 HERE = Path(__file__).resolve().parent
 FLAGS = flags.FLAGS
@@ -32,13 +31,7 @@ flags.DEFINE_integer("seeds", 3, "Seeds per configuration.", lower_bound=1)
 flags.DEFINE_string("output", "runs/torch_reference.json", "Results (JSON) written here.")
 
 
-def _output_ok(value: str) -> bool:  # checked before any training
-    if not value or os.path.isdir(value):
-        raise flags.ValidationError(f"{value!r}: expected a file path")
-    return outdir_ok(os.path.dirname(os.path.abspath(value)))
-
-
-flags.register_validator("output", _output_ok)
+flags.register_validator("output", new_file_ok)  # checked before any training
 
 # What train_one builds: the settings each flagfile must have (PyTorch's defaults are
 # the book's concise models: --init=uniform, no forget-gate offset)
