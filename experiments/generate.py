@@ -104,13 +104,11 @@ def _main(argv):
             f"tokens mode {run.vocab.mode!r})",
             file=sys.stderr,
         )
-    tokens = text.tokenize(clean, run.vocab.mode) if clean else []
-    unknown = list(dict.fromkeys(t for t in tokens if t not in run.vocab))
+    unknown = run.vocab.unknown(FLAGS.prefix)
     if unknown:
         print(
             f"note: --prefix has {len(unknown)} token(s) outside the run's vocabulary "
-            f"({', '.join(map(repr, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}): "
-            f"the model reads each as {text.UNK!r}",
+            f"({text.some(unknown)}): the model reads each as {text.UNK!r}",
             file=sys.stderr,
         )
     for i in range(FLAGS.num_samples):

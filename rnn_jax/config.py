@@ -68,6 +68,12 @@ def _owned_elsewhere(name: str, settings: dict[str, Any]) -> bool:
     return owner in settings and settings[owner] not in values
 
 
+def _unread_by_both(name: str, saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether neither run reads flag ``name`` (its owner, compared on its own, is of
+    another kind in both), so a change of it changes nothing."""
+    return name in OWNED_FLAGS and _owned_elsewhere(name, saved) and _owned_elsewhere(name, current)
+
+
 # A sweep directory's definition file (rnn_jax.sweeps): a training run refuses to
 # write there, and a sweep refuses a run directory (RUN_FILES).
 SWEEP_FILE = "trials.json"
@@ -207,10 +213,7 @@ def changed_settings(
     return {
         k: [saved[k], current[k]]
         for k in keys
-        if k in saved
-        and saved[k] != current[k]
-        # a flag the run's optimizer or schedule does not read (itself compared)
-        and not (k in OWNED_FLAGS and _owned_elsewhere(k, saved) and _owned_elsewhere(k, current))
+        if k in saved and saved[k] != current[k] and not _unread_by_both(k, saved, current)
     }
 
 
@@ -225,8 +228,7 @@ def resume_conflicts(
         for k in RESUME_KEYS
         if k in saved
         and _differ(k, saved[k], current[k])
-        # a flag the run's cell does not read (the cell itself is compared too)
-        and not (k in OWNED_FLAGS and _owned_elsewhere(k, saved) and _owned_elsewhere(k, current))
+        and not _unread_by_both(k, saved, current)
     ]
     for k, shapes in _STATE_SHAPERS.items() if checkpointed else ():
         if k in saved and shapes(saved) != shapes(current):

@@ -394,9 +394,11 @@ def _as_array(x: Any) -> Any:
 
 
 def _check_key(key: Any) -> None:
-    """``dropout_key`` is one PRNG key: a typed key of shape ``()`` (``jax.random.key``)
-    or a legacy ``<uint32>[K]`` (``jax.random.PRNGKey``: K = 2 for the default
-    threefry, 4 for rbg); ValueError naming it else."""
+    """``dropout_key`` is None or one PRNG key: a typed key of shape ``()``
+    (``jax.random.key``) or a legacy ``<uint32>[K]`` (``jax.random.PRNGKey``: K = 2 for
+    the default threefry, 4 for rbg); ValueError naming it else."""
+    if key is None:
+        return
     dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
     if (typed and shape == ()) or (dtype == jnp.uint32 and len(shape) == 1):
@@ -685,19 +687,16 @@ def network(
             )
         if length is not None:  # before jit, which would wrap a 64-bit length to 32 bits
             length = _check_length(length, "length", ())
+        _check_key(dropout_key)
         if implementation in FUSED_FAMILY:  # a batch of one
             if length is not None:
                 length = length[None]
             if initial_carry is not None:
                 _check_carry(initial_carry, default_carry(params, xs), "initial_carry")
                 initial_carry = jax.tree_util.tree_map(lambda c: c[None], initial_carry)
-            if dropout_key is not None:
-                _check_key(dropout_key)
             keys = None if dropout_key is None else dropout_key[None]
             ys, final = _fused_jit(params, xs[None], length, initial_carry, keys, implementation)
             return ys[0], jax.tree_util.tree_map(lambda c: c[0], final)
-        if dropout_key is not None:
-            _check_key(dropout_key)
         return _scan_jit(params, xs, length, initial_carry, dropout_key)
 
     def _apply_scan(params, xs, length, initial_carry, dropout_key):
@@ -758,8 +757,7 @@ def network(
         if initial_carry is not None:
             _check_params(params)
             _check_carry(initial_carry, default_carry(params, xs), "initial_carry", batch)
-        if dropout_key is not None:
-            _check_key(dropout_key)
+        _check_key(dropout_key)
         keys = None if dropout_key is None else jax.random.split(dropout_key, batch)
         impl = implementation
         if impl == "auto":

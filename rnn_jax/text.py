@@ -208,6 +208,11 @@ class Vocab:
     def __contains__(self, token: object) -> bool:
         return token in self._token_to_idx
 
+    def unknown(self, text: str) -> list[str]:
+        """The tokens of ``text`` (tokenized in this vocabulary's mode) that it lacks,
+        each once, in order: what :meth:`to_ids` reads as ``<unk>``."""
+        return list(dict.fromkeys(t for t in tokenize(text, self.mode) if t not in self))
+
     def __getitem__(self, token: str) -> int:
         """The id of one token; unknown tokens give 0."""
         return self._token_to_idx.get(token, 0)
@@ -274,6 +279,11 @@ class Vocab:
         vocab = cls.__new__(cls)
         vocab._set(tokens, payload["mode"])
         return vocab
+
+
+def some(items: Sequence[str], limit: int = 5) -> str:
+    """``'a', 'b', ...``: the first ``limit`` items quoted, for a message."""
+    return ", ".join(map(repr, items[:limit])) + (", ..." if len(items) > limit else "")
 
 
 def _unique(items: Iterable[str]) -> list[str]:

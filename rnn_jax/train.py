@@ -314,14 +314,11 @@ def run(
     ids, vocab = validate(config)
     for warning in inapplicable(config):
         echo(f"warning: {warning}")
-    unknown = list(
-        dict.fromkeys(t for t in text.tokenize(config.sample_prefix, vocab.mode) if t not in vocab)
-    )
+    unknown = vocab.unknown(config.sample_prefix)
     if unknown:  # (a text of its own with the default prefix, say)
         echo(
             f"warning: --sample_prefix has {len(unknown)} token(s) outside the vocabulary "
-            f"({', '.join(map(repr, unknown[:5]))}{', ...' if len(unknown) > 5 else ''}): "
-            f"the samples read each as {text.UNK!r}"
+            f"({text.some(unknown)}): the samples read each as {text.UNK!r}"
         )
     workdir = Path(config.workdir)
     corpus = _corpus_record(config, ids)

@@ -231,3 +231,11 @@ def test_load_corpus_without_tokens(tmp_path):
         text.load_corpus(path, tokens="word")
     ids, vocab = text.load_corpus(path, tokens="raw_char")
     assert vocab.decode(ids) == "1234 5678"
+
+
+def test_unknown_tokens_are_listed_once_in_order():
+    vocab = text.Vocab("the time machine", mode="char")
+    assert vocab.unknown("Time Traveller!") == ["r", "v", "l"]  # preprocessed first
+    assert vocab.unknown("") == [] and vocab.unknown("the") == []
+    assert text.some(["r", "v", "l"]) == "'r', 'v', 'l'"
+    assert text.some(list("abcdefg")) == "'a', 'b', 'c', 'd', 'e', ..."

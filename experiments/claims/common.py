@@ -29,16 +29,15 @@ def keep_committed_results(flag_values) -> None:
 
     if Path(flag_values.outdir).resolve() != RESULTS:
         return
-    module = next(
-        m
-        for m, fl in flag_values.flags_by_module_dict().items()
-        if any(f.name == "outdir" for f in fl)
+    # the script's own flags: those defined beside --outdir
+    own = next(
+        defined
+        for defined in flag_values.flags_by_module_dict().values()
+        if any(f.name == "outdir" for f in defined)
     )
     changed = [
-        f"--{f.name}={f.value}"
-        if not isinstance(f.value, list)
-        else f"--{f.name}={','.join(map(str, f.value))}"
-        for f in flag_values.flags_by_module_dict()[module]
+        f"--{f.name}={','.join(map(str, f.value)) if isinstance(f.value, list) else f.value}"
+        for f in own
         if f.name not in _NEUTRAL_FLAGS and f.value != f.default
     ]
     if changed:
