@@ -9,6 +9,7 @@ Modules:
   persistent the fused layers' loops as Pallas GPU kernels.
   native     the LSTM's fused loops as C++ CPU functions (XLA FFI; built on first use).
   allocator  ``tune_malloc()``: stops XLA:CPU's per-step page faults (glibc).
+  memory     whether a compiled step fits in its devices' free memory.
   parallel   data parallelism (``jax.sharding``); ``split_cpu()``: a CPU device per core.
   interop    PyTorch state-dict conversion.
   text, data, models, generate   the character language model pipeline.
@@ -27,6 +28,7 @@ from rnn_jax import (
     fused,
     generate,
     interop,
+    memory,
     models,
     networks,
     parallel,
@@ -48,6 +50,7 @@ __all__ = [
     "fused",
     "generate",
     "interop",
+    "memory",
     "models",
     "networks",
     "parallel",

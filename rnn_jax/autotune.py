@@ -9,7 +9,9 @@ each on random token ids, and keeps the fastest. The choice is cached in a JSON 
 everything that decides it (device kind and count, jax version, the model, batch
 and sequence shape, matmul type and the candidate list), so a second run of the
 same shape costs nothing. Every candidate is compiled first, then timed in
-alternating rounds (a slow spell of a shared machine hits all of them).
+alternating rounds (a slow spell of a shared machine hits all of them). A candidate
+whose compiled step needs more memory than the device has free
+(:mod:`rnn_jax.memory`) is skipped without running, like one that fails.
 Candidates (:func:`candidates`):
 
 * implementations: ``fused``, ``scan``, ``wavefront`` (deep unidirectional networks
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rnn_jax import data, fused, models, native, persistent, train
+from rnn_jax import data, fused, memory, models, native, persistent, train
 from rnn_jax.config import TrainConfig, model_config
 
 CACHE_VERSION = 2  # 2: the directions of bidirectional layers are tuned too
@@ -173,6 +175,13 @@ def _compiled_step(config: TrainConfig, vocab_size: int, rows: int) -> Callable[
     batch = data.Batch(
         jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]), jnp.ones((rows,), jnp.float32)
     )
+
+    if memory.enabled():  # a candidate too large for the device is skipped, not run
+        estimate = memory.estimate(
+            train_step.lower(state, batch).compile(), list(state["step"].devices())
+        )
+        if estimate is not None and not estimate.fits:
+            raise MemoryError(f"the step would need {estimate.describe()}")
 
     def step():
         nonlocal state

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rnn_jax import data, files, models, parallel, text
+from rnn_jax import data, files, memory, models, parallel, text
 from rnn_jax.config import (
     TrainConfig,
     changed_settings,
@@ -308,7 +308,9 @@ def run(
     SIGINT saves the current step and returns ``status="interrupted"``.
 
     Raises:
-      ConfigError: bad configuration, before anything is compiled or written.
+      ConfigError: bad configuration, before anything is compiled or written; a
+        step larger than the free memory (:mod:`rnn_jax.memory`), once compiled,
+        before a checkpoint is read or anything written.
       NonFiniteLoss: the loss became NaN or infinite; the last good checkpoint stays.
     """
     ids, vocab = validate(config)
@@ -389,8 +391,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         echo(f"data parallel: {config.batch_size} rows per batch over {mesh.size} {kind} devices")
 
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
-    train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
     state = parallel.place_state(init_state(model, tx, config), mesh)
+    _check_memory(train_step, state, windows, config, mesh, echo)
+    train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     restored = ckpt.restore_latest(parallel.abstract_state(jax.eval_shape(lambda: state), mesh))
     start, last_saved, saved_meter = 0, None, None
@@ -518,6 +521,44 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     echo(f"sample: {sample!r}")
     _write_json_atomic(workdir / "result.json", {"status": status, **final, "sample": sample})
     return Result(status, total, final.get("train_ppl"), final.get("val_ppl"), sample, 0, params)
+
+
+def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -> None:
+    """Compiles ``train_step`` (``jit`` reuses the executable at the first step) and
+    refuses a step that needs more memory than its devices have free
+    (:mod:`rnn_jax.memory`), before a checkpoint is read or anything is written:
+    on a CPU such a step is killed by the OOM killer without a message. Warns above
+    80%. ``RNN_JAX_MEMORY_CHECK=0`` skips it (the step then compiles at its first
+    call, as before)."""
+    if not memory.enabled():
+        return
+    batch = data.train_batch(windows, config.batch_size, config.seed, 0, 0, config.partition)
+    batch = parallel.shard_batch(batch, mesh)
+    compiled = parallel.in_mesh(mesh, lambda: train_step.lower(state, batch).compile())()
+    if mesh is None:
+        devices = list(state["step"].devices())
+    else:  # this process's devices (a multi-host mesh holds the others' too)
+        devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    estimate = memory.estimate(compiled, devices)
+    if estimate is None or estimate.share is None or estimate.share <= 0.8:
+        return
+    if estimate.fits:
+        echo(f"warning: the training step needs {estimate.describe()}")
+        return
+    from rnn_jax.config import ConfigError
+
+    levers = (
+        f"Lower --batch_size ({config.batch_size}), --num_steps ({config.num_steps}) "
+        f"or --hidden_size ({config.hidden_size})"
+    )
+    if not config.remat:
+        levers += ", or set --remat (recompute the activations in the backward pass)"
+    raise ConfigError(
+        "batch_size",
+        f"the training step would need {estimate.describe()} (XLA's plan of the "
+        f"compiled step: activations, gradients and workspace). {levers}. Nothing was "
+        f"trained; {memory.ENV}=0 skips this check",
+    )
 
 
 def _mesh(config: TrainConfig):

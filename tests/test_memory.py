@@ -1,0 +1,217 @@
+"""The memory check of a compiled step: its arithmetic, the host's free memory as
+read from /proc and cgroup files, and a training run refused before it starts."""
+
+import logging
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rnn_jax import autotune, memory, train
+from rnn_jax.config import ConfigError, TrainConfig
+
+TINY = dict(
+    hidden_size=16,
+    batch_size=16,
+    num_steps=8,
+    num_train=64,
+    num_val=32,
+    epochs=1,
+    lr=0.01,
+    log_every_s=1e9,
+    sample_chars=5,
+    data_parallel=False,
+)
+MiB = 2**20
+
+
+def tiny(tmp_path, **kw):
+    return TrainConfig(**{**TINY, "workdir": str(tmp_path / "run"), **kw})
+
+
+def files(root: Path, tree: dict) -> None:
+    for name, text in tree.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def host(tmp_path, tree, self_cgroup):
+    files(tmp_path, {**tree, "self_cgroup": self_cgroup})
+    return memory.host_available(
+        meminfo=tmp_path / "meminfo",
+        cgroup_root=tmp_path / "cg",
+        self_cgroup=tmp_path / "self_cgroup",
+    )
+
+
+MEMINFO = "MemTotal:       24683784 kB\nMemFree: 100 kB\nMemAvailable:   1000000 kB\n"
+
+
+def test_host_memory_is_memavailable_capped_by_the_cgroup(tmp_path):
+    # no cgroup limit anywhere: MemAvailable (kB)
+    assert host(tmp_path / "a", {"meminfo": MEMINFO}, "0::/\n") == 1000000 * 1024
+    # cgroup v2, the process's own folder: limit - usage + inactive page cache
+    v2 = {
+        "meminfo": MEMINFO,
+        "cg/job/memory.max": f"{10 * MiB}\n",
+        "cg/job/memory.current": f"{6 * MiB}\n",
+        "cg/job/memory.stat": f"anon 5\ninactive_file {MiB}\nactive_file 7\n",
+        "cg/memory.max": "max\n",  # the root: no limit
+        "cg/memory.current": "123\n",
+    }
+    assert host(tmp_path / "b", v2, "0::/job\n") == 5 * MiB
+    # MemAvailable when it is the smaller
+    small = {**v2, "meminfo": "MemAvailable: 2048 kB\n"}
+    assert host(tmp_path / "c", small, "0::/job\n") == 2 * MiB
+    # cgroup v1 (a hybrid mount, as on the development VM); its "no limit" is ~2**63
+    v1 = {
+        "meminfo": MEMINFO,
+        "cg/memory/job/memory.limit_in_bytes": f"{8 * MiB}\n",
+        "cg/memory/job/memory.usage_in_bytes": f"{7 * MiB}\n",
+        "cg/memory/job/memory.stat": f"cache 9\ntotal_inactive_file {2 * MiB}\n",
+        "cg/memory/memory.limit_in_bytes": "9223372036854771712\n",
+        "cg/memory/memory.usage_in_bytes": "4868034560\n",
+    }
+    assert host(tmp_path / "d", v1, "4:memory:/job\n0::/\n") == 3 * MiB
+    unlimited = {**v1, "cg/memory/job/memory.limit_in_bytes": "9223372036854771712\n"}
+    assert host(tmp_path / "e", unlimited, "4:memory:/job\n0::/\n") == 1000000 * 1024
+    # nothing readable: unknown
+    assert host(tmp_path / "f", {}, "") is None
+
+
+class Stats(types.SimpleNamespace):
+    pass
+
+
+class Compiled:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def memory_analysis(self):
+        if isinstance(self.stats, Exception):
+            raise self.stats
+        return self.stats
+
+
+def device(platform, id=0, stats=None):
+    return types.SimpleNamespace(platform=platform, id=id, memory_stats=lambda: stats)
+
+
+STATS = Stats(
+    argument_size_in_bytes=10**9,  # resident before the step: not counted
+    output_size_in_bytes=100,
+    alias_size_in_bytes=40,
+    temp_size_in_bytes=1000,
+)
+
+
+def test_a_step_needs_its_unaliased_outputs_and_temporaries(monkeypatch):
+    assert memory.step_need(Compiled(STATS)) == 1060
+    assert memory.step_need(Compiled(None)) is None
+    assert memory.step_need(Compiled(NotImplementedError())) is None
+    assert memory.step_need(Compiled(Stats())) is None
+    # CPU devices share the host's memory: their needs add up
+    monkeypatch.setattr(memory, "host_available", lambda: 2000)
+    two = memory.estimate(Compiled(STATS), [device("cpu", 0), device("cpu", 1)])
+    assert (two.per_device, two.devices, two.need, two.available) == (1060, 2, 2120, 2000)
+    assert not two.fits and two.pool == "host memory"
+    assert "on each of 2 CPU devices" in two.describe()
+    one = memory.estimate(Compiled(STATS), [device("cpu")])
+    assert one.fits and one.share == pytest.approx(0.53)
+    # accelerators: each has its own memory; the tightest decides
+    gpus = [
+        device("gpu", 0, {"bytes_limit": 5000, "bytes_in_use": 1000}),
+        device("gpu", 1, {"bytes_limit": 5000, "bytes_in_use": 4000}),
+        device("gpu", 2, None),
+    ]
+    tight = memory.estimate(Compiled(STATS), gpus)
+    assert (tight.need, tight.available, tight.pool) == (1060, 1000, "GPU 1")
+    assert not tight.fits
+    unknown = memory.estimate(Compiled(STATS), [device("tpu", 0, None)])
+    assert unknown.available is None and unknown.fits and unknown.share is None
+    assert memory.estimate(Compiled(None), [device("cpu")]) is None
+
+
+def test_the_plan_of_a_real_program_counts_its_intermediates():
+    a = jnp.ones((512, 512), jnp.float32)  # 1 MiB
+    f = jax.jit(lambda a: jnp.tanh(a @ a) @ a)  # tanh(a @ a) must be held for the 2nd dot
+    need = memory.step_need(f.lower(a).compile())
+    assert 2 * MiB <= need <= 8 * MiB, need
+
+
+@pytest.mark.parametrize(
+    "value, on",
+    [(None, True), ("1", True), ("0", False), ("false", False), (" Off ", False), ("no", False)],
+)
+def test_the_environment_variable_turns_the_check_off(monkeypatch, value, on):
+    if value is None:
+        monkeypatch.delenv(memory.ENV, raising=False)
+    else:
+        monkeypatch.setenv(memory.ENV, value)
+    assert memory.enabled() is on
+
+
+def snapshot(folder: Path) -> dict:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv(memory.ENV, raising=False)
+    config = tiny(tmp_path)
+    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    with pytest.raises(ConfigError, match="would need") as e:
+        train.run(config, echo=lambda _: None)
+    assert e.value.flag == "batch_size"
+    message = str(e.value)
+    for part in ("--batch_size (16)", "--num_steps (8)", "--hidden_size (16)", "--remat"):
+        assert part in message
+    assert "0.00 MiB of host memory is free" in message
+    assert snapshot(Path(config.workdir)) == {}  # nothing but the lock
+    with pytest.raises(ConfigError) as e:  # with remat on, it is not offered again
+        train.run(tiny(tmp_path, remat=True), echo=lambda _: None)
+    assert "--remat" not in str(e.value)
+
+    # a run that fits trains; then a resume on a "smaller machine" is refused and
+    # leaves every file of the run as it was
+    monkeypatch.undo()
+    assert train.run(config, echo=lambda _: None).status == "completed"
+    before = snapshot(Path(config.workdir))
+    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    with pytest.raises(ConfigError, match="would need"):
+        train.run(tiny(tmp_path, epochs=2), echo=lambda _: None)
+    assert snapshot(Path(config.workdir)) == before
+    # the environment variable lets it run anyway
+    monkeypatch.setenv(memory.ENV, "0")
+    assert train.run(tiny(tmp_path, epochs=2), echo=lambda _: None).status == "completed"
+
+
+def test_a_step_close_to_the_limit_warns_and_is_compiled_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(memory.ENV, raising=False)
+    monkeypatch.setattr(memory, "step_need", lambda compiled: 900)
+    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    lines = []
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        result = train.run(tiny(tmp_path), echo=lines.append)
+    assert result.status == "completed"
+    assert any(line.startswith("warning: the training step needs 0.00 MiB") for line in lines)
+    compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
+
+
+def test_autotune_skips_a_candidate_that_does_not_fit(tmp_path, monkeypatch):
+    monkeypatch.delenv(memory.ENV, raising=False)
+    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    lines = []
+    config = tiny(tmp_path, cell="gru", implementation="auto", unroll=0)
+    with pytest.raises(RuntimeError, match="every candidate failed"):
+        autotune.tune(config, 28, cache_path=tmp_path / "cache.json", echo=lines.append)
+    failed = [line for line in lines if "failed (MemoryError: the step would need" in line]
+    assert len(failed) >= 2, lines
+    assert not (tmp_path / "cache.json").exists()
