@@ -215,13 +215,29 @@ def _check_params_of(params: Any, net: Network) -> None:
     net.check_params(params)
 
 
-def to_torch(params: Any, net: Network) -> dict[str, np.ndarray]:
+def to_torch(
+    params: Any, net: Network, *, prefix: str = "", bias: bool = True
+) -> dict[str, np.ndarray]:
     """Converts ``net``'s params into a PyTorch state dict of numpy float32 arrays.
 
     Load it with ``module.load_state_dict({k: torch.from_numpy(v) ...})`` into an
     ``nn.RNN``/``nn.GRU``/``nn.LSTM`` of the same sizes.
+
+    Args:
+      params: ``net``'s params.
+      net: the rnn_jax network (a reset-after GRU, no pinned gates).
+      prefix: prepended to every key (``"rnn."`` for a module's ``rnn`` submodule).
+      bias: False for a module built with ``bias=False``: no ``bias_*`` keys are
+        written (a strict ``load_state_dict`` refuses keys it does not have), which
+        needs every bias to be zero.
+
+    Raises:
+      ValueError: params not of ``net``; with ``bias=False``, naming the first
+        nonzero bias (a module without biases cannot compute that function).
     """
     _check_convertible(net)
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix: expected a str, got {prefix!r}")
     _check_params_of(params, net)
     name = net.cell.name
     out: dict[str, np.ndarray] = {}
@@ -238,6 +254,13 @@ def to_torch(params: Any, net: Network) -> dict[str, np.ndarray]:
                     f"params{where}: missing; expected the params of net.init for this {kind} "
                     f"network of {net.num_layers} layer(s)"
                 ) from None
+            if not bias:
+                for key in ("b", "b_hn"):
+                    if key in p and np.any(p[key] != 0):
+                        raise ValueError(
+                            f"params{where}[{key!r}]: nonzero, but bias=False writes no "
+                            f"biases; a module without them computes another function"
+                        )
             if name == "rnn":
                 w_ih, w_hh, b_ih = p["W_x"].T, p["W_h"].T, p["b"]
                 b_hh = np.zeros_like(b_ih)
@@ -249,12 +272,10 @@ def to_torch(params: Any, net: Network) -> dict[str, np.ndarray]:
                 if name == "gru":
                     b_hh[2] = p["b_hn"]
                 b_hh = b_hh[order].reshape(-1)
-            for base, value in [
-                ("weight_ih", w_ih),
-                ("weight_hh", w_hh),
-                ("bias_ih", b_ih),
-                ("bias_hh", b_hh),
-            ]:
+            arrays = [("weight_ih", w_ih), ("weight_hh", w_hh)]
+            if bias:
+                arrays += [("bias_ih", b_ih), ("bias_hh", b_hh)]
+            for base, value in arrays:
                 # a fresh, writable array: never a view of the caller's params
-                out[f"{base}_l{layer}{sfx}"] = np.array(value, np.float32, order="C")
+                out[f"{prefix}{base}_l{layer}{sfx}"] = np.array(value, np.float32, order="C")
     return out

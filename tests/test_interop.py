@@ -405,3 +405,42 @@ def test_modules_without_biases_load_and_projections_are_refused():
         )
     with pytest.raises(ValueError, match="got a LSTM module; pass module.state_dict"):
         interop.from_torch(torch.nn.LSTM(I, H), networks.network(cells.lstm(H)))
+
+
+def test_to_torch_writes_into_a_submodule_and_a_module_without_biases():
+    """``prefix`` and ``bias=False`` give state dicts that a strict load_state_dict
+    takes; the module then computes what the rnn_jax network computes."""
+
+    class Model(tnn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.rnn = tnn.GRU(I, H, num_layers=2, batch_first=True, bias=bias)
+            self.head = tnn.Linear(H, 2)
+
+    net, _ = network("gru", 2, False)
+    params = random_params(net, 3)
+    x = np.random.default_rng(1).normal(size=(2, 5, I)).astype(np.float32)
+    want = np.asarray(net.apply_batch(params, jnp.asarray(x))[0])
+
+    model = Model(bias=True)
+    sd = interop.to_torch(params, net, prefix="rnn.")
+    assert sorted(sd) == sorted(k for k in model.state_dict() if k.startswith("rnn."))
+    model.load_state_dict(
+        {**{k: torch.from_numpy(v) for k, v in sd.items()}, **model.head.state_dict(prefix="head.")}
+    )
+    np.testing.assert_allclose(model.rnn(torch.from_numpy(x))[0].detach(), want, atol=1e-5)
+
+    # bias=False: only zero biases can be left out; the first nonzero one is named
+    with pytest.raises(ValueError, match=r"params\['layer_0'\]\['b'\]: nonzero, but bias=False"):
+        interop.to_torch(params, net, bias=False)
+    zero = jax.tree_util.tree_map_with_path(
+        lambda path, v: np.zeros_like(v) if path[-1].key in ("b", "b_hn") else v, params
+    )
+    unbiased = Model(bias=False).rnn
+    sd = interop.to_torch(zero, net, bias=False)
+    unbiased.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})  # strict
+    want = np.asarray(net.apply_batch(zero, jnp.asarray(x))[0])
+    np.testing.assert_allclose(unbiased(torch.from_numpy(x))[0].detach(), want, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, interop.from_torch(sd, net), zero)
+    with pytest.raises(ValueError, match="prefix: expected a str"):
+        interop.to_torch(params, net, prefix=None)
