@@ -13,7 +13,8 @@ measurement runs in a fresh process (``experiments/bench_worker.py``), in
 alternating rounds (rnn_jax, flax, torch, rnn_jax, flax, torch, ...), each of which
 compiles / warms up and then times single steps; a round's number is its median
 step, the reported number the median over rounds. Results go to ``--output``
-(JSON) and to ``--markdown`` (a section per device and report, replaced on rerun).
+(JSON) and to ``--markdown`` (a section per device, report and settings off their
+defaults, replaced by a rerun that measured all its cases and peers).
 
 Bad flags print one line and exit with code 2 before anything runs.
 """
@@ -904,10 +905,50 @@ def settings_notes(meta: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_section(report: dict[str, Any]) -> tuple[str, str]:
-    """``(key, markdown)`` of one run: the key names the device and the report kind."""
-    meta = report["meta"]
+# Flags that change what a run measures, not how precisely: a run with any of them
+# off its default writes a section of its own (its key lists them) rather than
+# replacing the default run's. The peers (--compare) are columns instead: a rerun
+# without one keeps the section that has it (table_cases).
+VARIANT_FLAGS = (
+    "implementation",
+    "unroll",
+    "remat",
+    "hoist_input",
+    "matmul_dtype",
+    "directions",
+    "reset_after",
+    "vocab_size",
+    "cpu_devices",
+    "flax_cpu_devices",
+    "tune_malloc",
+    "threads",
+    "prewarm",
+)
+
+
+def variant(values: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """``["--implementation=scan", ...]``: the flags of ``values`` away from
+    ``defaults``, in the order given, as written on a command line."""
+    out = []
+    for name, value in values.items():
+        if value != defaults.get(name):
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            out.append(f"--{name}={text}")
+    return out
+
+
+def section_key(meta: dict[str, Any]) -> str:
+    """``"CPU <model> (2 cores): training step"``, then ``" [--flag=value, ...]"``
+    for a run off the default settings (``meta["variant"]``)."""
     key = f"{device_label(meta)}: {meta['kind']}"
+    return key + (f" [{', '.join(meta['variant'])}]" if meta.get("variant") else "")
+
+
+def render_section(report: dict[str, Any]) -> tuple[str, str]:
+    """``(key, markdown)`` of one run: the key names the device, the report kind and
+    the settings off their defaults (:func:`section_key`)."""
+    meta = report["meta"]
+    key = section_key(meta)
     m, v = meta["machine"], meta["versions"]
     lines = [
         f"<!-- benchmark-section: {key} -->",
@@ -978,8 +1019,10 @@ def partial_path(output: str) -> Path:
 def table_cases(section: str) -> list[str]:
     """The cases a section's tables measured, one label per row: the cells up to the
     header's ``bidir`` column (training-step tables), or its ``impl`` column, else the
-    first cell (compile and remat reports). A row that says ``failed`` measured
-    nothing, so a failed rerun never replaces a measured row."""
+    first cell (compile and remat reports). A training-step table gives one label
+    per implementation measured (``"<case>: torch"``, from its ``ms/step``
+    columns), so a rerun without a peer keeps the section that has it. A row that
+    says ``failed`` measured nothing, so a failed rerun never replaces a measured row."""
     cases: list[str] = []
     header: list[str] | None = None
     for line in section.splitlines():
@@ -990,8 +1033,17 @@ def table_cases(section: str) -> list[str]:
         if header is None:
             header = cells
             continue
-        if all(set(c) <= set("-: ") for c in cells) or "failed" in cells:
-            continue  # the separator row, or a case whose measurement failed
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the separator row
+        timed = [i for i, name in enumerate(header) if name.endswith(" ms/step")]
+        if "bidir" in header and timed:
+            case = " ".join(cells[: header.index("bidir") + 1])
+            for i in timed:
+                if i < len(cells) and cells[i] not in ("failed", "skipped", "–", ""):
+                    cases.append(f"{case}: {header[i].removesuffix(' ms/step')}")
+            continue
+        if "failed" in cells:
+            continue  # a case whose measurement failed
         for name in ("bidir", "impl"):
             if name in header:
                 cases.append(" ".join(cells[: header.index(name) + 1]))
@@ -1466,6 +1518,14 @@ def main(argv: list[str]) -> None:
         f"implementations {', '.join(impls)}"
     )
 
+    off_default = [*VARIANT_FLAGS]
+    off_default += ["compile_config"] if FLAGS.compile_report else []
+    off_default += ["remat_config"] if FLAGS.remat_report else []
+    variant_flags = variant(
+        {name: FLAGS[name].value for name in off_default},
+        {name: FLAGS[name].default for name in off_default},
+    )
+
     def full_report(body: dict[str, Any], partial: bool = False) -> dict[str, Any]:
         platform_used = runner.device if runner.device != "auto" else "cpu"
         gpu = runner.device_name if platform_used == "gpu" else None
@@ -1487,6 +1547,7 @@ def main(argv: list[str]) -> None:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         meta = {
             "kind": kind,
+            "variant": variant_flags,
             "date": date,
             "command": "python -m experiments.benchmark " + shlex.join(sys.argv[1:]),
             "machine": machine_info(gpu),

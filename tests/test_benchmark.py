@@ -115,9 +115,13 @@ def test_tiny_run_of_every_implementation(tmp_path):
     assert meta["machine"]["cores"] >= 1 and meta["versions"]["jax"]
     assert meta["options"]["reset_after"] is True and meta["platform"] == "cpu"
     assert f"--config_spec=tiny:{H}:4:8" in meta["command"]
+    # settings off their defaults name the section, so it never replaces the default run's
+    variant = ["--directions=vmap", "--cpu_devices=2", "--flax_cpu_devices=2", "--threads=1"]
+    assert meta["variant"] == variant
     assert [r["impl"] for r in report["results"]] == ["rnn_jax", "flax", "torch"]
     markdown = md.read_text()
     assert markdown.startswith("# Benchmarks")
+    assert f"training step [{', '.join(variant)}] -->" in markdown
     for text in ("### Training step", "| tiny | 8 | 4 | 8 | gru | 1 | yes |", "speedup vs torch"):
         assert text in markdown
     assert "speedup vs flax" in proc.stdout and "[3/3]" in proc.stdout
@@ -713,12 +717,13 @@ def test_markdown_keeps_a_section_whose_cases_a_run_lacks(tmp_path):
     path = tmp_path / "B.md"
     path.write_text("# Benchmarks\n\nHand-written text.\n\n" + _section(key, [a, b]))
     assert benchmark.table_cases(path.read_text()) == [
-        "d2l 32 1024 32 gru 1 no",
-        "d2l 32 1024 32 lstm 1 no",
+        "d2l 32 1024 32 gru 1 no: rnn_jax",
+        "d2l 32 1024 32 lstm 1 no: rnn_jax",
     ]
     subset = _section(key, ["| d2l | 32 | 1024 | 32 | gru | 1 | no | 9.0 |"])
     written, kept = benchmark.update_markdown(path, key, subset, {"date": "2026-12-06 21:00 UTC"})
-    assert written == f"{key} (2026-12-06 21:00 UTC)" and kept == ["d2l 32 1024 32 lstm 1 no"]
+    assert written == f"{key} (2026-12-06 21:00 UTC)"
+    assert kept == ["d2l 32 1024 32 lstm 1 no: rnn_jax"]
     text = path.read_text()
     assert "Hand-written text." in text and a in text and b in text and "| 9.0 |" in text
     superset = _section(key, [a.replace("10.0", "8.0"), b.replace("11.0", "7.0")])
@@ -731,7 +736,44 @@ def test_markdown_keeps_a_section_whose_cases_a_run_lacks(tmp_path):
     # a rerun whose measurement failed measured nothing: the measured row stays
     failed = _section(key, [a.replace("10.0", "failed"), b.replace("11.0", "6.0")])
     written, kept = benchmark.update_markdown(path, key, failed, {"date": "2026-12-06 23:00 UTC"})
-    assert kept == ["d2l 32 1024 32 gru 1 no"] and "| 8.0 |" in path.read_text()
+    assert kept == ["d2l 32 1024 32 gru 1 no: rnn_jax"] and "| 8.0 |" in path.read_text()
+
+
+def test_markdown_keeps_a_peer_and_the_default_settings(tmp_path):
+    """A rerun without a peer's column keeps the section that has it; a run off the
+    default settings gets a section of its own, named by the flags that differ."""
+    key = "CPU X (2 cores): training step"
+    header = "| config | H | B | T | cell | layers | bidir | rnn_jax ms/step | torch ms/step |"
+    rule = "|---|---|---|---|---|---|---|---|---|"
+
+    def section(rows, k=key):
+        end = f"<!-- /benchmark-section: {k} -->"
+        return "\n".join([f"<!-- benchmark-section: {k} -->", header, rule, *rows, end]) + "\n"
+
+    path = tmp_path / "B.md"
+    path.write_text(section(["| d2l | 32 | 1024 | 32 | gru | 1 | no | 10.0 | 20.0 |"]))
+    alone = section(["| d2l | 32 | 1024 | 32 | gru | 1 | no | 9.0 | skipped |"])
+    written, kept = benchmark.update_markdown(path, key, alone, {"date": "D"})
+    assert kept == ["d2l 32 1024 32 gru 1 no: torch"] and written == f"{key} (D)"
+    assert "| 20.0 |" in path.read_text()
+    both = section(["| d2l | 32 | 1024 | 32 | gru | 1 | no | 8.0 | 19.0 |"])
+    assert benchmark.update_markdown(path, key, both, {"date": "E"}) == (key, [])
+    assert "| 20.0 |" not in path.read_text() and "| 19.0 |" in path.read_text()
+
+    defaults = {"implementation": "auto", "threads": 0, "remat": False, "unroll": 0}
+    values = {**defaults, "implementation": "scan", "remat": True}
+    assert benchmark.variant(values, defaults) == ["--implementation=scan", "--remat=true"]
+    assert benchmark.variant(defaults, defaults) == []
+    report = _report([_result("rnn_jax", 0.010)], ["rnn_jax"])
+    assert benchmark.render_section(report)[0] == "CPU Some CPU (4 cores): training step"
+    report["meta"]["variant"] = ["--implementation=scan", "--remat=true"]
+    scan_key, scan_section = benchmark.render_section(report)
+    assert scan_key == "CPU Some CPU (4 cores): training step [--implementation=scan, --remat=true]"
+    assert f"## {scan_key}" in scan_section
+    benchmark.update_markdown(path, scan_key, scan_section)
+    text = path.read_text()
+    assert "| 19.0 |" in text and text.count("<!-- benchmark-section:") == 3
+    assert set(benchmark.VARIANT_FLAGS) >= {"implementation", "threads", "cpu_devices"}
 
 
 def test_output_flags_are_checked_before_any_work(tmp_path):
