@@ -11,7 +11,8 @@ apart from the XLA work around it::
     python -m experiments.native_probe --build="-march=x86-64-v3" --shapes=medium
 
 Every ``--build`` is one set of compiler flags (empty: the flags the library
-uses, ``-march=native`` on x86); each is built (cached like the library's own) and
+uses, ``-march=native`` on x86; flags without ``-march=``/``-mcpu=`` are added to
+the library's); each is built (cached like the library's own) and
 registered under a name of its own, checked to give the same outputs as the first
 build (exits 1 if not: the probe compares speeds of the same function), then
 timed. ``--rounds`` alternate the builds, every other round in reverse order; a
@@ -89,6 +90,10 @@ def register_builds(builds: list[str]) -> list[dict[str, Any]]:
     out = []
     for i, text in enumerate(builds):
         arch = text.split() if text.strip() else None
+        if arch and not any(f.startswith(("-march=", "-mcpu=")) for f in arch):
+            # defines or -O flags alone: keep the library's target, or the build would
+            # be for the compiler's baseline CPU and slower for that reason alone
+            arch = [*native._arch_flags(), *arch]
         path, why = native.build(arch)
         if path is None:
             raise RuntimeError(f"--build {text!r}: {why}")

@@ -628,6 +628,30 @@ def test_native_probe_times_each_build_and_checks_they_agree(tmp_path):
     assert native_probe.kernel_flops(16, 7, 5) == 2 * 5 * 7 * 16 * 64
 
 
+def test_native_probe_builds_defines_alone_for_the_librarys_target(monkeypatch):
+    """``--build=-DX`` keeps the library's -march (it built for the compiler's
+    baseline CPU, slower for that alone); a build naming its target keeps it."""
+    from experiments import native_probe
+
+    asked = []
+
+    def build(arch):
+        asked.append(arch)
+        return None, "stop here"
+
+    monkeypatch.setattr(native, "build", build)
+    monkeypatch.setattr(native, "_arch_flags", lambda: ["-march=native"])
+    for text in ("-DRNN_JAX_KBLOCK=64", "-march=x86-64-v3 -O2", "-mcpu=native", ""):
+        with pytest.raises(RuntimeError, match="stop here"):
+            native_probe.register_builds([text])
+    assert asked == [
+        ["-march=native", "-DRNN_JAX_KBLOCK=64"],
+        ["-march=x86-64-v3", "-O2"],
+        ["-mcpu=native"],
+        None,
+    ]
+
+
 @pytest.mark.parametrize(
     "names, specs, word",
     [
