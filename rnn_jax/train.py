@@ -38,6 +38,7 @@ import optax
 
 from rnn_jax import data, files, memory, models, parallel, text
 from rnn_jax.config import (
+    ConfigError,
     TrainConfig,
     changed_settings,
     inapplicable,
@@ -326,9 +327,16 @@ def run(
     corpus = _corpus_record(config, ids)
     _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
     _check_progress(workdir, config, ids)
+    fresh = not workdir.exists()
     lock = _lock_workdir(workdir)  # one process per run directory
     try:
         return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
+    except ConfigError:  # refused once compiled (memory, autotune): leave no new folder
+        lock.close()
+        if fresh and [p.name for p in workdir.iterdir()] == [".lock"]:
+            (workdir / ".lock").unlink(missing_ok=True)
+            workdir.rmdir()
+        raise
     finally:
         lock.close()
 
@@ -338,8 +346,6 @@ def _lock_workdir(workdir: Path):
     run trains: a second process on the same run directory is refused by name
     instead of racing the first one's checkpoints. Returns the open lock file."""
     import fcntl
-
-    from rnn_jax.config import ConfigError
 
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -410,8 +416,6 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     elif ckpt.all_steps():  # steps there, none usable: never train over them from scratch
         steps = ", ".join(map(str, ckpt.all_steps()))
         ckpt.close()
-        from rnn_jax.config import ConfigError
-
         raise ConfigError(
             "workdir",
             f"no checkpoint in {workdir / 'checkpoints'} passed its integrity check (steps "
@@ -545,8 +549,6 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
     if estimate.fits:
         echo(f"warning: the training step needs {estimate.describe()}")
         return
-    from rnn_jax.config import ConfigError
-
     levers = (
         f"Lower --batch_size ({config.batch_size}), --num_steps ({config.num_steps}) "
         f"or --hidden_size ({config.hidden_size})"
@@ -564,8 +566,6 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
 def _mesh(config: TrainConfig):
     mesh = parallel.data_mesh(config.data_parallel)
     if mesh is not None and config.batch_size % mesh.size:
-        from rnn_jax.config import ConfigError
-
         raise ConfigError(
             "batch_size",
             f"{config.batch_size} does not split over {mesh.size} devices; use a multiple "
@@ -601,7 +601,6 @@ def _check_workdir(
       ConfigError: naming ``workdir`` (or ``data``) and what differs.
     """
     from rnn_jax import runs  # (imports orbax: only when training)
-    from rnn_jax.config import ConfigError
 
     folder, config_path, vocab_path, corpus_path = (
         workdir / name for name in ("checkpoints", "config.json", "vocab.json", "corpus.json")
@@ -656,8 +655,6 @@ def _newest_saved_step(folder: Path) -> int | None:
 
 
 def _epochs_error(config: TrainConfig, workdir: Path, trained: int, steps_per_epoch: int):
-    from rnn_jax.config import ConfigError
-
     return ConfigError(
         "epochs",
         f"{config.epochs} epochs are {steps_per_epoch * config.epochs} steps, but the run in "
@@ -674,7 +671,6 @@ def _check_progress(workdir: Path, config: TrainConfig, ids: np.ndarray) -> None
     :data:`rnn_jax.config.OUTCOME_KEYS` (nothing would train with it, and its
     ``config.json`` must keep the settings the parameters were trained with)."""
     from rnn_jax import runs
-    from rnn_jax.config import ConfigError
 
     trained = _newest_saved_step(workdir / "checkpoints")
     if trained is None:

@@ -173,7 +173,7 @@ def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_pat
     for part in ("--batch_size (16)", "--num_steps (8)", "--hidden_size (16)", "--remat"):
         assert part in message
     assert "0.00 MiB of host memory is free" in message
-    assert snapshot(Path(config.workdir)) == {}  # nothing but the lock
+    assert not Path(config.workdir).exists()  # the folder it made is gone again
     with pytest.raises(ConfigError) as e:  # with remat on, it is not offered again
         train.run(tiny(tmp_path, remat=True), echo=lambda _: None)
     assert "--remat" not in str(e.value)
