@@ -181,7 +181,7 @@ def _compiled_step(config: TrainConfig, vocab_size: int, rows: int) -> Callable[
             train_step.lower(state, batch).compile(), list(state["step"].devices())
         )
         if estimate is not None and not estimate.fits:
-            raise MemoryError(f"the step would need {estimate.describe()}")
+            raise memory.DoesNotFit(estimate)
 
     def step():
         nonlocal state
@@ -277,6 +277,8 @@ def tune(
     Raises:
       ValueError: bad ``repeats`` / ``rounds`` / ``min_time_s``.
       RuntimeError: every candidate failed to compile or run.
+      rnn_jax.config.ConfigError: no candidate fits in the device's free memory
+        (:func:`rnn_jax.train.memory_refusal`).
     """
     for name, value in (("repeats", repeats), ("rounds", rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -305,6 +307,7 @@ def tune(
         echo(f"autotune: {choice.describe()} (cached in {path})")
         return choice
     steps, timings, by_name = {}, {}, {}
+    too_large: list[memory.Estimate] = []
     for option in options:  # compile every candidate first
         name = option.name
         by_name[name] = option
@@ -318,6 +321,8 @@ def tune(
             steps[name] = _compiled_step(tuned, vocab_size, rows)
         except Exception as e:  # noqa: BLE001  a candidate that fails is skipped
             timings[name] = None
+            if isinstance(e, memory.DoesNotFit):
+                too_large.append(e.estimate)
             echo(f"autotune: {name} failed ({type(e).__name__}: {str(e)[:200]})")
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):  # alternate, so that a slow spell of the machine hits all
@@ -327,6 +332,9 @@ def tune(
         timings[name] = 1e3 * statistics.median(times)
         echo(f"autotune: {name} {timings[name]:.3g} ms/step ({len(times)} steps)")
     measured = {k: v for k, v in timings.items() if v is not None}
+    if not measured and too_large and len(too_large) == len(timings):
+        # the run's configuration does not fit: a bad flag, not a failure
+        raise train.memory_refusal(config, min(too_large, key=lambda e: e.need))
     if not measured:
         raise RuntimeError(f"autotune: every candidate failed: {sorted(timings)}")
     best = by_name[min(measured, key=measured.get)]

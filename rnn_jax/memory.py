@@ -32,6 +32,7 @@ Setting the environment variable ``RNN_JAX_MEMORY_CHECK=0`` turns the check off
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,8 +62,13 @@ class Estimate(NamedTuple):
 
     @property
     def share(self) -> float | None:
-        """``need / available`` (None where ``available`` is unknown or 0)."""
-        return self.need / self.available if self.available else None
+        """``need / available``: None where ``available`` is unknown, infinite where
+        nothing is free and something is needed."""
+        if self.available is None:
+            return None
+        if self.available == 0:
+            return math.inf if self.need else 0.0
+        return self.need / self.available
 
     def describe(self) -> str:
         """``"27.3 GiB (13.6 GiB on each of 2 CPU devices, which share host
@@ -78,11 +84,22 @@ class Estimate(NamedTuple):
         return f"{gib(self.need)}{spread}, and {free} of {self.pool} is free"
 
 
+class DoesNotFit(MemoryError):
+    """A compiled step needs more memory than is free; ``estimate`` says how much."""
+
+    def __init__(self, estimate: Estimate, what: str = "the step"):
+        super().__init__(f"{what} would need {estimate.describe()}")
+        self.estimate = estimate
+
+
 def gib(n: int) -> str:
-    """Bytes as ``"1.5 GiB"`` (``"0.25 MiB"`` below 0.1 GiB)."""
+    """Bytes as ``"1.5 GiB"``, ``"0.25 MiB"`` (below 0.1 GiB) or ``"512 bytes"``
+    (below 0.01 MiB)."""
     if n >= 0.1 * 2**30:
         return f"{n / 2**30:.1f} GiB"
-    return f"{n / 2**20:.2f} MiB"
+    if n >= 0.01 * 2**20:
+        return f"{n / 2**20:.2f} MiB"
+    return f"{n:,} bytes"
 
 
 def enabled() -> bool:
@@ -165,8 +182,10 @@ def _mem_available(path: Path) -> int | None:
 
 
 def _cgroup_available(root: Path, self_cgroup: Path) -> int | None:
-    """Free bytes under this process's memory cgroup (the tightest of its own
-    folder and the root's), or None with no limit or no cgroup files."""
+    """Free bytes under this process's memory cgroup: the tightest ``limit - usage
+    + inactive page cache`` of its folder and every folder above it (a limit can sit
+    on a parent: a batch job's, with its steps below), in cgroup v2's unified tree
+    and v1's ``memory`` one. None with no limit or no cgroup files."""
     own_v2 = own_v1 = None
     try:
         for line in self_cgroup.read_text().splitlines():
@@ -177,22 +196,18 @@ def _cgroup_available(root: Path, self_cgroup: Path) -> int | None:
                 own_v1 = path
     except (OSError, ValueError):
         pass
-    folders = []  # (folder, limit file, usage file, inactive-cache key)
-    for own in (own_v2, "/"):
-        if own is not None:
-            folders.append(
-                (root / own.lstrip("/"), "memory.max", "memory.current", "inactive_file")
+    folders = []  # (folder, limit file, usage file, inactive page cache key)
+    for own in _ancestors(own_v2):
+        folders.append((root / own, "memory.max", "memory.current", "inactive_file"))
+    for own in _ancestors(own_v1):
+        folders.append(
+            (
+                root / "memory" / own,
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
             )
-    for own in (own_v1, "/"):
-        if own is not None:
-            folders.append(
-                (
-                    root / "memory" / own.lstrip("/"),
-                    "memory.limit_in_bytes",
-                    "memory.usage_in_bytes",
-                    "total_inactive_file",
-                )
-            )
+        )
     free = None
     for folder, limit_file, usage_file, inactive_key in folders:
         limit = _read_int(folder / limit_file)
@@ -203,6 +218,15 @@ def _cgroup_available(root: Path, self_cgroup: Path) -> int | None:
         room = max(0, limit - usage + min(inactive, usage))
         free = room if free is None else min(free, room)
     return free
+
+
+def _ancestors(path: str | None) -> list[str]:
+    """``"/a/b"`` -> ``["a/b", "a", ""]`` (relative to the hierarchy's root, which
+    comes last); ``[]`` for None."""
+    if path is None:
+        return []
+    parts = [p for p in path.split("/") if p]
+    return ["/".join(parts[:n]) for n in range(len(parts), -1, -1)]
 
 
 def _read_int(path: Path) -> int | None:

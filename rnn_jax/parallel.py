@@ -216,9 +216,14 @@ def _state_sharding(key: str, mesh: Mesh) -> NamedSharding:
 
 
 def place_state(state: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
-    """Replicates the training state, except the carried state, which follows the batch."""
+    """Replicates the training state, except the carried state, which follows the batch.
+
+    With no mesh, commits it to the default device, as a restored checkpoint is
+    (:func:`abstract_state`): ``jit`` compiles uncommitted and committed arguments
+    separately, so a resumed run would compile its step twice (once for the memory
+    check on the fresh state, once for the restored one)."""
     if mesh is None:
-        return state
+        return jax.device_put(state, jax.devices()[0])
     placed = {}
     for key, value in state.items():
         sharding = _state_sharding(key, mesh)

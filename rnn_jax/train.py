@@ -332,13 +332,22 @@ def run(
     try:
         return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
     except ConfigError:  # refused once compiled (memory, autotune): leave no new folder
-        lock.close()
-        if fresh and [p.name for p in workdir.iterdir()] == [".lock"]:
-            (workdir / ".lock").unlink(missing_ok=True)
-            workdir.rmdir()
+        if fresh:
+            _remove_if_only_lock(workdir)
         raise
     finally:
         lock.close()
+
+
+def _remove_if_only_lock(workdir: Path) -> None:
+    """Removes ``workdir`` if it holds nothing but ``.lock`` (while the lock is held,
+    so no other process is using it); leaves it where that fails."""
+    try:
+        if [p.name for p in workdir.iterdir()] == [".lock"]:
+            (workdir / ".lock").unlink()
+            workdir.rmdir()
+    except OSError:
+        pass
 
 
 def _lock_workdir(workdir: Path):
@@ -527,13 +536,17 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     return Result(status, total, final.get("train_ppl"), final.get("val_ppl"), sample, 0, params)
 
 
+MEMORY_WARN_SHARE = 0.8  # warn when a step needs more than this share of what is free
+
+
 def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -> None:
     """Compiles ``train_step`` (``jit`` reuses the executable at the first step) and
     refuses a step that needs more memory than its devices have free
     (:mod:`rnn_jax.memory`), before a checkpoint is read or anything is written:
     on a CPU such a step is killed by the OOM killer without a message. Warns above
-    80%. ``RNN_JAX_MEMORY_CHECK=0`` skips it (the step then compiles at its first
-    call, as before)."""
+    80%. In a multi-process run every process refuses when one does (a process left
+    alone would wait at the first collective). ``RNN_JAX_MEMORY_CHECK=0`` skips it
+    (the step then compiles at its first call, as before)."""
     if not memory.enabled():
         return
     batch = data.train_batch(windows, config.batch_size, config.seed, 0, 0, config.partition)
@@ -544,18 +557,38 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
     else:  # this process's devices (a multi-host mesh holds the others' too)
         devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     estimate = memory.estimate(compiled, devices)
-    if estimate is None or estimate.share is None or estimate.share <= 0.8:
+    fits = estimate is None or estimate.fits
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        verdicts = multihost_utils.process_allgather(np.int32(fits))
+        if fits and not np.all(verdicts):
+            refused = [i for i, ok in enumerate(np.ravel(verdicts)) if not ok]
+            raise ConfigError(
+                "batch_size",
+                f"the training step does not fit in the memory of process(es) "
+                f"{', '.join(map(str, refused))} (their errors say how much it needs); "
+                f"nothing was trained",
+            )
+    if fits:
+        if estimate is not None and (estimate.share or 0) > MEMORY_WARN_SHARE:
+            echo(f"warning: the training step needs {estimate.describe()}")
         return
-    if estimate.fits:
-        echo(f"warning: the training step needs {estimate.describe()}")
-        return
+    raise memory_refusal(config, estimate)
+
+
+def memory_refusal(config: TrainConfig, estimate: memory.Estimate) -> ConfigError:
+    """The ConfigError of a training step that does not fit: how much it needs, what
+    is free, and the flags that shrink it."""
     levers = (
         f"Lower --batch_size ({config.batch_size}), --num_steps ({config.num_steps}) "
         f"or --hidden_size ({config.hidden_size})"
     )
-    if not config.remat:
+    if not config.remat and config.implementation != "wavefront":
         levers += ", or set --remat (recompute the activations in the backward pass)"
-    raise ConfigError(
+    if estimate.pool != "host memory":
+        levers += "; JAX's share of the device is XLA_PYTHON_CLIENT_MEM_FRACTION"
+    return ConfigError(
         "batch_size",
         f"the training step would need {estimate.describe()} (XLA's plan of the "
         f"compiled step: activations, gradients and workspace). {levers}. Nothing was "

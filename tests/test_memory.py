@@ -1,6 +1,7 @@
 """The memory check of a compiled step: its arithmetic, the host's free memory as
 read from /proc and cgroup files, and a training run refused before it starts."""
 
+import dataclasses
 import logging
 import types
 from pathlib import Path
@@ -80,6 +81,23 @@ def test_host_memory_is_memavailable_capped_by_the_cgroup(tmp_path):
     assert host(tmp_path / "e", unlimited, "4:memory:/job\n0::/\n") == 1000000 * 1024
     # nothing readable: unknown
     assert host(tmp_path / "f", {}, "") is None
+    # a limit on a parent folder (a batch job's, the process in one of its steps)
+    parent_v2 = {
+        "meminfo": MEMINFO,
+        "cg/job/memory.max": f"{50 * MiB}\n",
+        "cg/job/memory.current": f"{20 * MiB}\n",
+        "cg/job/step/task/memory.max": "max\n",
+        "cg/job/step/task/memory.current": f"{MiB}\n",
+    }
+    assert host(tmp_path / "g", parent_v2, "0::/job/step/task\n") == 30 * MiB
+    parent_v1 = {
+        "meminfo": MEMINFO,
+        "cg/memory/job/memory.limit_in_bytes": f"{40 * MiB}\n",
+        "cg/memory/job/memory.usage_in_bytes": f"{30 * MiB}\n",
+        "cg/memory/job/step/memory.limit_in_bytes": "9223372036854771712\n",
+        "cg/memory/job/step/memory.usage_in_bytes": f"{MiB}\n",
+    }
+    assert host(tmp_path / "h", parent_v1, "4:memory:/job/step\n") == 10 * MiB
 
 
 class Stats(types.SimpleNamespace):
@@ -172,7 +190,7 @@ def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_pat
     message = str(e.value)
     for part in ("--batch_size (16)", "--num_steps (8)", "--hidden_size (16)", "--remat"):
         assert part in message
-    assert "0.00 MiB of host memory is free" in message
+    assert "1,000 bytes of host memory is free" in message
     assert not Path(config.workdir).exists()  # the folder it made is gone again
     with pytest.raises(ConfigError) as e:  # with remat on, it is not offered again
         train.run(tiny(tmp_path, remat=True), echo=lambda _: None)
@@ -200,9 +218,29 @@ def test_a_step_close_to_the_limit_warns_and_is_compiled_once(tmp_path, monkeypa
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         result = train.run(tiny(tmp_path), echo=lines.append)
     assert result.status == "completed"
-    assert any(line.startswith("warning: the training step needs 0.00 MiB") for line in lines)
+    assert any(line.startswith("warning: the training step needs 900 bytes") for line in lines)
     compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
+    # resumed: the restored state is placed as the fresh one was, so again one compile
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        result = train.run(tiny(tmp_path, epochs=2), echo=lines.append)
+    assert result.status == "completed" and any(line.startswith("resumed") for line in lines)
+    compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
+
+
+def test_nothing_free_is_refused_and_wavefront_is_not_offered_remat(tmp_path, monkeypatch):
+    monkeypatch.delenv(memory.ENV, raising=False)
+    monkeypatch.setattr(memory, "host_available", lambda: 0)  # a cgroup at its limit
+    with pytest.raises(ConfigError, match="0 bytes of host memory is free"):
+        train.run(tiny(tmp_path), echo=lambda _: None)
+    assert memory.Estimate(5, 1, 5, 0, "host memory").share == float("inf")
+    deep = tiny(tmp_path, num_layers=2, implementation="wavefront")
+    estimate = memory.Estimate(5, 1, 5, 1, "GPU 0")
+    message = str(train.memory_refusal(deep, estimate))
+    assert "--remat" not in message and "XLA_PYTHON_CLIENT_MEM_FRACTION" in message
+    assert "--remat" in str(train.memory_refusal(tiny(tmp_path), estimate))
 
 
 def test_autotune_skips_a_candidate_that_does_not_fit(tmp_path, monkeypatch):
@@ -210,8 +248,13 @@ def test_autotune_skips_a_candidate_that_does_not_fit(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "host_available", lambda: 1000)
     lines = []
     config = tiny(tmp_path, cell="gru", implementation="auto", unroll=0)
-    with pytest.raises(RuntimeError, match="every candidate failed"):
+    with pytest.raises(ConfigError, match="the training step would need") as e:
         autotune.tune(config, 28, cache_path=tmp_path / "cache.json", echo=lines.append)
-    failed = [line for line in lines if "failed (MemoryError: the step would need" in line]
+    assert e.value.flag == "batch_size" and "--remat" in str(e.value)
+    failed = [line for line in lines if "failed (DoesNotFit: the step would need" in line]
     assert len(failed) >= 2, lines
     assert not (tmp_path / "cache.json").exists()
+    # through the launcher's path: refused as a bad flag, and the new folder removed
+    with pytest.raises(ConfigError, match="would need"):
+        train.run(dataclasses.replace(config, autotune=True), echo=lines.append)
+    assert not Path(config.workdir).exists()

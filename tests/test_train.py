@@ -609,10 +609,10 @@ TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items() if k != "log_every_s"]
 
 
 def launch(*args, **kw):
+    kw.setdefault("env", ENV)
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.train", *args],
         cwd=ROOT,
-        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -825,20 +825,37 @@ def test_cpu_devices_split_the_batch_and_change_no_result(tmp_path):
     """--cpu_devices=2 trains on two CPU devices (the batch split, parameters replicated)
     and ends where one device does; auto keeps one device for a step this small (so
     the auto run is the one-device run)."""
+    logged = {**ENV, "JAX_LOG_COMPILES": "1"}
+
+    def compiles(err):  # the memory check's compile is the one the first step runs
+        return err.count("Compiling jit(train_step)")
+
     procs = {
-        n: launch(*TINY_FLAGS, f"--cpu_devices={n}", f"--workdir={tmp_path / n}")
+        n: launch(*TINY_FLAGS, f"--cpu_devices={n}", f"--workdir={tmp_path / n}", env=logged)
         for n in ("2", "auto")
     }
     outs = {}
     for n, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+        assert compiles(err) == 1, err
         outs[n] = out
     assert "data parallel: 16 rows per batch over 2 CPU devices" in outs["2"]
     assert "data parallel" not in outs["auto"]
     results = {n: json.loads((tmp_path / n / "result.json").read_text()) for n in procs}
     for key in ("train_ppl", "val_ppl"):
         assert results["2"][key] == pytest.approx(results["auto"][key], rel=1e-5)
+    # resumed (the restored state's placement is the fresh one's): still one compile
+    resumes = [  # each run's checkpoints onto the other device count, at once
+        launch(
+            *TINY_FLAGS, "--epochs=3", f"--cpu_devices={n}", f"--workdir={tmp_path / d}", env=logged
+        )
+        for n, d in (("1", "2"), ("2", "auto"))
+    ]
+    for proc in resumes:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "resumed from step" in out, err
+        assert compiles(err) == 1, err
 
 
 def test_unroll_flag_zero_means_the_backend_default(tmp_path):
