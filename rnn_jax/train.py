@@ -328,15 +328,18 @@ def run(
     _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
     _check_progress(workdir, config, ids)
     fresh = not workdir.exists()
-    lock = _lock_workdir(workdir)  # one process per run directory
+    # One run per run directory. The processes of a multi-process run share it: process
+    # 0 holds the lock for all (another process's lock would refuse its own run).
+    lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
     try:
         return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
     except ConfigError:  # refused once compiled (memory, autotune): leave no new folder
-        if fresh:
+        if fresh and lock is not None:
             _remove_if_only_lock(workdir)
         raise
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _remove_if_only_lock(workdir: Path) -> None:
@@ -439,23 +442,29 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     # that fails first (a non-finite loss, a Ctrl-C while compiling) leaves the run
     # directory saying what its checkpoints were trained with.
     resumed_stretch = restored is not None and start < total
-    if restored is None:
+    # The processes of a multi-process run share the run directory; process 0 writes
+    # its files (each process writing them raced on the temporary files and logged
+    # every evaluation once per process).
+    writer = jax.process_index() == 0
+    if writer and restored is None:
         _write_workdir(workdir, config, vocab, corpus, fresh=True)
-    else:
+    elif writer:
         missing = not (workdir / "config.json").exists() and not resumed_stretch
         _write_workdir(workdir, config, vocab, corpus, settings=missing)
     if restored is not None and start == total:
         echo(f"the run has trained all its {total} steps: nothing to train")
 
     def commit_stretch() -> None:
+        if not writer:
+            return
         _write_workdir(workdir, config, vocab, corpus, step=start)
-        if result_path.exists() and jax.process_index() == 0:  # one process moves files
+        if result_path.exists():
             kept = _keep_previous_result(workdir)
             os.replace(result_path, workdir / "result.previous.json")
             echo(f"moved the earlier result to {workdir / 'result.previous.json'}{kept}")
 
     metrics_path = workdir / "metrics.jsonl"
-    history = _load_history(metrics_path, upto=start)
+    history = _load_history(metrics_path, upto=start, rewrite=writer)
     echo(
         f"{config.cell} H={config.hidden_size} L={config.num_layers}"
         f"{' bidirectional' if config.bidirectional else ''}, vocab {len(vocab)}, "
@@ -498,7 +507,8 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
                     record["val_ppl"] = val
                     record["wall_s"] = wall_offset + time.perf_counter() - t_start
                     history.append(record)
-                    _append_jsonl(metrics_path, record)
+                    if writer:
+                        _append_jsonl(metrics_path, record)
                     eta = (total - done) * record["seconds_per_step"]
                     echo(
                         f"step {done}/{total} epoch {record['epoch']:.2f}: "
@@ -522,7 +532,8 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
     finally:
         ckpt.close()
     params = state["params"]
-    _plot(history, workdir / "curves.png", echo)
+    if writer:
+        _plot(history, workdir / "curves.png", echo)
     if status == "interrupted":
         return Result(status, int(state["step"]), exit_code=exit_code, params=params)
     final = history[-1] if history else {}
@@ -532,7 +543,8 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         f"val ppl {final.get('val_ppl', float('nan')):.3f}"
     )
     echo(f"sample: {sample!r}")
-    _write_json_atomic(workdir / "result.json", {"status": status, **final, "sample": sample})
+    if writer:
+        _write_json_atomic(workdir / "result.json", {"status": status, **final, "sample": sample})
     return Result(status, total, final.get("train_ppl"), final.get("val_ppl"), sample, 0, params)
 
 
@@ -869,9 +881,10 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _load_history(path: Path, upto: int) -> list[dict]:
+def _load_history(path: Path, upto: int, rewrite: bool = True) -> list[dict]:
     """Metrics already logged up to step ``upto``; later lines (after the checkpoint
-    a resumed run restarts from) are dropped so the file never holds a step twice."""
+    a resumed run restarts from) are dropped so the file never holds a step twice
+    (``rewrite``: the file too, else only the returned list)."""
     if not path.exists():
         return []
     records = []
@@ -882,7 +895,8 @@ def _load_history(path: Path, upto: int) -> list[dict]:
             continue
         if record.get("step", 0) <= upto:
             records.append(record)
-    files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    if rewrite:
+        files.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 

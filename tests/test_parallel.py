@@ -92,6 +92,75 @@ def test_four_devices_equal_one_and_checkpoints_move_between_them(tmp_path):
     np.testing.assert_allclose(step_losses(one.workdir), step_losses(tmp_path / "ref"), rtol=1e-6)
 
 
+def run_two_processes(config: TrainConfig) -> list[str]:
+    """``config`` trained by ``experiments.train`` as two processes of one run
+    (``jax.distributed`` on this host, a CPU device each), as BUILD.md's multi-host
+    commands; their outputs."""
+    import socket
+
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    default = dataclasses.asdict(TrainConfig())
+    flags = [
+        f"--{k}={v}"
+        for k, v in dataclasses.asdict(config).items()
+        if v != default[k] and k not in ("log_every_s", "workdir")
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.train",
+                *flags,
+                f"--workdir={config.workdir}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--cpu_devices=1",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
+def test_two_processes_train_one_run_as_one_device_does(tmp_path):
+    """The multi-host path on one host: two processes share the run directory (only
+    process 0 takes its lock and writes its files: a second lock refused the run, and
+    each process logged every evaluation), train what one device trains, and resume."""
+    one = dataclasses.replace(BASE, workdir=str(tmp_path / "one"))
+    two = dataclasses.replace(BASE, workdir=str(tmp_path / "two"))
+    train.run(one, echo=lambda s: None)
+    outs = run_two_processes(two)
+    assert all("data parallel: 16 rows per batch over 2 CPU devices" in o for o in outs)
+    np.testing.assert_allclose(step_losses(two.workdir), step_losses(one.workdir), rtol=1e-6)
+    assert len(step_losses(two.workdir)) == 10  # one line per evaluation, not per process
+    assert_params_close(runs.load(Path(one.workdir)).params, runs.load(Path(two.workdir)).params)
+
+    train.run(dataclasses.replace(one, epochs=2), echo=lambda s: None)
+    outs = run_two_processes(dataclasses.replace(two, epochs=2))
+    assert all("resumed from step 10" in o for o in outs)
+    np.testing.assert_allclose(step_losses(two.workdir), step_losses(one.workdir), rtol=1e-6)
+    assert len(step_losses(two.workdir)) == 20
+    a, b = runs.load(Path(one.workdir)), runs.load(Path(two.workdir))
+    assert a.step == b.step == 20
+    assert_params_close(a.params, b.params)
+    assert json.loads((Path(two.workdir) / "result.json").read_text())["status"] == "completed"
+
+
 SHARDED_GRADIENTS = r"""
 import contextlib
 import re
