@@ -38,6 +38,7 @@ Every batch is a :class:`Batch` of ``x <int32>[B, T]``, ``y <int32>[B, T]`` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -178,13 +179,24 @@ def train_batch(
     _check_int("step", step, minimum=0)
     if step >= steps:
         raise ValueError(f"step must be < steps_per_epoch = {steps}; got {step}")
-    rng = np.random.default_rng([seed, epoch])
     if partition == "windows":
-        order = rng.permutation(windows.num_train)
+        order = _epoch_order(windows.num_train, seed, epoch)
         return _padded_batch(
             windows, order[step * batch_size : (step + 1) * batch_size], batch_size
         )
+    rng = np.random.default_rng([seed, epoch])
     return _sequential_batch(windows, batch_size, int(rng.integers(windows.num_steps)), step)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_train: int, seed: int, epoch: int) -> np.ndarray:
+    """The windows' order in an epoch: ``default_rng([seed, epoch]).permutation``,
+    kept for the epoch's later batches (drawn per batch, an epoch of a million
+    windows cost 15 ms per batch, a minute per epoch; ten million, 0.35 s per batch).
+    Read-only: a caller cannot change a later batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_train)
+    order.flags.writeable = False
+    return order
 
 
 def _padded_batch(windows: Windows, starts: np.ndarray, batch_size: int) -> Batch:

@@ -13,7 +13,6 @@ does, and why its samples are nonsense.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -134,13 +133,33 @@ def generate_text(
     """``prefix`` followed by ``num_tokens`` generated tokens, as text.
 
     The prefix goes through the vocabulary's preprocessing (lower-case letters and
-    spaces for ``char``); tokens outside the vocabulary become ``<unk>``.
+    spaces for ``char``); the model reads tokens outside the vocabulary as ``<unk>``
+    (the text returned keeps the prefix as it was preprocessed).
+
+    Compiled once per model, ``num_tokens`` and prefix length: later calls (other
+    prefixes of that length, temperatures, seeds) reuse the program.
+
+    Raises:
+      ValueError: ``vocab`` is not the model's (another size: the model would read
+        its ids as other tokens), an empty prefix, a bad temperature.
     """
+    size = model.config.vocab_size
+    if len(vocab) != size:
+        raise ValueError(
+            f"vocab: {len(vocab)} tokens, but the model reads {size}; pass the vocabulary "
+            f"the model was trained with (its run directory's vocab.json)"
+        )
     _check_temperature(temperature)  # here: generate_ids below sees a traced one
     tokens = text.tokenize(prefix, vocab.mode) if prefix else []
     if not tokens:
         raise ValueError(f"prefix: expected at least one token after preprocessing, got {prefix!r}")
     ids = jnp.asarray(vocab.to_ids(tokens), jnp.int32)
-    compiled = jax.jit(functools.partial(generate_ids, model, num_tokens=num_tokens))
-    out = compiled(params, ids, temperature=temperature, key=jax.random.key(seed))
+    out = _generate_jit(
+        model, params, ids, num_tokens, temperature=temperature, key=jax.random.key(seed)
+    )
     return vocab.join(tokens + vocab.to_tokens(np.asarray(out)))
+
+
+# one compiled program per (model, num_tokens, prefix shape); a Model is hashable
+# (its network is static, its functions compare by identity)
+_generate_jit = jax.jit(generate_ids, static_argnames=("model", "num_tokens"))

@@ -598,6 +598,28 @@ def test_generation_refuses_what_it_cannot_continue():
             generate.generate_ids(model, params, **kw)
 
 
+def test_generate_text_compiles_once_and_refuses_another_vocabulary(caplog):
+    """Later calls of one model (other prefixes of a length, temperatures, seeds) reuse
+    the program (each call compiled it: ~1 s per sample); a vocabulary of another size
+    than the model's is refused by name (its ids would read as other tokens)."""
+    import logging
+
+    _, vocab = text.load_corpus()
+    model = models.language_model(models.ModelConfig(vocab_size=len(vocab), hidden_size=8))
+    params = model.init(jax.random.key(0))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        samples = [
+            generate.generate_text(model, params, vocab, prefix, 7, temperature, seed)
+            for prefix, temperature, seed in (("the time", 0.0, 0), ("our time", 1.0, 3))
+        ]
+    compiles = [r for r in caplog.records if "Compiling jit(generate_ids)" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
+    assert samples[0].startswith("the time") and len(samples[1]) == len("our time") + 7
+    small = text.Vocab(["a", "b"], mode="char")
+    with pytest.raises(ValueError, match=f"vocab: 3 tokens, but the model reads {len(vocab)}"):
+        generate.generate_text(model, params, small, "ab", 3)
+
+
 # --- the launchers, as users run them --------------------------------------------------
 
 ENV = {
