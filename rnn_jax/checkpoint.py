@@ -154,11 +154,16 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 
 
 def _abstract_leaf(x: Any) -> Any:
-    """Turns concrete arrays into ShapeDtypeStructs; leaves abstract leaves alone."""
+    """Turns concrete arrays into ShapeDtypeStructs. A leaf without a sharding (a
+    numpy array, ``jax.eval_shape`` output) goes to the default device: without
+    one, orbax restores onto the saved topology and refuses another device count."""
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(x, np.ndarray | np.generic):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
     return x
 
 
@@ -171,7 +176,10 @@ class Checkpointer:
       max_to_keep: how many of the most recent steps orbax keeps; older ones (and their
         manifests) are deleted after each save. ``None`` keeps everything.
 
-    Use as a context manager, or call :meth:`close` when done.
+    Use as a context manager, or call :meth:`close` when done. One writer per
+    directory (a training run holds its run directory's lock): a second
+    Checkpointer's saves are seen by :meth:`save`'s check of an existing step, but
+    each keeps its own count for ``max_to_keep``.
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3):
@@ -244,6 +252,7 @@ class Checkpointer:
             or manifest.get("version") != _MANIFEST_VERSION
             or manifest.get("step") != step
             or not isinstance(manifest.get("files"), dict)
+            or not all(isinstance(v, dict) for v in manifest["files"].values())
         ):
             return f"malformed integrity manifest {os.path.basename(path)}"
         expected: dict[str, dict[str, Any]] = manifest["files"]
@@ -315,6 +324,8 @@ class Checkpointer:
         ]
         if empty:
             raise ValueError(f"state: orbax cannot save arrays of size 0: {', '.join(empty)}")
+        if step not in self._mngr.all_steps() and os.path.isdir(self.step_dir(step)):
+            self._mngr.reload()  # saved by another Checkpointer since this one listed
         if step in self._mngr.all_steps():
             if not force:
                 reason = self.check(step)
@@ -379,8 +390,9 @@ class Checkpointer:
           step: the step to restore.
           abstract_state: the target pytree, normally ``jax.eval_shape`` output (leaves
             ``jax.ShapeDtypeStruct``, optionally with ``sharding`` set to place the
-            arrays, e.g. on a different number of devices than at save time). Concrete
-            arrays are accepted too and stand for their shape, dtype and sharding.
+            arrays, e.g. on a mesh of another number of devices than at save time;
+            without one, on the default device). Concrete arrays are accepted too and
+            stand for their shape, dtype and sharding.
 
         Raises:
           CorruptCheckpointError: if the step fails its integrity check.

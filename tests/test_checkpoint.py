@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +215,22 @@ def test_tampered_manifest_and_extra_file_fall_back(tmp_path, caplog):
     assert any("step 2" in m and "unreadable" in m for m in msgs)
 
 
+def test_a_manifest_with_a_malformed_file_entry_falls_back(tmp_path, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [1, 2])
+        path = os.path.join(tmp_path, "2" + MANIFEST_SUFFIX)
+        manifest = json.loads(open(path).read())
+        first = sorted(manifest["files"])[0]
+        manifest["files"][first] = "not a dict"  # valid JSON: it raised AttributeError
+        with open(path, "w") as f:
+            json.dump(manifest, f)
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            step, restored, _ = ckpt.restore_latest(abstract(states[1]))
+    assert step == 1
+    assert_bitwise_equal(restored, states[1])
+    assert any("malformed integrity manifest" in r.getMessage() for r in caplog.records)
+
+
 def test_all_corrupt_returns_none(tmp_path):
     with Checkpointer(tmp_path) as ckpt:
         states = save_steps(ckpt, [1])
@@ -294,6 +312,18 @@ def test_save_same_step_twice(tmp_path):
         assert ckpt.verify(3)
 
 
+def test_a_step_another_checkpointer_saved_is_not_overwritten(tmp_path):
+    """Two Checkpointers on one directory: the second sees the step the first saved
+    after it listed the steps (it wrote over it)."""
+    s1, s2 = make_state(1), make_state(2)
+    with Checkpointer(tmp_path) as a, Checkpointer(tmp_path) as b:
+        assert a.save(5, s1, {"v": 1})
+        assert b.save(5, s2, {"v": 2}) is False
+        step, restored, meta = b.restore_latest(abstract(s1))
+    assert step == 5 and meta == {"v": 1}
+    assert_bitwise_equal(restored, s1)
+
+
 def test_unusable_existing_step_is_rewritten(tmp_path):
     s1, s2 = make_state(1), make_state(2)
     with Checkpointer(tmp_path) as ckpt:
@@ -359,10 +389,51 @@ print("OK")
 """
 
 
-def test_restore_onto_more_devices(tmp_path):
-    import subprocess
-    import sys
+_SAVE_ON_TWO = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rnn_jax.checkpoint import Checkpointer
 
+mesh = Mesh(np.array(jax.devices()), ("x",))
+w = jax.device_put(jnp.arange(24, dtype=jnp.float32).reshape(4, 6), NamedSharding(mesh, P("x")))
+with Checkpointer(sys.argv[1]) as ckpt:
+    ckpt.save(5, {"w": w, "n": jnp.asarray(11, jnp.int32)}, {"epoch": 1})
+"""
+
+
+def _on_two_devices(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_restore_onto_fewer_devices_without_shardings(tmp_path):
+    """A state saved sharded over 2 devices restores onto this process's one device
+    from ``jax.eval_shape`` output or numpy arrays, which carry no sharding (orbax
+    refused them: "Topology mismatch")."""
+    _on_two_devices(_SAVE_ON_TWO, str(tmp_path))
+    want = np.arange(24, dtype=np.float32).reshape(4, 6)
+    targets = [
+        jax.eval_shape(lambda: {"w": jnp.zeros((4, 6)), "n": jnp.int32(0)}),
+        {"w": np.zeros((4, 6), np.float32), "n": np.int32(0)},
+    ]
+    with Checkpointer(tmp_path) as ckpt:
+        for target in targets:
+            step, state, meta = ckpt.restore_latest(target)
+            assert step == 5 and meta == {"epoch": 1} and int(state["n"]) == 11
+            np.testing.assert_array_equal(np.asarray(state["w"]), want)
+            assert state["w"].sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def test_restore_onto_more_devices(tmp_path):
     state = {"w": jnp.arange(24, dtype=jnp.float32).reshape(4, 6), "n": jnp.asarray(11, jnp.int32)}
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(5, state, {"epoch": 1})
