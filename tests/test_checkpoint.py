@@ -451,3 +451,38 @@ def test_restore_onto_more_devices(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
+
+
+def test_a_step_deleted_while_listed_or_checked_is_retried_or_skipped(tmp_path, monkeypatch):
+    """A run's max_to_keep deletes steps while a reader (generate, runs.load) lists or
+    checks them: orbax's listing is retried (it raised FileNotFoundError, 28 of 702
+    reads against a saving loop), and a step gone during its check is unusable."""
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise FileNotFoundError(2, "gone", "/x/7")
+        return "listed"
+
+    assert checkpoint._listing(flaky) == "listed" and len(calls) == 3
+
+    def gone():
+        raise NotADirectoryError(20, "not a directory", "/x/8")
+
+    with pytest.raises(NotADirectoryError):
+        checkpoint._listing(gone, attempts=2)
+    with Checkpointer(tmp_path) as ckpt:
+        states = save_steps(ckpt, [1, 2])
+        real = checkpoint._list_files
+
+        def vanishing(root):
+            if root.endswith(os.sep + "2"):
+                raise FileNotFoundError(2, "No such file or directory", root)
+            return real(root)
+
+        monkeypatch.setattr(checkpoint, "_list_files", vanishing)
+        assert "removed while it was checked" in ckpt.check(2)
+        step, restored, _ = ckpt.restore_latest(abstract(states[1]))
+    assert step == 1
+    assert_bitwise_equal(restored, states[1])
