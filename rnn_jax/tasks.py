@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -34,10 +35,25 @@ BLANK = 0  # copy task: the blank / filler token
 
 
 def _key(key_or_seed: Array | int) -> Array:
-    """A JAX PRNG key from a key (typed or raw) or an int seed."""
-    if isinstance(key_or_seed, int):
-        return jax.random.key(key_or_seed)
-    return key_or_seed
+    """A JAX PRNG key from a key (typed, or raw ``uint32[K]``) or an integer seed: a
+    Python, numpy or JAX integer scalar, traced too (a step counter under ``jit``).
+    ValueError for anything else (a bool, a float, a batch of seeds)."""
+    x = key_or_seed
+    if isinstance(x, bool | np.bool_):
+        raise ValueError(f"key: expected a PRNG key or an integer seed, got {x!r}")
+    if isinstance(x, int | np.integer):
+        return jax.random.key(int(x))
+    if isinstance(x, jax.Array | np.ndarray):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return x
+        if jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == 0:
+            return jax.random.key(x)
+        if x.dtype == jnp.uint32 and x.ndim == 1:
+            return x  # a raw key
+    raise ValueError(
+        f"key: expected a PRNG key or an integer seed, got "
+        f"{getattr(x, 'dtype', type(x).__name__)}{list(getattr(x, 'shape', []))}"
+    )
 
 
 def _check(name: str, value: object, minimum: int) -> None:

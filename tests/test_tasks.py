@@ -55,6 +55,21 @@ def test_adding_is_deterministic_by_seed_and_key():
     assert not np.array_equal(a[0], c[0])
 
 
+def test_seeds_of_any_integer_type_and_traced_ones_are_keys():
+    """numpy and JAX integer seeds, and one traced under jit (a step counter), give the
+    int seed's batch (they raised JAX's "invalid PRNG key data"); a bool, a float or
+    a batch of seeds is refused by name."""
+    want = tasks.adding(3, 2, 5)
+    for seed in (np.int64(3), jnp.int32(3), jax.random.key(3)):
+        got = tasks.adding(seed, 2, 5)
+        np.testing.assert_array_equal(got[0], want[0])
+    traced = jax.jit(lambda s: tasks.adding(s, 2, 5)[1])(jnp.int32(3))
+    np.testing.assert_array_equal(traced, want[1])
+    for bad in (True, 1.5, jnp.arange(3)):
+        with pytest.raises(ValueError, match="key: expected a PRNG key or an integer seed"):
+            tasks.adding(bad, 2, 5)
+
+
 def test_adding_runs_under_jit():
     f = jax.jit(tasks.adding, static_argnums=(1, 2))
     xs, y = f(jax.random.key(0), 4, 12)
