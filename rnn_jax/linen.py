@@ -31,8 +31,8 @@ class RNN(nn.Module):
     Attributes:
       cell: ``"rnn"``, ``"gru"`` or ``"lstm"``.
       hidden_size: H.
-      num_layers, bidirectional, dropout, unroll, remat, hoist_input, implementation: as in
-        :func:`rnn_jax.networks.network`.
+      num_layers, bidirectional, dropout, unroll, remat, hoist_input, implementation,
+        matmul_dtype, directions: as in :func:`rnn_jax.networks.network`.
       input_size: needed only for integer token-id inputs (one-hot vectors of this
         size); float inputs give it by their last axis.
       cell_options: extra keyword options of the cell factory, as a mapping
@@ -55,6 +55,8 @@ class RNN(nn.Module):
     remat: bool = False
     hoist_input: bool | None = None
     implementation: str = "auto"
+    matmul_dtype: str = "float32"
+    directions: str = "auto"
     cell_options: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
     input_size: int | None = None
 
@@ -73,11 +75,14 @@ class RNN(nn.Module):
             self.remat,
             self.hoist_input,
             self.implementation,
+            self.matmul_dtype,
+            self.directions,
         )
         try:
-            return _network(*args)
+            hash(args)
         except TypeError:  # an unhashable cell option (e.g. a list): built each time
             return _network.__wrapped__(*args)
+        return _network(*args)
 
     @nn.compact
     def __call__(
@@ -127,7 +132,7 @@ def _option_pairs(options: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((tuple(p) for p in pairs), key=lambda p: p[0]))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64, typed=True)  # typed: 4.0 is checked, not taken for 4
 def _network(
     cell,
     hidden_size,
@@ -139,9 +144,15 @@ def _network(
     remat,
     hoist_input,
     implementation,
+    matmul_dtype,
+    directions,
 ) -> networks.Network:
+    try:
+        cell_obj = cells.make(cell, hidden_size, **dict(cell_options))
+    except TypeError as e:  # an option the cell factory does not take
+        raise ValueError(f"cell_options: {e}") from None
     return networks.network(
-        cells.make(cell, hidden_size, **dict(cell_options)),
+        cell_obj,
         num_layers,
         bidirectional,
         dropout=dropout,
@@ -149,4 +160,6 @@ def _network(
         remat=remat,
         hoist_input=hoist_input,
         implementation=implementation,
+        matmul_dtype=matmul_dtype,
+        directions=directions,
     )

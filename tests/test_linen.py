@@ -225,6 +225,21 @@ def test_the_network_is_built_once_per_set_of_attributes():
     pinned = RNN("gru", 8, cell_options=(("pin_reset", jnp.asarray(1.0)),))
     assert pinned.network() is not pinned.network()
     assert float(pinned.network().cell.options["pin_reset"]) == 1.0
+    # the cache tells 8.0 from 8 (they hash alike): a float size is checked, and refused
+    with pytest.raises(ValueError, match="hidden_size: expected a positive int, got 8.0"):
+        RNN("gru", 8.0).network()
+    with pytest.raises(ValueError, match="cell_options: gru.* unexpected keyword .*reset_afterr"):
+        RNN("gru", 8, cell_options={"reset_afterr": True}).network()
+
+
+def test_matmul_dtype_and_directions_reach_the_network():
+    xs = jnp.ones((2, 3, 4))
+    fast = RNN("lstm", 8, bidirectional=True, matmul_dtype="bfloat16", directions="separate")
+    assert (fast.network().matmul_dtype, fast.network().directions) == ("bfloat16", "separate")
+    variables = fast.init(jax.random.key(0), xs)
+    ys, _ = fast.apply(variables, xs)
+    want, _ = fast.network().apply_batch(variables["params"]["network"], xs)
+    np.testing.assert_array_equal(ys, want)
 
 
 def test_cell_options_as_a_mapping_and_dropout_needs_two_layers():
