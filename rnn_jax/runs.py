@@ -38,6 +38,8 @@ class Run(NamedTuple):
 
 def read_json(path: Path) -> Any:
     """A run directory's JSON file; ValueError naming it if it is not a file of JSON."""
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
     if not path.is_file():
         raise ValueError(f"{path} exists and is not a file")
     try:

@@ -905,6 +905,8 @@ def test_loading_an_incomplete_run_directory_names_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoints holds no usable checkpoint"):
         runs.load(workdir)
     assert sorted(p.name for p in workdir.iterdir()) == ["config.json", "vocab.json"]
+    with pytest.raises(ValueError, match=r"result.json does not exist"):  # not "not a file"
+        runs.read_json(workdir / "result.json")
 
 
 def test_throughput_counts_real_tokens_only(monkeypatch):
