@@ -77,7 +77,8 @@ def load(workdir: Path) -> Run:
     """The newest verified checkpoint of ``workdir``.
 
     Raises:
-      ValueError: not a run directory, or no usable checkpoint in it.
+      ValueError: not a run directory, no usable checkpoint in it, or checkpoints of
+        another model than its config.json and vocab.json describe.
     """
     from rnn_jax import train  # the optimiser defines the checkpoint's structure
 
@@ -94,7 +95,15 @@ def load(workdir: Path) -> Run:
     abstract = jax.eval_shape(lambda: train.init_state(model, tx, config))
     abstract = parallel.abstract_state(abstract, None)  # onto this process's first device
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        restored = ckpt.restore_latest(abstract)
+        try:
+            restored = ckpt.restore_latest(abstract)
+        except RuntimeError as e:  # intact steps of another shape than the settings'
+            raise ValueError(
+                f"{workdir / 'checkpoints'}: intact checkpoints that do not restore into the "
+                f"model its config.json and vocab.json describe ({config.cell}, hidden_size "
+                f"{config.hidden_size}, {config.num_layers} layer(s), vocabulary of "
+                f"{len(vocab)}): were those files changed? ({e.__cause__ or e})"
+            ) from e
         steps = ckpt.all_steps()
     if restored is None:
         raise ValueError(f"{workdir / 'checkpoints'} holds no usable checkpoint")

@@ -909,6 +909,19 @@ def test_loading_an_incomplete_run_directory_names_what_is_missing(tmp_path):
         runs.read_json(workdir / "result.json")
 
 
+def test_loading_checkpoints_of_another_shape_names_the_settings(tmp_path):
+    """config.json edited after training (another hidden_size): runs.load raises a
+    ValueError saying the checkpoints do not fit the settings (a RuntimeError before)."""
+    from rnn_jax import runs
+
+    config = tiny(tmp_path, epochs=1)
+    train.run(config, echo=quiet)
+    path = Path(config.workdir) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_size": 12}))
+    with pytest.raises(ValueError, match=r"do not restore into the model .*hidden_size 12"):
+        runs.load(Path(config.workdir))
+
+
 def test_throughput_counts_real_tokens_only(monkeypatch):
     """tokens_per_s counts the tokens trained on: a last, short batch's padding rows
     (weight 0, left out of ``count``) are not throughput."""
