@@ -287,12 +287,16 @@ def _check_partition(partition: str) -> str:
 
 
 def _as_ids(ids: object) -> np.ndarray:
-    """``ids`` as a read-only ``<int32>[N]`` copy; rejects non-integer or non-1-D input."""
+    """``ids`` as a read-only ``<int32>[N]`` copy; rejects non-integer or non-1-D
+    input, and ids that are negative or beyond int32 (they wrapped around)."""
     arr = np.asarray(ids)
     if arr.ndim != 1:
         raise ValueError(f"ids must be 1-D <int>[N]; got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"ids must be integers; got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        bad = arr.min() if arr.min() < 0 else arr.max()
+        raise ValueError(f"ids must be in [0, 2**31): token ids of a vocabulary; got {bad}")
     out = arr.astype(np.int32, copy=True)
     out.flags.writeable = False
     return out

@@ -177,6 +177,11 @@ class Vocab:
             raise ValueError(f"min_freq must be an integer >= 0; got {min_freq!r}")
         min_freq = int(min_freq)
         counts = collections.Counter(tokens)
+        if isinstance(reserved, str):  # would reserve each of its characters
+            raise ValueError(
+                f"reserved: expected a sequence of tokens, got the string {reserved!r}; "
+                f"write [{reserved!r}]"
+            )
         head = _unique([UNK, *reserved])
         kept = [t for t, n in counts.items() if n >= min_freq and t not in head]
         kept.sort(key=lambda t: (-counts[t], t))
@@ -228,7 +233,15 @@ class Vocab:
         return f"Vocab(size={len(self)}, mode={self.mode!r})"
 
     def to_ids(self, tokens: Iterable[str]) -> np.ndarray:
-        """Maps tokens to ids: ``list[str]`` of length N -> ``<int32>[N]``; unknown -> 0."""
+        """Maps tokens to ids: ``list[str]`` of length N -> ``<int32>[N]``; unknown -> 0.
+
+        A string is a sequence of character tokens: right for the character modes;
+        a word vocabulary refuses it (ValueError: tokenize it first)."""
+        if isinstance(tokens, str) and self.mode == "word":
+            raise ValueError(
+                f"tokens: a word vocabulary maps a list of words, got the string "
+                f"{tokens[:40]!r}; use text.tokenize(s, 'word') first"
+            )
         get = self._token_to_idx.get
         return np.fromiter((get(t, 0) for t in tokens), dtype=np.int32)
 
@@ -251,7 +264,12 @@ class Vocab:
         return self.separator.join(tokens)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-        """``join(to_tokens(ids))``: ids ``<int>[N]`` -> text."""
+        """``join(to_tokens(ids))``: ids ``<int>[N]`` -> text (one sequence: decode
+        the rows of a batch one by one)."""
+        if np.ndim(ids) > 1:
+            raise ValueError(
+                f"ids: expected one sequence <int>[N], got shape {np.shape(ids)}; decode each row"
+            )
         return self.join(self.to_tokens(ids))
 
     def to_json(self) -> str:

@@ -268,3 +268,12 @@ def test_sequential_zero_batches():
     assert "needs num_steps = 5 tokens" in str(e.value)
     with pytest.raises(ValueError, match="0 batches per epoch"):
         data.train_batch(w, 9, 0, 0, 0, "sequential")
+
+
+@pytest.mark.parametrize("bad", [-1, 2**31])
+def test_ids_outside_int32_token_range_are_refused(bad):
+    """Negative ids, and ids beyond int32 (they wrapped around to negative ones)."""
+    ids = np.arange(20, dtype=np.int64)
+    ids[3] = bad
+    with pytest.raises(ValueError, match=rf"ids must be in \[0, 2\*\*31\).*got {bad}"):
+        data.make_windows(ids, 4, 4, 2)

@@ -239,3 +239,19 @@ def test_unknown_tokens_are_listed_once_in_order():
     assert vocab.unknown("") == [] and vocab.unknown("the") == []
     assert text.some(["r", "v", "l"]) == "'r', 'v', 'l'"
     assert text.some(list("abcdefg")) == "'a', 'b', 'c', 'd', 'e', ..."
+
+
+def test_vocab_refuses_strings_where_it_takes_token_lists():
+    """A string reserved token would reserve each character; a word vocabulary given a
+    string would map its characters; a 2-D batch of ids decoded to one string."""
+    with pytest.raises(ValueError, match=r"reserved: expected a sequence of tokens.*\['<pad>'\]"):
+        text.Vocab(["a"], reserved="<pad>")
+    assert text.Vocab(["a"], reserved=["<pad>"]).to_tokens([1]) == ["<pad>"]
+    words = text.Vocab(text.tokenize("the time machine the", "word"), mode="word")
+    with pytest.raises(ValueError, match="tokenize it first|text.tokenize"):
+        words.to_ids("the time")
+    np.testing.assert_array_equal(words.to_ids(["the", "time"]), words.to_ids(["the", "time"]))
+    chars = text.Vocab(text.tokenize("abc", "char"))
+    assert chars.decode(chars.to_ids("cab")) == "cab"  # a string is a list of characters
+    with pytest.raises(ValueError, match=r"ids: expected one sequence .* shape \(2, 2\)"):
+        chars.decode(np.ones((2, 2), np.int32))
