@@ -437,19 +437,7 @@ def test_restore_onto_more_devices(tmp_path):
     state = {"w": jnp.arange(24, dtype=jnp.float32).reshape(4, 6), "n": jnp.asarray(11, jnp.int32)}
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(5, state, {"epoch": 1})
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", _RESHARD_SCRIPT, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _on_two_devices(_RESHARD_SCRIPT, str(tmp_path))
     assert proc.stdout.strip().endswith("OK")
 
 

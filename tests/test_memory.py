@@ -9,22 +9,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from test_train import TINY as TRAIN_TINY  # the training tests' tiny run, shorter
 
 from rnn_jax import autotune, memory, train
 from rnn_jax.config import ConfigError, TrainConfig
 
-TINY = dict(
-    hidden_size=16,
-    batch_size=16,
-    num_steps=8,
-    num_train=64,
-    num_val=32,
-    epochs=1,
-    lr=0.01,
-    log_every_s=1e9,
-    sample_chars=5,
-    data_parallel=False,
-)
+TINY = {**TRAIN_TINY, "num_train": 64, "num_val": 32, "epochs": 1, "sample_chars": 5}
+TINY["data_parallel"] = False  # one device: the host-memory arithmetic below
 MiB = 2**20
 
 
