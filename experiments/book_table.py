@@ -24,7 +24,6 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments.common import new_file_ok, outdir_ok, parse_flags_or_exit_2
-from rnn_jax.files import write_atomic
 
 CONFIGS = ["rnn", "gru", "lstm", "deep_gru", "bi_gru"]
 HERE = Path(__file__).resolve().parent
@@ -121,6 +120,8 @@ def main(argv):
         )
         notes[name] = f"- {name}: seeds 0-{FLAGS.seeds - 1}, extra train flags: {flags_text}"
         table = render_table(rows, notes)  # after every flagfile: a failure keeps the rest
+        from rnn_jax.files import write_atomic  # (imports JAX: not for a bad flag)
+
         write_atomic(Path(FLAGS.output), table)
     print(table)
     print(f"wrote {FLAGS.output} (runs in {FLAGS.runs})")
