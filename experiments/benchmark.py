@@ -929,12 +929,9 @@ VARIANT_FLAGS = (
 def variant(values: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
     """``["--implementation=scan", ...]``: the flags of ``values`` away from
     ``defaults``, in the order given, as written on a command line."""
-    out = []
-    for name, value in values.items():
-        if value != defaults.get(name):
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            out.append(f"--{name}={text}")
-    return out
+    from experiments.common import as_flag
+
+    return [as_flag(name, value) for name, value in values.items() if value != defaults.get(name)]
 
 
 def section_key(meta: dict[str, Any]) -> str:

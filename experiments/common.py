@@ -25,6 +25,16 @@ def flag_validator(check):
     return ok
 
 
+def as_flag(name: str, value) -> str:
+    """``--name=value`` as written on a command line: a list comma-joined, a bool
+    lower-case (what absl parses back to the same value)."""
+    if isinstance(value, list | tuple):
+        value = ",".join(map(str, value))
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    return f"--{name}={value}"
+
+
 _HELP = re.compile(r"--?(\?|help|helpshort|helpfull|helpxml)(=.*)?")
 
 

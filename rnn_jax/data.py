@@ -294,9 +294,11 @@ def _as_ids(ids: object) -> np.ndarray:
         raise ValueError(f"ids must be 1-D <int>[N]; got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"ids must be integers; got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-        bad = arr.min() if arr.min() < 0 else arr.max()
-        raise ValueError(f"ids must be in [0, 2**31): token ids of a vocabulary; got {bad}")
+    if arr.size:
+        low, high = arr.min(), arr.max()  # one pass each over the corpus
+        if low < 0 or high > np.iinfo(np.int32).max:
+            bad = low if low < 0 else high
+            raise ValueError(f"ids must be in [0, 2**31): token ids of a vocabulary; got {bad}")
     out = arr.astype(np.int32, copy=True)
     out.flags.writeable = False
     return out

@@ -35,8 +35,10 @@ def keep_committed_results(flag_values) -> None:
         for defined in flag_values.flags_by_module_dict().values()
         if any(f.name == "outdir" for f in defined)
     )
+    from experiments.common import as_flag
+
     changed = [
-        f"--{f.name}={','.join(map(str, f.value)) if isinstance(f.value, list) else f.value}"
+        as_flag(f.name, f.value)
         for f in own
         if f.name not in _NEUTRAL_FLAGS and f.value != f.default
     ]
