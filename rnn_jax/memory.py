@@ -52,9 +52,12 @@ class Estimate(NamedTuple):
 
     per_device: int
     devices: int
-    need: int
     available: int | None
     pool: str
+
+    @property
+    def need(self) -> int:
+        return self.per_device * self.devices
 
     @property
     def fits(self) -> bool:
@@ -87,8 +90,8 @@ class Estimate(NamedTuple):
 class DoesNotFit(MemoryError):
     """A compiled step needs more memory than is free; ``estimate`` says how much."""
 
-    def __init__(self, estimate: Estimate, what: str = "the step"):
-        super().__init__(f"{what} would need {estimate.describe()}")
+    def __init__(self, estimate: Estimate):
+        super().__init__(f"the step would need {estimate.describe()}")
         self.estimate = estimate
 
 
@@ -132,18 +135,16 @@ def estimate(compiled: Any, devices: Sequence[Any]) -> Estimate | None:
         return None
     cpus = [d for d in devices if d.platform == "cpu"]
     if cpus:  # one pool: host memory
-        return Estimate(
-            per_device, len(cpus), per_device * len(cpus), host_available(), "host memory"
-        )
+        return Estimate(per_device, len(cpus), host_available(), "host memory")
     tightest = None
     for device in devices:
         free = device_available(device)
         if free is not None and (tightest is None or free < tightest[0]):
             tightest = (free, device)
     if tightest is None:
-        return Estimate(per_device, 1, per_device, None, f"{devices[0].platform} memory")
+        return Estimate(per_device, 1, None, f"{devices[0].platform} memory")
     free, device = tightest
-    return Estimate(per_device, 1, per_device, free, f"{device.platform.upper()} {device.id}")
+    return Estimate(per_device, 1, free, f"{device.platform.upper()} {device.id}")
 
 
 def device_available(device: Any) -> int | None:

@@ -226,9 +226,9 @@ def test_nothing_free_is_refused_and_wavefront_is_not_offered_remat(tmp_path, mo
     monkeypatch.setattr(memory, "host_available", lambda: 0)  # a cgroup at its limit
     with pytest.raises(ConfigError, match="0 bytes of host memory is free"):
         train.run(tiny(tmp_path), echo=lambda _: None)
-    assert memory.Estimate(5, 1, 5, 0, "host memory").share == float("inf")
+    assert memory.Estimate(5, 1, 0, "host memory").share == float("inf")
     deep = tiny(tmp_path, num_layers=2, implementation="wavefront")
-    estimate = memory.Estimate(5, 1, 5, 1, "GPU 0")
+    estimate = memory.Estimate(5, 1, 1, "GPU 0")
     message = str(train.memory_refusal(deep, estimate))
     assert "--remat" not in message and "XLA_PYTHON_CLIENT_MEM_FRACTION" in message
     assert "--remat" in str(train.memory_refusal(tiny(tmp_path), estimate))
