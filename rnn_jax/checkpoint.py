@@ -33,7 +33,8 @@ between orbax's commit and the manifest write), with an unreadable manifest or w
 mismatch is unusable: :meth:`Checkpointer.restore_latest` logs a warning naming the step
 and the reason, and falls back to the next older step. A step whose orbax restore raises
 is skipped the same way. Manifests of steps that orbax garbage-collects (``max_to_keep``)
-are removed after each save, and orphaned ones when the manager is opened.
+are removed after each save, and orphaned ones when a writer opens the directory (a
+``read_only`` reader changes nothing).
 
 In a multi-process run only process 0 writes manifests; every process verifies them,
 so the directory must be on a file system that all processes see.
@@ -191,6 +192,10 @@ class Checkpointer:
         ``workdir/checkpoints``.
       max_to_keep: how many of the most recent steps orbax keeps; older ones (and their
         manifests) are deleted after each save. ``None`` keeps everything.
+      read_only: for a reader (``runs.load``, ``experiments.generate``): nothing in
+        ``directory`` is created, pruned or saved (:meth:`save` raises), so a run
+        directory that is read-only, or still being written by its training run, is
+        read as it is.
 
     Use as a context manager, or call :meth:`close` when done. One writer per
     directory (a training run holds its run directory's lock): a second
@@ -198,7 +203,9 @@ class Checkpointer:
     each keeps its own count for ``max_to_keep``.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3):
+    def __init__(
+        self, directory: str | os.PathLike, max_to_keep: int | None = 3, *, read_only: bool = False
+    ):
         if max_to_keep is not None and (
             isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
         ):  # (orbax took 0 and then kept no step at all)
@@ -206,10 +213,15 @@ class Checkpointer:
         _quiet_orbax()
         self.directory = os.path.abspath(os.fspath(directory))
         self.max_to_keep = max_to_keep
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"directory: {self.directory} is not a folder")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only, read_only=read_only
+        )
         self._mngr = _listing(lambda: ocp.CheckpointManager(self.directory, options=options))
         self._closed = False
-        self._is_writer = jax.process_index() == 0
+        self.read_only = read_only
+        self._is_writer = jax.process_index() == 0 and not read_only
         self._prune_manifests()
 
     # -- context manager ---------------------------------------------------------------
@@ -329,6 +341,8 @@ class Checkpointer:
         Returns:
           True if a checkpoint was written, False if an intact one was kept.
         """
+        if self.read_only:
+            raise ValueError(f"save: {self.directory} was opened read_only")
         kind = np.asarray(step).dtype
         if isinstance(step, bool) or np.ndim(step) != 0 or not np.issubdtype(kind, np.integer):
             raise ValueError(f"step: expected a non-negative int, got {step!r}")

@@ -94,7 +94,7 @@ def load(workdir: Path) -> Run:
     tx = train.make_optimizer(config, 1)  # the schedule's length does not shape the state
     abstract = jax.eval_shape(lambda: train.init_state(model, tx, config))
     abstract = parallel.abstract_state(abstract, None)  # onto this process's first device
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+    with checkpoint.Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         try:
             restored = ckpt.restore_latest(abstract)
         except RuntimeError as e:  # intact steps of another shape than the settings'

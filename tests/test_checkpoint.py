@@ -132,6 +132,31 @@ def test_empty_directory_returns_none(tmp_path):
     assert os.path.isdir(tmp_path / "none")
 
 
+def test_a_read_only_reader_changes_nothing(tmp_path):
+    """A reader (runs.load, a generate) opened the directory as a writer: it removed
+    orphan manifests, and made the folder when it was missing. Read-only, it restores
+    and leaves every file as it was; it refuses to save."""
+    state = make_state(2)
+    with Checkpointer(tmp_path / "ck") as ckpt:
+        save_steps(ckpt, [1, 2])
+    orphan = tmp_path / "ck" / f"7{MANIFEST_SUFFIX}"  # its step gone (orbax's max_to_keep)
+    orphan.write_text("{}")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    folders = {p for p in tmp_path.rglob("*") if p.is_dir()}
+    with Checkpointer(tmp_path / "ck", read_only=True) as ckpt:
+        step, restored, meta = ckpt.restore_latest(abstract(state))
+        with pytest.raises(ValueError, match=r"save: .* was opened read_only"):
+            ckpt.save(3, state, {})
+    assert step == 2
+    assert_bitwise_equal(restored, make_state(2))
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+    assert {p for p in tmp_path.rglob("*") if p.is_dir()} == folders
+    with pytest.raises(FileNotFoundError, match="directory: .* is not a folder"):
+        Checkpointer(tmp_path / "missing", read_only=True)
+    assert not (tmp_path / "missing").exists()
+
+
 def test_max_to_keep_must_keep_a_step(tmp_path):
     """orbax took max_to_keep=0, reported each save as written and kept none."""
     for bad in (0, -1, 2.5, True):
