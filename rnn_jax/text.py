@@ -26,6 +26,7 @@ exactly, so generation can decode ids of a finished run.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import importlib.resources
 import json
@@ -47,7 +48,8 @@ _JSON_VERSION = 1
 
 
 def read_text(path: str | os.PathLike[str] | None = None) -> str:
-    """Reads a UTF-8 text file, exactly as stored (no newline translation).
+    """Reads a UTF-8 text file, exactly as stored (no newline translation; a leading
+    byte-order mark is dropped).
 
     Args:
       path: the file to read; None reads the bundled ``rnn_jax/assets/timemachine.txt``.
@@ -93,15 +95,19 @@ def _read_bytes(source, where: str) -> bytes:
 
 
 def _decode(data: bytes, where: str) -> str:
-    """``data`` as UTF-8 text; rejects invalid bytes and empty or blank text."""
+    """``data`` as UTF-8 text; rejects invalid bytes and empty or blank text. A
+    leading byte-order mark (``EF BB BF``, as editors on Windows save UTF-8) marks
+    the encoding and is not text: it is dropped, so it never becomes a token."""
     if not data:
         raise ValueError(f"{where} is empty (0 bytes)")
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = data.decode("utf-8")
+        text = data[start:].decode("utf-8")
     except UnicodeDecodeError as e:
-        bad = data[e.start : e.start + 1].hex()
+        at = start + e.start
+        bad = data[at : at + 1].hex()
         raise ValueError(
-            f"{where} is not valid UTF-8: invalid byte 0x{bad} at byte offset {e.start}"
+            f"{where} is not valid UTF-8: invalid byte 0x{bad} at byte offset {at}"
         ) from None
     if not text.strip():
         raise ValueError(f"{where} is empty: it contains only whitespace")

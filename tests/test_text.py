@@ -216,6 +216,22 @@ def test_read_text_invalid_utf8(tmp_path):
         text.read_text(path)
 
 
+def test_read_text_drops_a_leading_byte_order_mark(tmp_path):
+    """A file saved as UTF-8 with a BOM (Windows editors): the mark was read as the
+    text's first character, so raw_char gave it a token of its own."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfab\xef\xbb\xbfc")  # one inside the text: a character
+    assert text.read_text(path) == "ab\ufeffc"
+    ids, vocab = text.load_corpus(path, tokens="raw_char")
+    assert vocab.decode(ids) == "ab\ufeffc"
+    path.write_bytes(b"\xef\xbb\xbfab\xe9")  # offsets still count the file's bytes
+    with pytest.raises(ValueError, match=r"not valid UTF-8.*0xe9.*offset 5"):
+        text.read_text(path)
+    path.write_bytes(b"\xef\xbb\xbf \n")
+    with pytest.raises(ValueError, match="is empty"):
+        text.read_text(path)
+
+
 def test_error_messages_are_one_line(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff")
     for path in (tmp_path / "missing", tmp_path, tmp_path / "bad.txt"):
