@@ -251,12 +251,18 @@ def eval_batches(windows: Windows, batch_size: int, split: str = "val") -> Itera
     so summing ``weight``-weighted token losses over all batches and dividing by
     ``sum(weight) * T`` is the mean loss over the split.
 
-    Yields:
-      ``Batch(x <int32>[B, T], y <int32>[B, T], weight <float32>[B])``.
+    Returns:
+      An iterator of ``Batch(x <int32>[B, T], y <int32>[B, T], weight <float32>[B])``.
+
+    Raises:
+      ValueError: for a bad ``batch_size`` or ``split``, when called (not when the
+        first batch is drawn).
     """
-    starts = _split_range(windows, split)
-    for i in range(eval_steps(windows, batch_size, split)):
-        yield _padded_batch(windows, starts[i * batch_size : (i + 1) * batch_size], batch_size)
+    starts, count = _split_range(windows, split), eval_steps(windows, batch_size, split)
+    return (
+        _padded_batch(windows, starts[i * batch_size : (i + 1) * batch_size], batch_size)
+        for i in range(count)
+    )
 
 
 def _split_range(windows: Windows, split: str) -> np.ndarray:

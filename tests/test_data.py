@@ -192,9 +192,12 @@ def test_eval_batches_in_order_with_padding(split, count, first):
     assert batches[-1].weight[-1] == 0
 
 
-def test_eval_unknown_split():
+def test_eval_bad_arguments_are_refused_when_called():
+    """(As a generator it refused them only when the first batch was drawn.)"""
     with pytest.raises(ValueError, match="split must be one of train, val"):
-        next(data.eval_batches(windows(), 8, "test"))
+        data.eval_batches(windows(), 8, "test")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer; got 0"):
+        data.eval_batches(windows(), 0)
 
 
 # --- sequential batches -----------------------------------------------------
