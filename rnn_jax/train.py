@@ -790,23 +790,36 @@ def _write_workdir(
 def _set_aside_unusable(ckpt, start: int, workdir: Path, echo: Callable[[str], None]) -> None:
     """After a resume from ``start``, moves the newer steps (every one of them failed
     its integrity check) to ``workdir/checkpoints.unusable/``: kept for inspection,
-    and out of orbax's count, which would otherwise delete the good step first."""
+    and out of orbax's count, which would otherwise delete the good step first.
+
+    In a multi-process run process 0 moves them, between two barriers: every process
+    lists the steps before any is moved, and reloads the listing once they are."""
     import shutil
 
     from rnn_jax.checkpoint import MANIFEST_SUFFIX
 
     newer = [s for s in ckpt.all_steps() if s > start]
-    if not newer or jax.process_count() > 1:  # (several processes: left where they are)
-        return
+    barrier = _barrier if jax.process_count() > 1 else lambda name: None
+    barrier("rnn_jax: checkpoint steps listed")
     aside = workdir / "checkpoints.unusable"
-    aside.mkdir(exist_ok=True)
-    for step in newer:
-        for name in (str(step), f"{step}{MANIFEST_SUFFIX}"):
-            source = Path(ckpt.directory) / name
-            if source.exists():
-                shutil.move(str(source), str(_free_path(aside, name)))
-    ckpt.reload()
-    echo(f"moved unusable step(s) {', '.join(map(str, newer))} to {aside}")
+    if newer and jax.process_index() == 0:
+        aside.mkdir(exist_ok=True)
+        for step in newer:
+            for name in (str(step), f"{step}{MANIFEST_SUFFIX}"):
+                source = Path(ckpt.directory) / name
+                if source.exists():
+                    shutil.move(str(source), str(_free_path(aside, name)))
+    barrier("rnn_jax: unusable checkpoint steps set aside")
+    if newer:
+        ckpt.reload()
+        echo(f"moved unusable step(s) {', '.join(map(str, newer))} to {aside}")
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process of the run has reached ``name``."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _warn_rescheduled(

@@ -11,8 +11,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_train import corrupt_step  # flips a byte of a saved step
 
 from rnn_jax import parallel, runs, train
+from rnn_jax.checkpoint import MANIFEST_SUFFIX, Checkpointer
 from rnn_jax.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +142,8 @@ def run_two_processes(config: TrainConfig) -> list[str]:
 def test_two_processes_train_one_run_as_one_device_does(tmp_path):
     """The multi-host path on one host: two processes share the run directory (only
     process 0 takes its lock and writes its files: a second lock refused the run, and
-    each process logged every evaluation), train what one device trains, and resume."""
+    each process logged every evaluation), train what one device trains, and resume
+    past a corrupt newest checkpoint."""
     one = dataclasses.replace(BASE, workdir=str(tmp_path / "one"))
     two = dataclasses.replace(BASE, workdir=str(tmp_path / "two"))
     train.run(one, echo=lambda s: None)
@@ -150,9 +153,19 @@ def test_two_processes_train_one_run_as_one_device_does(tmp_path):
     assert len(step_losses(two.workdir)) == 10  # one line per evaluation, not per process
     assert_params_close(runs.load(Path(one.workdir)).params, runs.load(Path(two.workdir)).params)
 
+    # the resume finds step 10 corrupt: both processes fall back to step 5, and
+    # process 0 alone sets step 10 aside (it stayed, and orbax's max_to_keep then
+    # deleted the good step 5 before it); the run trains what one device trains
     train.run(dataclasses.replace(one, epochs=2), echo=lambda s: None)
+    corrupt_step(two.workdir, 10)
     outs = run_two_processes(dataclasses.replace(two, epochs=2))
-    assert all("resumed from step 10" in o for o in outs)
+    assert all("resumed from step 5" in o for o in outs)
+    assert all("moved unusable step(s) 10 to" in o for o in outs)
+    aside = Path(two.workdir) / "checkpoints.unusable"
+    assert sorted(p.name for p in aside.iterdir()) == ["10", f"10{MANIFEST_SUFFIX}"]
+    with Checkpointer(Path(two.workdir) / "checkpoints", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [10, 15, 20]  # 10 saved again, and intact
+        assert all(ckpt.verify(step) for step in (10, 15, 20))
     np.testing.assert_allclose(step_losses(two.workdir), step_losses(one.workdir), rtol=1e-6)
     assert len(step_losses(two.workdir)) == 20
     a, b = runs.load(Path(one.workdir)), runs.load(Path(two.workdir))
