@@ -16,7 +16,10 @@ r"""Grid or random search over the flags of experiments.train, one process per t
 Every trial is ``python -m experiments.train --flagfile=BASE --SET... --SWEPT...
 --seed=S --workdir=SWEEP_DIR/trial_NNN_name=value_..._seed=S`` with its output in
 ``log.txt`` beside its run files, ``--parallel`` at a time, each with
-``cores // parallel`` threads (XLA_FLAGS, OMP/MKL/OPENBLAS_NUM_THREADS). The sweep
+``cores // parallel`` threads (XLA_FLAGS, OMP/MKL/OPENBLAS_NUM_THREADS) and, with
+--parallel above 1, ``1 / parallel`` of the host memory free when the sweep starts
+(``RNN_JAX_MEMORY_BUDGET``, unless set already: trials that fit alone but not
+together are refused, exit 2, rather than killed by the OOM killer). The sweep
 directory holds ``trials.json`` (the definition and every trial's command),
 ``results.csv``, ``summary.md``, ``curves.png`` and ``heatmap.png`` (a grid with two
 dimensions of several values) or ``scatter.png`` (random search).
@@ -51,7 +54,7 @@ with deferred_sigint("interrupted (SIGINT) while starting; no trial was started"
     from absl import app, flags
 
     from experiments.common import parse_flags_or_exit_2
-    from rnn_jax import files, parallel, sweeps  # (imports JAX)
+    from rnn_jax import files, memory, parallel, sweeps  # (imports JAX)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -94,6 +97,10 @@ flags.DEFINE_bool("dry_run", False, "Print the trials and their commands; run an
 
 def main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
+    try:
+        memory.budget()  # the trials' share of host memory, when set by hand
+    except ValueError as e:
+        fail(f"error: {e}")
     try:
         sweep = make_sweep()
         sweep_dir = Path(FLAGS.sweep_dir)
@@ -209,8 +216,13 @@ def check_or_write_trials(sweep: sweeps.Sweep, sweep_dir: Path, commands: dict) 
 
 
 def child_env(parallel: int, threads: int) -> tuple[dict[str, str], int]:
-    """The trials' environment (thread counts, PYTHONPATH) and threads per trial."""
+    """The trials' environment (thread counts, PYTHONPATH, each trial's share of the
+    host memory) and threads per trial."""
     env = dict(os.environ)
+    if parallel > 1 and not env.get(memory.BUDGET_ENV, "").strip():
+        free = memory.host_available()  # (each trial's own check sees what is free then)
+        if free is not None:
+            env[memory.BUDGET_ENV] = str(free // parallel)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     k = threads or max(1, (cores or 1) // parallel)
     for var in THREAD_VARS[1:]:
@@ -240,7 +252,7 @@ def launch(trial: sweeps.Trial, cmd: list[str], run_dir: Path, env: dict[str, st
     log_path = run_dir / sweeps.LOG_FILE
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "a") as log:
-        shown = (*THREAD_VARS, CORES_VAR)
+        shown = (*THREAD_VARS, CORES_VAR, memory.BUDGET_ENV)
         threads = " ".join(f"{k}={shlex.quote(env[k])}" for k in shown if k in env)
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         log.write(f"{sweeps.LOG_HEADER}{stamp} {threads} $ {shlex.join(cmd)}\n")
@@ -314,8 +326,12 @@ def run_sweep(sweep: sweeps.Sweep, sweep_dir: Path, commands: dict) -> int | Non
     todo = pick_trials(sweep, sweep_dir)
     env, threads = child_env(FLAGS.parallel, FLAGS.threads_per_trial)
     if todo:
+        share = ""
+        if FLAGS.parallel > 1 and env.get(memory.BUDGET_ENV, "").strip():
+            share = f" and {memory.gib(int(env[memory.BUDGET_ENV]))} of host memory"
         print(
-            f"{FLAGS.parallel} at a time with {sweeps.plural(threads, 'thread')} each", flush=True
+            f"{FLAGS.parallel} at a time with {sweeps.plural(threads, 'thread')}{share} each",
+            flush=True,
         )
     running: list[Attempt] = []
     done, announced = 0, False

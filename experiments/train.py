@@ -241,12 +241,17 @@ def main(argv):
 def _main(argv):
     del argv  # positional arguments are refused by parse_flags_or_exit_2
     absl_logging.set_verbosity(absl_logging.WARNING)
-    from rnn_jax import parallel  # (rnn_jax.config, above, has imported jax already)
+    from rnn_jax import memory, parallel  # (rnn_jax.config, above, has imported jax already)
 
     if problem := parallel.distributed_problem(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     ):
         print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        memory.budget()  # set by a sweep; anyone's typo exits here, not after a compile
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if FLAGS.tune_malloc:  # before JAX starts its thread pools
         from rnn_jax import allocator

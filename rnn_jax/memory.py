@@ -28,6 +28,12 @@ and the run was killed at 21 GB resident.
 
 Setting the environment variable ``RNN_JAX_MEMORY_CHECK=0`` turns the check off
 (:func:`enabled`), for a machine whose free memory this module misreads.
+
+Processes that start together each see the same free memory, so steps that fit one
+at a time can still run out together. ``RNN_JAX_MEMORY_BUDGET`` (bytes) caps the host
+memory one process counts as free (:func:`budget`): ``experiments.sweep
+--parallel=N`` gives each of its trials 1/N of the host memory free when the sweep
+starts, so the trials that run at once fit together.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 ENV = "RNN_JAX_MEMORY_CHECK"
+BUDGET_ENV = "RNN_JAX_MEMORY_BUDGET"
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
 
@@ -110,6 +117,26 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def budget() -> int | None:
+    """The bytes of host memory this process may count as free, from
+    ``RNN_JAX_MEMORY_BUDGET`` (set by a sweep that runs trials side by side); None
+    when unset or empty.
+
+    Raises:
+      ValueError: naming the variable, for a value that is not a whole number >= 0.
+    """
+    value = os.environ.get(BUDGET_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        cap = int(value)
+    except ValueError:
+        cap = -1
+    if cap < 0:
+        raise ValueError(f"{BUDGET_ENV}: expected a whole number of bytes >= 0, got {value!r}")
+    return cap
+
+
 def step_need(compiled: Any) -> int | None:
     """Bytes one device's run of ``compiled`` (a ``jax.stages.Compiled``) allocates
     beyond its arguments: outputs not aliased to an argument, plus temporaries.
@@ -135,7 +162,10 @@ def estimate(compiled: Any, devices: Sequence[Any]) -> Estimate | None:
         return None
     cpus = [d for d in devices if d.platform == "cpu"]
     if cpus:  # one pool: host memory
-        return Estimate(per_device, len(cpus), host_available(), "host memory")
+        free, cap = host_available(), budget()
+        if cap is not None and (free is None or cap < free):
+            return Estimate(per_device, len(cpus), cap, f"the host memory {BUDGET_ENV} allows")
+        return Estimate(per_device, len(cpus), free, "host memory")
     tightest = None
     for device in devices:
         free = device_available(device)

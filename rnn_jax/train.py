@@ -561,6 +561,7 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
     (the step then compiles at its first call, as before)."""
     if not memory.enabled():
         return
+    memory.budget()  # a malformed RNN_JAX_MEMORY_BUDGET: its ValueError before compiling
     batch = data.train_batch(windows, config.batch_size, config.seed, 0, 0, config.partition)
     batch = parallel.shard_batch(batch, mesh)
     compiled = parallel.in_mesh(mesh, lambda: train_step.lower(state, batch).compile())()
@@ -598,7 +599,12 @@ def memory_refusal(config: TrainConfig, estimate: memory.Estimate) -> ConfigErro
     )
     if not config.remat and config.implementation != "wavefront":
         levers += ", or set --remat (recompute the activations in the backward pass)"
-    if estimate.pool != "host memory":
+    if memory.BUDGET_ENV in estimate.pool:
+        levers += (
+            f"; {memory.BUDGET_ENV} sets this process's share of host memory (a sweep's "
+            f"--parallel=N gives each trial 1/N of what was free: run fewer at once)"
+        )
+    elif estimate.pool != "host memory":
         levers += "; JAX's share of the device is XLA_PYTHON_CLIENT_MEM_FRACTION"
     return ConfigError(
         "batch_size",

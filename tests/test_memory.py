@@ -163,6 +163,32 @@ def test_the_environment_variable_turns_the_check_off(monkeypatch, value, on):
     assert memory.enabled() is on
 
 
+def test_a_budget_caps_the_host_memory_counted_as_free(monkeypatch):
+    """RNN_JAX_MEMORY_BUDGET (a sweep's share per trial) caps the host pool only,
+    and only when it is the tighter bound; a malformed value names the variable."""
+    cpu = types.SimpleNamespace(platform="cpu")
+    gpu = types.SimpleNamespace(platform="gpu", id=0, memory_stats=lambda: {"bytes_limit": 50})
+    monkeypatch.setattr(memory, "step_need", lambda compiled: 30)
+    monkeypatch.setattr(memory, "host_available", lambda: 100)
+    monkeypatch.delenv(memory.BUDGET_ENV, raising=False)
+    assert memory.budget() is None
+    assert memory.estimate(None, [cpu, cpu]) == memory.Estimate(30, 2, 100, "host memory")
+    monkeypatch.setenv(memory.BUDGET_ENV, " 50 ")
+    assert memory.budget() == 50
+    capped = memory.estimate(None, [cpu, cpu])
+    assert capped == memory.Estimate(30, 2, 50, "the host memory RNN_JAX_MEMORY_BUDGET allows")
+    assert not capped.fits and "60 bytes" in capped.describe()
+    assert memory.estimate(None, [gpu]).available == 50  # a device's own memory: not capped
+    monkeypatch.setenv(memory.BUDGET_ENV, "500")  # looser than what is free: no effect
+    assert memory.estimate(None, [cpu]).pool == "host memory"
+    monkeypatch.setattr(memory, "host_available", lambda: None)  # unknown: the budget
+    assert memory.estimate(None, [cpu]).available == 500
+    for bad in ("8GB", "-1", "1e9"):
+        monkeypatch.setenv(memory.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match=rf"RNN_JAX_MEMORY_BUDGET: .* got '{bad}'"):
+            memory.budget()
+
+
 def snapshot(folder: Path) -> dict:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes()
@@ -182,6 +208,7 @@ def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_pat
     for part in ("--batch_size (16)", "--num_steps (8)", "--hidden_size (16)", "--remat"):
         assert part in message
     assert "1,000 bytes of host memory is free" in message
+    assert "--parallel" not in message
     assert not Path(config.workdir).exists()  # the folder it made is gone again
     with pytest.raises(ConfigError) as e:  # with remat on, it is not offered again
         train.run(tiny(tmp_path, remat=True), echo=lambda _: None)
@@ -232,6 +259,14 @@ def test_nothing_free_is_refused_and_wavefront_is_not_offered_remat(tmp_path, mo
     message = str(train.memory_refusal(deep, estimate))
     assert "--remat" not in message and "XLA_PYTHON_CLIENT_MEM_FRACTION" in message
     assert "--remat" in str(train.memory_refusal(tiny(tmp_path), estimate))
+    # a sweep's share: its refusal says how to get more
+    monkeypatch.setattr(memory, "host_available", lambda: 10**12)
+    monkeypatch.setenv(memory.BUDGET_ENV, "1000")
+    with pytest.raises(ConfigError) as e:
+        train.run(tiny(tmp_path), echo=lambda _: None)
+    message = str(e.value)
+    assert "1,000 bytes of the host memory RNN_JAX_MEMORY_BUDGET allows is free" in message
+    assert "--parallel=N gives each trial 1/N" in message and "MEM_FRACTION" not in message
 
 
 def test_autotune_skips_a_candidate_that_does_not_fit(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rnn_jax import sweeps
+from rnn_jax import memory, sweeps
 from rnn_jax.sweeps import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +25,14 @@ def plan(**kw):
     return sweeps.plan(**{**args, **kw})
 
 
-def run_sweep(*args, timeout=240):
+def run_sweep(*args, timeout=240, env=None):
     return subprocess.run(
         [sys.executable, "-m", "experiments.sweep", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -267,6 +268,16 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, flag):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_malformed_memory_budget_is_refused_before_any_trial(tmp_path):
+    env = {**os.environ, "RNN_JAX_MEMORY_BUDGET": "8GB"}
+    out = run_sweep("--grid=lr=1", f"--sweep_dir={tmp_path / 'sweep'}", timeout=60, env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (
+        "error: RNN_JAX_MEMORY_BUDGET: expected a whole number of bytes >= 0, got '8GB'\n"
+    )
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_training_run_directory_is_refused(tmp_path):
     """A sweep into a run directory would write its trials and reports (curves.png
     over the run's) beside the run's files; a training run refuses a sweep directory
@@ -333,6 +344,11 @@ def test_sweep_end_to_end_with_a_failure_a_resume_and_a_skip(tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert f"intra_op_parallelism_threads={max(1, cores // 2)}" in header
     assert f"RNN_JAX_CPU_CORES={max(1, cores // 2)}" in header
+    # each of the two trials that run at once may count half the host memory as free
+    budget = int(re.search(r"RNN_JAX_MEMORY_BUDGET=(\d+)", header).group(1))
+    total = int(re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1])
+    assert 0 < 2 * budget <= total * 1024  # half of what was free then
+    assert f"and {memory.gib(budget)} of host memory each" in out.stdout
 
     # an interrupted trial: a checkpoint but no result.json (killed while sampling)
     (ok / "result.json").unlink()
