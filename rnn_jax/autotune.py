@@ -156,10 +156,15 @@ def cache_key(config: TrainConfig, vocab_size: int, rows: int) -> str:
     return json.dumps(key, sort_keys=True)
 
 
+def _devices(config: TrainConfig) -> list[Any]:
+    """The devices the run's step spreads over: every device under data parallelism
+    (:func:`rnn_jax.parallel.data_mesh`), else the default one."""
+    return jax.devices() if config.data_parallel else jax.devices()[:1]
+
+
 def _rows(config: TrainConfig) -> int:
     """One device's share of the batch under data parallelism."""
-    n = jax.device_count() if config.data_parallel else 1
-    return max(1, -(-config.batch_size // n))
+    return max(1, -(-config.batch_size // len(_devices(config))))
 
 
 def _compiled_step(config: TrainConfig, vocab_size: int, rows: int) -> Callable[[], Any]:
@@ -176,10 +181,9 @@ def _compiled_step(config: TrainConfig, vocab_size: int, rows: int) -> Callable[
         jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:]), jnp.ones((rows,), jnp.float32)
     )
 
-    if memory.enabled():  # a candidate too large for the device is skipped, not run
-        estimate = memory.estimate(
-            train_step.lower(state, batch).compile(), list(state["step"].devices())
-        )
+    if memory.enabled():  # a candidate too large for the devices is skipped, not run
+        # timed on one device, it runs on each of the run's: CPU devices add up
+        estimate = memory.estimate(train_step.lower(state, batch).compile(), _devices(config))
         if estimate is not None and not estimate.fits:
             raise memory.DoesNotFit(estimate)
 

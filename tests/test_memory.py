@@ -284,3 +284,15 @@ def test_autotune_skips_a_candidate_that_does_not_fit(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="would need"):
         train.run(dataclasses.replace(config, autotune=True), echo=lines.append)
     assert not Path(config.workdir).exists()
+
+
+def test_autotune_counts_every_cpu_device_of_a_data_parallel_run(tmp_path, monkeypatch):
+    """A candidate is compiled for one device's rows; the run runs it on each of its
+    devices, which share host memory (it was checked as if on one)."""
+    monkeypatch.delenv(memory.ENV, raising=False)
+    monkeypatch.setattr(memory, "step_need", lambda compiled: 600)
+    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    config = tiny(tmp_path, cell="gru", implementation="fused", unroll=0)  # 2 candidates
+    monkeypatch.setattr(autotune, "_devices", lambda config: jax.devices() * 2)
+    with pytest.raises(ConfigError, match=r"1,200 bytes \(600 bytes on each of 2 CPU devices"):
+        autotune.tune(config, 28, cache_path=tmp_path / "cache.json", echo=lambda _: None)
