@@ -14,7 +14,8 @@ Token modes (the ``tokens`` flag):
 * ``"char"``: the book's (Dive into Deep Learning) cleaning: every run of
   characters other than ``A-Z a-z`` becomes one space, then lowercase; the tokens
   are the characters. On the bundled text this gives 26 letters and the space.
-* ``"raw_char"``: the characters of the text exactly as read, no cleaning.
+* ``"raw_char"``: the characters of the text exactly as read, no cleaning (a
+  leading UTF-8 byte-order mark is not text: :func:`read_text` drops it).
 * ``"word"``: the same cleaning as ``"char"``, then split on spaces.
 
 The vocabulary puts ``<unk>`` at index 0, then the ``reserved`` tokens in the order
