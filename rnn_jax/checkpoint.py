@@ -42,6 +42,7 @@ so the directory must be on a file system that all processes see.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -92,6 +93,24 @@ def _quiet_orbax() -> None:
     absl_logger = absl_logging.get_absl_logger()
     if _ORBAX_FILTER not in absl_logger.filters:
         absl_logger.addFilter(_ORBAX_FILTER)
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's warning that a manager was opened read-only, as asked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_warning():
+    absl_logger = absl_logging.get_absl_logger()
+    notice = _DropReadOnlyNotice()
+    absl_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notice)
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -215,10 +234,14 @@ class Checkpointer:
         self.max_to_keep = max_to_keep
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"directory: {self.directory} is not a folder")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=not read_only, read_only=read_only
-        )
-        self._mngr = _listing(lambda: ocp.CheckpointManager(self.directory, options=options))
+        if read_only:  # (orbax warns when it has to unset these itself)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=None, save_interval_steps=0, create=False, read_only=True
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        with _without_read_only_warning():
+            self._mngr = _listing(lambda: ocp.CheckpointManager(self.directory, options=options))
         self._closed = False
         self.read_only = read_only
         self._is_writer = jax.process_index() == 0 and not read_only

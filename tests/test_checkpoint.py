@@ -132,10 +132,11 @@ def test_empty_directory_returns_none(tmp_path):
     assert os.path.isdir(tmp_path / "none")
 
 
-def test_a_read_only_reader_changes_nothing(tmp_path):
+def test_a_read_only_reader_changes_nothing(tmp_path, caplog):
     """A reader (runs.load, a generate) opened the directory as a writer: it removed
     orphan manifests, and made the folder when it was missing. Read-only, it restores
-    and leaves every file as it was; it refuses to save."""
+    and leaves every file as it was (without orbax's three warnings that it is
+    read-only); it refuses to save."""
     state = make_state(2)
     with Checkpointer(tmp_path / "ck") as ckpt:
         save_steps(ckpt, [1, 2])
@@ -143,8 +144,10 @@ def test_a_read_only_reader_changes_nothing(tmp_path):
     orphan.write_text("{}")
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
     folders = {p for p in tmp_path.rglob("*") if p.is_dir()}
-    with Checkpointer(tmp_path / "ck", read_only=True) as ckpt:
+    with caplog.at_level(logging.WARNING), Checkpointer(tmp_path / "ck", read_only=True) as ckpt:
         step, restored, meta = ckpt.restore_latest(abstract(state))
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    with Checkpointer(tmp_path / "ck", read_only=True) as ckpt:
         with pytest.raises(ValueError, match=r"save: .* was opened read_only"):
             ckpt.save(3, state, {})
     assert step == 2
