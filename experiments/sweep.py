@@ -18,8 +18,9 @@ Every trial is ``python -m experiments.train --flagfile=BASE --SET... --SWEPT...
 ``log.txt`` beside its run files, ``--parallel`` at a time, each with
 ``cores // parallel`` threads (XLA_FLAGS, OMP/MKL/OPENBLAS_NUM_THREADS) and, with
 --parallel above 1, ``1 / parallel`` of the host memory free when the sweep starts
-(``RNN_JAX_MEMORY_BUDGET``, unless set already: trials that fit alone but not
-together are refused, exit 2, rather than killed by the OOM killer). The sweep
+(``RNN_JAX_MEMORY_BUDGET``, unless set already; fewer trials left to run than
+--parallel share it among themselves): trials that fit alone but not together are
+refused, exit 2, rather than killed by the OOM killer. The sweep
 directory holds ``trials.json`` (the definition and every trial's command),
 ``results.csv``, ``summary.md``, ``curves.png`` and ``heatmap.png`` (a grid with two
 dimensions of several values) or ``scatter.png`` (random search).
@@ -215,14 +216,15 @@ def check_or_write_trials(sweep: sweeps.Sweep, sweep_dir: Path, commands: dict) 
 # --- running -------------------------------------------------------------------------
 
 
-def child_env(parallel: int, threads: int) -> tuple[dict[str, str], int]:
+def child_env(parallel: int, threads: int, trials: int) -> tuple[dict[str, str], int]:
     """The trials' environment (thread counts, PYTHONPATH, each trial's share of the
-    host memory) and threads per trial."""
+    host memory) and threads per trial; ``trials``: how many are still to run."""
     env = dict(os.environ)
-    if parallel > 1 and not env.get(memory.BUDGET_ENV, "").strip():
+    at_once = min(parallel, trials)
+    if at_once > 1 and not env.get(memory.BUDGET_ENV, "").strip():
         free = memory.host_available()  # (each trial's own check sees what is free then)
         if free is not None:
-            env[memory.BUDGET_ENV] = str(free // parallel)
+            env[memory.BUDGET_ENV] = str(free // at_once)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     k = threads or max(1, (cores or 1) // parallel)
     for var in THREAD_VARS[1:]:
@@ -324,10 +326,10 @@ class StopOnSignal:
 def run_sweep(sweep: sweeps.Sweep, sweep_dir: Path, commands: dict) -> int | None:
     """Runs the trials still to run; writes the reports; returns a signal that stopped it."""
     todo = pick_trials(sweep, sweep_dir)
-    env, threads = child_env(FLAGS.parallel, FLAGS.threads_per_trial)
+    env, threads = child_env(FLAGS.parallel, FLAGS.threads_per_trial, len(todo))
     if todo:
         share = ""
-        if FLAGS.parallel > 1 and env.get(memory.BUDGET_ENV, "").strip():
+        if min(FLAGS.parallel, len(todo)) > 1 and env.get(memory.BUDGET_ENV, "").strip():
             share = f" and {memory.gib(int(env[memory.BUDGET_ENV]))} of host memory"
         print(
             f"{FLAGS.parallel} at a time with {sweeps.plural(threads, 'thread')}{share} each",

@@ -423,7 +423,11 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
             ckpt.close()
             raise _epochs_error(config, workdir, start, steps_per_epoch)
         echo(f"resumed from step {start} ({workdir / 'checkpoints'})")
-        _set_aside_unusable(ckpt, start, workdir, echo)
+        try:
+            _set_aside_unusable(ckpt, start, workdir, echo)
+        except ConfigError:
+            ckpt.close()
+            raise
         _warn_rescheduled(workdir, config, start, steps_per_epoch, echo)
     elif ckpt.all_steps():  # steps there, none usable: never train over them from scratch
         steps = ", ".join(map(str, ckpt.all_steps()))
@@ -799,33 +803,49 @@ def _set_aside_unusable(ckpt, start: int, workdir: Path, echo: Callable[[str], N
     and out of orbax's count, which would otherwise delete the good step first.
 
     In a multi-process run process 0 moves them, between two barriers: every process
-    lists the steps before any is moved, and reloads the listing once they are."""
+    lists the steps before any is moved, and reloads the listing once they are.
+
+    Raises:
+      ConfigError: naming ``--workdir`` on every process, when a step cannot be
+        moved (it would be deleted before the good one).
+    """
     import shutil
 
     from rnn_jax.checkpoint import MANIFEST_SUFFIX
 
     newer = [s for s in ckpt.all_steps() if s > start]
-    barrier = _barrier if jax.process_count() > 1 else lambda name: None
-    barrier("rnn_jax: checkpoint steps listed")
+    multi = jax.process_count() > 1
+    if multi:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rnn_jax: checkpoint steps listed")
     aside = workdir / "checkpoints.unusable"
+    problem = None
     if newer and jax.process_index() == 0:
-        aside.mkdir(exist_ok=True)
-        for step in newer:
-            for name in (str(step), f"{step}{MANIFEST_SUFFIX}"):
-                source = Path(ckpt.directory) / name
-                if source.exists():
-                    shutil.move(str(source), str(_free_path(aside, name)))
-    barrier("rnn_jax: unusable checkpoint steps set aside")
+        try:
+            aside.mkdir(exist_ok=True)
+            for step in newer:
+                for name in (str(step), f"{step}{MANIFEST_SUFFIX}"):
+                    source = Path(ckpt.directory) / name
+                    if source.exists():
+                        shutil.move(str(source), str(_free_path(aside, name)))
+        except OSError as e:
+            problem = f"{type(e).__name__}: {e}"
+    if multi:  # (the gather is the second barrier: every process hears of a failure)
+        moved = multihost_utils.process_allgather(np.int32(problem is None))
+        if not np.all(moved) and problem is None:
+            problem = "process 0 could not move them (its error says why)"
+    if problem is not None:
+        steps = ", ".join(map(str, newer))
+        raise ConfigError(
+            "workdir",
+            f"resuming from step {start}: the unusable newer step(s) {steps} could not be "
+            f"moved to {aside} ({problem}); orbax would delete the good step before them. "
+            f"Nothing was trained; move them away by hand, or make {aside} a folder",
+        )
     if newer:
         ckpt.reload()
         echo(f"moved unusable step(s) {', '.join(map(str, newer))} to {aside}")
-
-
-def _barrier(name: str) -> None:
-    """Waits until every process of the run has reached ``name``."""
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def _warn_rescheduled(

@@ -507,6 +507,13 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     config = tiny(tmp_path, epochs=2, checkpoint_every=4)  # checkpoints at 4, 8, 12, 16
     train.run(config, echo=quiet)
     corrupt_step(config.workdir, 16)
+    # where the unusable step cannot go aside, nothing trains (orbax would delete the
+    # good step 12 before it); this was a traceback, and a hang of a multi-process run
+    blocker = Path(config.workdir) / "checkpoints.unusable"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"--workdir: .* step\(s\) 16 could not be moved"):
+        train.run(config, echo=quiet)
+    blocker.unlink()
     lines = []
     result = train.run(config, echo=lines.append)
     assert "resumed from step 12" in lines[0]
