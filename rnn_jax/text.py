@@ -48,12 +48,14 @@ _JSON_VERSION = 1
 # --- reading ----------------------------------------------------------------
 
 
-def read_text(path: str | os.PathLike[str] | None = None) -> str:
+def read_text(path: str | os.PathLike[str] | None = None, *, keep_bom: bool = False) -> str:
     """Reads a UTF-8 text file, exactly as stored (no newline translation; a leading
     byte-order mark is dropped).
 
     Args:
       path: the file to read; None reads the bundled ``rnn_jax/assets/timemachine.txt``.
+      keep_bom: keep a leading byte-order mark as the text's first character, as
+        rnn_jax read it until 2026-12-08 (for the runs trained then).
 
     Returns:
       The file's text.
@@ -70,7 +72,19 @@ def read_text(path: str | os.PathLike[str] | None = None) -> str:
     else:
         where = f"text file {os.fspath(path)!s}"
         data = _read_bytes(path, where)
-    return _decode(data, where)
+    return _decode(data, where, keep_bom)
+
+
+def starts_with_bom(path: str | os.PathLike[str] | None) -> bool:
+    """Whether the file at ``path`` starts with a UTF-8 byte-order mark (False for
+    None, the bundled text, and for a file that cannot be read)."""
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8
+    except OSError:
+        return False
 
 
 def _read_bytes(source, where: str) -> bytes:
@@ -95,13 +109,13 @@ def _read_bytes(source, where: str) -> bytes:
         raise ValueError(f"{where} is unreadable: {e.strerror or e}") from None
 
 
-def _decode(data: bytes, where: str) -> str:
+def _decode(data: bytes, where: str, keep_bom: bool = False) -> str:
     """``data`` as UTF-8 text; rejects invalid bytes and empty or blank text. A
     leading byte-order mark (``EF BB BF``, as editors on Windows save UTF-8) marks
     the encoding and is not text: it is dropped, so it never becomes a token."""
     if not data:
         raise ValueError(f"{where} is empty (0 bytes)")
-    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) and not keep_bom else 0
     try:
         text = data[start:].decode("utf-8")
     except UnicodeDecodeError as e:
@@ -111,7 +125,8 @@ def _decode(data: bytes, where: str) -> str:
             f"{where} is not valid UTF-8: invalid byte 0x{bad} at byte offset {at}"
         ) from None
     if not text.strip():
-        raise ValueError(f"{where} is empty: it contains only whitespace")
+        mark = "a byte-order mark and " if start else ""
+        raise ValueError(f"{where} is empty: it contains only {mark}whitespace")
     return text
 
 
@@ -338,7 +353,11 @@ def _check_payload(payload: object) -> list[str]:
 
 
 def load_corpus(
-    path: str | os.PathLike[str] | None = None, tokens: str = "char", min_freq: int = 0
+    path: str | os.PathLike[str] | None = None,
+    tokens: str = "char",
+    min_freq: int = 0,
+    *,
+    keep_bom: bool = False,
 ) -> tuple[np.ndarray, Vocab]:
     """Reads, tokenizes and numbers a text.
 
@@ -346,6 +365,7 @@ def load_corpus(
       path: the text file; None for the bundled Time Machine.
       tokens: the token mode, one of :data:`MODES`.
       min_freq: see :class:`Vocab`.
+      keep_bom: see :func:`read_text`.
 
     Returns:
       ``(ids, vocab)``: ids ``<int32>[N]``, one per token, and the vocab built on
@@ -356,7 +376,7 @@ def load_corpus(
         that has no tokens after cleaning.
     """
     _check_mode(tokens)
-    toks = tokenize(read_text(path), tokens)
+    toks = tokenize(read_text(path, keep_bom=keep_bom), tokens)
     if not toks:
         where = "the bundled corpus" if path is None else os.fspath(path)
         raise ValueError(f"{where} has no {tokens!r} tokens after preprocessing")

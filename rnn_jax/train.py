@@ -325,7 +325,15 @@ def run(
         )
     workdir = Path(config.workdir)
     corpus = _corpus_record(config, ids)
-    _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before any timing
+    try:
+        _check_workdir(workdir, config, vocab, corpus)  # a resume's conflicts, before timing
+    except ConfigError as e:  # perhaps a run that read the byte-order mark as text
+        ids, vocab, corpus = _text_as_trained(workdir, config, e)
+        echo(
+            f"note: {config.data} starts with a byte-order mark, which the run in "
+            f"{workdir} was trained reading as its first character (rnn_jax read it so "
+            f"until 2026-12-08): it is read so for this run"
+        )
     _check_progress(workdir, config, ids)
     fresh = not workdir.exists()
     # One run per run directory. The processes of a multi-process run share it: process
@@ -698,6 +706,21 @@ def _check_workdir(
             f"learned from ({corpus_path}: {_describe_corpus(saved_corpus)}): the data "
             f"changed; use another --workdir",
         )
+
+
+def _text_as_trained(workdir: Path, config: TrainConfig, refusal: ConfigError):
+    """``(ids, vocab, corpus)`` of ``--data`` read with its leading byte-order mark
+    as a character, where that is how the run in ``workdir`` read it; else raises
+    ``refusal``, the data's mismatch."""
+    if refusal.flag != "data" or not text.starts_with_bom(config.data or None):
+        raise refusal
+    ids, vocab = text.load_corpus(config.data, config.tokens, config.min_freq, keep_bom=True)
+    corpus = _corpus_record(config, ids)
+    try:
+        _check_workdir(workdir, config, vocab, corpus)
+    except ConfigError:
+        raise refusal from None
+    return ids, vocab, corpus
 
 
 def _newest_saved_step(folder: Path) -> int | None:

@@ -442,6 +442,28 @@ def test_earlier_results_are_never_overwritten(tmp_path):
     assert json.loads((workdir / "result.previous.step8.json").read_text()) == results[0]
 
 
+@pytest.mark.parametrize("tokens", ["raw_char", "char"])
+def test_a_run_that_read_the_byte_order_mark_as_text_resumes(tmp_path, monkeypatch, tokens):
+    """Until 2026-12-08 a leading byte-order mark was read as a character (raw_char:
+    a token; char: a space). Such a run resumes reading it so, with a note, where it
+    was refused as trained on other data; a text that changed is still refused."""
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"\xef\xbb\xbf" + b"The Time Machine. " * 60)
+    config = tiny(tmp_path, epochs=1, tokens=tokens, data=str(book), num_train=64)
+    as_before = functools.partial(text.load_corpus, keep_bom=True)
+    with monkeypatch.context() as m:  # the run as trained before that day
+        m.setattr(text, "load_corpus", as_before)
+        train.run(config, echo=quiet)
+    assert text.load_corpus(book, tokens)[0].size + 1 == as_before(book, tokens)[0].size
+    lines = []
+    result = train.run(dataclasses.replace(config, epochs=2), echo=lines.append)
+    assert result.status == "completed" and any("resumed from step" in x for x in lines)
+    assert any(x.startswith("note: ") and "byte-order mark" in x for x in lines)
+    book.write_bytes(b"\xef\xbb\xbf" + b"The Machine Time. " * 60)
+    with pytest.raises(ConfigError, match=r"--data: the text.* the data changed"):
+        train.run(dataclasses.replace(config, epochs=3), echo=quiet)
+
+
 def test_resume_refuses_changed_model_flags(tmp_path):
     """A resume is refused, before anything is compiled or written, when the model or
     data flags differ, when a change would give the optimizer state another structure
