@@ -938,13 +938,20 @@ def test_loading_an_incomplete_run_directory_names_what_is_missing(tmp_path):
         runs.read_json(workdir / "result.json")
 
 
-def test_loading_checkpoints_of_another_shape_names_the_settings(tmp_path):
-    """config.json edited after training (another hidden_size): runs.load raises a
-    ValueError saying the checkpoints do not fit the settings (a RuntimeError before)."""
+def test_loading_reads_only_and_names_settings_that_do_not_fit(tmp_path):
+    """runs.load (a reader: generate, claims) leaves every file as it was; it removed
+    orphan manifests as a writer. config.json edited after training (another
+    hidden_size): runs.load raises a ValueError saying the checkpoints do not fit the
+    settings (a RuntimeError before)."""
     from rnn_jax import runs
 
     config = tiny(tmp_path, epochs=1)
     train.run(config, echo=quiet)
+    orphan = Path(config.workdir) / "checkpoints" / f"3{checkpoint.MANIFEST_SUFFIX}"
+    orphan.write_text("{}")  # a manifest whose step orbax deleted
+    before = _snapshot(Path(config.workdir))
+    assert runs.load(Path(config.workdir)).step == 8
+    assert _snapshot(Path(config.workdir)) == before
     path = Path(config.workdir) / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "hidden_size": 12}))
     with pytest.raises(ValueError, match=r"do not restore into the model .*hidden_size 12"):
