@@ -54,8 +54,9 @@ from experiments.common import deferred_sigint
 with deferred_sigint("interrupted (SIGINT) while starting; no trial was started"):
     from absl import app, flags
 
-    from experiments.common import parse_flags_or_exit_2
+    from experiments.common import parse_cpu_devices, parse_flags_or_exit_2, resolve_cpu_devices
     from rnn_jax import files, memory, parallel, sweeps  # (imports JAX)
+    from rnn_jax.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -105,7 +106,7 @@ def main(argv):
     try:
         sweep = make_sweep()
         sweep_dir = Path(FLAGS.sweep_dir)
-        sweeps.validate_trials(sweep, sweep_dir)
+        sweeps.validate_trials(sweep, sweep_dir, launcher_check(sweep))
         commands = {t.name: command(sweep, t, sweep_dir) for t in sweep.trials}
         if FLAGS.dry_run:
             for t in sweep.trials:
@@ -136,6 +137,8 @@ def make_sweep() -> sweeps.Sweep:
             )
         except flags.Error as e:
             raise sweeps.SweepError("base", str(e)) from None
+        except (UnicodeDecodeError, OSError) as e:  # (absl reads the file itself)
+            raise sweeps.SweepError("base", f"{FLAGS.base} is not readable text ({e})") from None
     if FLAGS.parallel < 1:
         raise sweeps.SweepError("parallel", f"expected >= 1, got {FLAGS.parallel}")
     if FLAGS.threads_per_trial < 0:
@@ -157,6 +160,28 @@ def make_sweep() -> sweeps.Sweep:
         base_args=base_args,
         base_name=FLAGS.base,
     )
+
+
+def launcher_check(sweep: sweeps.Sweep):
+    """The check of the base flagfile's ``--cpu_devices`` (a flag of the launcher, not
+    of the run) for :func:`rnn_jax.sweeps.validate_trials`: a count that is not
+    ``auto`` must split each configuration's batch, as the launcher requires."""
+    given = [a.partition("=")[2] for a in sweep.base_launcher if a.startswith("--cpu_devices=")]
+    if not given:
+        return None
+    value = given[-1]
+    try:
+        parse_cpu_devices(value)
+    except ValueError as e:
+        raise sweeps.SweepError("base", f"{FLAGS.base}: --cpu_devices: {e}") from None
+
+    def check(config) -> None:
+        try:
+            resolve_cpu_devices(value, config.batch_size, config.data_parallel)
+        except ValueError as e:
+            raise ConfigError("batch_size", f"with {FLAGS.base}'s {e}") from None
+
+    return check
 
 
 def command(sweep: sweeps.Sweep, trial: sweeps.Trial, sweep_dir: Path) -> list[str]:
@@ -204,7 +229,7 @@ def check_or_write_trials(sweep: sweeps.Sweep, sweep_dir: Path, commands: dict) 
     saved = sweeps.read_json(path)
     if saved is None or "definition" not in saved:
         raise sweeps.SweepError("sweep_dir", f"{path} is unreadable")
-    changes = sweeps.definition_changes(saved["definition"], sweep.definition)
+    changes = sweeps.sweep_changes(saved, sweep)
     if changes:
         raise sweeps.SweepError(
             "sweep_dir",

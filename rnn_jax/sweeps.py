@@ -55,7 +55,7 @@ import signal
 import statistics
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,6 +64,8 @@ from rnn_jax.config import RUN_FILES, SWEEP_FILE, ConfigError, TrainConfig, vali
 # Flags of experiments.train's launcher that are not TrainConfig fields but may sit in a
 # base flagfile: every trial's train reads that file itself (and checks them there).
 LAUNCHER_FLAGS = ("cpu_devices", "tune_malloc", "autotune_cache", "autotune_refresh")
+LAUNCHER_BOOLS = ("tune_malloc", "autotune_refresh")
+_BOOL_TEXTS = ("true", "t", "1", "false", "f", "0")  # absl's spellings, any case
 
 RESERVED = {
     "seed": "the trials' seeds are 0 .. N-1 of --seeds=N",
@@ -126,12 +128,13 @@ def convert(name: str, text: str) -> Any:
         return None
     if kind is bool:
         lower = text.lower()
-        if lower in ("true", "t", "1", "false", "f", "0"):
+        if lower in _BOOL_TEXTS:
             return lower in ("true", "t", "1")
         raise ValueError(f"expected true or false, got {text!r}")
     try:
         if kind is int:
-            base = {"0x": 16, "0o": 8}.get(text[:2].lower(), 10) if len(text) > 2 else 10
+            # absl's reading: only a lower-case 0x / 0o prefix sets the base
+            base = {"0x": 16, "0o": 8}.get(text[:2], 10) if len(text) > 2 else 10
             return int(text, base)
         return kind(text)
     except ValueError:
@@ -282,9 +285,19 @@ def parse_flag_args(args: Sequence[str], where: str) -> dict[str, str]:
             else:
                 value = "true"
         if name in LAUNCHER_FLAGS or (name.startswith("no") and name[2:] in LAUNCHER_FLAGS):
+            if name in LAUNCHER_BOOLS and value.lower() not in _BOOL_TEXTS:
+                raise SweepError(
+                    "base", f"{where}: --{name}: expected true or false, got {value!r}"
+                )
             continue  # train's own flags: the trials read them from the flagfile
         if name not in field_types():
             raise SweepError("base", f"{where}: unknown flag --{name} (not a TrainConfig field)")
+        if is_none(name, value):  # (absl reads the flagfile itself: "none" is no float)
+            raise SweepError(
+                "base",
+                f"{where}: --{name}={value}: a flagfile leaves a flag unset by leaving it out "
+                f"(none is a sweep's --grid/--set spelling)",
+            )
         try:
             convert(name, value)
         except ValueError as e:
@@ -352,11 +365,19 @@ def _name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)[:40]
 
 
+MAX_NAME = 200  # characters of a trial's folder name (file systems allow 255 bytes)
+
+
 def trial_name(index: int, flags: dict[str, str], seed: int, width: int = 3) -> str:
-    """``trial_003_cell=gru_lr=2_seed=0``: readable, unique through the index."""
-    parts = [f"trial_{index:0{width}d}"]
-    parts += [f"{name}={_name_part(value)}" for name, value in flags.items()]
-    return "_".join([*parts, f"seed={seed}"])
+    """``trial_003_cell=gru_lr=2_seed=0``: readable, unique through the index. The
+    flags' part is cut to keep the name within :data:`MAX_NAME` characters (ending
+    ``..``); the folder's ``log.txt`` and ``config.json`` say every value."""
+    head, tail = f"trial_{index:0{width}d}", f"seed={seed}"
+    middle = "_".join(f"{name}={_name_part(value)}" for name, value in flags.items())
+    room = MAX_NAME - len(head) - len(tail) - 2
+    if len(middle) > room:
+        middle = middle[: room - 2] + ".."
+    return "_".join(part for part in (head, middle, tail) if part)
 
 
 def make_trials(configs: Sequence[dict[str, str]], seeds: int) -> list[Trial]:
@@ -380,6 +401,7 @@ class Sweep:
     trials: list[Trial]
     grid: dict[str, list[str]] | None = None
     ranges: dict[str, Range] | None = None
+    base_launcher: list[str] = dataclasses.field(default_factory=list)  # e.g. --cpu_devices=2
 
     @property
     def source(self) -> str:
@@ -409,6 +431,13 @@ def plan(
     definition: dict[str, Any] = {"base_flags": base, "set": fixed_flags, "seeds": seeds}
     if grid is not None:
         parsed_grid, parsed_ranges = parse_grid(grid), None
+        count = math.prod(len(values) for values in parsed_grid.values())
+        if count * seeds > MAX_TRIALS:
+            raise SweepError(
+                "seeds" if count <= MAX_TRIALS else "grid",
+                f"{count:,} configuration(s) x {seeds:,} seed(s) = {count * seeds:,} trials; "
+                f"expected at most {MAX_TRIALS:,}",
+            )
         configs = expand_grid(parsed_grid)
         definition.update(mode="grid", grid=parsed_grid)
     else:
@@ -425,7 +454,10 @@ def plan(
     if both:
         raise SweepError("set", f"{', '.join(both)} also swept by --{'grid' if grid else 'ranges'}")
     trials = make_trials(configs, seeds)
-    sweep = Sweep(definition, base, fixed_flags, swept, trials, parsed_grid, parsed_ranges)
+    launcher = [a for a in base_args if a.lstrip("-").partition("=")[0] in LAUNCHER_FLAGS]
+    sweep = Sweep(
+        definition, base, fixed_flags, swept, trials, parsed_grid, parsed_ranges, launcher
+    )
     _check_unset(sweep)
     return sweep
 
@@ -445,6 +477,12 @@ def _check_mode(grid: str | None, random_count: int, ranges: str | None, seeds: 
         raise SweepError("random", "--ranges needs --random=N (the number of configurations)")
     if seeds < 1:
         raise SweepError("seeds", f"expected >= 1, got {seeds}")
+    if random_count * seeds > MAX_TRIALS:
+        raise SweepError(
+            "seeds",
+            f"{random_count:,} configuration(s) x {seeds:,} seed(s) = {random_count * seeds:,} "
+            f"trials; expected at most {MAX_TRIALS:,}",
+        )
 
 
 def _check_unset(sweep: Sweep) -> None:
@@ -480,9 +518,14 @@ def trial_config(sweep: Sweep, trial: Trial, run_dir: str | os.PathLike) -> Trai
     return TrainConfig(**{**values, "seed": trial.seed, "workdir": str(run_dir)})
 
 
-def validate_trials(sweep: Sweep, sweep_dir: str | os.PathLike) -> None:
+def validate_trials(
+    sweep: Sweep,
+    sweep_dir: str | os.PathLike,
+    check: Callable[[TrainConfig], None] | None = None,
+) -> None:
     """Refuses a ``sweep_dir`` that holds a training run, and runs ``TrainConfig``
-    validation on every configuration (its first seed).
+    validation on every configuration (its first seed), then ``check`` (the
+    launcher's own rules, raising ConfigError), if given.
 
     Raises:
       SweepError: naming --sweep_dir, or --grid/--ranges, --set or --base (whichever
@@ -499,7 +542,10 @@ def validate_trials(sweep: Sweep, sweep_dir: str | os.PathLike) -> None:
         if trial.seed != 0:
             continue
         try:
-            validate(trial_config(sweep, trial, Path(sweep_dir) / trial.name))
+            config = trial_config(sweep, trial, Path(sweep_dir) / trial.name)
+            validate(config)
+            if check is not None:
+                check(config)
         except ConfigError as e:
             raise SweepError(_source(sweep, trial, e.flag), f"{trial.name}: {e}") from None
 
@@ -526,6 +572,21 @@ def definition_changes(saved: Any, current: Any, prefix: str = "") -> list[str]:
     if saved == current:
         return []
     return [f"{prefix.rstrip('.')}: {_short(saved)} -> {_short(current)}"]
+
+
+def sweep_changes(saved: dict[str, Any], sweep: Sweep) -> list[str]:
+    """What differs between a sweep directory's ``trials.json`` (``saved``) and
+    ``sweep``: :func:`definition_changes`, then the trials' names, which the order of
+    the swept flags sets (and, for ``--ranges``, the values drawn), though the
+    definition compares them as a set."""
+    changes = definition_changes(saved.get("definition"), sweep.definition)
+    if changes:
+        return changes
+    names = [t.get("name") for t in saved.get("trials", []) if isinstance(t, dict)]
+    for old, new in zip(names, (t.name for t in sweep.trials), strict=False):
+        if old != new:
+            return [f"trial names: {old} -> {new} (the order of the swept flags)"]
+    return []
 
 
 def _short(value: Any, limit: int = 120) -> str:

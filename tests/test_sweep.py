@@ -93,6 +93,9 @@ def test_random_search_stops_at_the_distinct_configurations():
     assert len({t.config for t in sweep.trials}) == 4
 
 
+SIX = ("lr", "grad_clip", "dropout", "epochs", "hidden_size", "num_layers")
+
+
 @pytest.mark.parametrize(
     "kw, flag, fragment",
     [
@@ -127,6 +130,14 @@ def test_random_search_stops_at_the_distinct_configurations():
         (dict(grid="lr=1", seeds=0), "seeds", ">= 1"),
         (dict(grid="lr=1", base_args=["--bogus=1"]), "base", "unknown flag --bogus"),
         (dict(grid="pin_reset=none", base_args=["--pin_reset=0.5"]), "grid", "cannot unset"),
+        # absl reads the flagfile and a trial failed: "none" is no float, "maybe" no bool
+        (dict(grid="lr=1", base_args=["--pin_reset=none"]), "base", "leaves a flag unset by"),
+        (dict(grid="lr=1", base_args=["--tune_malloc=maybe"]), "base", "expected true or"),
+        (dict(grid="embed_dim=0X10"), "grid", "expected an int, got '0X10'"),  # (only 0x)
+        # planned and validated up front: a million trials took hours before one ran
+        (dict(grid="lr=1", seeds=10**6), "seeds", "1,000,000 trials; expected at most"),
+        (dict(grid=";".join(f"{n}=1,2,3,4,5,6,7,8,9,10" for n in SIX)), "grid", "1,000,000 con"),
+        (dict(random_count=1000, ranges="lr=log:0.1:1", seeds=101), "seeds", "101,000 trials"),
     ],
 )
 def test_bad_definitions_name_the_flag(kw, flag, fragment):
@@ -174,6 +185,37 @@ def test_definition_changes_name_the_keys():
         "seeds: 1 -> 2",
         'set.epochs: "2" -> "3"',
     ]
+
+
+def test_a_reordered_grid_or_ranges_is_another_sweep():
+    """The definition compares the swept flags as a set, but their order names the
+    trials (a rerun retrained them all into new folders and dropped the finished
+    ones from results.csv) and, for ranges, draws other values."""
+    for first, second in [
+        (dict(grid="lr=1;cell=gru,lstm"), dict(grid="cell=gru,lstm;lr=1")),
+        (
+            dict(random_count=2, ranges="lr=log:0.01:10;hidden_size=int:16:128"),
+            dict(random_count=2, ranges="hidden_size=int:16:128;lr=log:0.01:10"),
+        ),
+    ]:
+        saved = json.loads(json.dumps(sweeps.trials_json(plan(**first), {})))
+        assert sweeps.sweep_changes(saved, plan(**first)) == []
+        (change,) = sweeps.sweep_changes(saved, plan(**second))
+        assert change.startswith("trial names: trial_000_") and "order" in change
+
+
+def test_trial_names_fit_a_file_name():
+    """A grid over many flags, or long values, named folders beyond 255 bytes."""
+    grid = ";".join(f"{name}=1,2" for name in ("epochs", "hidden_size", "num_layers"))
+    grid += ";sample_prefix=" + "x" * 300
+    grid += ";lr=" + ",".join(str(10.0**-k) for k in range(1, 4))
+    names = [t.name for t in plan(grid=grid, seeds=2).trials]
+    assert len(set(names)) == len(names) == 48
+    assert max(map(len, names)) <= sweeps.MAX_NAME
+    assert names[-1].startswith("trial_047_epochs=2_hidden_size=2") and names[-1].endswith(
+        "_seed=1"
+    )
+    assert sweeps.trial_name(3, {"lr": "2"}, 0) == "trial_003_lr=2_seed=0"
 
 
 def test_failure_reasons():
@@ -266,6 +308,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, flag):
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith(f"error: --{flag}: ") and out.stderr.count("\n") == 1
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_base_flagfile_the_trials_would_fail_on_is_refused_up_front(tmp_path):
+    """The base's launcher flags, and a file that is not text, passed the sweep's
+    checks and then failed every trial (or gave a traceback)."""
+    base = tmp_path / "base.flags"
+    cases = [
+        (b"--cpu_devices=banana\n", [], "error: --base: .*--cpu_devices: expected auto or an"),
+        (
+            b"--cpu_devices=2\n",
+            ["--grid=batch_size=16,15"],
+            "error: --grid: trial_001_batch_size=15_seed=0: --batch_size: .* 2 devices do "
+            "not split --batch_size 15",
+        ),
+        (b"\xff--lr=1\n", [], "error: --base: .* is not readable text"),
+    ]
+    for content, args, match in cases:
+        base.write_bytes(content)
+        args = args or ["--grid=lr=1"]
+        out = run_sweep(f"--base={base}", *args, f"--sweep_dir={tmp_path / 's'}", timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert re.match(match, out.stderr), out.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_malformed_memory_budget_is_refused_before_any_trial(tmp_path):
