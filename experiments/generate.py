@@ -26,10 +26,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (temperature > 0).")
 flags.DEFINE_integer("num_samples", 1, "Samples to draw, each with seed + i.")
 
 
+# rnn_jax.generate's MAX_TOKENS and MAX_TOKENS_BIDIRECTIONAL (why: there), written
+# out so that a bad flag exits before JAX is imported (a test keeps them equal)
 MAX_CHARS = 10_000_000
-# A bidirectional model reruns the network over the whole text for every token
-# (rnn_jax.generate): time grows with the square of the length (3,000 characters took
-# 21 s on a 2-core CPU for the book's bidirectional GRU, 100 took 2.5 s).
 MAX_CHARS_BIDIRECTIONAL = 10_000
 MAX_TEMPERATURE = 3.4028234663852886e38  # float32's largest number
 

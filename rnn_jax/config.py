@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from rnn_jax import cells, data, fused, models, native, networks, persistent, text
+from rnn_jax import cells, data, fused, generate, models, native, networks, persistent, text
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -350,6 +350,14 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         if getattr(config, name) > cap:
             raise ConfigError(name, f"expected <= {cap}, got {getattr(config, name)!r}")
     _positive(config, "batch_size", "epochs", "keep_checkpoints", "sample_chars")
+    cap = generate.MAX_TOKENS_BIDIRECTIONAL if config.bidirectional else generate.MAX_TOKENS
+    for name, limit, why in (
+        ("sample_chars", cap, "the sample is one compiled scan"),
+        ("warmup_steps", 2**31 - 2, "step counts are int32"),
+        ("seed", 2**63 - 1, "seeds are int64"),
+    ):  # (larger values failed with a traceback, some after the whole run had trained)
+        if getattr(config, name) > limit:
+            raise ConfigError(name, f"expected <= {limit:,} ({why}), got {getattr(config, name)}")
     _positive(
         config, "unroll", "min_freq", "embed_dim", "eval_every", "checkpoint_every", minimum=0
     )
@@ -440,9 +448,16 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
         )
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     try:
-        data.steps_per_epoch(windows, config.batch_size, config.partition)
+        steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
     except ValueError as e:
         raise ConfigError("batch_size", str(e)) from None
+    total = steps_per_epoch * config.epochs
+    if total > 2**31 - 1:  # (the step counters are int32: it overflowed in a traceback)
+        raise ConfigError(
+            "epochs",
+            f"{config.epochs:,} epochs of {steps_per_epoch:,} steps are {total:,} steps; "
+            f"expected at most {2**31 - 1:,}",
+        )
     if config.partition == "windows" and config.batch_size > config.num_train:
         # a batch is rows of distinct training windows: more rows than windows would
         # only pad (and a huge value ran out of memory after the run directory existed)

@@ -24,6 +24,11 @@ from rnn_jax import models, networks, text
 Array = jax.Array
 
 _MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+MAX_TOKENS = 10_000_000  # one compiled scan holds them all
+# A bidirectional model reruns the network over the whole text for every token: time
+# grows with the square of the length (3,000 characters took 21 s on a 2-core CPU for
+# the book's bidirectional GRU, 100 took 2.5 s).
+MAX_TOKENS_BIDIRECTIONAL = 10_000
 
 
 def _choose(logits: Array, temperature: Array, key: Array) -> Array:

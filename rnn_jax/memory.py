@@ -157,7 +157,13 @@ def step_need(compiled: Any) -> int | None:
 def estimate(compiled: Any, devices: Sequence[Any]) -> Estimate | None:
     """The memory ``compiled`` adds when run on ``devices`` (the devices of its
     mesh, or the one it runs on); None when it cannot be told."""
-    per_device = step_need(compiled)
+    return for_bytes(step_need(compiled), devices)
+
+
+def for_bytes(per_device: int | None, devices: Sequence[Any]) -> Estimate | None:
+    """``per_device`` bytes on each of ``devices`` (arrays about to be made there,
+    such as a model's parameters) against their free memory; None when either is
+    unknown."""
     if per_device is None or not devices:
         return None
     cpus = [d for d in devices if d.platform == "cpu"]

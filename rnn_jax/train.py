@@ -417,6 +417,7 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
         echo(f"data parallel: {config.batch_size} rows per batch over {mesh.size} {kind} devices")
 
     train_step, eval_step = make_steps(model, tx, config, steps_per_epoch)
+    _check_state_memory(model, tx, config, mesh)  # (the state is made next)
     state = parallel.place_state(init_state(model, tx, config), mesh)
     _check_memory(train_step, state, windows, config, mesh, echo)
     train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
@@ -577,12 +578,50 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
     batch = data.train_batch(windows, config.batch_size, config.seed, 0, 0, config.partition)
     batch = parallel.shard_batch(batch, mesh)
     compiled = parallel.in_mesh(mesh, lambda: train_step.lower(state, batch).compile())()
+    estimate = memory.estimate(compiled, _local_devices(mesh))
+    fits = _all_fit(estimate is None or estimate.fits, "batch_size", "the training step")
+    if fits:
+        if estimate is not None and (estimate.share or 0) > MEMORY_WARN_SHARE:
+            echo(f"warning: the training step needs {estimate.describe()}")
+        return
+    raise memory_refusal(config, estimate)
+
+
+def _check_state_memory(model, tx, config: TrainConfig, mesh) -> None:
+    """Refuses parameters and optimiser state larger than the free memory of the
+    devices that each hold a copy (``jax.eval_shape``: nothing is allocated), before
+    they are made: a model too large (``--hidden_size=65536 --num_layers=8``) failed
+    in XLA with RESOURCE_EXHAUSTED and a traceback, or met the OOM killer."""
+    if not memory.enabled():
+        return
+    abstract = jax.eval_shape(lambda: init_state(model, tx, config))
+    per_device = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    estimate = memory.for_bytes(per_device, _local_devices(mesh))
+    if _all_fit(estimate is None or estimate.fits, "hidden_size", "the model"):
+        return
+    levers = [f"--hidden_size ({config.hidden_size})", f"--num_layers ({config.num_layers})"]
+    if config.embed_dim:
+        levers.append(f"--embed_dim ({config.embed_dim})")
+    raise ConfigError(
+        "hidden_size",
+        f"the model's parameters and optimizer state would need {estimate.describe()}. "
+        f"Lower {', '.join(levers[:-1])} or {levers[-1]}{_pool_levers(estimate)}. Nothing "
+        f"was trained; {memory.ENV}=0 skips this check",
+    )
+
+
+def _local_devices(mesh) -> list:
+    """This process's devices of ``mesh`` (a multi-host mesh holds the others' too),
+    or the default device (where :func:`rnn_jax.parallel.place_state` puts the state)."""
     if mesh is None:
-        devices = list(state["step"].devices())
-    else:  # this process's devices (a multi-host mesh holds the others' too)
-        devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    estimate = memory.estimate(compiled, devices)
-    fits = estimate is None or estimate.fits
+        return jax.devices()[:1]
+    return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def _all_fit(fits: bool, flag: str, what: str) -> bool:
+    """``fits`` of this process; in a multi-process run, ConfigError(``flag``) on every
+    process when another's ``what`` does not fit (a process left running alone would
+    wait at the first collective)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -590,16 +629,12 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
         if fits and not np.all(verdicts):
             refused = [i for i, ok in enumerate(np.ravel(verdicts)) if not ok]
             raise ConfigError(
-                "batch_size",
-                f"the training step does not fit in the memory of process(es) "
+                flag,
+                f"{what} does not fit in the memory of process(es) "
                 f"{', '.join(map(str, refused))} (their errors say how much it needs); "
                 f"nothing was trained",
             )
-    if fits:
-        if estimate is not None and (estimate.share or 0) > MEMORY_WARN_SHARE:
-            echo(f"warning: the training step needs {estimate.describe()}")
-        return
-    raise memory_refusal(config, estimate)
+    return fits
 
 
 def memory_refusal(config: TrainConfig, estimate: memory.Estimate) -> ConfigError:
@@ -611,19 +646,25 @@ def memory_refusal(config: TrainConfig, estimate: memory.Estimate) -> ConfigErro
     )
     if not config.remat and config.implementation != "wavefront":
         levers += ", or set --remat (recompute the activations in the backward pass)"
-    if memory.BUDGET_ENV in estimate.pool:
-        levers += (
-            f"; {memory.BUDGET_ENV} sets this process's share of host memory (a sweep's "
-            f"--parallel=N gives each trial 1/N of what was free: run fewer at once)"
-        )
-    elif estimate.pool != "host memory":
-        levers += "; JAX's share of the device is XLA_PYTHON_CLIENT_MEM_FRACTION"
     return ConfigError(
         "batch_size",
         f"the training step would need {estimate.describe()} (XLA's plan of the "
-        f"compiled step: activations, gradients and workspace). {levers}. Nothing was "
-        f"trained; {memory.ENV}=0 skips this check",
+        f"compiled step: activations, gradients and workspace). {levers}"
+        f"{_pool_levers(estimate)}. Nothing was trained; {memory.ENV}=0 skips this check",
     )
+
+
+def _pool_levers(estimate: memory.Estimate) -> str:
+    """What else sets the memory a refusal counted as free: a sweep's share of host
+    memory, or JAX's share of an accelerator."""
+    if memory.BUDGET_ENV in estimate.pool:
+        return (
+            f"; {memory.BUDGET_ENV} sets this process's share of host memory (a sweep's "
+            f"--parallel=N gives each trial 1/N of what was free: run fewer at once)"
+        )
+    if estimate.pool != "host memory":
+        return "; JAX's share of the device is XLA_PYTHON_CLIENT_MEM_FRACTION"
+    return ""
 
 
 def _mesh(config: TrainConfig):

@@ -197,17 +197,37 @@ def snapshot(folder: Path) -> dict:
     }
 
 
+def test_a_model_larger_than_memory_is_refused_before_it_is_made(tmp_path, monkeypatch):
+    """Parameters and optimizer state are sized by jax.eval_shape before they are
+    made: --hidden_size=65536 with 2 layers and Adam's moments (some 400 GB) failed
+    in XLA with RESOURCE_EXHAUSTED and a traceback."""
+    monkeypatch.delenv(memory.ENV, raising=False)
+    config = tiny(tmp_path, hidden_size=65536, num_layers=2, optimizer="adam")
+    with pytest.raises(ConfigError, match="parameters and optimizer state would need") as e:
+        train.run(config, echo=lambda _: None)
+    assert e.value.flag == "hidden_size" and "--num_layers (2)" in str(e.value)
+    assert "--embed_dim" not in str(e.value)  # (one-hot input: no embedding to shrink)
+    assert not Path(config.workdir).exists()
+
+
+def fake_step(monkeypatch, need: int, free: int = 2**20) -> None:
+    """Steps that need ``need`` bytes, ``free`` of host memory (the tiny run's model,
+    some 40 KB, fits in it)."""
+    monkeypatch.setattr(memory, "step_need", lambda compiled: need)
+    monkeypatch.setattr(memory, "host_available", lambda: free)
+
+
 def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.delenv(memory.ENV, raising=False)
     config = tiny(tmp_path)
-    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    fake_step(monkeypatch, 2**22)
     with pytest.raises(ConfigError, match="would need") as e:
         train.run(config, echo=lambda _: None)
     assert e.value.flag == "batch_size"
     message = str(e.value)
     for part in ("--batch_size (16)", "--num_steps (8)", "--hidden_size (16)", "--remat"):
         assert part in message
-    assert "1,000 bytes of host memory is free" in message
+    assert "4.00 MiB, and 1.00 MiB of host memory is free" in message
     assert "--parallel" not in message
     assert not Path(config.workdir).exists()  # the folder it made is gone again
     with pytest.raises(ConfigError) as e:  # with remat on, it is not offered again
@@ -219,8 +239,8 @@ def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_pat
     monkeypatch.undo()
     assert train.run(config, echo=lambda _: None).status == "completed"
     before = snapshot(Path(config.workdir))
-    monkeypatch.setattr(memory, "host_available", lambda: 1000)
-    with pytest.raises(ConfigError, match="would need"):
+    fake_step(monkeypatch, 2**22)
+    with pytest.raises(ConfigError, match="training step would need"):
         train.run(tiny(tmp_path, epochs=2), echo=lambda _: None)
     assert snapshot(Path(config.workdir)) == before
     # the environment variable lets it run anyway
@@ -230,13 +250,12 @@ def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_pat
 
 def test_a_step_close_to_the_limit_warns_and_is_compiled_once(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(memory.ENV, raising=False)
-    monkeypatch.setattr(memory, "step_need", lambda compiled: 900)
-    monkeypatch.setattr(memory, "host_available", lambda: 1000)
+    fake_step(monkeypatch, 9 * 2**20 // 10)
     lines = []
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         result = train.run(tiny(tmp_path), echo=lines.append)
     assert result.status == "completed"
-    assert any(line.startswith("warning: the training step needs 900 bytes") for line in lines)
+    assert any(line.startswith("warning: the training step needs 0.90 MiB") for line in lines)
     compiles = [r for r in caplog.records if "Compiling jit(train_step)" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
     # resumed: the restored state is placed as the fresh one was, so again one compile

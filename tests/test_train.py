@@ -606,6 +606,13 @@ def test_sampling_uses_the_key_and_text_round_trips():
     assert ids.shape == (40,) and a == vocab.join(list("time traveller") + vocab.to_tokens(ids))
 
 
+def test_the_generate_launcher_caps_what_the_library_caps():
+    """experiments.generate writes the caps out (it checks flags before importing JAX)."""
+    source = (ROOT / "experiments" / "generate.py").read_text()
+    assert f"MAX_CHARS = {generate.MAX_TOKENS:_}\n" in source
+    assert f"MAX_CHARS_BIDIRECTIONAL = {generate.MAX_TOKENS_BIDIRECTIONAL:_}\n" in source
+
+
 def test_generation_refuses_what_it_cannot_continue():
     """An empty, 2-D, float or out-of-vocabulary prefix, a NaN / negative temperature,
     a float count: named errors before tracing (an empty prefix once read logits at position -1)."""
@@ -767,6 +774,12 @@ BAD_CONFIG = [
         "--batch_size: the sequential partition has 0",
     ),
     (dict(hidden_size=99999999999), "--hidden_size: expected <= 65536"),
+    # beyond what the run's arrays hold: tracebacks, one after the whole run trained
+    (dict(sample_chars=3 * 10**9), "--sample_chars: expected <= 10,000,000"),
+    (dict(sample_chars=10**5, bidirectional=True), "--sample_chars: expected <= 10,000 "),
+    (dict(warmup_steps=2**31), "--warmup_steps: expected <= 2,147,483,646"),
+    (dict(seed=2**64), "--seed: expected <= 9,223,372,036,854,775,807"),
+    (dict(epochs=10**9), "--epochs: 1,000,000,000 epochs of 8 steps are 8,000,000,000 steps"),
     (dict(batch_size=10**9), r"--batch_size: expected at most num_train = \d+ .*got 1000000000"),
     # a config built in Python holds Python values of each field's kind (epochs=1.5
     # failed only after the run directory was written)
