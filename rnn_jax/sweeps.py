@@ -202,10 +202,15 @@ def parse_grid(text: str) -> dict[str, list[str]]:
         items = [v.strip() for v in values.split(",")]
         if "" in items:
             raise SweepError("grid", f"{name}: empty value in {values!r}")
-        if len(set(items)) < len(items):
-            raise SweepError("grid", f"{name}: a value is repeated in {values!r}")
         for v in items:
             check_value(name, v, "grid")
+        seen: dict[Any, str] = {}
+        for v in items:  # the same value in two spellings (1 and 1.0) ran twice
+            key = convert(name, v)
+            if key in seen:
+                same = "" if seen[key] == v else f" ({seen[key]!r} and {v!r} are the same)"
+                raise SweepError("grid", f"{name}: a value is repeated in {values!r}{same}")
+            seen[key] = v
         grid[name] = items
     if not grid:
         raise SweepError("grid", "empty grid; expected e.g. 'cell=gru,lstm;lr=0.5,1'")

@@ -134,6 +134,8 @@ SIX = ("lr", "grad_clip", "dropout", "epochs", "hidden_size", "num_layers")
         (dict(grid="lr=1", base_args=["--pin_reset=none"]), "base", "leaves a flag unset by"),
         (dict(grid="lr=1", base_args=["--tune_malloc=maybe"]), "base", "expected true or"),
         (dict(grid="embed_dim=0X10"), "grid", "expected an int, got '0X10'"),  # (only 0x)
+        (dict(grid="lr=1,2,1"), "grid", r"lr: a value is repeated in '1,2,1'$"),
+        (dict(grid="lr=1,1.0"), "grid", r"\('1' and '1.0' are the same\)"),  # (ran twice)
         # planned and validated up front: a million trials took hours before one ran
         (dict(grid="lr=1", seeds=10**6), "seeds", "1,000,000 trials; expected at most"),
         (dict(grid=";".join(f"{n}=1,2,3,4,5,6,7,8,9,10" for n in SIX)), "grid", "1,000,000 con"),
