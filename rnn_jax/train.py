@@ -314,6 +314,15 @@ def run(
         before a checkpoint is read or anything written.
       NonFiniteLoss: the loss became NaN or infinite; the last good checkpoint stays.
     """
+    # SIGTERM / SIGINT are noted from the start, not only in the loop: a Ctrl-C while
+    # JAX compiled or restored raised KeyboardInterrupt inside JAX, which swallowed it
+    # (the run then trained to its end and returned 0) or crashed (SIGSEGV). A signal
+    # noted before the loop stops the run after its first step, saved.
+    with _SignalCatcher() as signals:
+        return _run(config, echo, autotune_cache, autotune_refresh, signals)
+
+
+def _run(config, echo, autotune_cache, autotune_refresh, signals) -> Result:
     ids, vocab = validate(config)
     for warning in inapplicable(config):
         echo(f"warning: {warning}")
@@ -340,7 +349,7 @@ def run(
     # 0 holds the lock for all (another process's lock would refuse its own run).
     lock = _lock_workdir(workdir) if jax.process_index() == 0 else None
     try:
-        return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh)
+        return _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, signals)
     except ConfigError:  # refused once compiled (memory, autotune): leave no new folder
         if fresh and lock is not None:
             _remove_if_only_lock(workdir)
@@ -384,7 +393,7 @@ def _lock_workdir(workdir: Path):
     return handle
 
 
-def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -> Result:
+def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, signals) -> Result:
     """:func:`run` once its checks passed and it holds the run directory's lock."""
     from rnn_jax import checkpoint, generate  # orbax is imported only when training
 
@@ -502,46 +511,43 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh) -
                 commit_stretch()
 
     try:
-        with _SignalCatcher() as signals:
-            for step in range(start, total):
-                epoch, i = divmod(step, steps_per_epoch)
-                batch = data.train_batch(
-                    windows, config.batch_size, config.seed, epoch, i, config.partition
+        for step in range(start, total):
+            epoch, i = divmod(step, steps_per_epoch)
+            batch = data.train_batch(
+                windows, config.batch_size, config.seed, epoch, i, config.partition
+            )
+            state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+            done = step + 1
+            meter.pending.append((done, metrics))
+            if is_due(done, config.eval_every or steps_per_epoch, total):
+                meter.flush(last_saved)
+                record = meter.record(done)
+                val = evaluate(eval_step, state["params"], windows, config.batch_size, "val", mesh)
+                record["val_ppl"] = val
+                record["wall_s"] = wall_offset + time.perf_counter() - t_start
+                history.append(record)
+                if writer:
+                    _append_jsonl(metrics_path, record)
+                eta = (total - done) * record["seconds_per_step"]
+                echo(
+                    f"step {done}/{total} epoch {record['epoch']:.2f}: "
+                    f"train ppl {record['train_ppl']:.3f}, val ppl {val:.3f}, "
+                    f"{record['tokens_per_s']:,.0f} tok/s, ETA {_hms(eta)}"
                 )
-                state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
-                done = step + 1
-                meter.pending.append((done, metrics))
-                if is_due(done, config.eval_every or steps_per_epoch, total):
-                    meter.flush(last_saved)
-                    record = meter.record(done)
-                    val = evaluate(
-                        eval_step, state["params"], windows, config.batch_size, "val", mesh
-                    )
-                    record["val_ppl"] = val
-                    record["wall_s"] = wall_offset + time.perf_counter() - t_start
-                    history.append(record)
-                    if writer:
-                        _append_jsonl(metrics_path, record)
-                    eta = (total - done) * record["seconds_per_step"]
-                    echo(
-                        f"step {done}/{total} epoch {record['epoch']:.2f}: "
-                        f"train ppl {record['train_ppl']:.3f}, val ppl {val:.3f}, "
-                        f"{record['tokens_per_s']:,.0f} tok/s, ETA {_hms(eta)}"
-                    )
-                    meter.reset(done)
-                    last_log = time.perf_counter()
-                elif time.perf_counter() - last_log > config.log_every_s:
-                    meter.flush(last_saved)
-                    echo(f"step {done}/{total}: train loss {meter.train_loss():.4f}")
-                    last_log = time.perf_counter()
-                if is_due(done, config.checkpoint_every, total):
-                    save(done)
-                if signals.received is not None:
-                    save(done)
-                    name = signal.Signals(signals.received).name
-                    echo(f"{name} received: saved step {done}; rerun the same command to resume")
-                    status, exit_code = "interrupted", EXIT_SIGNAL[signals.received]
-                    break
+                meter.reset(done)
+                last_log = time.perf_counter()
+            elif time.perf_counter() - last_log > config.log_every_s:
+                meter.flush(last_saved)
+                echo(f"step {done}/{total}: train loss {meter.train_loss():.4f}")
+                last_log = time.perf_counter()
+            if is_due(done, config.checkpoint_every, total):
+                save(done)
+            if signals.received is not None:
+                save(done)
+                name = signal.Signals(signals.received).name
+                echo(f"{name} received: saved step {done}; rerun the same command to resume")
+                status, exit_code = "interrupted", EXIT_SIGNAL[signals.received]
+                break
     finally:
         ckpt.close()
     params = state["params"]

@@ -701,6 +701,30 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert_bitwise_equal(a[1], b[1])
 
 
+def test_a_signal_while_starting_stops_the_run_after_its_first_step(tmp_path, monkeypatch):
+    """Ctrl-C while the step compiled (or a checkpoint was restored) raised
+    KeyboardInterrupt inside JAX, which swallowed it (the run trained to its end and
+    exited 0; 38 of a fuzzer's SIGINTs) or crashed (SIGSEGV). Noted from the start,
+    it stops the run after its first step, saved."""
+    original = train._check_memory
+
+    def compiling(*args, **kw):  # the signal arrives while the step compiles
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # (Python runs its handler here)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(train, "_check_memory", compiling)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        lines = []
+        result = train.run(tiny(tmp_path), echo=lines.append)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (result.status, result.exit_code, result.step) == ("interrupted", 130, 1)
+    assert any(line.startswith("SIGINT received: saved step 1;") for line in lines), lines
+
+
 def test_sigterm_saves_the_current_step_and_exits(tmp_path):
     proc = launch(*TINY_FLAGS, "--epochs=1000", "--log_every_s=0", f"--workdir={tmp_path}")
     for line in proc.stdout:
