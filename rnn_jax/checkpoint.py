@@ -31,10 +31,13 @@ absent or complete. Before restoring a step the manifest is checked: the set of 
 their sizes and their hashes must all match. A step without a manifest (the process died
 between orbax's commit and the manifest write), with an unreadable manifest or with any
 mismatch is unusable: :meth:`Checkpointer.restore_latest` logs a warning naming the step
-and the reason, and falls back to the next older step. A step whose orbax restore raises
-is skipped the same way. Manifests of steps that orbax garbage-collects (``max_to_keep``)
-are removed after each save, and orphaned ones when a writer opens the directory (a
-``read_only`` reader changes nothing).
+and the reason, and falls back to the next older step. (The writer's
+:meth:`Checkpointer.seal_newest` first writes the missing manifest of a newest step
+that orbax finished, when every older step has its own: that process was stopped
+between the two, and a run whose only step it is could not resume otherwise.) A step
+whose orbax restore raises is skipped the same way. Manifests of steps that orbax
+garbage-collects (``max_to_keep``) are removed after each save, and orphaned ones when
+a writer opens the directory (a ``read_only`` reader changes nothing).
 
 In a multi-process run only process 0 writes manifests; every process verifies them,
 so the directory must be on a file system that all processes see.
@@ -410,17 +413,52 @@ class Checkpointer:
         self._mngr.save(step, args=args, force=True)
         self._mngr.wait_until_finished()
         if self._is_writer:
-            _atomic_write_json(
-                self.manifest_path(step),
-                {
-                    "version": _MANIFEST_VERSION,
-                    "step": step,
-                    "algorithm": "sha256",
-                    "files": _digest_tree(self.step_dir(step)),
-                },
-            )
+            self._write_manifest(step)
         self._prune_manifests()
         return True
+
+    def _write_manifest(self, step: int) -> None:
+        _atomic_write_json(
+            self.manifest_path(step),
+            {
+                "version": _MANIFEST_VERSION,
+                "step": step,
+                "algorithm": "sha256",
+                "files": _digest_tree(self.step_dir(step)),
+            },
+        )
+
+    def seal_newest(self) -> int | None:
+        """Writes the integrity manifest of the newest step where orbax finalized it
+        but the manifest is missing: the process that saved it was stopped between
+        the two (a SIGKILL while hashing). Orbax's atomic commit says its files are
+        complete; without this, a run whose only step is that one could not resume.
+        Only where every older step has its manifest (else they were lost some other
+        way, say a copy without them, and the steps stay unusable). Returns that
+        step, or None (nothing to do, or not the writer: a reader must not, since the
+        writer may be hashing it right now).
+
+        For the single writer of the directory only (a training run holds its lock).
+        """
+        steps = self.all_steps()
+        if not self._is_writer or not steps or os.path.exists(self.manifest_path(steps[-1])):
+            return None
+        step = steps[-1]
+        if not os.path.isfile(os.path.join(self.step_dir(step), "commit_success.txt")):
+            return None  # (not orbax's finished layout: left unusable)
+        if not all(os.path.exists(self.manifest_path(s)) for s in steps[:-1]):
+            return None  # manifests lost otherwise (a copy without them): left unusable
+        try:
+            self._write_manifest(step)
+        except OSError as e:
+            log.warning("Could not write the manifest of checkpoint step %d: %s", step, e)
+            return None
+        log.warning(
+            "Checkpoint step %d had no integrity manifest (its save was stopped after "
+            "orbax committed it); wrote it from its files.",
+            step,
+        )
+        return step
 
     def _remove_manifest(self, step: int) -> None:
         if self._is_writer:

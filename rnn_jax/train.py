@@ -431,6 +431,11 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
     _check_memory(train_step, state, windows, config, mesh, echo)
     train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    ckpt.seal_newest()  # a save stopped before its manifest (process 0 writes it)
+    if jax.process_count() > 1:  # every process verifies once it is written
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rnn_jax: newest checkpoint sealed")
     restored = ckpt.restore_latest(parallel.abstract_state(jax.eval_shape(lambda: state), mesh))
     start, last_saved, saved_meter = 0, None, None
     if restored is not None:
