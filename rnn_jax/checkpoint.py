@@ -33,8 +33,9 @@ between orbax's commit and the manifest write), with an unreadable manifest or w
 mismatch is unusable: :meth:`Checkpointer.restore_latest` logs a warning naming the step
 and the reason, and falls back to the next older step. (The writer's
 :meth:`Checkpointer.seal_newest` first writes the missing manifest of a newest step
-that orbax finished, when every older step has its own: that process was stopped
-between the two, and a run whose only step it is could not resume otherwise.) A step
+that orbax finished and that restores with finite values, when every older step has
+its own: that process was stopped between the two, and a run whose only step it is
+could not resume otherwise.) A step
 whose orbax restore raises is skipped the same way. Manifests of steps that orbax
 garbage-collects (``max_to_keep``) are removed after each save, and orphaned ones when
 a writer opens the directory (a ``read_only`` reader changes nothing).
@@ -428,26 +429,48 @@ class Checkpointer:
             },
         )
 
-    def seal_newest(self) -> int | None:
+    def seal_newest(self, abstract_state: Any) -> int | None:
         """Writes the integrity manifest of the newest step where orbax finalized it
         but the manifest is missing: the process that saved it was stopped between
         the two (a SIGKILL while hashing). Orbax's atomic commit says its files are
         complete; without this, a run whose only step is that one could not resume.
         Only where every older step has its manifest (else they were lost some other
-        way, say a copy without them, and the steps stay unusable). Returns that
-        step, or None (nothing to do, or not the writer: a reader must not, since the
-        writer may be hashing it right now).
+        way, say a copy without them, and the steps stay unusable), and where the step
+        restores into ``abstract_state`` (as :meth:`restore`'s) with every value
+        finite: a power loss just after orbax's rename can leave unwritten data, which
+        must not be sealed (damage that stays finite cannot be told from data).
+        Returns that step, or None (nothing to do, or not the writer: a reader must
+        not, since the writer may be hashing it right now).
 
-        For the single writer of the directory only (a training run holds its lock).
+        For the single writer of the directory only (a training run holds its lock),
+        in a one-process run (the restore it tries is collective in several).
         """
         steps = self.all_steps()
-        if not self._is_writer or not steps or os.path.exists(self.manifest_path(steps[-1])):
+        if (
+            not self._is_writer
+            or jax.process_count() > 1
+            or not steps
+            or os.path.exists(self.manifest_path(steps[-1]))
+        ):
             return None
         step = steps[-1]
         if not os.path.isfile(os.path.join(self.step_dir(step), "commit_success.txt")):
             return None  # (not orbax's finished layout: left unusable)
         if not all(os.path.exists(self.manifest_path(s)) for s in steps[:-1]):
             return None  # manifests lost otherwise (a copy without them): left unusable
+        try:
+            state, _ = self._restore_verified(step, abstract_state)
+            finite = all(
+                bool(np.all(np.isfinite(np.asarray(x))))
+                for x in jax.tree.leaves(state)
+                if np.issubdtype(np.asarray(x).dtype, np.inexact)
+            )
+        except Exception as e:  # noqa: BLE001  (orbax's own failures: unusable)
+            log.warning("Checkpoint step %d has no manifest and does not restore: %s", step, e)
+            return None
+        if not finite:
+            log.warning("Checkpoint step %d has no manifest and holds non-finite values", step)
+            return None
         try:
             self._write_manifest(step)
         except OSError as e:

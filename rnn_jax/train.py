@@ -193,7 +193,11 @@ def is_due(step: int, every: int, total: int) -> bool:
 
 
 class _SignalCatcher:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+    """Turns SIGTERM / SIGINT into a flag the run checks where it can stop cleanly
+    (before it locks the run directory, after autotune, before the loop, after each
+    step, before the final sample). A second signal is the previous handler's (the
+    default: Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process), for a
+    start-up the flag cannot cut short (a compile)."""
 
     def __init__(self):
         self.received: int | None = None
@@ -208,7 +212,21 @@ class _SignalCatcher:
         return self
 
     def _handle(self, signum, frame):
-        self.received = signum
+        if self.received is None:
+            self.received = signum
+            return
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def stop(self, echo, what: str, step: int) -> Result:
+        """The Result of a run stopped by the noted signal ``what`` (where), at ``step``."""
+        name = signal.Signals(self.received).name
+        echo(f"{name} received {what}; rerun the same command to resume")
+        return Result("interrupted", step, exit_code=EXIT_SIGNAL[self.received])
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -344,6 +362,9 @@ def _run(config, echo, autotune_cache, autotune_refresh, signals) -> Result:
             f"until 2026-12-08): it is read so for this run"
         )
     _check_progress(workdir, config, ids)
+    if signals.received is not None:  # (nothing written yet)
+        saved = _newest_saved_step(workdir / "checkpoints") if workdir.is_dir() else None
+        return signals.stop(echo, "while starting: nothing was written", saved or 0)
     fresh = not workdir.exists()
     # One run per run directory. The processes of a multi-process run share it: process
     # 0 holds the lock for all (another process's lock would refuse its own run).
@@ -410,6 +431,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
             unroll=choice.unroll,
             directions=choice.directions,
         )
+        if signals.received is not None:  # (its choice is cached; nothing else written)
+            saved = _newest_saved_step(workdir / "checkpoints") if workdir.is_dir() else None
+            return signals.stop(echo, "while autotuning: nothing was trained", saved or 0)
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
     total = steps_per_epoch * config.epochs
@@ -431,12 +455,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
     _check_memory(train_step, state, windows, config, mesh, echo)
     train_step, eval_step = parallel.in_mesh(mesh, train_step), parallel.in_mesh(mesh, eval_step)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    ckpt.seal_newest()  # a save stopped before its manifest (process 0 writes it)
-    if jax.process_count() > 1:  # every process verifies once it is written
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("rnn_jax: newest checkpoint sealed")
-    restored = ckpt.restore_latest(parallel.abstract_state(jax.eval_shape(lambda: state), mesh))
+    abstract = parallel.abstract_state(jax.eval_shape(lambda: state), mesh)
+    ckpt.seal_newest(abstract)  # a save stopped before its manifest
+    restored = ckpt.restore_latest(abstract)
     start, last_saved, saved_meter = 0, None, None
     if restored is not None:
         start, state, meta = restored
@@ -463,6 +484,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
         )
     else:
         echo(f"run directory: {workdir}")
+    if signals.received is not None:  # while compiling or restoring
+        ckpt.close()
+        return signals.stop(echo, "while starting: nothing was trained", start)
     result_path = workdir / "result.json"
     # A resumed stretch commits its settings (config.json, with their changes) and
     # moves the earlier result aside at its first checkpoint, not before: a resume
@@ -560,6 +584,10 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
         _plot(history, workdir / "curves.png", echo)
     if status == "interrupted":
         return Result(status, int(state["step"]), exit_code=exit_code, params=params)
+    if signals.received is not None:  # after the last step (saved): not the long sample
+        return signals.stop(
+            echo, "after the last step (saved): no sample or result.json yet", total
+        )
     final = history[-1] if history else {}
     sample = generate.generate_text(model, params, vocab, config.sample_prefix, config.sample_chars)
     echo(

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,29 +229,42 @@ def test_missing_manifest_falls_back(tmp_path, caplog):
 
 def test_the_writer_seals_a_newest_step_whose_manifest_was_never_written(tmp_path, caplog):
     """Only the newest step, only when every older one has its manifest (else they
-    were lost some other way), only where orbax finished it, and only by a writer."""
+    were lost some other way), only where orbax finished it and it restores with
+    finite values (a power loss can leave unwritten data), and only by a writer."""
     with Checkpointer(tmp_path) as ckpt:
         states = save_steps(ckpt, [1, 2])
-        assert ckpt.seal_newest() is None  # nothing to do
+        target = abstract(states[2])
+        assert ckpt.seal_newest(target) is None  # nothing to do
     manifest = Path(tmp_path) / f"2{MANIFEST_SUFFIX}"
     expected = manifest.read_bytes()
     manifest.unlink()
     with Checkpointer(tmp_path, read_only=True) as reader:
-        assert reader.seal_newest() is None and not manifest.exists()
+        assert reader.seal_newest(target) is None and not manifest.exists()
     with Checkpointer(tmp_path) as ckpt, caplog.at_level(logging.WARNING, logger=LOGGER):
-        assert ckpt.seal_newest() == 2
-        step, restored, _ = ckpt.restore_latest(abstract(states[2]))
+        assert ckpt.seal_newest(target) == 2
+        step, restored, _ = ckpt.restore_latest(target)
     assert manifest.read_bytes() == expected and step == 2
     assert_bitwise_equal(restored, states[2])
     assert "step 2 had no integrity manifest" in caplog.text
+
+    def nan(x):
+        return x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    with Checkpointer(tmp_path) as ckpt:  # a step that restores to NaN: damaged
+        ckpt.save(3, jax.tree.map(nan, states[2]), {})
+    (Path(tmp_path) / f"3{MANIFEST_SUFFIX}").unlink()
+    with Checkpointer(tmp_path) as ckpt, caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert ckpt.seal_newest(target) is None
+    assert "step 3 has no manifest and holds non-finite values" in caplog.text
+    shutil.rmtree(Path(tmp_path) / "3")
     for name in ("1", "2"):  # both lost: left unusable
         (Path(tmp_path) / f"{name}{MANIFEST_SUFFIX}").unlink()
     with Checkpointer(tmp_path) as ckpt:
-        assert ckpt.seal_newest() is None
-    (Path(tmp_path) / "2" / "commit_success.txt").unlink()
+        assert ckpt.seal_newest(target) is None
     (Path(tmp_path) / f"1{MANIFEST_SUFFIX}").write_bytes(b"{}")  # (older ones: present)
+    (Path(tmp_path) / "2" / "commit_success.txt").unlink()
     with Checkpointer(tmp_path) as ckpt:
-        assert ckpt.seal_newest() is None  # not orbax's finished layout
+        assert ckpt.seal_newest(target) is None  # not orbax's finished layout
 
 
 def test_tampered_manifest_and_extra_file_fall_back(tmp_path, caplog):

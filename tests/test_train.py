@@ -366,7 +366,7 @@ def test_more_epochs_on_a_schedule_say_that_it_changes(tmp_path):
     the change (a constant schedule extends a run exactly, tested above)."""
     config = tiny(tmp_path, epochs=1, schedule="cosine", checkpoint_every=6)
     train.run(config, echo=quiet)  # checkpoints at 6 and 8; resume from 6 below
-    (Path(config.workdir) / "checkpoints" / f"8{checkpoint.MANIFEST_SUFFIX}").unlink()
+    corrupt_step(config.workdir, 8)
     lines = []
     longer = dataclasses.replace(config, epochs=2, lr=0.02)  # the old rate is the old lr's
     train.run(longer, echo=lines.append)
@@ -717,28 +717,65 @@ def test_sigkill_then_rerun_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert_bitwise_equal(a[1], b[1])
 
 
-def test_a_signal_while_starting_stops_the_run_after_its_first_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "where, stopped, step",
+    [
+        ("_check_workdir", "while starting: nothing was written", 0),  # before the lock
+        ("_check_memory", "while starting: nothing was trained", 0),  # while compiling
+        ("_plot", "after the last step (saved): no sample or result.json yet", 8),
+    ],
+)
+def test_a_signal_outside_the_loop_stops_the_run_where_it_is(
+    tmp_path, monkeypatch, where, stopped, step
+):
     """Ctrl-C while the step compiled (or a checkpoint was restored) raised
     KeyboardInterrupt inside JAX, which swallowed it (the run trained to its end and
     exited 0; 38 of a fuzzer's SIGINTs) or crashed (SIGSEGV). Noted from the start,
-    it stops the run after its first step, saved."""
-    original = train._check_memory
+    it stops the run at the next point where nothing is half done: before anything is
+    written, before the first step, or (after the last step, saved) before the long
+    sample, which a rerun then writes."""
+    original = getattr(train, where)
 
-    def compiling(*args, **kw):  # the signal arrives while the step compiles
+    def signalled(*args, **kw):
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # (Python runs its handler here)
+        time.sleep(0.01)  # (Python runs its handler here: noted, not raised)
         return original(*args, **kw)
 
-    monkeypatch.setattr(train, "_check_memory", compiling)
+    monkeypatch.setattr(train, where, signalled)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         lines = []
-        result = train.run(tiny(tmp_path), echo=lines.append)
+        result = train.run(tiny(tmp_path, epochs=1), echo=lines.append)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert (result.status, result.exit_code, result.step) == ("interrupted", 130, 1)
-    assert any(line.startswith("SIGINT received: saved step 1;") for line in lines), lines
+    assert (result.status, result.exit_code, result.step) == ("interrupted", 130, step)
+    assert f"SIGINT received {stopped}; rerun the same command to resume" in lines, lines
+    workdir = Path(tmp_path / "run")
+    assert not (workdir / "result.json").exists()
+    if where == "_check_workdir":
+        assert not workdir.exists()
+    if where == "_plot":
+        monkeypatch.undo()
+        rerun = train.run(tiny(tmp_path, epochs=1), echo=quiet)
+        assert rerun.status == "completed" and rerun.sample
+        assert (workdir / "result.json").exists()
+
+
+def test_a_second_signal_goes_to_the_previous_handler():
+    """The first Ctrl-C is noted; a second is Python's (KeyboardInterrupt), for a
+    start-up that the note cannot cut short."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with train._SignalCatcher() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert signals.received == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigterm_saves_the_current_step_and_exits(tmp_path):
