@@ -289,7 +289,7 @@ def test_a_manifest_with_a_malformed_file_entry_falls_back(tmp_path, caplog):
     with Checkpointer(tmp_path) as ckpt:
         states = save_steps(ckpt, [1, 2])
         path = os.path.join(tmp_path, "2" + MANIFEST_SUFFIX)
-        manifest = json.loads(open(path).read())
+        manifest = json.loads(Path(path).read_text())
         first = sorted(manifest["files"])[0]
         manifest["files"][first] = "not a dict"  # valid JSON: it raised AttributeError
         with open(path, "w") as f:

@@ -259,7 +259,9 @@ def test_evaluation_perplexity_is_the_mean_over_all_tokens(tmp_path):
 def test_short_run_lowers_validation_perplexity(tmp_path):
     config = tiny(tmp_path, epochs=4, num_train=512)
     train.run(config, echo=quiet)
-    records = [json.loads(line) for line in (Path(config.workdir) / "metrics.jsonl").open()]
+    records = [
+        json.loads(x) for x in (Path(config.workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records] == [32, 64, 96, 128]
     for key in ("step", "epoch", "train_ppl", "val_ppl", "tokens_per_s", "wall_s"):
         assert key in records[0]
@@ -289,7 +291,9 @@ def test_crash_then_resume_in_process_is_bitwise_equal(tmp_path):
     # numbers of the uninterrupted run: the checkpoint at step 15 carried the interval's
     # training sums, so the evaluation at 16 averages steps 9-16, not 16 alone
     def metrics(run):
-        return [json.loads(x) for x in (Path(run.workdir) / "metrics.jsonl").open()]
+        return [
+            json.loads(x) for x in (Path(run.workdir) / "metrics.jsonl").read_text().splitlines()
+        ]
 
     got, want = metrics(crashing), metrics(tiny(tmp_path / "a"))
     assert [r["step"] for r in got] == [8, 16, 24, 32]
