@@ -8,14 +8,13 @@ Generation is one compiled scan (see rnn_jax.generate).
 """
 
 import math
-import os
 import sys
 from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from experiments.common import deferred_sigint, parse_flags_or_exit_2
+from experiments.common import deferred_sigint, exit_at_once, parse_flags_or_exit_2
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory written by experiments.train.", required=True)
@@ -46,9 +45,7 @@ def main(argv):
         # shutdown crash (SIGSEGV in 5 of 24 probes at 1.5-1.8 s after start); generation
         # writes nothing, so the process ends without that shutdown
         print("interrupted (SIGINT)", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        exit_at_once(130)
 
 
 def _main(argv):

@@ -12,7 +12,7 @@ stderr and exit code 2, before anything is compiled or written.
 import dataclasses
 import sys
 
-from experiments.common import deferred_sigint
+from experiments.common import deferred_sigint, exit_at_once
 
 with deferred_sigint():
     from absl import app, flags  # (importing JAX below takes a second or two)
@@ -229,13 +229,13 @@ def _recurrent_macs() -> int:
 def main(argv):
     try:
         _main(argv)
-    except KeyboardInterrupt:  # outside the training loop, which saves and exits 130 itself
+    except KeyboardInterrupt:  # outside train.run (which notes signals), or a second one
         print(
             "interrupted (SIGINT) outside the training loop; the run directory keeps its "
             "last checkpoint",
             file=sys.stderr,
         )
-        sys.exit(130)
+        exit_at_once(130)  # (train.run has closed its checkpoints and lock by now)
 
 
 def _main(argv):

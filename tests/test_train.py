@@ -1266,7 +1266,7 @@ def test_ctrl_c_in_the_generate_launcher_exits_130_without_the_shutdown(
 
     monkeypatch.setattr(runs, "load_config", lambda path: TrainConfig())  # read first
     monkeypatch.setattr(runs, "load", interrupted)
-    monkeypatch.setattr(launcher.os, "_exit", fake_exit)
+    monkeypatch.setattr(os, "_exit", fake_exit)  # (experiments.common.exit_at_once)
     launcher.FLAGS(["generate", f"--workdir={tmp_path}"])
     try:
         with pytest.raises(SystemExit):
