@@ -166,7 +166,11 @@ def launcher_check(sweep: sweeps.Sweep):
     """The check of the base flagfile's ``--cpu_devices`` (a flag of the launcher, not
     of the run) for :func:`rnn_jax.sweeps.validate_trials`: a count that is not
     ``auto`` must split each configuration's batch, as the launcher requires."""
-    given = [a.partition("=")[2] for a in sweep.base_launcher if a.startswith("--cpu_devices=")]
+    given = [
+        value
+        for name, _, value in (a.lstrip("-").partition("=") for a in sweep.base_launcher)
+        if name == "cpu_devices"
+    ]
     if not given:
         return None
     value = given[-1]

@@ -354,7 +354,7 @@ def validate(config: TrainConfig) -> tuple[np.ndarray, text.Vocab]:
     for name, limit, why in (
         ("sample_chars", cap, "the sample is one compiled scan"),
         ("warmup_steps", 2**31 - 2, "step counts are int32"),
-        ("seed", 2**63 - 1, "seeds are int64"),
+        ("seed", 2**32 - 1, "a JAX key holds 32 bits: larger seeds repeat smaller ones"),
     ):  # (larger values failed with a traceback, some after the whole run had trained)
         if getattr(config, name) > limit:
             raise ConfigError(name, f"expected <= {limit:,} ({why}), got {getattr(config, name)}")

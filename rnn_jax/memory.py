@@ -154,23 +154,28 @@ def step_need(compiled: Any) -> int | None:
         return None
 
 
-def estimate(compiled: Any, devices: Sequence[Any]) -> Estimate | None:
+def estimate(compiled: Any, devices: Sequence[Any], held: int = 0) -> Estimate | None:
     """The memory ``compiled`` adds when run on ``devices`` (the devices of its
-    mesh, or the one it runs on); None when it cannot be told."""
-    return for_bytes(step_need(compiled), devices)
+    mesh, or the one it runs on); None when it cannot be told. ``held``: host bytes
+    this process already holds for the run (its placed state), which a budget
+    counts too (what is free has them taken out already)."""
+    return for_bytes(step_need(compiled), devices, held)
 
 
-def for_bytes(per_device: int | None, devices: Sequence[Any]) -> Estimate | None:
+def for_bytes(per_device: int | None, devices: Sequence[Any], held: int = 0) -> Estimate | None:
     """``per_device`` bytes on each of ``devices`` (arrays about to be made there,
     such as a model's parameters) against their free memory; None when either is
-    unknown."""
+    unknown. ``held``: as :func:`estimate`'s."""
     if per_device is None or not devices:
         return None
     cpus = [d for d in devices if d.platform == "cpu"]
     if cpus:  # one pool: host memory
         free, cap = host_available(), budget()
+        if cap is not None:
+            cap = max(0, cap - held)
         if cap is not None and (free is None or cap < free):
-            return Estimate(per_device, len(cpus), cap, f"the host memory {BUDGET_ENV} allows")
+            pool = f"the host memory {BUDGET_ENV} allows" + (" beyond the model" if held else "")
+            return Estimate(per_device, len(cpus), cap, pool)
         return Estimate(per_device, len(cpus), free, "host memory")
     tightest = None
     for device in devices:

@@ -370,7 +370,7 @@ def _name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)[:40]
 
 
-MAX_NAME = 200  # characters of a trial's folder name (file systems allow 255 bytes)
+MAX_NAME = 255  # characters (ASCII: bytes) of a trial's folder name, file systems' limit
 
 
 def trial_name(index: int, flags: dict[str, str], seed: int, width: int = 3) -> str:

@@ -342,6 +342,8 @@ def run(
 
 def _run(config, echo, autotune_cache, autotune_refresh, signals) -> Result:
     ids, vocab = validate(config)
+    if memory.enabled():
+        memory.budget()  # a malformed RNN_JAX_MEMORY_BUDGET: its ValueError, nothing written
     for warning in inapplicable(config):
         echo(f"warning: {warning}")
     unknown = vocab.unknown(config.sample_prefix)
@@ -613,11 +615,13 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
     (the step then compiles at its first call, as before)."""
     if not memory.enabled():
         return
-    memory.budget()  # a malformed RNN_JAX_MEMORY_BUDGET: its ValueError before compiling
     batch = data.train_batch(windows, config.batch_size, config.seed, 0, 0, config.partition)
     batch = parallel.shard_batch(batch, mesh)
     compiled = parallel.in_mesh(mesh, lambda: train_step.lower(state, batch).compile())()
-    estimate = memory.estimate(compiled, _local_devices(mesh))
+    devices = _local_devices(mesh)
+    cpus = sum(d.platform == "cpu" for d in devices)  # each holds a copy of the state
+    held = cpus * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    estimate = memory.estimate(compiled, devices, held)
     fits = _all_fit(estimate is None or estimate.fits, "batch_size", "the training step")
     if fits:
         if estimate is not None and (estimate.share or 0) > MEMORY_WARN_SHARE:

@@ -248,6 +248,21 @@ def test_a_step_larger_than_memory_is_refused_before_anything_is_written(tmp_pat
     assert train.run(tiny(tmp_path, epochs=2), echo=lambda _: None).status == "completed"
 
 
+def test_a_budget_counts_the_model_and_the_step_together(tmp_path, monkeypatch):
+    """The state checked against the budget, then the step against the whole budget
+    again, let a trial use twice its share; a malformed budget given to train.run
+    raised only once the run directory was made (ValueError, nothing written now)."""
+    monkeypatch.delenv(memory.ENV, raising=False)
+    monkeypatch.setenv(memory.BUDGET_ENV, str(2**20))
+    fake_step(monkeypatch, 2**20 - 1000, free=10**12)  # alone, the step fits the budget
+    with pytest.raises(ConfigError, match="RNN_JAX_MEMORY_BUDGET allows beyond the model is"):
+        train.run(tiny(tmp_path), echo=lambda _: None)
+    monkeypatch.setenv(memory.BUDGET_ENV, "8GB")
+    with pytest.raises(ValueError, match="RNN_JAX_MEMORY_BUDGET: expected a whole number"):
+        train.run(tiny(tmp_path), echo=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_step_close_to_the_limit_warns_and_is_compiled_once(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv(memory.ENV, raising=False)
     fake_step(monkeypatch, 9 * 2**20 // 10)
@@ -311,7 +326,17 @@ def test_autotune_counts_every_cpu_device_of_a_data_parallel_run(tmp_path, monke
     monkeypatch.delenv(memory.ENV, raising=False)
     monkeypatch.setattr(memory, "step_need", lambda compiled: 600)
     monkeypatch.setattr(memory, "host_available", lambda: 1000)
-    config = tiny(tmp_path, cell="gru", implementation="fused", unroll=0)  # 2 candidates
-    monkeypatch.setattr(autotune, "_devices", lambda config: jax.devices() * 2)
+    config = tiny(tmp_path, cell="gru", implementation="fused", unroll=0, data_parallel=True)
+    # (fused with unroll 0: two candidates, unroll 1 and 2)
+
+    class TwoDevices:  # autotune's jax, seeing this device twice
+        devices = staticmethod(lambda: jax.devices() * 2)
+
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+    monkeypatch.setattr(autotune, "jax", TwoDevices())
+    alone = dataclasses.replace(config, data_parallel=False)
+    assert len(autotune._devices(alone)) == 1 and len(autotune._devices(config)) == 2
     with pytest.raises(ConfigError, match=r"1,200 bytes \(600 bytes on each of 2 CPU devices"):
         autotune.tune(config, 28, cache_path=tmp_path / "cache.json", echo=lambda _: None)

@@ -859,7 +859,7 @@ BAD_CONFIG = [
     (dict(sample_chars=3 * 10**9), "--sample_chars: expected <= 10,000,000"),
     (dict(sample_chars=10**5, bidirectional=True), "--sample_chars: expected <= 10,000 "),
     (dict(warmup_steps=2**31), "--warmup_steps: expected <= 2,147,483,646"),
-    (dict(seed=2**64), "--seed: expected <= 9,223,372,036,854,775,807"),
+    (dict(seed=2**32), "--seed: expected <= 4,294,967,295 \\(a JAX key holds 32 bits"),
     (dict(epochs=10**9), "--epochs: 1,000,000,000 epochs of 8 steps are 8,000,000,000 steps"),
     (dict(batch_size=10**9), r"--batch_size: expected at most num_train = \d+ .*got 1000000000"),
     # a config built in Python holds Python values of each field's kind (epochs=1.5
