@@ -319,7 +319,7 @@ def test_a_base_flagfile_the_trials_would_fail_on_is_refused_up_front(tmp_path):
     checks and then failed every trial (or gave a traceback)."""
     base = tmp_path / "base.flags"
     cases = [
-        (b"--cpu_devices=banana\n", [], "error: --base: .*--cpu_devices: expected auto or an"),
+        (b"-cpu_devices=banana\n", [], "error: --base: .*--cpu_devices: expected auto or an"),
         (
             b"--cpu_devices=2\n",
             ["--grid=batch_size=16,15"],
