@@ -35,10 +35,11 @@ and the reason, and falls back to the next older step. (The writer's
 :meth:`Checkpointer.seal_newest` first writes the missing manifest of a newest step
 that orbax finished and that restores with finite values, when every older step has
 its own: that process was stopped between the two, and a run whose only step it is
-could not resume otherwise.) A step
-whose orbax restore raises is skipped the same way. Manifests of steps that orbax
-garbage-collects (``max_to_keep``) are removed after each save, and orphaned ones when
-a writer opens the directory (a ``read_only`` reader changes nothing).
+could not resume otherwise.) A step whose orbax restore raises is skipped the same
+way. Steps beyond ``max_to_keep`` are deleted, with their manifests, after each save
+once its manifest is written (a save stopped before then leaves the older steps);
+orphaned manifests are removed when a writer opens the directory (a ``read_only``
+reader changes nothing).
 
 In a multi-process run only process 0 writes manifests; every process verifies them,
 so the directory must be on a file system that all processes see.
@@ -213,8 +214,9 @@ class Checkpointer:
     Args:
       directory: where the step directories live (created if missing), e.g.
         ``workdir/checkpoints``.
-      max_to_keep: how many of the most recent steps orbax keeps; older ones (and their
-        manifests) are deleted after each save. ``None`` keeps everything.
+      max_to_keep: how many of the most recent steps to keep; older ones (and their
+        manifests) are deleted after each save, once its manifest is written (a save
+        stopped before then leaves the older steps). ``None`` keeps everything.
       read_only: for a reader (``runs.load``, ``experiments.generate``): nothing in
         ``directory`` is created, pruned or saved (:meth:`save` raises), so a run
         directory that is read-only, or still being written by its training run, is
@@ -243,7 +245,9 @@ class Checkpointer:
                 max_to_keep=None, save_interval_steps=0, create=False, read_only=True
             )
         else:
-            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+            # max_to_keep is applied here, after the new step's manifest: orbax deleted
+            # the old steps before it, so a kill in between left no usable step
+            options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
         with _without_read_only_warning():
             self._mngr = _listing(lambda: ocp.CheckpointManager(self.directory, options=options))
         self._closed = False
@@ -415,8 +419,17 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         if self._is_writer:
             self._write_manifest(step)
+        self._delete_old_steps()
         self._prune_manifests()
         return True
+
+    def _delete_old_steps(self) -> None:
+        """Deletes all but the ``max_to_keep`` newest steps (and their manifests)."""
+        if self.max_to_keep is None:
+            return
+        for old in self.all_steps()[: -self.max_to_keep]:
+            self._mngr.delete(old)
+            self._remove_manifest(old)
 
     def _write_manifest(self, step: int) -> None:
         _atomic_write_json(

@@ -182,6 +182,29 @@ def test_max_to_keep_removes_old_steps_and_manifests(tmp_path):
     assert not any(n in ("1", "2") for n in names)
 
 
+def test_a_save_stopped_before_its_manifest_leaves_the_older_steps(tmp_path, monkeypatch):
+    """orbax's max_to_keep deleted the old steps when it committed the new one, before
+    its manifest: a kill in between (a fuzzer found it with max_to_keep=1) left no
+    usable step. The old ones now go once the new one is sealed."""
+    with Checkpointer(tmp_path, max_to_keep=1) as ckpt:
+        states = save_steps(ckpt, [1])
+
+        def killed(step):
+            raise KeyboardInterrupt  # (the process ends here)
+
+        monkeypatch.setattr(ckpt, "_write_manifest", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save(2, make_state(2), {})
+    monkeypatch.undo()
+    with Checkpointer(tmp_path, max_to_keep=1) as ckpt:
+        assert ckpt.all_steps() == [1, 2] and ckpt.verify(1)
+        step, restored, _ = ckpt.restore_latest(abstract(states[1]))  # 2: no manifest
+        assert step == 1
+        ckpt.save(3, make_state(3), {})
+        assert ckpt.all_steps() == [3]
+    assert sorted(os.listdir(tmp_path)) == ["3", f"3{MANIFEST_SUFFIX}"]
+
+
 def test_flipped_byte_falls_back_to_previous_step(tmp_path, caplog):
     with Checkpointer(tmp_path) as ckpt:
         states = save_steps(ckpt, [10, 20])
