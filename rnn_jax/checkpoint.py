@@ -563,25 +563,36 @@ class Checkpointer:
             ``abstract_state`` does not match what was saved; returning None would let
             a caller silently start from scratch and garbage-collect good checkpoints.
         """
-        _listing(self._mngr.reload)
-        last_error: BaseException | None = None
-        for step in reversed(self.all_steps()):
-            reason = self.check(step)
-            if reason is not None:
-                log.warning("Skipping checkpoint step %d: %s", step, reason)
-                continue
-            try:
-                state, meta = self._restore_verified(step, abstract_state)
-            except Exception as e:  # any orbax failure makes the step unusable
-                log.warning(
-                    "Skipping checkpoint step %d: restore failed: %s: %s",
-                    step,
-                    type(e).__name__,
-                    e,
-                )
-                last_error = e
-                continue
-            return step, state, meta
+        for _ in range(3):  # again when a writer deleted steps while they were read
+            _listing(self._mngr.reload)
+            last_error: BaseException | None = None
+            vanished = False
+            for step in reversed(self.all_steps()):
+                reason = self.check(step)
+                if reason is not None:
+                    vanished |= not os.path.isdir(self.step_dir(step))
+                    log.warning("Skipping checkpoint step %d: %s", step, reason)
+                    continue
+                try:
+                    state, meta = self._restore_verified(step, abstract_state)
+                except Exception as e:  # any orbax failure makes the step unusable
+                    if not os.path.isdir(self.step_dir(step)):  # (max_to_keep, meanwhile)
+                        log.warning("Skipping checkpoint step %d: deleted while read", step)
+                        vanished = True
+                        continue
+                    log.warning(
+                        "Skipping checkpoint step %d: restore failed: %s: %s",
+                        step,
+                        type(e).__name__,
+                        e,
+                    )
+                    last_error = e
+                    continue
+                return step, state, meta
+            listed = self.all_steps()
+            _listing(self._mngr.reload)
+            if not vanished and self.all_steps() == listed:
+                break
         if last_error is not None:
             raise RuntimeError(
                 f"no checkpoint in {self.directory} could be restored; at least one passed "

@@ -534,6 +534,28 @@ def test_restore_onto_more_devices(tmp_path):
     assert proc.stdout.strip().endswith("OK")
 
 
+def test_a_step_deleted_while_restored_is_read_again_from_the_new_listing(tmp_path):
+    """A reader of a run still training (generate, runs.load, with --keep_checkpoints=1)
+    restored a step that the writer deleted meanwhile: it reported "intact checkpoints
+    that do not restore into the model ... were those files changed?" or found no
+    usable step. It lists the steps again and restores the new one."""
+    with Checkpointer(tmp_path, max_to_keep=1) as writer:
+        states = save_steps(writer, [1, 2])
+        with Checkpointer(tmp_path, read_only=True) as reader:
+            real = reader._restore_verified
+
+            def raced(step, target):
+                if step == 2:  # the writer saves 3 (and deletes 2) during this restore
+                    writer.save(3, make_state(3), {"epoch": 3})
+                    raise FileNotFoundError(2, "No such file or directory", f"{tmp_path}/2")
+                return real(step, target)
+
+            reader._restore_verified = raced
+            step, restored, meta = reader.restore_latest(abstract(states[2]))
+    assert step == 3 and meta == {"epoch": 3}
+    assert_bitwise_equal(restored, make_state(3))
+
+
 def test_a_step_deleted_while_listed_or_checked_is_retried_or_skipped(tmp_path, monkeypatch):
     """A run's max_to_keep deletes steps while a reader (generate, runs.load) lists or
     checks them: orbax's listing is retried (it raised FileNotFoundError, 28 of 702
