@@ -324,7 +324,10 @@ def run(
 
     Evaluates every ``eval_every`` steps (default: every epoch) and at the end,
     checkpoints every ``checkpoint_every`` steps and at the end, and on SIGTERM /
-    SIGINT saves the current step and returns ``status="interrupted"``.
+    SIGINT saves the current step and returns ``status="interrupted"`` (a signal
+    while it starts: before the first step, nothing trained; after the last step:
+    before the final sample, which a rerun writes; during that sample: the run ends
+    as completed).
 
     Raises:
       ConfigError: bad configuration, before anything is compiled or written; a
