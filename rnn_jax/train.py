@@ -222,11 +222,24 @@ class _SignalCatcher:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
-    def stop(self, echo, what: str, step: int) -> Result:
-        """The Result of a run stopped by the noted signal ``what`` (where), at ``step``."""
-        name = signal.Signals(self.received).name
-        echo(f"{name} received {what}; rerun the same command to resume")
-        return Result("interrupted", step, exit_code=EXIT_SIGNAL[self.received])
+    def agreed(self) -> int | None:
+        """The signal to act on: this process's; in a multi-process run, the first
+        that any process noted (a gather every process reaches at the same point: one
+        process stopping alone left the others waiting at their next collective)."""
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        got = multihost_utils.process_allgather(np.int32(self.received or 0))
+        noted = [int(x) for x in np.ravel(got) if x]
+        return noted[0] if noted else None
+
+    def stop(self, echo, what: str, step: int, signum: int | None = None) -> Result:
+        """The Result of a run stopped by a signal (``signum``, else the noted one)
+        ``what`` (where), at ``step``."""
+        signum = signum or self.received
+        echo(f"{signal.Signals(signum).name} received {what}; rerun the same command to resume")
+        return Result("interrupted", step, exit_code=EXIT_SIGNAL[signum])
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -367,7 +380,7 @@ def _run(config, echo, autotune_cache, autotune_refresh, signals) -> Result:
             f"until 2026-12-08): it is read so for this run"
         )
     _check_progress(workdir, config, ids)
-    if signals.received is not None:  # (nothing written yet)
+    if signals.received is not None and jax.process_count() == 1:  # (nothing written)
         saved = _newest_saved_step(workdir / "checkpoints") if workdir.is_dir() else None
         return signals.stop(echo, "while starting: nothing was written", saved or 0)
     fresh = not workdir.exists()
@@ -489,9 +502,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
         )
     else:
         echo(f"run directory: {workdir}")
-    if signals.received is not None:  # while compiling or restoring
+    if (signum := signals.agreed()) is not None:  # while compiling or restoring
         ckpt.close()
-        return signals.stop(echo, "while starting: nothing was trained", start)
+        return signals.stop(echo, "while starting: nothing was trained", start, signum)
     result_path = workdir / "result.json"
     # A resumed stretch commits its settings (config.json, with their changes) and
     # moves the earlier result aside at its first checkpoint, not before: a resume
@@ -544,6 +557,7 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
                 resumed_stretch = False
                 commit_stretch()
 
+    multi = jax.process_count() > 1
     try:
         for step in range(start, total):
             epoch, i = divmod(step, steps_per_epoch)
@@ -576,11 +590,17 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
                 last_log = time.perf_counter()
             if is_due(done, config.checkpoint_every, total):
                 save(done)
-            if signals.received is not None:
+            if not multi:
+                signum = signals.received
+            elif done % SIGNAL_AGREEMENT_EVERY == 0 or done == total:
+                signum = signals.agreed()  # (every process, at the same steps)
+            else:
+                signum = None
+            if signum is not None:
                 save(done)
-                name = signal.Signals(signals.received).name
+                name = signal.Signals(signum).name
                 echo(f"{name} received: saved step {done}; rerun the same command to resume")
-                status, exit_code = "interrupted", EXIT_SIGNAL[signals.received]
+                status, exit_code = "interrupted", EXIT_SIGNAL[signum]
                 break
     finally:
         ckpt.close()
@@ -589,9 +609,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
         _plot(history, workdir / "curves.png", echo)
     if status == "interrupted":
         return Result(status, int(state["step"]), exit_code=exit_code, params=params)
-    if signals.received is not None:  # after the last step (saved): not the long sample
+    if (signum := signals.agreed()) is not None:  # after the last step (saved)
         return signals.stop(
-            echo, "after the last step (saved): no sample or result.json yet", total
+            echo, "after the last step (saved): no sample or result.json yet", total, signum
         )
     final = history[-1] if history else {}
     sample = generate.generate_text(model, params, vocab, config.sample_prefix, config.sample_chars)
@@ -606,6 +626,9 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
 
 
 MEMORY_WARN_SHARE = 0.8  # warn when a step needs more than this share of what is free
+# In a multi-process run the processes agree on a signal every this many steps (a
+# gather; one process stopping alone would leave the others at their next collective)
+SIGNAL_AGREEMENT_EVERY = 10
 
 
 def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -> None:

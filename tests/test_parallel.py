@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,16 @@ def run_two_processes(config: TrainConfig) -> list[str]:
     """``config`` trained by ``experiments.train`` as two processes of one run
     (``jax.distributed`` on this host, a CPU device each), as BUILD.md's multi-host
     commands; their outputs."""
+    outs = []
+    for proc in start_two_processes(config):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
+def start_two_processes(config: TrainConfig) -> list[subprocess.Popen]:
+    """The two processes of :func:`run_two_processes`, started."""
     import socket
 
     with socket.socket() as probe:  # a free port for the coordinator
@@ -131,12 +142,7 @@ def run_two_processes(config: TrainConfig) -> list[str]:
         )
         for i in range(2)
     ]
-    outs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        outs.append(out)
-    return outs
+    return procs
 
 
 def test_two_processes_train_one_run_as_one_device_does(tmp_path):
@@ -172,6 +178,22 @@ def test_two_processes_train_one_run_as_one_device_does(tmp_path):
     assert a.step == b.step == 20
     assert_params_close(a.params, b.params)
     assert json.loads((Path(two.workdir) / "result.json").read_text())["status"] == "completed"
+
+    # SIGTERM to one process: both stop at the same step, saved (the process that got
+    # it stopped alone, and the other waited at its next collective)
+    procs = start_two_processes(dataclasses.replace(two, epochs=1000))
+    for line in procs[0].stdout:
+        if line.startswith("step 21/"):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:  # (a hang: the old code's)
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [143, 143], outs
+    saved = [out.split("SIGTERM received: saved step ")[1].split(";")[0] for out in outs]
+    assert saved[0] == saved[1] and int(saved[0]) % train.SIGNAL_AGREEMENT_EVERY == 0
 
 
 SHARDED_GRADIENTS = r"""
