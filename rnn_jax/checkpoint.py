@@ -59,6 +59,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
@@ -419,8 +420,7 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         if self._is_writer:
             self._write_manifest(step)
-        self._delete_old_steps()
-        self._prune_manifests()
+        self._delete_old_steps()  # (with their manifests: no orphan is left to prune)
         return True
 
     def _delete_old_steps(self) -> None:
@@ -474,9 +474,9 @@ class Checkpointer:
         try:
             state, _ = self._restore_verified(step, abstract_state)
             finite = all(
-                bool(np.all(np.isfinite(np.asarray(x))))
+                np.isfinite(np.asarray(x)).all()
                 for x in jax.tree.leaves(state)
-                if np.issubdtype(np.asarray(x).dtype, np.inexact)
+                if jnp.issubdtype(x.dtype, jnp.inexact)
             )
         except Exception as e:  # noqa: BLE001  (orbax's own failures: unusable)
             log.warning("Checkpoint step %d has no manifest and does not restore: %s", step, e)
@@ -563,8 +563,8 @@ class Checkpointer:
             ``abstract_state`` does not match what was saved; returning None would let
             a caller silently start from scratch and garbage-collect good checkpoints.
         """
+        _listing(self._mngr.reload)
         for _ in range(3):  # again when a writer deleted steps while they were read
-            _listing(self._mngr.reload)
             last_error: BaseException | None = None
             vanished = False
             for step in reversed(self.all_steps()):
@@ -590,7 +590,7 @@ class Checkpointer:
                     continue
                 return step, state, meta
             listed = self.all_steps()
-            _listing(self._mngr.reload)
+            _listing(self._mngr.reload)  # (the next pass reads this listing)
             if not vanished and self.all_steps() == listed:
                 break
         if last_error is not None:

@@ -436,13 +436,7 @@ def plan(
     definition: dict[str, Any] = {"base_flags": base, "set": fixed_flags, "seeds": seeds}
     if grid is not None:
         parsed_grid, parsed_ranges = parse_grid(grid), None
-        count = math.prod(len(values) for values in parsed_grid.values())
-        if count * seeds > MAX_TRIALS:
-            raise SweepError(
-                "seeds" if count <= MAX_TRIALS else "grid",
-                f"{count:,} configuration(s) x {seeds:,} seed(s) = {count * seeds:,} trials; "
-                f"expected at most {MAX_TRIALS:,}",
-            )
+        _check_count(math.prod(len(values) for values in parsed_grid.values()), seeds, "grid")
         configs = expand_grid(parsed_grid)
         definition.update(mode="grid", grid=parsed_grid)
     else:
@@ -482,11 +476,18 @@ def _check_mode(grid: str | None, random_count: int, ranges: str | None, seeds: 
         raise SweepError("random", "--ranges needs --random=N (the number of configurations)")
     if seeds < 1:
         raise SweepError("seeds", f"expected >= 1, got {seeds}")
-    if random_count * seeds > MAX_TRIALS:
+    _check_count(random_count, seeds, "random")
+
+
+def _check_count(configs: int, seeds: int, source: str) -> None:
+    """Refuses more than :data:`MAX_TRIALS` trials (naming ``source``, the flag that
+    sets the configurations, where they alone are too many; else ``--seeds``), before
+    any is planned."""
+    if configs * seeds > MAX_TRIALS:
         raise SweepError(
-            "seeds",
-            f"{random_count:,} configuration(s) x {seeds:,} seed(s) = {random_count * seeds:,} "
-            f"trials; expected at most {MAX_TRIALS:,}",
+            "seeds" if configs <= MAX_TRIALS else source,
+            f"{configs:,} configuration(s) x {seeds:,} seed(s) = {configs * seeds:,} trials; "
+            f"expected at most {MAX_TRIALS:,}",
         )
 
 

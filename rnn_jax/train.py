@@ -226,12 +226,7 @@ class _SignalCatcher:
         """The signal to act on: this process's; in a multi-process run, the first
         that any process noted (a gather every process reaches at the same point: one
         process stopping alone left the others waiting at their next collective)."""
-        if jax.process_count() == 1:
-            return self.received
-        from jax.experimental import multihost_utils
-
-        got = multihost_utils.process_allgather(np.int32(self.received or 0))
-        noted = [int(x) for x in np.ravel(got) if x]
+        noted = [signum for signum in _gathered(self.received or 0) if signum]
         return noted[0] if noted else None
 
     def stop(self, echo, what: str, step: int, signum: int | None = None) -> Result:
@@ -351,7 +346,7 @@ def run(
     # SIGTERM / SIGINT are noted from the start, not only in the loop: a Ctrl-C while
     # JAX compiled or restored raised KeyboardInterrupt inside JAX, which swallowed it
     # (the run then trained to its end and returned 0) or crashed (SIGSEGV). A signal
-    # noted before the loop stops the run after its first step, saved.
+    # noted before the loop stops the run before its first step.
     with _SignalCatcher() as signals:
         return _run(config, echo, autotune_cache, autotune_refresh, signals)
 
@@ -381,8 +376,7 @@ def _run(config, echo, autotune_cache, autotune_refresh, signals) -> Result:
         )
     _check_progress(workdir, config, ids)
     if signals.received is not None and jax.process_count() == 1:  # (nothing written)
-        saved = _newest_saved_step(workdir / "checkpoints") if workdir.is_dir() else None
-        return signals.stop(echo, "while starting: nothing was written", saved or 0)
+        return signals.stop(echo, "while starting: nothing was written", _saved_step(workdir))
     fresh = not workdir.exists()
     # One run per run directory. The processes of a multi-process run share it: process
     # 0 holds the lock for all (another process's lock would refuse its own run).
@@ -450,8 +444,7 @@ def _train(config, ids, vocab, corpus, echo, autotune_cache, autotune_refresh, s
             directions=choice.directions,
         )
         if signals.received is not None:  # (its choice is cached; nothing else written)
-            saved = _newest_saved_step(workdir / "checkpoints") if workdir.is_dir() else None
-            return signals.stop(echo, "while autotuning: nothing was trained", saved or 0)
+            return signals.stop(echo, "while autotuning: nothing was trained", _saved_step(workdir))
     windows = data.make_windows(ids, config.num_steps, config.num_train, config.num_val)
     steps_per_epoch = data.steps_per_epoch(windows, config.batch_size, config.partition)
     total = steps_per_epoch * config.epochs
@@ -646,7 +639,7 @@ def _check_memory(train_step, state, windows, config: TrainConfig, mesh, echo) -
     compiled = parallel.in_mesh(mesh, lambda: train_step.lower(state, batch).compile())()
     devices = _local_devices(mesh)
     cpus = sum(d.platform == "cpu" for d in devices)  # each holds a copy of the state
-    held = cpus * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    held = cpus * _tree_bytes(state)
     estimate = memory.estimate(compiled, devices, held)
     fits = _all_fit(estimate is None or estimate.fits, "batch_size", "the training step")
     if fits:
@@ -664,8 +657,7 @@ def _check_state_memory(model, tx, config: TrainConfig, mesh) -> None:
     if not memory.enabled():
         return
     abstract = jax.eval_shape(lambda: init_state(model, tx, config))
-    per_device = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-    estimate = memory.for_bytes(per_device, _local_devices(mesh))
+    estimate = memory.for_bytes(_tree_bytes(abstract), _local_devices(mesh))
     if _all_fit(estimate is None or estimate.fits, "hidden_size", "the model"):
         return
     levers = [f"--hidden_size ({config.hidden_size})", f"--num_layers ({config.num_layers})"]
@@ -691,19 +683,31 @@ def _all_fit(fits: bool, flag: str, what: str) -> bool:
     """``fits`` of this process; in a multi-process run, ConfigError(``flag``) on every
     process when another's ``what`` does not fit (a process left running alone would
     wait at the first collective)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        verdicts = multihost_utils.process_allgather(np.int32(fits))
-        if fits and not np.all(verdicts):
-            refused = [i for i, ok in enumerate(np.ravel(verdicts)) if not ok]
-            raise ConfigError(
-                flag,
-                f"{what} does not fit in the memory of process(es) "
-                f"{', '.join(map(str, refused))} (their errors say how much it needs); "
-                f"nothing was trained",
-            )
+    verdicts = _gathered(int(fits))
+    if fits and not all(verdicts):
+        refused = [i for i, ok in enumerate(verdicts) if not ok]
+        raise ConfigError(
+            flag,
+            f"{what} does not fit in the memory of process(es) "
+            f"{', '.join(map(str, refused))} (their errors say how much it needs); "
+            f"nothing was trained",
+        )
     return fits
+
+
+def _gathered(value: int) -> list[int]:
+    """``value`` of every process, in process order (a gather every process must
+    reach); this process's alone in a one-process run."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    return [int(x) for x in np.ravel(multihost_utils.process_allgather(np.int32(value)))]
+
+
+def _tree_bytes(tree) -> int:
+    """Bytes of the arrays of ``tree`` (arrays, or ``jax.eval_shape``'s shapes)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def memory_refusal(config: TrainConfig, estimate: memory.Estimate) -> ConfigError:
@@ -833,6 +837,11 @@ def _text_as_trained(workdir: Path, config: TrainConfig, refusal: ConfigError):
     return ids, vocab, corpus
 
 
+def _saved_step(workdir: Path) -> int:
+    """The step a run stopped before training stays at: its newest saved one, or 0."""
+    return _newest_saved_step(workdir / "checkpoints") or 0
+
+
 def _newest_saved_step(folder: Path) -> int | None:
     """The newest step in a checkpoint folder that finished saving (it has its
     integrity manifest), from the file names alone; None if there is none."""
@@ -947,8 +956,7 @@ def _set_aside_unusable(ckpt, start: int, workdir: Path, echo: Callable[[str], N
     from rnn_jax.checkpoint import MANIFEST_SUFFIX
 
     newer = [s for s in ckpt.all_steps() if s > start]
-    multi = jax.process_count() > 1
-    if multi:
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("rnn_jax: checkpoint steps listed")
@@ -964,10 +972,9 @@ def _set_aside_unusable(ckpt, start: int, workdir: Path, echo: Callable[[str], N
                         shutil.move(str(source), str(_free_path(aside, name)))
         except OSError as e:
             problem = f"{type(e).__name__}: {e}"
-    if multi:  # (the gather is the second barrier: every process hears of a failure)
-        moved = multihost_utils.process_allgather(np.int32(problem is None))
-        if not np.all(moved) and problem is None:
-            problem = "process 0 could not move them (its error says why)"
+    # (the gather is the second barrier: every process hears of a failure)
+    if not all(_gathered(int(problem is None))) and problem is None:
+        problem = "process 0 could not move them (its error says why)"
     if problem is not None:
         steps = ", ".join(map(str, newer))
         raise ConfigError(
